@@ -1,0 +1,500 @@
+"""DeepSeek-V2 Mixture-of-Experts decoder (``language.*`` in the checkpoint).
+
+One readable module per piece, in the spirit of gpt-fast:
+
+* ``RMSNorm`` in fp32, scaled in the activation dtype (as the official code).
+* ``RotaryEmbedding``: default / linear / dynamic-NTK / YaRN tables, computed once per forward and shared
+  by every layer. Two conventions: plain multi-head attention (tiny) rotates the two *halves* of each
+  head (Llama); MLA rotates *interleaved pairs* (the official code de-interleaves, then rotates halves).
+* ``MultiHeadAttention`` (``use_mla: false``) with a preallocated K/V cache.
+* ``MultiHeadLatentAttention`` caching only the compressed latent (kv_lora_rank) and the shared rotary
+  key (qk_rope_head_dim) per token: 576 values instead of 2*H*128. Prefill expands keys/values and runs
+  SDPA; decode multiplies the query into latent space ("weight absorption") and never expands them.
+* ``MoE``: fp32 router (softmax or sigmoid scores; greedy, group-limited or ``noaux_tc`` selection),
+  routed experts stacked per layer as ``[E, 2*I, D]`` / ``[E, D, I]`` tensors, always-on shared experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LanguageConfig
+
+# ---------------------------------------------------------------------------------------------------
+# Normalisation and rotary embeddings
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(dim: int, base: float, scaling: dict) -> torch.Tensor:
+    """YaRN: blend interpolated and extrapolated frequencies with a linear ramp over the dims."""
+    factor = scaling["factor"]
+    original_max = scaling.get("original_max_position_embeddings", 4096)
+    beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original_max / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    extrapolated = 1.0 / (base**exponents)
+    interpolated = 1.0 / (factor * base**exponents)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep_extrapolated = 1.0 - ramp
+    return interpolated * (1 - keep_extrapolated) + extrapolated * keep_extrapolated
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions, ``[S, dim]`` in the layout ``cat(freqs, freqs)``."""
+
+    def __init__(self, config: LanguageConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.dim = config.qk_rope_head_dim if config.use_mla else config.mha_head_dim
+        self.base = config.rope_theta
+        self.max_positions = config.max_position_embeddings
+        self.scaling = dict(config.rope_scaling) if config.rope_scaling else None
+        kind = (self.scaling or {}).get("type", (self.scaling or {}).get("rope_type"))
+        if kind not in (None, "default", "linear", "dynamic", "yarn"):
+            raise NotImplementedError(f"rope_scaling type {kind!r} is not supported")
+        if kind == "yarn" and not config.use_mla:
+            raise NotImplementedError("rope_scaling 'yarn' is only defined for MLA attention")
+        self.kind = kind
+        self.mscale = 1.0
+        if kind == "yarn":
+            factor = self.scaling["factor"]
+            self.mscale = yarn_get_mscale(factor, self.scaling.get("mscale", 1)) / yarn_get_mscale(
+                factor, self.scaling.get("mscale_all_dim", 0)
+            )
+            inv_freq = _yarn_inv_freq(self.dim, self.base, self.scaling)
+        else:
+            inv_freq = self._inv_freq(self.base)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _inv_freq(self, base: float) -> torch.Tensor:
+        return 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq.to(positions.device)
+        t = positions.to(torch.float32)
+        if self.kind == "linear":
+            t = t / self.scaling["factor"]
+        elif self.kind == "dynamic":
+            seq_len = int(positions.max()) + 1
+            if seq_len > self.max_positions:
+                factor = self.scaling["factor"]
+                base = self.base * ((factor * seq_len / self.max_positions) - (factor - 1)) ** (self.dim / (self.dim - 2))
+                inv_freq = self._inv_freq(base).to(positions.device)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.mscale).to(dtype), (emb.sin() * self.mscale).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., S, d]; cos/sin: [S, d]."""
+    return x * cos + rotate_half(x) * sin
+
+
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): MLA's rotary dims come as interleaved pairs."""
+    *lead, d = x.shape
+    return x.view(*lead, d // 2, 2).transpose(-1, -2).reshape(*lead, d)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention
+
+
+@dataclass
+class AttentionContext:
+    """What every layer needs to know about the current forward pass."""
+
+    cos: torch.Tensor  # [S, rope_dim]
+    sin: torch.Tensor
+    start_pos: int  # position of the first token of this chunk
+    use_cache: bool  # write to / read from the layer caches
+
+
+def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Boolean [q_len, kv_len] mask for a chunk that starts at kv_len - q_len (None: a single query)."""
+    if q_len == 1:
+        return None
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, [B, kv_heads, max_seq_len, head_dim] (post-RoPE keys)."""
+
+    def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (batch, kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class MLACache(nn.Module):
+    """MLA's compressed cache: per token the normalised latent [kv_lora_rank] and the rotated shared key."""
+
+    def __init__(self, batch: int, max_seq_len: int, kv_lora_rank: int, rope_dim: int, dtype, device) -> None:
+        super().__init__()
+        self.register_buffer("latent", torch.zeros(batch, max_seq_len, kv_lora_rank, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k_pe", torch.zeros(batch, max_seq_len, rope_dim, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + latent.shape[1]
+        self.latent[:, start:end] = latent
+        self.k_pe[:, start:end] = k_pe
+        return self.latent[:, :end], self.k_pe[:, :end]
+
+
+class MultiHeadAttention(nn.Module):
+    """deepseek-vl2-tiny's attention: Llama MHA/GQA, half-split RoPE over the full head, scale 1/sqrt(d)."""
+
+    def __init__(self, config: LanguageConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.kv_heads, config.mha_head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=bias)
+        self.cache: Optional[KVCache] = None
+
+    def make_cache(self, batch: int, max_seq_len: int, dtype, device) -> None:
+        self.cache = KVCache(batch, self.kv_heads, max_seq_len, self.head_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.use_cache:
+            k, v = self.cache.update(ctx.start_pos, k, v)
+        mask = _causal_mask(seq, k.shape[2], x.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim))
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA (small, base): queries optionally through a LoRA bottleneck, keys/values from a shared latent."""
+
+    def __init__(self, config: LanguageConfig) -> None:
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_lora_rank, self.q_lora_rank = config.kv_lora_rank, config.q_lora_rank
+        q_out = self.heads * config.q_head_dim
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, q_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.heads * self.v_dim, config.hidden_size, bias=config.attention_bias)
+        self.softmax_scale = config.q_head_dim**-0.5
+        scaling = config.rope_scaling or {}
+        if scaling.get("mscale_all_dim"):
+            self.softmax_scale *= yarn_get_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
+        self.cache: Optional[MLACache] = None
+
+    def make_cache(self, batch: int, max_seq_len: int, dtype, device) -> None:
+        self.cache = MLACache(batch, max_seq_len, self.kv_lora_rank, self.rope_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(batch, seq, self.heads, self.nope_dim + self.rope_dim).transpose(1, 2)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)  # [B, H, S, nope], [B, H, S, rope]
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [B, S, r]
+        q_pe = apply_rope(deinterleave(q_pe), ctx.cos, ctx.sin)
+        k_pe = apply_rope(deinterleave(k_pe), ctx.cos, ctx.sin)  # [B, S, rope], one key shared by all heads
+        if ctx.use_cache:
+            latent, k_pe = self.cache.update(ctx.start_pos, latent, k_pe)
+        if seq == 1:
+            out = self._attend_absorbed(q_nope, q_pe, latent, k_pe)
+        else:
+            out = self._attend_expanded(q_nope, q_pe, latent, k_pe)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.heads * self.v_dim))
+
+    def _attend_expanded(self, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
+        """Prefill: expand the latent into per-head keys/values once, then one SDPA (fewest FLOPs)."""
+        batch, kv_len, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(batch, kv_len, self.heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.heads, -1, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        mask = _causal_mask(q.shape[2], kv_len, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+
+    def _attend_absorbed(self, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
+        """Decode: fold kv_b_proj into the query and the output, attend over the latent cache directly."""
+        w = self.kv_b_proj.weight.view(self.heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_k, w_v = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H, nope, r], [H, v, r]
+        q_latent = torch.matmul(q_nope, w_k)  # [B, H, 1, r]
+        scores = torch.matmul(q_latent, latent.unsqueeze(1).mT) + torch.matmul(q_pe, k_pe.unsqueeze(1).mT)
+        probs = torch.softmax(scores.float() * self.softmax_scale, dim=-1).to(latent.dtype)  # [B, H, 1, T]
+        out_latent = torch.matmul(probs, latent.unsqueeze(1))  # [B, H, 1, r]
+        return torch.matmul(out_latent, w_v.mT)  # [B, H, 1, v]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Feed-forward: dense MLP, router, stacked experts
+
+
+class MLP(nn.Module):
+    """SwiGLU ``down(silu(gate(x)) * up(x))``: layer 0 (dense) and the shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEGate(nn.Module):
+    """The router. Kept in fp32 whatever the model dtype (the official code routes in fp32)."""
+
+    keep_fp32 = True
+
+    def __init__(self, config: LanguageConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_experts = config.n_routed_experts
+        self.method, self.scoring = config.topk_method, config.scoring_func
+        self.n_group, self.topk_group = config.n_group or 1, config.topk_group or 1
+        self.norm_topk_prob, self.scale = config.norm_topk_prob, config.routed_scaling_factor
+        if self.method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+            raise NotImplementedError(f"topk_method {self.method!r} is not supported")
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise NotImplementedError(f"scoring_func {self.scoring!r} is not supported")
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        if self.method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(self.n_experts))
+
+    def _group_mask(self, scores: torch.Tensor, group_scores: torch.Tensor) -> torch.Tensor:
+        """Zero the scores of every expert outside the ``topk_group`` best groups."""
+        n = scores.shape[0]
+        top_groups = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+        keep = keep.unsqueeze(-1).expand(n, self.n_group, self.n_experts // self.n_group).reshape(n, -1)
+        return scores.masked_fill(~keep, 0.0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [N, D] -> (weights [N, k] fp32, expert ids [N, k])."""
+        logits = F.linear(x.float(), self.weight)
+        scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
+        n = scores.shape[0]
+        if self.method == "greedy":
+            weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
+        elif self.method == "group_limited_greedy":
+            group_scores = scores.view(n, self.n_group, -1).max(dim=-1).values
+            weights, ids = self._group_mask(scores, group_scores).topk(self.top_k, dim=-1, sorted=False)
+        else:  # noaux_tc: the bias steers which experts are chosen, not how much they weigh
+            biased = scores + self.e_score_correction_bias.unsqueeze(0)
+            group_scores = biased.view(n, self.n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
+            ids = self._group_mask(biased, group_scores).topk(self.top_k, dim=-1, sorted=False).indices
+            weights = scores.gather(1, ids)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scale, ids
+
+
+class Experts(nn.Module):
+    """All routed experts of one layer as two stacked tensors (filled from ``experts.{e}.*`` at load).
+
+    ``gate_up_proj[e]`` is ``cat(gate_proj, up_proj)`` of expert e ([2*I, D]); ``down_proj[e]`` is [D, I].
+    """
+
+    def __init__(self, n_experts: int, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.intermediate = intermediate
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x: [N, D], weights/ids: [N, k] -> [N, D] = sum_k weights * expert_ids(x)."""
+        n_tokens, top_k = ids.shape
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        grouped_x = x[order // top_k]
+        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0])
+        if x.is_cuda and _grouped_mm_ok(x):
+            grouped_out = self._grouped_mm(grouped_x, counts)
+        else:
+            grouped_out = self._loop(grouped_x, counts.tolist())
+        out = torch.empty_like(grouped_out)
+        out[order] = grouped_out
+        # Weighted sum in fp32, like the official code, then back to the activation dtype.
+        return (out.view(n_tokens, top_k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+    def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.split(self.intermediate, dim=-1)
+        return F.silu(gate) * up
+
+    def _loop(self, grouped_x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """One matmul pair per expert that has tokens. The counts live on the host, so on CPU nothing waits."""
+        out = torch.empty_like(grouped_x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = slice(start, start + count)
+            h = self._swiglu(F.linear(grouped_x[rows], self.gate_up_proj[expert]))
+            out[rows] = F.linear(h, self.down_proj[expert])
+            start += count
+        return out
+
+    def _grouped_mm(self, grouped_x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """CUDA: one grouped GEMM per projection, offsets stay on the device (no host sync)."""
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        h = torch._grouped_mm(grouped_x, self.gate_up_proj.transpose(-2, -1), offs=offsets)
+        return torch._grouped_mm(self._swiglu(h), self.down_proj.transpose(-2, -1), offs=offsets)
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
+
+
+class MoE(nn.Module):
+    def __init__(self, config: LanguageConfig) -> None:
+        super().__init__()
+        self.gate = MoEGate(config)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = None
+        if config.n_shared_experts:
+            self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, ids = self.gate(flat)
+        y = self.experts(flat, weights, ids).view(shape)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decoder
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LanguageConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadLatentAttention(config) if config.use_mla else MultiHeadAttention(config)
+        if config.is_moe_layer(layer_idx):
+            self.mlp: nn.Module = MoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV2Model(nn.Module):
+    def __init__(self, config: LanguageConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+
+
+class DeepseekV2ForCausalLM(nn.Module):
+    """``language`` in the checkpoint: ``language.model.*`` and ``language.lm_head.weight``."""
+
+    def __init__(self, config: LanguageConfig) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise NotImplementedError(f"hidden_act {config.hidden_act!r} is not supported")
+        self.config = config
+        self.model = DeepseekV2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.max_seq_len = 0
+
+    def setup_cache(self, max_seq_len: int, batch: int = 1) -> None:
+        """Preallocate every layer's cache for ``max_seq_len`` positions (reused while large enough)."""
+        if max_seq_len > self.config.max_position_embeddings:
+            raise ValueError(f"{max_seq_len} positions exceed the model's context of {self.config.max_position_embeddings}")
+        param = self.lm_head.weight
+        for layer in self.model.layers:
+            layer.self_attn.make_cache(batch, max_seq_len, param.dtype, param.device)
+        self.max_seq_len = max_seq_len
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        start_pos: int = 0,
+        use_cache: bool = False,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """inputs_embeds [B, S, D] at positions start_pos.. -> logits [B, S, V] (or [B, 1, V]) in fp32.
+
+        ``use_cache=False``: a full causal forward over the given tokens (what the parity tests compare).
+        ``use_cache=True``: keys/values of these tokens are written to the preallocated caches and attention
+        covers every cached position before them.
+        """
+        seq = inputs_embeds.shape[1]
+        if use_cache and start_pos + seq > self.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + seq} exceed the cache ({self.max_seq_len}); call setup_cache")
+        positions = torch.arange(start_pos, start_pos + seq, device=inputs_embeds.device)
+        cos, sin = self.model.rotary(positions, inputs_embeds.dtype)
+        ctx = AttentionContext(cos=cos, sin=sin, start_pos=start_pos, use_cache=use_cache)
+        x = inputs_embeds
+        for layer in self.model.layers:
+            x = layer(x, ctx)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()

@@ -1,0 +1,319 @@
+"""The DeepSeek-VL2 model and its checkpoint loader.
+
+``DeepseekVL2`` joins the three parts with the checkpoint's own names: ``vision`` (SigLIP tower),
+``projector`` (2x2 downsample MLP), ``image_newline`` / ``view_seperator`` (sic, the checkpoint's
+spelling) and ``language`` (DeepSeek-V2 MoE decoder). Images become embeddings in the 2-D tile layout
+and are scattered into the text embeddings at the ``<image>`` positions.
+
+``load_model`` reads official checkpoints unchanged (single file or sharded safetensors, official key
+names): the model is built on the meta device, every parameter is allocated once in the target dtype
+on the target device, and each tensor is read from the file straight into it (no second copy of the
+weights, no pickles). Missing keys, unexpected keys and wrong shapes are reported by name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import DeepseekVL2Config
+from .language import DeepseekV2ForCausalLM, RotaryEmbedding
+from .projector import MlpProjector
+from .vision import VisionTransformer
+
+
+class ImageInputs(Protocol):
+    """What the model needs from the processor's output (``processor.ProcessedInputs``)."""
+
+    input_ids: torch.Tensor  # [T]
+    images_seq_mask: torch.Tensor  # [T] bool
+    pixel_values: torch.Tensor  # [n_tiles, 3, H, W]
+    images_spatial_crop: torch.Tensor  # [n_images, 2] = (width tiles, height tiles)
+
+
+class DeepseekVL2(nn.Module):
+    def __init__(self, config: DeepseekVL2Config) -> None:
+        super().__init__()
+        if config.tile_tag != "2D":
+            raise NotImplementedError(f"tile_tag {config.tile_tag!r}: only the released '2D' layout is supported")
+        if config.global_view_pos not in ("head", "tail"):
+            raise ValueError(f"global_view_pos must be 'head' or 'tail', not {config.global_view_pos!r}")
+        self.config = config
+        self.vision = VisionTransformer(config.vision)
+        self.projector = MlpProjector(config.projector)
+        width = config.projector.n_embed
+        self.image_newline = nn.Parameter(torch.empty(width))
+        self.view_seperator = nn.Parameter(torch.empty(width))
+        self.language = DeepseekV2ForCausalLM(config.language)
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_newline.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.image_newline.dtype
+
+    # --- images -------------------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: torch.Tensor, images_spatial_crop: torch.Tensor) -> torch.Tensor:
+        """All tiles of all images -> their image-token embeddings in sequence order, [n_image_tokens, D].
+
+        pixel_values: [n_tiles, 3, 384, 384], per image the global view then its local tiles row by row.
+        Per image the layout is: global view as h rows of (w tokens + newline), the view separator, then
+        the local tiles stitched into (nh*h) rows of (nw*w tokens + newline) (global last for "tail").
+        """
+        features = self.projector(self.vision(pixel_values.to(self.device, self.dtype)))  # [n_tiles, h*w, D]
+        n_tiles, tokens, width = features.shape
+        side = int(tokens**0.5)
+        grid = features.view(n_tiles, side, side, width)
+        pieces: list[torch.Tensor] = []
+        tile = 0
+        for n_wide, n_high in images_spatial_crop.tolist():
+            if n_wide == 0 or n_high == 0:
+                break
+            global_view = self._with_newlines(grid[tile])
+            local = grid[tile + 1 : tile + 1 + n_wide * n_high]  # [(nh nw), h, w, D], row-major tiles
+            local = local.view(n_high, n_wide, side, side, width).permute(0, 2, 1, 3, 4)
+            local_view = self._with_newlines(local.reshape(n_high * side, n_wide * side, width))
+            separator = self.view_seperator[None]
+            if self.config.global_view_pos == "head":
+                pieces += [global_view, separator, local_view]
+            else:
+                pieces += [local_view, separator, global_view]
+            tile += 1 + n_wide * n_high
+        if tile != n_tiles:
+            raise ValueError(f"images_spatial_crop describes {tile} tiles but {n_tiles} were given")
+        return torch.cat(pieces)
+
+    def _with_newlines(self, rows: torch.Tensor) -> torch.Tensor:
+        """[rows, cols, D] -> [rows * (cols + 1), D] with ``image_newline`` closing every row."""
+        newline = self.image_newline.view(1, 1, -1).expand(rows.shape[0], 1, -1)
+        return torch.cat([rows, newline], dim=1).flatten(0, 1)
+
+    def prepare_inputs_embeds(self, inputs: ImageInputs) -> torch.Tensor:
+        """Text embeddings with every image position replaced by the image embeddings, [1, T, D]."""
+        input_ids = inputs.input_ids.to(self.device).view(-1)
+        embeds = self.language.model.embed_tokens(input_ids)
+        mask = inputs.images_seq_mask.to(self.device).view(-1).bool()
+        n_image_positions = int(mask.sum())
+        crops = inputs.images_spatial_crop
+        has_images = inputs.pixel_values is not None and inputs.pixel_values.shape[0] > 0 and int(crops.sum()) > 0
+        if has_images:
+            image_embeds = self.encode_images(inputs.pixel_values, crops.view(-1, 2))
+            if image_embeds.shape[0] != n_image_positions:
+                raise ValueError(
+                    f"the prompt has {n_image_positions} image-token positions but the images give "
+                    f"{image_embeds.shape[0]} embeddings"
+                )
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
+        elif n_image_positions:
+            raise ValueError(f"the prompt has {n_image_positions} image-token positions but no image")
+        return embeds.unsqueeze(0)
+
+    @torch.inference_mode()
+    def forward_logits(self, inputs: ImageInputs) -> torch.Tensor:
+        """One full causal forward over the prompt (no cache): logits [T, V] in fp32."""
+        return self.language(self.prepare_inputs_embeds(inputs))[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model: names every missing / unexpected / misshapen key."""
+
+
+# Stored by the official checkpoints but never run (ignore_head=True): skipped, no memory, no compute.
+IGNORED_KEYS = re.compile(r"^vision\.attn_pool\.")
+_EXPERT_KEY = re.compile(r"^(language\.model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass
+class _Slot:
+    """Where one checkpoint tensor goes: a view into a model parameter."""
+
+    target: torch.Tensor
+    shape: tuple[int, ...]
+
+
+def _checkpoint_slots(model: DeepseekVL2) -> dict[str, _Slot]:
+    """Map every official checkpoint key to the (view of the) parameter that holds it."""
+    slots: dict[str, _Slot] = {}
+    for name, param in model.named_parameters():
+        if name.endswith("experts.gate_up_proj"):
+            prefix = name[: -len(".gate_up_proj")]
+            half = param.shape[1] // 2
+            for e in range(param.shape[0]):
+                slots[f"{prefix}.{e}.gate_proj.weight"] = _Slot(param.data[e, :half], (half, param.shape[2]))
+                slots[f"{prefix}.{e}.up_proj.weight"] = _Slot(param.data[e, half:], (half, param.shape[2]))
+        elif name.endswith("experts.down_proj"):
+            prefix = name[: -len(".down_proj")]
+            for e in range(param.shape[0]):
+                slots[f"{prefix}.{e}.down_proj.weight"] = _Slot(param.data[e], tuple(param.shape[1:]))
+        else:
+            slots[name] = _Slot(param.data, tuple(param.shape))
+    return slots
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path} is not a safetensors file (too short)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > 100 * 2**20:
+            raise CheckpointError(f"{path} is not a safetensors file (header length {header_len})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} is not a safetensors file (bad header)") from None
+    header.pop("__metadata__", None)
+    return header, 8 + header_len
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model directory: by the index when sharded, else model.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard files that are missing: {', '.join(missing)}")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+        raise CheckpointError(f"{model_dir} holds pickled weights (.bin/.pt); only safetensors are loaded")
+    raise CheckpointError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
+
+
+def _read_into(f, offset: int, nbytes: int, stored_dtype: torch.dtype, target: torch.Tensor) -> None:
+    """Read one stored tensor into ``target`` (a parameter view), converting dtype/device as needed."""
+    f.seek(offset)
+    if target.dtype == stored_dtype and target.device.type == "cpu" and target.is_contiguous():
+        view = target.view(torch.uint8).numpy() if stored_dtype != torch.bool else target.numpy()
+        if f.readinto(memoryview(view).cast("B")) != nbytes:
+            raise CheckpointError(f"{f.name} ends early")
+        return
+    buffer = bytearray(nbytes)
+    if f.readinto(buffer) != nbytes:
+        raise CheckpointError(f"{f.name} ends early")
+    stored = torch.frombuffer(buffer, dtype=stored_dtype).view(target.shape)
+    target.copy_(stored)
+
+
+def load_state(model: DeepseekVL2, files: Iterable[Path], progress: Optional[Callable[[int, int], None]] = None) -> None:
+    """Fill every parameter of ``model`` from safetensors ``files``; raise ``CheckpointError`` on mismatch."""
+    slots = _checkpoint_slots(model)
+    files = list(files)
+    headers = [(path, *_read_safetensors_header(path)) for path in files]
+    total = sum(end - start for _, header, _ in headers for start, end in (h["data_offsets"] for h in header.values()))
+    problems: list[str] = []
+    seen: set[str] = set()
+    done = 0
+    for path, header, data_start in headers:
+        with open(path, "rb") as f:
+            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                start, end = info["data_offsets"]
+                if IGNORED_KEYS.match(key):
+                    continue
+                slot = slots.get(key)
+                if slot is None:
+                    problems.append(f"unexpected key {key} (in {path.name})")
+                    continue
+                shape = tuple(info["shape"])
+                if shape != slot.shape:
+                    problems.append(f"shape mismatch for {key}: checkpoint {list(shape)}, model {list(slot.shape)}")
+                    continue
+                stored_dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+                if stored_dtype is None or stored_dtype in (torch.bool,) or not stored_dtype.is_floating_point:
+                    problems.append(f"{key} has dtype {info['dtype']}, expected a floating-point tensor")
+                    continue
+                _read_into(f, data_start + start, end - start, stored_dtype, slot.target)
+                seen.add(key)
+                done += end - start
+                if progress:
+                    progress(done, total)
+    missing = sorted(set(slots) - seen)
+    problems += [f"missing key {key}" for key in missing]
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(shown))
+
+
+def _target_dtype(module: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if getattr(module, "keep_fp32", False) and dtype != torch.float64 else dtype
+
+
+def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype, init: Optional[Callable[[torch.Tensor], None]] = None) -> None:
+    """Give every meta parameter real (uninitialised, or ``init``-filled) storage, once, in its final dtype."""
+    device = torch.device(device)
+    for module in model.modules():
+        target = _target_dtype(module, dtype)
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            data = torch.empty(param.shape, dtype=target, device=device)
+            if init is not None:
+                init(data)
+            module._parameters[name] = nn.Parameter(data, requires_grad=False)
+        if isinstance(module, RotaryEmbedding):  # its buffer was computed on meta: recompute for real
+            module.register_buffer("inv_freq", _fresh_inv_freq(module, device), persistent=False)
+
+
+def _fresh_inv_freq(rotary: RotaryEmbedding, device: torch.device) -> torch.Tensor:
+    with torch.device(device):
+        return RotaryEmbedding(rotary.config).inv_freq
+
+
+def build_model(config: DeepseekVL2Config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                init: Optional[Callable[[torch.Tensor], None]] = None) -> DeepseekVL2:
+    """The model with allocated (uninitialised or ``init``-filled) parameters, no second copy anywhere."""
+    with torch.device("meta"):
+        model = DeepseekVL2(config)
+    materialize(model, device, dtype, init)
+    return model.eval()
+
+
+def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               progress: Optional[Callable[[int, int], None]] = None) -> DeepseekVL2:
+    """Load an official DeepSeek-VL2 model directory (config.json + safetensors) for inference."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    config = DeepseekVL2Config.from_pretrained(model_dir)
+    files = checkpoint_files(model_dir)
+    model = build_model(config, device, dtype)
+    load_state(model, files, progress)
+    return model
+
+
+def random_init(std: float = 0.02, seed: int = 0) -> Callable[[torch.Tensor], None]:
+    """An ``init`` for ``build_model``: normal(0, std) weights; vectors (norms, biases) get ones/zeros-ish."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def init(t: torch.Tensor) -> None:
+        values = torch.randn(t.shape, generator=generator) * std
+        if t.dim() == 1:
+            values += 1.0
+        t.copy_(values.to(t.dtype))
+
+    return init

@@ -1,0 +1,86 @@
+"""SigLIP vision tower (SigLIP-SO400M/14 at 384 px in the released models).
+
+A plain pre-norm ViT without class token: 14-px patches (27x27 = 729 per 384-px tile), learned absolute
+position embeddings, ``scaled_dot_product_attention`` (the official code needs xformers here, which has no
+CPU kernel), tanh-GELU MLP and a final LayerNorm applied to every token. The checkpoint also stores a
+MAP attention-pool head (``vision.attn_pool.*``); DeepSeek-VL2 never runs it (``ignore_head``), so the
+loader drops those weights and they cost neither memory nor compute.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VisionConfig
+
+LAYER_NORM_EPS = 1e-6
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, (H//p)*(W//p), width], tokens in row-major patch order."""
+        return self.proj(pixels).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)  # rows: q | k | v
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        qkv = self.qkv(x).view(batch, tokens, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, head_dim]
+        out = F.scaled_dot_product_attention(q, k, v)  # non-causal, scale 1/sqrt(head_dim)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.width, eps=LAYER_NORM_EPS)
+        self.attn = Attention(config.width, config.heads)
+        self.norm2 = nn.LayerNorm(config.width, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(config.width, config.mlp_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """``vision.*`` in the checkpoint. Input: [n_tiles, 3, 384, 384]; output: [n_tiles, 729, width]."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        if config.class_token:
+            raise NotImplementedError("vision_config.class_token=true is not used by any DeepSeek-VL2 model")
+        self.config = config
+        self.patch_embed = PatchEmbed(config.patch_size, config.width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.grid_size**2, config.width))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.norm = nn.LayerNorm(config.width, eps=LAYER_NORM_EPS)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixels) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)

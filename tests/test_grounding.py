@@ -1,0 +1,113 @@
+"""Grounding output parsing and drawing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepseek_vl2.grounding import (
+    BOX_COLORS,
+    GroundedRef,
+    boxes_to_pixels,
+    draw_boxes,
+    draw_grounding,
+    parse_grounding,
+)
+
+README_ANSWER = "<|ref|>The giraffe at the back.<|/ref|><|det|>[[580, 270, 999, 900]]<|/det|><｜end▁of▁sentence｜>"
+
+
+def test_parse_readme_example():
+    assert parse_grounding(README_ANSWER) == [GroundedRef("The giraffe at the back.", [(580, 270, 999, 900)])]
+
+
+def test_parse_several_refs_and_boxes_in_grounded_conversation():
+    text = (
+        "In the picture <|ref|>a cat<|/ref|><|det|>[[10, 20, 30, 40], [50, 60, 70, 80]]<|/det|> sits next to "
+        "<|ref|> a dog <|/ref|><|det|>[[0,0,999,999]]<|/det|>."
+    )
+    assert parse_grounding(text) == [
+        GroundedRef("a cat", [(10, 20, 30, 40), (50, 60, 70, 80)]),
+        GroundedRef("a dog", [(0, 0, 999, 999)]),
+    ]
+
+
+def test_parse_no_grounding():
+    assert parse_grounding("Just a caption.") == []
+    assert parse_grounding("") == []
+
+
+def test_malformed_boxes_are_skipped_not_evaluated():
+    text = (
+        "<|ref|>x<|/ref|><|det|>[[1, 2, 3], [2, 311, 99999, 98], [__import__('os'), 1, 2, 3], "
+        "[-5, 1, 2, 3], [[4, 5, 6, 7]], [1.6, 2, 3, 4]]<|/det|>"
+    )
+    # Nested list tolerated, float rounded, everything else dropped.
+    assert parse_grounding(text) == [GroundedRef("x", [(4, 5, 6, 7), (2, 2, 3, 4)])]
+
+
+def test_det_without_valid_box_and_reversed_corners():
+    assert parse_grounding("<|ref|>a<|/ref|><|det|>[[nonsense]]<|/det|>") == [GroundedRef("a", [])]
+    assert parse_grounding("<|ref|>a<|/ref|><|det|>[[300, 400, 100, 200]]<|/det|>") == [
+        GroundedRef("a", [(100, 200, 300, 400)])
+    ]
+
+
+def test_det_without_ref_and_ref_without_det():
+    text = "<|det|>[[1, 2, 3, 4]]<|/det|> then <|ref|>orphan<|/ref|> and nothing"
+    assert parse_grounding(text) == [GroundedRef("", [(1, 2, 3, 4)])]
+
+
+def test_unterminated_det_at_end_of_truncated_generation():
+    text = "<|ref|>a<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|><|ref|>b<|/ref|><|det|>[[5, 6, 7, 8], [9, 10"
+    assert parse_grounding(text) == [GroundedRef("a", [(1, 2, 3, 4)]), GroundedRef("b", [(5, 6, 7, 8)])]
+
+
+def test_boxes_to_pixels_matches_upstream_formula():
+    assert boxes_to_pixels((580, 270, 999, 900), 640, 480) == (371, 129, 640, 432)
+    assert boxes_to_pixels((0, 0, 999, 999), 100, 50) == (0, 0, 100, 50)
+    W, H = 1234, 567
+    box = (123, 456, 789, 998)
+    assert boxes_to_pixels(box, W, H) == (
+        int(123 / 999 * W),
+        int(456 / 999 * H),
+        int(789 / 999 * W),
+        int(998 / 999 * H),
+    )
+
+
+def test_draw_grounding_draws_on_a_copy():
+    image = Image.new("RGB", (640, 480), (255, 255, 255))
+    out = draw_grounding(image, README_ANSWER)
+    assert out is not image and out.size == image.size and out.mode == "RGB"
+    assert image.getpixel((371, 300)) == (255, 255, 255)  # caller's image untouched
+    x1, y1, x2, y2 = boxes_to_pixels((580, 270, 999, 900), 640, 480)
+    assert out.getpixel((x1, (y1 + y2) // 2)) == BOX_COLORS[0]  # left edge
+    assert out.getpixel((639, (y1 + y2) // 2)) == BOX_COLORS[0]  # right edge clamped into the image
+    assert out.getpixel(((x1 + x2) // 2, (y1 + y2) // 2)) == (255, 255, 255)  # inside untouched
+    # The label is drawn above the box.
+    above = np.asarray(out.crop((x1, 0, x2, y1)))
+    assert (above != 255).any()
+
+
+def test_draw_boxes_colours_cycle_per_ref():
+    refs = [GroundedRef(f"r{i}", [(60 * i, 100, 60 * i + 40, 900)]) for i in range(14)]
+    out = draw_boxes(Image.new("L", (999, 999), 0), refs)
+    assert out.mode == "RGB"
+    for i in range(14):
+        x1, _, _, _ = boxes_to_pixels(refs[i].boxes[0], 999, 999)
+        assert out.getpixel((x1, 700)) == BOX_COLORS[i % len(BOX_COLORS)]  # 14th ref wraps to colour 0
+
+
+def test_label_of_box_at_top_edge_goes_inside():
+    out = draw_grounding(Image.new("RGB", (400, 400), (0, 0, 0)), "<|ref|>top<|/ref|><|det|>[[100, 0, 900, 500]]<|/det|>")
+    inside = np.asarray(out.crop((45, 5, 355, 60)))
+    assert (inside == BOX_COLORS[0]).all(axis=-1).any()  # label background drawn inside the box
+
+
+@pytest.mark.parametrize("text", ["", "no boxes", "<|ref|>a<|/ref|><|det|>[[bad]]<|/det|>"])
+def test_draw_without_boxes_returns_unchanged_copy(text):
+    image = Image.new("RGB", (32, 16), (1, 2, 3))
+    out = draw_grounding(image, text)
+    assert out.tobytes() == image.tobytes()

@@ -307,13 +307,13 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
 
 
 def random_init(std: float = 0.02, seed: int = 0) -> Callable[[torch.Tensor], None]:
-    """An ``init`` for ``build_model``: normal(0, std) weights; vectors (norms, biases) get ones/zeros-ish."""
+    """An ``init`` for ``build_model``: matrices ~ N(0, std); vectors (norm weights, biases) ~ N(1, std)."""
     generator = torch.Generator().manual_seed(seed)
 
     def init(t: torch.Tensor) -> None:
-        values = torch.randn(t.shape, generator=generator) * std
-        if t.dim() == 1:
-            values += 1.0
-        t.copy_(values.to(t.dtype))
+        if t.device.type != "cpu":
+            t.normal_(1.0 if t.dim() == 1 else 0.0, std)
+        else:
+            t.normal_(1.0 if t.dim() == 1 else 0.0, std, generator=generator)
 
     return init

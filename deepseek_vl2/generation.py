@@ -1,0 +1,145 @@
+"""Token generation: ``prefill``, ``decode_one_token`` and ``sample`` as plain functions (gpt-fast style).
+
+Semantics follow what the official demo gets from Hugging Face ``generate``:
+
+* repetition penalty over every id seen so far — the whole prompt, image-token ids included, and the
+  answer so far: a seen token's logit is divided by the penalty when positive, multiplied when negative;
+* sampling: penalty, then temperature, then top-p (smallest set whose probability reaches ``top_p``,
+  renormalised); greedy when ``temperature`` or ``top_p`` is 0;
+* stop at the end-of-sentence id, which is not returned.
+
+The prompt is prefilled in one pass over text and image embeddings into a preallocated cache; each
+step then runs one token. The only host synchronisation per step is reading the sampled id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from .language import DeepseekV2ForCausalLM
+from .model import DeepseekVL2, ImageInputs
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # 0: greedy
+    repetition_penalty: float = 1.0  # 1 (or 0): no penalty
+    top_k: int = 50  # Hugging Face generate's default, which the official demo inherits; 0: off
+    seed: Optional[int] = None
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0 and self.top_p > 0
+
+    @property
+    def penalty(self) -> Optional[float]:
+        return None if self.repetition_penalty in (0.0, 1.0) else self.repetition_penalty
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits [V] fp32, seen [V] bool -> penalised logits (Hugging Face's rule)."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> torch.Tensor:
+    """Next-token distribution after temperature, top-k and top-p; zeros outside the nucleus. [V] -> [V]."""
+    logits = logits / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits)  # ascending
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= 1 - top_p
+        drop_sorted[-1] = False  # always keep the most likely token
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, seen: torch.Tensor, config: GenerationConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """logits [V] fp32 -> next token id as a 0-d tensor (still on the device)."""
+    if config.penalty is not None:
+        logits = apply_repetition_penalty(logits, seen, config.penalty)
+    if not config.do_sample:
+        return logits.argmax()
+    probs = sampling_probs(logits, config.temperature, config.top_p, config.top_k)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def prefill(language: DeepseekV2ForCausalLM, inputs_embeds: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    """Run the whole prompt [1, T, D] through the decoder, filling the cache; logits of its last token [V]."""
+    return language(inputs_embeds, start_pos=start_pos, use_cache=True, last_only=True)[0, -1]
+
+
+def decode_one_token(language: DeepseekV2ForCausalLM, token: torch.Tensor, pos: int) -> torch.Tensor:
+    """One step: token id (0-d tensor) at position ``pos`` -> logits [V]."""
+    embeds = language.model.embed_tokens(token.view(1, 1))
+    return language(embeds, start_pos=pos, use_cache=True)[0, -1]
+
+
+def context_limit(model: DeepseekVL2) -> int:
+    return model.config.language.max_position_embeddings
+
+
+@torch.inference_mode()
+def generate_stream(model: DeepseekVL2, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int) -> Iterator[int]:
+    """Yield new token ids one by one until eos (not yielded) or ``max_new_tokens``.
+
+    ``max_new_tokens`` is clamped to the context left after the prompt; a prompt that alone fills the
+    context raises ``ValueError``.
+    """
+    embeds = model.prepare_inputs_embeds(inputs)
+    yield from generate_from_embeds(model.language, embeds, inputs.input_ids, config, eos_token_id)
+
+
+@torch.inference_mode()
+def generate_from_embeds(
+    language: DeepseekV2ForCausalLM,
+    embeds: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    config: GenerationConfig,
+    eos_token_id: int,
+) -> Iterator[int]:
+    """Generation once the prompt is embedded: embeds [1, T, D], prompt_ids [T] (for the penalty)."""
+    prompt_len = embeds.shape[1]
+    limit = language.config.max_position_embeddings
+    if prompt_len >= limit:
+        raise ValueError(f"the prompt is {prompt_len} tokens; the model's context is {limit}")
+    max_new = min(config.max_new_tokens, limit - prompt_len)
+    if max_new <= 0:
+        return
+    device = embeds.device
+    language.setup_cache(prompt_len + max_new)
+    generator = None
+    if config.do_sample:
+        generator = torch.Generator(device=device)
+        if config.seed is not None:
+            generator.manual_seed(config.seed)
+        else:
+            generator.seed()
+    seen = torch.zeros(language.config.vocab_size, dtype=torch.bool, device=device)
+    seen[prompt_ids.to(device).view(-1)] = True
+
+    logits = prefill(language, embeds)
+    for step in range(max_new):
+        token = sample(logits, seen, config, generator)
+        token_id = int(token)  # the one host sync per step
+        if token_id == eos_token_id:
+            return
+        yield token_id
+        if step == max_new - 1:
+            return
+        seen[token] = True
+        logits = decode_one_token(language, token, prompt_len + step)
+
+
+def generate(model: DeepseekVL2, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int) -> list[int]:
+    """All new token ids (without the end-of-sentence id)."""
+    return list(generate_stream(model, inputs, config, eos_token_id))

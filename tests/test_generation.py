@@ -1,0 +1,116 @@
+"""Generation: sampling maths, cache consistency, stopping, seeds, context limits."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FIXTURES_DIR
+from deepseek_vl2.generation import (
+    GenerationConfig,
+    apply_repetition_penalty,
+    decode_one_token,
+    generate,
+    generate_stream,
+    prefill,
+    sampling_probs,
+)
+from deepseek_vl2.model import load_model
+from deepseek_vl2.processor import DeepseekVL2Processor
+
+
+@functools.lru_cache(maxsize=None)
+def _load(variant: str):
+    path = FIXTURES_DIR / "checkpoints" / variant
+    return DeepseekVL2Processor.from_pretrained(path), load_model(path)
+
+
+def _inputs(processor: DeepseekVL2Processor, text: str = "<image>\nDescribe this image.", size=(500, 300)):
+    image = Image.new("RGB", size, (200, 40, 40))
+    return processor.process_prompt(text, [image])
+
+
+def test_repetition_penalty_follows_hugging_face() -> None:
+    logits = torch.tensor([2.0, -2.0, 3.0, -1.0])
+    seen = torch.tensor([True, True, False, False])
+    assert torch.equal(apply_repetition_penalty(logits, seen, 2.0), torch.tensor([1.0, -4.0, 3.0, -1.0]))
+
+
+def test_top_p_keeps_the_smallest_nucleus() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    out = sampling_probs(probs.log(), temperature=1.0, top_p=0.8, top_k=0)
+    assert torch.allclose(out, torch.tensor([0.5, 0.3, 0.0, 0.0]) / 0.8)
+    # top_p so small that nothing would survive: the most likely token always stays.
+    assert torch.equal(sampling_probs(probs.log(), 1.0, 1e-6, 0), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    # top-k then renormalise
+    assert torch.allclose(sampling_probs(probs.log(), 1.0, 1.0, top_k=2), torch.tensor([0.625, 0.375, 0.0, 0.0]))
+
+
+def test_temperature_sharpens() -> None:
+    logits = torch.tensor([1.0, 0.0])
+    assert sampling_probs(logits, 0.5, 1.0, 0)[0] > sampling_probs(logits, 1.0, 1.0, 0)[0]
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla", "mla-noaux"])
+def test_cached_decoding_matches_full_forward(variant: str) -> None:
+    """Logits of prefill + step-by-step decode equal one full causal forward over the same tokens."""
+    processor, model = _load(variant)
+    inputs = _inputs(processor)
+    greedy = generate(model, inputs, GenerationConfig(max_new_tokens=6), processor.eos_id)
+    language = model.language
+    with torch.inference_mode():
+        embeds = model.prepare_inputs_embeds(inputs)
+        prompt_len = embeds.shape[1]
+        language.setup_cache(prompt_len + len(greedy))
+        step_logits = [prefill(language, embeds)]
+        for i, token in enumerate(greedy[:-1]):
+            step_logits.append(decode_one_token(language, torch.tensor(token), prompt_len + i))
+        full_embeds = torch.cat([embeds, language.model.embed_tokens(torch.tensor([greedy[:-1]]))], dim=1)
+        full = language(full_embeds)[0, prompt_len - 1 :]
+    assert torch.allclose(torch.stack(step_logits), full, atol=1e-4, rtol=1e-4)
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ() -> None:
+    processor, model = _load("mha")
+    inputs = _inputs(processor)
+    config = GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=0, seed=123)
+    first = generate(model, inputs, config, processor.eos_id)
+    assert generate(model, inputs, config, processor.eos_id) == first
+    others = {tuple(generate(model, inputs, GenerationConfig(8, 1.0, 1.0, top_k=0, seed=s), processor.eos_id)) for s in range(4)}
+    assert len(others | {tuple(first)}) > 1
+
+
+def test_greedy_when_temperature_or_top_p_is_zero() -> None:
+    processor, model = _load("mla")
+    inputs = _inputs(processor)
+    greedy = generate(model, inputs, GenerationConfig(max_new_tokens=6), processor.eos_id)
+    assert generate(model, inputs, GenerationConfig(6, temperature=0.0, top_p=0.9), processor.eos_id) == greedy
+    assert generate(model, inputs, GenerationConfig(6, temperature=0.7, top_p=0.0), processor.eos_id) == greedy
+
+
+def test_stops_at_eos_without_returning_it() -> None:
+    processor, model = _load("mha")
+    inputs = _inputs(processor)
+    greedy = generate(model, inputs, GenerationConfig(max_new_tokens=5), processor.eos_id)
+    # Declare the third greedy token to be the end-of-sentence id: generation must stop before it.
+    assert generate(model, inputs, GenerationConfig(max_new_tokens=5), eos_token_id=greedy[2]) == greedy[:2]
+
+
+def test_max_new_tokens_zero_and_clamping_to_context() -> None:
+    processor, model = _load("mha")
+    inputs = _inputs(processor)
+    assert generate(model, inputs, GenerationConfig(max_new_tokens=0), processor.eos_id) == []
+    context = model.config.language.max_position_embeddings
+    prompt_len = inputs.input_ids.shape[0]
+    model.config.language.max_position_embeddings = prompt_len + 3
+    try:
+        tokens = list(generate_stream(model, inputs, GenerationConfig(max_new_tokens=50), eos_token_id=-1))
+        assert len(tokens) == 3
+        model.config.language.max_position_embeddings = prompt_len
+        with pytest.raises(ValueError, match="context"):
+            generate(model, inputs, GenerationConfig(max_new_tokens=5), processor.eos_id)
+    finally:
+        model.config.language.max_position_embeddings = context

@@ -43,9 +43,9 @@ def _input_property(field: Any) -> dict[str, Any]:
     if field.default is not None:
         prop["default"] = field.type.json_encode(field.default)
     if field.ge is not None:
-        prop["minimum"] = _number(field.ge, prop)
+        prop["minimum"] = _number(field.ge)
     if field.le is not None:
-        prop["maximum"] = _number(field.le, prop)
+        prop["maximum"] = _number(field.le)
     if field.min_length is not None:
         prop["minLength"] = field.min_length
     if field.max_length is not None:
@@ -60,11 +60,10 @@ def _input_property(field: Any) -> dict[str, Any]:
     return prop
 
 
-def _number(value: float, prop: dict[str, Any]) -> float | int:
-    # The inspector stores bounds as floats; integer inputs get integer bounds.
-    if prop.get("type") == "integer" and float(value).is_integer():
-        return int(value)
-    return value
+def _number(value: float) -> float | int:
+    # The inspector stores bounds as floats; whole bounds are written as integers (0, not 0.0),
+    # as in the schemas Cog's CLI writes.
+    return int(value) if float(value).is_integer() else value
 
 
 def build_schema(predictor_ref: str, project_dir: Path = ROOT) -> dict[str, Any]:

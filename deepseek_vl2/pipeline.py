@@ -1,0 +1,197 @@
+"""One call from (image, prompt, sampling settings) to the answer text.
+
+This is the single-image chat turn behind ``predict.py`` (the Replicate API):
+
+* the prompt may place the image with an ``<image>`` tag ("Describe each stage of this <image> in
+  detail"); without a tag the image goes first (``"<image>\\n" + prompt``); more than one tag for the
+  one image is an error;
+* ``temperature`` 0 or ``top_p`` 0 means greedy decoding; ``repetition_penalty`` 0 or 1 means none (a
+  penalty other than 1 also applies to greedy decoding, as in Hugging Face ``generate``);
+* ``max_length_tokens`` 0 returns "" at once; otherwise new tokens are clamped to what is left of the
+  model's context (``language_config.max_position_embeddings``, 4096); a prompt that alone fills the
+  context is an error;
+* the answer keeps special tokens such as the grounding markup and drops the end-of-sentence marker.
+
+Every problem with the request raises ``InputError`` (from the processor) with a message for the
+person who sent it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import torch
+from PIL import Image
+
+from .config import DeepseekVL2Config
+from .processor import DeepseekVL2Processor, InputError, ProcessedInputs, load_image
+
+__all__ = ["VL2Pipeline", "InputError", "GenerationSettings"]
+
+ImageArg = Union[str, os.PathLike, bytes, Image.Image]
+
+
+class GenerationSettings:
+    """The API's four knobs, normalised (0 meaning "off" where the API says so)."""
+
+    def __init__(self, temperature: float, top_p: float, max_length_tokens: int, repetition_penalty: float,
+                 seed: Optional[int] = None) -> None:
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
+            if not isinstance(value, (int, float)) or value != value or value < 0:
+                raise InputError(f"{name} must be a number >= 0, got {value!r}.")
+        if isinstance(max_length_tokens, bool) or not isinstance(max_length_tokens, int) or max_length_tokens < 0:
+            raise InputError(f"max_length_tokens must be a whole number >= 0, got {max_length_tokens!r}.")
+        if top_p > 1:
+            raise InputError(f"top_p must be between 0 and 1, got {top_p!r}.")
+        self.greedy = temperature == 0 or top_p == 0
+        self.temperature = 0.0 if self.greedy else float(temperature)
+        self.top_p = 1.0 if self.greedy else float(top_p)
+        self.repetition_penalty = 1.0 if repetition_penalty in (0, 1) else float(repetition_penalty)
+        self.max_length_tokens = max_length_tokens
+        self.seed = seed
+
+    def generation_config(self, max_new_tokens: int):
+        from .generation import GenerationConfig
+
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+        )
+
+
+# On a CPU, a checkpoint below this size runs in float32 even where bf16 is native: its steps are
+# dominated by per-op overhead, so bf16 gains nothing, and float32 reproduces reference outputs exactly
+# (bf16 rounding can flip a close greedy choice). Every released DeepSeek-VL2 model is far above it.
+SMALL_CPU_MODEL_BYTES = 256 * 1024 * 1024
+
+
+def _is_small_cpu_model(model_dir: Path, device: torch.device) -> bool:
+    if device.type != "cpu":
+        return False
+    size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    return 0 < size < SMALL_CPU_MODEL_BYTES
+
+
+class VL2Pipeline:
+    """A loaded model + processor answering single-image prompts."""
+
+    def __init__(self, model: Any, processor: DeepseekVL2Processor, *, device: torch.device, dtype: torch.dtype,
+                 context_length: int, model_dir: Optional[Path] = None) -> None:
+        self.model = model
+        self.processor = processor
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.context_length = int(context_length)
+        self.model_dir = model_dir
+
+    @classmethod
+    def load(cls, model_dir: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
+             dtype: Optional[torch.dtype] = None) -> "VL2Pipeline":
+        """Load the model once; device and dtype default to the fastest the hardware handles natively."""
+        from .hardware import default_device, default_dtype
+        from .model import load_model
+
+        model_dir = Path(model_dir)
+        device = torch.device(device) if device is not None else default_device()
+        if dtype is None:
+            dtype = torch.float32 if _is_small_cpu_model(model_dir, device) else default_dtype(device)
+        config = DeepseekVL2Config.from_pretrained(model_dir)
+        processor = DeepseekVL2Processor.from_pretrained(model_dir)
+        model = load_model(model_dir, device=device, dtype=dtype)
+        return cls(model, processor, device=device, dtype=dtype,
+                   context_length=config.language.max_position_embeddings, model_dir=model_dir)
+
+    # ------------------------------------------------------------------------------------------
+
+    def build_prompt(self, prompt: Any) -> str:
+        """Validate the prompt and place the image: ``<image>`` tag where the user put it, else first."""
+        if not isinstance(prompt, str):
+            raise InputError("The prompt must be text.")
+        if not prompt.strip():
+            raise InputError("The prompt is empty. Please ask something about the image.")
+        tag = self.processor.image_token
+        tags = prompt.count(tag)
+        if tags > 1:
+            raise InputError(
+                f"The prompt contains {tags} {tag} tags, but there is only one image. "
+                f"Use at most one {tag} tag to mark where the image goes (or none: the image then comes first)."
+            )
+        return prompt if tags == 1 else f"{tag}\n{prompt}"
+
+    def prepare(self, image: ImageArg, prompt: str) -> ProcessedInputs:
+        """Image + prompt -> model inputs (raises ``InputError`` for a bad image or prompt)."""
+        text = self.build_prompt(prompt)
+        pil = load_image(image)
+        return self.processor.process_prompt(text, [pil])
+
+    def max_new_tokens(self, inputs: ProcessedInputs, requested: int) -> int:
+        """``requested`` clamped to the context left after the prompt; error if the prompt fills it."""
+        prompt_len = int(inputs.input_ids.shape[-1])
+        room = self.context_length - prompt_len
+        if room <= 0:
+            raise InputError(
+                f"The prompt is too long: with the image it takes {prompt_len} tokens, and the model's "
+                f"context holds {self.context_length}. Please shorten the prompt."
+            )
+        return min(requested, room)
+
+    def _start(self, image: ImageArg, prompt: str, settings: GenerationSettings):
+        inputs = self.prepare(image, prompt)
+        cfg = settings.generation_config(self.max_new_tokens(inputs, settings.max_length_tokens))
+        return inputs.to(self.device, dtype=self.dtype), cfg
+
+    def run(self, image: ImageArg, prompt: str, temperature: float = 0.1, top_p: float = 0.9,
+            max_length_tokens: int = 2048, repetition_penalty: float = 1.1, seed: Optional[int] = None) -> str:
+        """The whole answer as one string."""
+        settings = GenerationSettings(temperature, top_p, max_length_tokens, repetition_penalty, seed)
+        self.build_prompt(prompt)
+        if settings.max_length_tokens == 0:
+            return ""
+        from .generation import generate
+
+        inputs, cfg = self._start(image, prompt, settings)
+        with torch.inference_mode():
+            ids = generate(self.model, inputs, cfg, eos_token_id=self.processor.eos_id)
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        return self._strip_eos(self.processor.decode(ids, skip_special_tokens=False))
+
+    def stream(self, image: ImageArg, prompt: str, temperature: float = 0.1, top_p: float = 0.9,
+               max_length_tokens: int = 2048, repetition_penalty: float = 1.1,
+               seed: Optional[int] = None) -> Iterator[str]:
+        """The answer in pieces as it is generated (``"".join(stream(...)) == run(...)``)."""
+        settings = GenerationSettings(temperature, top_p, max_length_tokens, repetition_penalty, seed)
+        self.build_prompt(prompt)
+        if settings.max_length_tokens == 0:
+            return iter(())
+        inputs, cfg = self._start(image, prompt, settings)  # errors surface here, before the first piece
+        return self._stream(inputs, cfg)
+
+    def _stream(self, inputs: ProcessedInputs, cfg: Any) -> Iterator[str]:
+        from .generation import generate_stream
+
+        decoder = self.processor.stream_decoder()
+        with torch.inference_mode():
+            for token_id in generate_stream(self.model, inputs, cfg, eos_token_id=self.processor.eos_id):
+                piece = decoder.push(int(token_id))
+                if piece:
+                    yield piece
+        tail = self._strip_eos(decoder.flush())
+        if tail:
+            yield tail
+
+    def _strip_eos(self, text: str) -> str:
+        eos = self.processor.eos_token
+        return text[: -len(eos)] if eos and text.endswith(eos) else text
+
+    # ------------------------------------------------------------------------------------------
+
+    def timed_run(self, *args: Any, **kwargs: Any) -> tuple[str, float]:
+        start = time.perf_counter()
+        text = self.run(*args, **kwargs)
+        return text, time.perf_counter() - start

@@ -1,0 +1,102 @@
+"""Cog predictor for DeepSeek-VL2: the API of the Replicate model deepseek-ai/deepseek-vl2.
+
+Inputs: image, prompt, top_p, temperature, max_length_tokens, repetition_penalty. Output: the answer.
+Weights: ``DEEPSEEK_VL2_WEIGHTS`` = a model directory or a Hugging Face repo id (default
+``deepseek-ai/deepseek-vl2``), resolved by ``deepseek_vl2.weights.resolve_weights``.
+``DEEPSEEK_VL2_DTYPE`` (bfloat16 / float16 / float32) overrides the automatic dtype.
+
+Run it without Cog's CLI:  python predict.py --image examples/stages.png --prompt "Describe this image."
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path as _FsPath
+
+from cog import BasePredictor, Input, Path
+
+from deepseek_vl2.pipeline import InputError, VL2Pipeline
+from deepseek_vl2.weights import resolve_weights
+
+
+class Predictor(BasePredictor):
+    def setup(self) -> None:
+        """Find (or download) the weights and load the model once: GPU in bf16, else CPU in its fastest dtype."""
+        from deepseek_vl2.hardware import parse_dtype
+
+        started = time.perf_counter()
+        model_dir = resolve_weights(os.environ.get("DEEPSEEK_VL2_WEIGHTS"))
+        dtype_name = os.environ.get("DEEPSEEK_VL2_DTYPE", "").strip()
+        dtype = parse_dtype(dtype_name) if dtype_name else None
+        self.pipeline = VL2Pipeline.load(model_dir, dtype=dtype)
+        print(
+            f"DeepSeek-VL2 loaded from {model_dir} on {self.pipeline.device} ({self.pipeline.dtype}) "
+            f"in {time.perf_counter() - started:.1f} s",
+            flush=True,
+        )
+
+    def predict(
+        self,
+        image: Path = Input(description="Input image file"),
+        prompt: str = Input(description="Text prompt to guide the model"),
+        top_p: float = Input(default=0.9, ge=0, le=1, description="Top-p sampling parameter"),
+        temperature: float = Input(default=0.1, ge=0, le=1, description="Temperature for sampling"),
+        max_length_tokens: int = Input(default=2048, ge=0, le=4096, description="Maximum number of tokens to generate"),
+        repetition_penalty: float = Input(default=1.1, ge=0, le=2, description="Repetition penalty"),
+    ) -> str:
+        """Answer ``prompt`` about ``image``. Bad input raises ``InputError`` with a readable message."""
+        return self.pipeline.run(
+            image=str(image),
+            prompt=prompt,
+            temperature=temperature,
+            top_p=top_p,
+            max_length_tokens=max_length_tokens,
+            repetition_penalty=repetition_penalty,
+        )
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """One prediction through the real Predictor (what `make predict` and `make demo` run)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run one DeepSeek-VL2 prediction through the Cog Predictor.")
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--temperature", type=float, default=0.1)
+    parser.add_argument("--max-length-tokens", type=int, default=2048)
+    parser.add_argument("--repetition-penalty", type=float, default=1.1)
+    parser.add_argument("--random-weights-note", action="store_true",
+                        help="say that the answer is gibberish (the demo's random checkpoint)")
+    args = parser.parse_args(argv)
+
+    predictor = Predictor()
+    t0 = time.perf_counter()
+    predictor.setup()
+    t1 = time.perf_counter()
+    try:
+        # Called directly, predict() gets no Input() defaults resolved: pass every input.
+        answer = predictor.predict(
+            image=Path(_FsPath(args.image)),
+            prompt=args.prompt,
+            top_p=args.top_p,
+            temperature=args.temperature,
+            max_length_tokens=args.max_length_tokens,
+            repetition_penalty=args.repetition_penalty,
+        )
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    t2 = time.perf_counter()
+    print("answer:", answer)
+    if args.random_weights_note:
+        print("(the demo model has random weights, so the answer is gibberish; "
+              "see README for real weights)")
+    print(f"setup {t1 - t0:.2f} s, prediction {t2 - t1:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

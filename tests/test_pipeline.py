@@ -1,0 +1,212 @@
+"""VL2Pipeline: the API's prompt and sampling rules, golden answers, and bad input."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepseek_vl2.pipeline import GenerationSettings, InputError, VL2Pipeline
+
+EOS = "<｜end▁of▁sentence｜>"
+
+
+def _single_image_cases(fixtures_dir: Path) -> list[Path]:
+    cases = []
+    for case in sorted((fixtures_dir / "cases").glob("*/*/case.json")):
+        conv = json.loads(case.read_text())["conversation"]
+        if len(conv) == 2 and len(conv[0]["images"]) == 1:
+            cases.append(case.parent)
+    return cases
+
+
+def pytest_generate_tests(metafunc):
+    if "golden_case" in metafunc.fixturenames:
+        from conftest import FIXTURES_DIR
+
+        cases = _single_image_cases(FIXTURES_DIR) if FIXTURES_DIR.is_dir() else []
+        metafunc.parametrize("golden_case", cases, ids=[f"{c.parent.name}/{c.name}" for c in cases])
+
+
+_PIPELINES: dict[str, VL2Pipeline] = {}
+
+
+def _pipeline(fixtures_dir: Path, variant: str) -> VL2Pipeline:
+    if variant not in _PIPELINES:
+        _PIPELINES[variant] = VL2Pipeline.load(fixtures_dir / "checkpoints" / variant)
+    return _PIPELINES[variant]
+
+
+@pytest.fixture(scope="module")
+def mha(fixtures_dir) -> VL2Pipeline:
+    return _pipeline(fixtures_dir, "mha")
+
+
+@pytest.fixture(scope="module")
+def image_path(fixtures_dir) -> Path:
+    return fixtures_dir / "images" / "landscape_640x480.png"
+
+
+def test_small_cpu_checkpoints_load_in_float32(mha):
+    assert mha.device.type == "cpu" or torch.cuda.is_available()
+    if mha.device.type == "cpu":
+        assert mha.dtype == torch.float32
+    assert mha.context_length == 4096
+
+
+def test_golden_greedy_answer(fixtures_dir, golden_case):
+    case = json.loads((golden_case / "case.json").read_text())
+    pipe = _pipeline(fixtures_dir, golden_case.parent.name)
+    user = case["conversation"][0]
+    answer = pipe.run(
+        fixtures_dir / "images" / user["images"][0],
+        user["content"],
+        temperature=0,
+        top_p=0.9,
+        max_length_tokens=len(case["generated_ids"]),
+        repetition_penalty=case["generation"]["repetition_penalty"],
+    )
+    assert answer == case["generated_text"].replace(EOS, "")
+
+
+def test_stream_pieces_join_to_the_answer(mha, image_path):
+    kwargs = dict(temperature=0, top_p=0.9, max_length_tokens=20, repetition_penalty=1.1)
+    pieces = list(mha.stream(image_path, "Describe this image.", **kwargs))
+    assert len(pieces) > 1
+    assert "".join(pieces) == mha.run(image_path, "Describe this image.", **kwargs)
+
+
+def test_image_goes_first_without_a_tag(mha, image_path):
+    with_tag = mha.prepare(image_path, "<image>\nWhat is this?")
+    without = mha.prepare(image_path, "What is this?")
+    assert torch.equal(with_tag.input_ids, without.input_ids)
+
+
+def test_image_tag_may_sit_inside_the_prompt(mha, image_path):
+    inside = mha.prepare(image_path, "Describe each stage of this <image> in detail.")
+    first = mha.prepare(image_path, "Describe each stage of this in detail.")
+    assert inside.images_seq_mask.sum() == first.images_seq_mask.sum() > 0
+    assert not torch.equal(inside.input_ids, first.input_ids)
+    assert "this <image> in detail" in inside.sft_format
+    # the image positions come after the text "Describe each stage of this"
+    assert int(inside.images_seq_mask.nonzero()[0]) > int(first.images_seq_mask.nonzero()[0])
+
+
+def test_two_image_tags_are_an_error(mha, image_path):
+    with pytest.raises(InputError, match="2 <image> tags"):
+        mha.run(image_path, "Compare <image> with <image>.", temperature=0, top_p=1, max_length_tokens=5,
+                repetition_penalty=1)
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n\t "])
+def test_empty_prompt_is_an_error(mha, image_path, prompt):
+    with pytest.raises(InputError, match="prompt is empty"):
+        mha.run(image_path, prompt, temperature=0, top_p=1, max_length_tokens=5, repetition_penalty=1)
+
+
+def test_zero_max_length_returns_empty_at_once(mha, image_path):
+    start = time.perf_counter()
+    assert mha.run(image_path, "Hello", temperature=0.5, top_p=0.9, max_length_tokens=0, repetition_penalty=1.1) == ""
+    assert list(mha.stream(image_path, "Hello", max_length_tokens=0)) == []
+    assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0, 0.9), (0.7, 0), (0, 0)])
+def test_zero_temperature_or_top_p_is_greedy(mha, image_path, temperature, top_p):
+    greedy = mha.run(image_path, "Describe.", temperature=0, top_p=1, max_length_tokens=12, repetition_penalty=1.1)
+    for seed in (1, 2):
+        got = mha.run(image_path, "Describe.", temperature=temperature, top_p=top_p, max_length_tokens=12,
+                      repetition_penalty=1.1, seed=seed)
+        assert got == greedy
+
+
+def test_sampling_with_a_seed_is_reproducible(mha, image_path):
+    kwargs = dict(temperature=1.0, top_p=1.0, max_length_tokens=16, repetition_penalty=1.0)
+    a = mha.run(image_path, "Describe.", seed=7, **kwargs)
+    b = mha.run(image_path, "Describe.", seed=7, **kwargs)
+    assert a == b
+
+
+@pytest.mark.parametrize("penalty", [0, 1])
+def test_penalty_zero_or_one_means_none(penalty):
+    assert GenerationSettings(0.5, 0.9, 10, penalty).repetition_penalty == 1.0
+    assert GenerationSettings(0.5, 0.9, 10, 1.3).repetition_penalty == 1.3
+
+
+def test_settings_normalisation():
+    s = GenerationSettings(0.0, 0.9, 100, 1.1)
+    assert s.greedy and s.temperature == 0.0 and s.top_p == 1.0
+    s = GenerationSettings(0.4, 0.8, 100, 1.1)
+    assert not s.greedy and (s.temperature, s.top_p) == (0.4, 0.8)
+    cfg = s.generation_config(7)
+    assert (cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.repetition_penalty) == (7, 0.4, 0.8, 1.1)
+    for bad in [(-0.1, 0.9, 1, 1), (0.1, 1.5, 1, 1), (0.1, 0.9, -1, 1), (0.1, 0.9, 1.5, 1), (0.1, 0.9, 1, -2)]:
+        with pytest.raises(InputError):
+            GenerationSettings(*bad)
+
+
+def test_new_tokens_are_clamped_to_the_context(mha, image_path, monkeypatch):
+    import deepseek_vl2.generation as generation
+
+    inputs = mha.prepare(image_path, "Describe.")
+    prompt_len = int(inputs.input_ids.shape[0])
+    assert mha.max_new_tokens(inputs, 4096) == 4096 - prompt_len
+    assert mha.max_new_tokens(inputs, 10) == 10
+    real_generate, produced = generation.generate, []
+
+    def counting_generate(model, inputs, cfg, eos_token_id):
+        ids = real_generate(model, inputs, cfg, eos_token_id)
+        produced.append((cfg.max_new_tokens, len(ids)))
+        return ids
+
+    monkeypatch.setattr(generation, "generate", counting_generate)
+    saved = mha.context_length
+    try:
+        mha.context_length = prompt_len + 3
+        mha.run(image_path, "Describe.", temperature=0, top_p=1, max_length_tokens=50, repetition_penalty=1)
+        assert produced[-1][0] == 3 and 0 < produced[-1][1] <= 3
+        mha.context_length = prompt_len
+        with pytest.raises(InputError, match="prompt is too long"):
+            mha.run(image_path, "Describe.", temperature=0, top_p=1, max_length_tokens=5, repetition_penalty=1)
+    finally:
+        mha.context_length = saved
+
+
+def test_prompt_longer_than_the_context_is_an_error(mha, image_path):
+    with pytest.raises(InputError, match="prompt is too long"):
+        mha.run(image_path, "describe the picture " * 3000, temperature=0, top_p=1, max_length_tokens=5,
+                repetition_penalty=1)
+
+
+def test_bad_images_are_refused_clearly(mha, bad_images, tmp_path):
+    for name, (suffix, data) in bad_images.items():
+        path = tmp_path / f"{name}{suffix}"
+        path.write_bytes(data)
+        with pytest.raises(InputError) as err:
+            mha.run(path, "Describe.", temperature=0, top_p=1, max_length_tokens=3, repetition_penalty=1)
+        message = str(err.value)
+        assert message and "Traceback" not in message, name
+
+
+def test_unusual_images_work(mha, unusual_images, tmp_path):
+    for name, (suffix, data) in unusual_images.items():
+        path = tmp_path / f"{name}{suffix}"
+        path.write_bytes(data)
+        out = mha.run(path, "Describe.", temperature=0, top_p=1, max_length_tokens=3, repetition_penalty=1)
+        assert isinstance(out, str) and out, name
+
+
+def test_answer_keeps_special_tokens_but_not_eos(mha, image_path, monkeypatch):
+    """Grounding markup survives decoding; the end-of-sentence marker does not."""
+    import deepseek_vl2.generation as generation
+
+    proc = mha.processor
+    wanted = proc.encode("<|ref|>box<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>")
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: list(wanted))
+    text = mha.run(image_path, "Find the box.", temperature=0, top_p=1, max_length_tokens=50, repetition_penalty=1)
+    assert text == "<|ref|>box<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>"
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: list(wanted) + [proc.eos_id])
+    assert EOS not in mha.run(image_path, "Find the box.", temperature=0, top_p=1, max_length_tokens=50,
+                              repetition_penalty=1)

@@ -14,6 +14,7 @@ step then runs one token. The only host synchronisation per step is reading the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -84,19 +85,89 @@ def decode_one_token(language: DeepseekV2ForCausalLM, token: torch.Tensor, pos: 
     return language(embeds, start_pos=pos, use_cache=True)[0, -1]
 
 
-def context_limit(model: DeepseekVL2) -> int:
-    return model.config.language.max_position_embeddings
+class CudaGraphDecoder:
+    """``decode_one_token`` as CUDA-graph replays: one launch per step instead of hundreds.
+
+    A graph needs fixed shapes, so attention covers a fixed window of cache slots (masked after the
+    current position); one graph is captured per power-of-two window, on first use. Graphs are dropped
+    when the cache is reallocated.
+    """
+
+    MIN_WINDOW = 256
+
+    def __init__(self, language: DeepseekV2ForCausalLM) -> None:
+        self.language = language
+        device = language.lm_head.weight.device
+        self.token = torch.zeros(1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.cache_version = language.cache_version
+        self.pool = torch.cuda.graph_pool_handle()
+
+    @staticmethod
+    def supported(language: DeepseekV2ForCausalLM) -> bool:
+        from .language import _grouped_mm_ok
+
+        weight = language.lm_head.weight
+        return (
+            weight.is_cuda
+            and _grouped_mm_ok(weight)  # the loop over experts needs host-side counts
+            and language.model.rotary.kind != "dynamic"  # its base depends on the length, read on the host
+        )
+
+    def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        if self.cache_version != self.language.cache_version:
+            self.graphs.clear()
+            self.cache_version = self.language.cache_version
+        window = self.MIN_WINDOW
+        while window < pos + 1:
+            window *= 2
+        window = min(window, self.language.max_seq_len)
+        self.token.copy_(token.view(1))
+        self.position.fill_(pos)
+        if window not in self.graphs:
+            self.graphs[window] = self._capture(window)
+        graph, logits = self.graphs[window]
+        graph.replay()
+        return logits
+
+    def _capture(self, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Warm-up runs (required before capture) write this step's own keys/values: harmless.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.language.decode_static(self.token, self.position, window)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.language.decode_static(self.token, self.position, window)
+        return graph, logits
+
+
+def _step_function(language: DeepseekV2ForCausalLM, cuda_graphs: Optional[bool]):
+    """decode_one_token, or its CUDA-graph version where supported (``DEEPSEEK_VL2_CUDA_GRAPHS=0`` disables)."""
+    if cuda_graphs is None:
+        cuda_graphs = os.environ.get("DEEPSEEK_VL2_CUDA_GRAPHS", "1") != "0"
+    if not (cuda_graphs and CudaGraphDecoder.supported(language)):
+        return lambda token, pos: decode_one_token(language, token, pos)
+    decoder = getattr(language, "graph_decoder", None)
+    if decoder is None:
+        decoder = language.graph_decoder = CudaGraphDecoder(language)
+    return decoder
 
 
 @torch.inference_mode()
-def generate_stream(model: DeepseekVL2, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int) -> Iterator[int]:
+def generate_stream(
+    model: DeepseekVL2, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int, cuda_graphs: Optional[bool] = None
+) -> Iterator[int]:
     """Yield new token ids one by one until eos (not yielded) or ``max_new_tokens``.
 
     ``max_new_tokens`` is clamped to the context left after the prompt; a prompt that alone fills the
     context raises ``ValueError``.
     """
     embeds = model.prepare_inputs_embeds(inputs)
-    yield from generate_from_embeds(model.language, embeds, inputs.input_ids, config, eos_token_id)
+    yield from generate_from_embeds(model.language, embeds, inputs.input_ids, config, eos_token_id, cuda_graphs)
 
 
 @torch.inference_mode()
@@ -106,6 +177,7 @@ def generate_from_embeds(
     prompt_ids: torch.Tensor,
     config: GenerationConfig,
     eos_token_id: int,
+    cuda_graphs: Optional[bool] = None,
 ) -> Iterator[int]:
     """Generation once the prompt is embedded: embeds [1, T, D], prompt_ids [T] (for the penalty)."""
     prompt_len = embeds.shape[1]
@@ -127,6 +199,7 @@ def generate_from_embeds(
     seen = torch.zeros(language.config.vocab_size, dtype=torch.bool, device=device)
     seen[prompt_ids.to(device).view(-1)] = True
 
+    step_fn = _step_function(language, cuda_graphs)
     logits = prefill(language, embeds)
     for step in range(max_new):
         token = sample(logits, seen, config, generator)
@@ -137,9 +210,11 @@ def generate_from_embeds(
         if step == max_new - 1:
             return
         seen[token] = True
-        logits = decode_one_token(language, token, prompt_len + step)
+        logits = step_fn(token, prompt_len + step)
 
 
-def generate(model: DeepseekVL2, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int) -> list[int]:
+def generate(
+    model: DeepseekVL2, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int, cuda_graphs: Optional[bool] = None
+) -> list[int]:
     """All new token ids (without the end-of-sentence id)."""
-    return list(generate_stream(model, inputs, config, eos_token_id))
+    return list(generate_stream(model, inputs, config, eos_token_id, cuda_graphs))

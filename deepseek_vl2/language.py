@@ -141,6 +141,18 @@ class AttentionContext:
     sin: torch.Tensor
     start_pos: int  # position of the first token of this chunk
     use_cache: bool  # write to / read from the layer caches
+    # Static-shape decoding (CUDA graphs): the position lives on the device and attention covers a fixed
+    # window of ``window`` cache slots, masking the ones after ``position``.
+    position: Optional[torch.Tensor] = None  # [1] long
+    window: int = 0
+
+    @property
+    def static(self) -> bool:
+        return self.position is not None
+
+    def window_mask(self) -> torch.Tensor:
+        """[1, window] bool: cache slots at or before the current position."""
+        return (torch.arange(self.window, device=self.position.device) <= self.position).view(1, -1)
 
 
 def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> Optional[torch.Tensor]:
@@ -165,6 +177,11 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def update_static(self, position: torch.Tensor, window: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, position, k)
+        self.v.index_copy_(2, position, v)
+        return self.k[:, :, :window], self.v[:, :, :window]
+
 
 class MLACache(nn.Module):
     """MLA's compressed cache: per token the normalised latent [kv_lora_rank] and the rotated shared key."""
@@ -179,6 +196,11 @@ class MLACache(nn.Module):
         self.latent[:, start:end] = latent
         self.k_pe[:, start:end] = k_pe
         return self.latent[:, :end], self.k_pe[:, :end]
+
+    def update_static(self, position: torch.Tensor, window: int, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.latent.index_copy_(1, position, latent)
+        self.k_pe.index_copy_(1, position, k_pe)
+        return self.latent[:, :window], self.k_pe[:, :window]
 
 
 class MultiHeadAttention(nn.Module):
@@ -195,7 +217,7 @@ class MultiHeadAttention(nn.Module):
         self.cache: Optional[KVCache] = None
 
     def make_cache(self, batch: int, max_seq_len: int, dtype, device) -> None:
-        self.cache = KVCache(batch, self.kv_heads, max_seq_len, self.head_dim, dtype, device)
+        self.cache = None if batch is None else KVCache(batch, self.kv_heads, max_seq_len, self.head_dim, dtype, device)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -203,9 +225,13 @@ class MultiHeadAttention(nn.Module):
         k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        if ctx.use_cache:
-            k, v = self.cache.update(ctx.start_pos, k, v)
-        mask = _causal_mask(seq, k.shape[2], x.device)
+        if ctx.static:
+            k, v = self.cache.update_static(ctx.position, ctx.window, k, v)
+            mask = ctx.window_mask()
+        else:
+            if ctx.use_cache:
+                k, v = self.cache.update(ctx.start_pos, k, v)
+            mask = _causal_mask(seq, k.shape[2], x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim))
 
@@ -236,7 +262,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.cache: Optional[MLACache] = None
 
     def make_cache(self, batch: int, max_seq_len: int, dtype, device) -> None:
-        self.cache = MLACache(batch, max_seq_len, self.kv_lora_rank, self.rope_dim, dtype, device)
+        self.cache = None if batch is None else MLACache(batch, max_seq_len, self.kv_lora_rank, self.rope_dim, dtype, device)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -250,12 +276,14 @@ class MultiHeadLatentAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)  # [B, S, r]
         q_pe = apply_rope(deinterleave(q_pe), ctx.cos, ctx.sin)
         k_pe = apply_rope(deinterleave(k_pe), ctx.cos, ctx.sin)  # [B, S, rope], one key shared by all heads
-        if ctx.use_cache:
-            latent, k_pe = self.cache.update(ctx.start_pos, latent, k_pe)
-        if seq == 1:
-            out = self._attend_absorbed(q_nope, q_pe, latent, k_pe)
+        if ctx.static:
+            latent, k_pe = self.cache.update_static(ctx.position, ctx.window, latent, k_pe)
+            out = self._attend_absorbed(q_nope, q_pe, latent, k_pe, ctx.window_mask())
         else:
-            out = self._attend_expanded(q_nope, q_pe, latent, k_pe)
+            if ctx.use_cache:
+                latent, k_pe = self.cache.update(ctx.start_pos, latent, k_pe)
+            attend = self._attend_absorbed if seq == 1 else self._attend_expanded
+            out = attend(q_nope, q_pe, latent, k_pe)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.heads * self.v_dim))
 
     def _attend_expanded(self, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
@@ -268,12 +296,14 @@ class MultiHeadLatentAttention(nn.Module):
         mask = _causal_mask(q.shape[2], kv_len, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
 
-    def _attend_absorbed(self, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
+    def _attend_absorbed(self, q_nope, q_pe, latent, k_pe, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decode: fold kv_b_proj into the query and the output, attend over the latent cache directly."""
         w = self.kv_b_proj.weight.view(self.heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_k, w_v = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H, nope, r], [H, v, r]
         q_latent = torch.matmul(q_nope, w_k)  # [B, H, 1, r]
         scores = torch.matmul(q_latent, latent.unsqueeze(1).mT) + torch.matmul(q_pe, k_pe.unsqueeze(1).mT)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores.float() * self.softmax_scale, dim=-1).to(latent.dtype)  # [B, H, 1, T]
         out_latent = torch.matmul(probs, latent.unsqueeze(1))  # [B, H, 1, r]
         return torch.matmul(out_latent, w_v.mT)  # [B, H, 1, v]
@@ -362,10 +392,13 @@ class Experts(nn.Module):
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
         grouped_x = x[order // top_k]
-        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0])
         if x.is_cuda and _grouped_mm_ok(x):
+            # Counted with scatter_add (bincount would read its maximum back to the host).
+            counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.int32, device=x.device)
+            counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
             grouped_out = self._grouped_mm(grouped_x, counts)
         else:
+            counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0])
             grouped_out = self._loop(grouped_x, counts.tolist())
         out = torch.empty_like(grouped_out)
         out[order] = grouped_out
@@ -462,7 +495,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         self.config = config
         self.model = DeepseekV2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.max_seq_len, self.cache_batch = 0, 0
+        self.max_seq_len, self.cache_batch, self.cache_version = 0, 0, 0
 
     def setup_cache(self, max_seq_len: int, batch: int = 1) -> None:
         """Preallocate every layer's cache for ``max_seq_len`` positions (reused while large enough)."""
@@ -472,8 +505,10 @@ class DeepseekV2ForCausalLM(nn.Module):
             return  # positions are always written before they are read, so stale contents are harmless
         param = self.lm_head.weight
         for layer in self.model.layers:
+            layer.self_attn.make_cache(None, 0, None, None)  # free the old cache before allocating
             layer.self_attn.make_cache(batch, max_seq_len, param.dtype, param.device)
         self.max_seq_len, self.cache_batch = max_seq_len, batch
+        self.cache_version += 1  # captured CUDA graphs point at the old buffers
 
     def forward(
         self,
@@ -494,7 +529,20 @@ class DeepseekV2ForCausalLM(nn.Module):
         positions = torch.arange(start_pos, start_pos + seq, device=inputs_embeds.device)
         cos, sin = self.model.rotary(positions, inputs_embeds.dtype)
         ctx = AttentionContext(cos=cos, sin=sin, start_pos=start_pos, use_cache=use_cache)
-        x = inputs_embeds
+        return self._decoder(inputs_embeds, ctx, last_only)
+
+    def decode_static(self, token: torch.Tensor, position: torch.Tensor, window: int) -> torch.Tensor:
+        """One decode step with static shapes and no host sync, for CUDA-graph capture.
+
+        token, position: [1] long on the device; attention covers cache slots [0, window), masked after
+        ``position``. Returns logits [V] in fp32.
+        """
+        embeds = self.model.embed_tokens(token.view(1, 1))
+        cos, sin = self.model.rotary(position, embeds.dtype)
+        ctx = AttentionContext(cos=cos, sin=sin, start_pos=0, use_cache=True, position=position, window=window)
+        return self._decoder(embeds, ctx, last_only=True)[0, -1]
+
+    def _decoder(self, x: torch.Tensor, ctx: AttentionContext, last_only: bool) -> torch.Tensor:
         for layer in self.model.layers:
             x = layer(x, ctx)
         if last_only:

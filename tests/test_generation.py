@@ -114,3 +114,19 @@ def test_max_new_tokens_zero_and_clamping_to_context() -> None:
             generate(model, inputs, GenerationConfig(max_new_tokens=5), processor.eos_id)
     finally:
         model.config.language.max_position_embeddings = context
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla"])
+def test_static_decode_step_matches_dynamic(variant: str) -> None:
+    """The CUDA-graph step (fixed attention window, device-side position) computes the same logits."""
+    processor, model = _load(variant)
+    inputs = _inputs(processor)
+    language = model.language
+    with torch.inference_mode():
+        embeds = model.prepare_inputs_embeds(inputs)
+        prompt_len = embeds.shape[1]
+        language.setup_cache(prompt_len + 300)
+        token = prefill(language, embeds).argmax()
+        dynamic = decode_one_token(language, token, prompt_len)
+        static = language.decode_static(token.view(1), torch.tensor([prompt_len]), window=prompt_len + 300)
+    assert torch.allclose(dynamic, static, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,143 @@
+"""CUDA checks and timings in one run (for a lent GPU): parity on the golden cases, graphs vs eager, speed.
+
+    python scripts/gpu_check.py [--fixtures DIR] [--skip-small]
+
+Prints one line per check and a JSON summary last. Nothing here runs in CI (no GPU there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from deepseek_vl2.config import DeepseekVL2Config  # noqa: E402
+from deepseek_vl2.generation import GenerationConfig, generate, generate_from_embeds  # noqa: E402
+from deepseek_vl2.model import build_model, load_model, random_init  # noqa: E402
+
+RESULTS: dict = {}
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+def cuda_time(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def parity(fixtures: Path) -> None:
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from deepseek_vl2.processor import DeepseekVL2Processor
+
+    cache = {}
+    worst = {}
+    for case_dir in sorted(fixtures.glob("cases/*/*")):
+        case = json.loads((case_dir / "case.json").read_text())
+        gold = load_file(case_dir / "tensors.safetensors")
+        ckpt = fixtures / case["checkpoint"]
+        if ckpt not in cache:
+            cache[ckpt] = (
+                DeepseekVL2Processor.from_pretrained(ckpt),
+                load_model(ckpt, "cuda", torch.float32),
+                load_model(ckpt, "cuda", torch.bfloat16),
+            )
+        proc, model32, model16 = cache[ckpt]
+        conv = [
+            {"role": m["role"], "content": m["content"], "images": [Image.open(fixtures / "images" / i).convert("RGB") for i in m["images"]]}
+            for m in case["conversation"]
+        ]
+        inputs = proc(conv)
+        with torch.inference_mode():
+            logits = model32.forward_logits(inputs).cpu()
+        diff = (logits[gold["text_positions"]] - gold["logits_text"]).abs().max().item()
+        g = case["generation"]
+        cfg = GenerationConfig(max_new_tokens=g["max_new_tokens"], repetition_penalty=g["repetition_penalty"])
+        ids32 = generate(model32, inputs, cfg, proc.eos_id)
+        eager16 = generate(model16, inputs, cfg, proc.eos_id, cuda_graphs=False)
+        graph16 = generate(model16, inputs, cfg, proc.eos_id, cuda_graphs=True)
+        ok = diff <= case["tolerance"]["logits_text"] and ids32 == case["generated_ids"] and eager16 == graph16
+        key = case_dir.parent.name
+        worst[key] = max(worst.get(key, 0.0), diff / case["tolerance"]["logits_text"])
+        bf16_match = sum(a == b for a, b in zip(eager16, case["generated_ids"]))
+        log(f"parity {key}/{case_dir.name}: fp32 logits {diff:.2e} (tol {case['tolerance']['logits_text']:.1e}) "
+            f"greedy {'==' if ids32 == case['generated_ids'] else '!='} gold; bf16 graph {'==' if eager16 == graph16 else '!='} eager; "
+            f"bf16 vs gold {bf16_match}/{len(eager16)} {'OK' if ok else 'FAIL'}")
+        RESULTS.setdefault("parity_fail", 0)
+        RESULTS["parity_fail"] += 0 if ok else 1
+    RESULTS["parity_worst_fraction_of_tolerance"] = worst
+
+
+def speed(name: str, config_path: Path, prompt_tokens: int, tiles: int, new_tokens: int) -> None:
+    config = DeepseekVL2Config.from_json_file(config_path)
+    torch.cuda.reset_peak_memory_stats()
+    t_build, model = cuda_time(lambda: build_model(config, "cuda", torch.bfloat16, random_init()))
+    lm = model.language
+    image_tokens = 0
+    res = {"build_s": round(t_build, 2)}
+    with torch.inference_mode():
+        pixels = torch.randn(tiles, 3, 384, 384, device="cuda", dtype=torch.bfloat16)
+        for _ in range(2):
+            t_vis, feats = cuda_time(lambda: model.projector(model.vision(pixels)))
+        res["vision_s"] = round(t_vis, 4)
+        ids = torch.randint(100, 1000, (prompt_tokens,), device="cuda")
+        embeds = lm.model.embed_tokens(ids)[None]
+        lm.setup_cache(prompt_tokens + new_tokens + 8)
+        for _ in range(2):
+            t_pre, _ = cuda_time(lambda: lm(embeds, use_cache=True, last_only=True))
+        res["prefill_s"] = round(t_pre, 4)
+        for graphs in (False, True):
+            cfg = GenerationConfig(max_new_tokens=new_tokens, repetition_penalty=1.1)
+            run = lambda: list(generate_from_embeds(lm, embeds, ids, cfg, eos_token_id=-1, cuda_graphs=graphs))
+            run()  # warm-up (captures graphs)
+            t_gen, out = cuda_time(run)
+            assert len(out) == new_tokens
+            decode_s = t_gen - t_pre
+            res[f"decode_tok_s_{'graphs' if graphs else 'eager'}"] = round((new_tokens - 1) / decode_s, 1)
+            res[f"generate_s_{'graphs' if graphs else 'eager'}"] = round(t_gen, 3)
+        res["e2e_s"] = round(res["vision_s"] + res["generate_s_graphs"], 3)
+    res["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    res["weights_gb"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9, 2)
+    log(f"speed {name}: {res}")
+    RESULTS[name] = res
+    del model, lm
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fixtures", type=Path, default=Path(os.environ.get("DEEPSEEK_VL2_FIXTURES", "../shared/fixtures")))
+    parser.add_argument("--skip-small", action="store_true")
+    args = parser.parse_args()
+    log("device", torch.cuda.get_device_name(), "torch", torch.__version__, "grouped_mm", hasattr(torch, "_grouped_mm"))
+    RESULTS["device"] = torch.cuda.get_device_name()
+    for section, fn in [
+        ("parity", lambda: parity(args.fixtures)),
+        ("tiny", lambda: speed("tiny_438tok_1tile", args.fixtures / "real-configs/deepseek-vl2-tiny.json", 438, 2, 128)),
+        ("small", lambda: None if args.skip_small else speed("small_1400tok_5tiles", args.fixtures / "real-configs/deepseek-vl2-small.json", 1400, 5, 128)),
+    ]:
+        try:
+            fn()
+        except Exception as exc:  # keep going: one call should report everything it can
+            import traceback
+
+            traceback.print_exc()
+            RESULTS[f"{section}_error"] = repr(exc)[:300]
+    print(json.dumps(RESULTS))
+
+
+if __name__ == "__main__":
+    main()

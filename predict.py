@@ -8,8 +8,6 @@ Weights: ``DEEPSEEK_VL2_WEIGHTS`` = a model directory or a Hugging Face repo id 
 Run it without Cog's CLI:  python predict.py --image examples/stages.png --prompt "Describe this image."
 """
 
-from __future__ import annotations
-
 import os
 import sys
 import time
@@ -19,6 +17,42 @@ from cog import BasePredictor, Input, Path
 
 from deepseek_vl2.pipeline import InputError, VL2Pipeline
 from deepseek_vl2.weights import resolve_weights
+
+
+def _explain_download_errors() -> None:
+    """Make a failed image download read "Cannot download the image from URL: reason".
+
+    Cog fetches URL inputs itself, before predict() runs, and reports a failure with the raw
+    ``requests`` exception text. This wraps Cog's download step (``URLPath.convert``) so that the
+    prediction still fails the same way, with a shorter message. Guarded: a Cog without that hook
+    is left untouched.
+    """
+    try:
+        import requests
+        from cog.types import URLPath
+    except ImportError:  # pragma: no cover - depends on the installed Cog
+        return
+    original = getattr(URLPath, "convert", None)
+    if original is None or getattr(original, "_explains_errors", False):
+        return
+
+    def convert(self):  # type: ignore[no-untyped-def]
+        try:
+            return original(self)
+        except requests.HTTPError as exc:
+            code = exc.response.status_code if exc.response is not None else "error"
+            reason = exc.response.reason if exc.response is not None else ""
+            raise ValueError(f"Cannot download the image from {self.source}: HTTP {code} {reason}".rstrip()) from None
+        except requests.Timeout:
+            raise ValueError(f"Cannot download the image from {self.source}: the server did not answer in time") from None
+        except requests.ConnectionError:
+            raise ValueError(f"Cannot download the image from {self.source}: the server cannot be reached") from None
+
+    convert._explains_errors = True  # type: ignore[attr-defined]
+    URLPath.convert = convert
+
+
+_explain_download_errors()
 
 
 class Predictor(BasePredictor):

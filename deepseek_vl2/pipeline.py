@@ -127,6 +127,14 @@ class VL2Pipeline:
     def prepare(self, image: ImageArg, prompt: str) -> ProcessedInputs:
         """Image + prompt -> model inputs (raises ``InputError`` for a bad image or prompt)."""
         text = self.build_prompt(prompt)
+        if isinstance(image, (str, os.PathLike)):
+            # Read the bytes here so that messages speak of "the image", not of a server temp path.
+            try:
+                image = Path(image).read_bytes()
+            except FileNotFoundError:
+                raise InputError("The image file does not exist.") from None
+            except OSError as exc:
+                raise InputError(f"The image file cannot be read ({exc.strerror or exc}).") from None
         pil = load_image(image)
         return self.processor.process_prompt(text, [pil])
 

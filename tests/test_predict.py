@@ -1,0 +1,145 @@
+"""predict.py: the Predictor in-process (setup from DEEPSEEK_VL2_WEIGHTS, the six inputs), its CLI, make demo."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+EOS = "<｜end▁of▁sentence｜>"
+
+
+@pytest.fixture(scope="module")
+def predictor(fixtures_dir):
+    import predict
+
+    saved = os.environ.get("DEEPSEEK_VL2_WEIGHTS")
+    os.environ["DEEPSEEK_VL2_WEIGHTS"] = str(fixtures_dir / "checkpoints" / "mla")
+    try:
+        p = predict.Predictor()
+        p.setup()
+    finally:
+        if saved is None:
+            os.environ.pop("DEEPSEEK_VL2_WEIGHTS", None)
+        else:
+            os.environ["DEEPSEEK_VL2_WEIGHTS"] = saved
+    return p
+
+
+def test_predict_signature_is_exactly_the_documented_api():
+    import predict
+    from cog import Path as CogPath
+
+    sig = inspect.signature(predict.Predictor.predict)
+    params = list(sig.parameters.values())[1:]
+    assert [p.name for p in params] == ["image", "prompt", "top_p", "temperature", "max_length_tokens",
+                                        "repetition_penalty"]
+    assert [p.annotation for p in params] == [CogPath, str, float, float, int, float]
+    assert sig.return_annotation is str
+    fields = {p.name: p.default for p in params}
+    want = {
+        "image": (None, None, None, "Input image file"),
+        "prompt": (None, None, None, "Text prompt to guide the model"),
+        "top_p": (0.9, 0, 1, "Top-p sampling parameter"),
+        "temperature": (0.1, 0, 1, "Temperature for sampling"),
+        "max_length_tokens": (2048, 0, 4096, "Maximum number of tokens to generate"),
+        "repetition_penalty": (1.1, 0, 2, "Repetition penalty"),
+    }
+    for name, (default, ge, le, description) in want.items():
+        f = fields[name]
+        assert (f.default, f.ge, f.le, f.description) == (default, ge, le, description), name
+
+
+def test_cog_inspector_accepts_the_predictor():
+    from cog import _inspector
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        info = _inspector.create_predictor("predict", "Predictor")
+    assert list(info.inputs) == ["image", "prompt", "top_p", "temperature", "max_length_tokens", "repetition_penalty"]
+    assert info.output.json_type() == {"title": "Output", "type": "string"}
+
+
+def test_schema_writer_output(project_dir):
+    out = subprocess.run([sys.executable, str(project_dir / "scripts" / "write_openapi_schema.py"), "--print"],
+                         cwd=project_dir, capture_output=True, text=True, timeout=120, check=True)
+    schema = json.loads(out.stdout)
+    inp = schema["components"]["schemas"]["Input"]
+    assert list(inp["properties"]) == ["image", "prompt", "top_p", "temperature", "max_length_tokens",
+                                       "repetition_penalty"]
+    assert inp["required"] == ["image", "prompt"]
+    assert inp["properties"]["max_length_tokens"]["maximum"] == 4096
+    assert schema["components"]["schemas"]["Output"] == {"title": "Output", "type": "string"}
+    for path in ("/predictions", "/health-check"):
+        assert path in schema["paths"]
+
+
+def test_golden_answer_through_the_predictor(predictor, fixtures_dir):
+    from cog import Path as CogPath
+
+    case = json.loads((fixtures_dir / "cases" / "mla" / "grounding_task" / "case.json").read_text())
+    user = case["conversation"][0]
+    answer = predictor.predict(
+        image=CogPath(fixtures_dir / "images" / user["images"][0]),
+        prompt=user["content"],
+        top_p=0.9,
+        temperature=0,
+        max_length_tokens=len(case["generated_ids"]),
+        repetition_penalty=case["generation"]["repetition_penalty"],
+    )
+    assert answer == case["generated_text"].replace(EOS, "")
+
+
+def test_bad_input_raises_a_plain_error(predictor, fixtures_dir):
+    from cog import Path as CogPath
+
+    from deepseek_vl2.pipeline import InputError
+
+    with pytest.raises(InputError, match="prompt is empty"):
+        predictor.predict(image=CogPath(fixtures_dir / "images" / "gray_500x300.png"), prompt=" ", top_p=0.9,
+                          temperature=0.1, max_length_tokens=8, repetition_penalty=1.1)
+
+
+def test_setup_reports_missing_weights_clearly(monkeypatch, tmp_path):
+    import predict
+
+    from deepseek_vl2.weights import WeightsError
+
+    monkeypatch.setenv("DEEPSEEK_VL2_WEIGHTS", str(tmp_path / "nowhere"))
+    with pytest.raises(WeightsError, match="neither an existing directory"):
+        predict.Predictor().setup()
+
+
+def test_dtype_override(monkeypatch, fixtures_dir):
+    import torch
+
+    import predict
+
+    monkeypatch.setenv("DEEPSEEK_VL2_WEIGHTS", str(fixtures_dir / "checkpoints" / "mha"))
+    monkeypatch.setenv("DEEPSEEK_VL2_DTYPE", "bfloat16")
+    p = predict.Predictor()
+    p.setup()
+    assert p.pipeline.dtype == torch.bfloat16
+
+
+def test_cli_and_make_demo(project_dir, tmp_path):
+    """`make demo`'s two steps: a random checkpoint made here, then one prediction via the real Predictor."""
+    model = tmp_path / "demo-model"
+    subprocess.run([sys.executable, str(project_dir / "scripts" / "make_random_checkpoint.py"), str(model)],
+                   check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "DEEPSEEK_VL2_WEIGHTS": str(model)}
+    out = subprocess.run(
+        [sys.executable, "predict.py", "--image", "examples/stages.png", "--prompt",
+         "Describe each stage of this <image> in detail.", "--max-length-tokens", "12", "--random-weights-note"],
+        cwd=project_dir, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert any(line.startswith("answer: ") for line in out.stdout.splitlines()), out.stdout
+    assert "gibberish" in out.stdout and "prediction" in out.stdout
+    bad = subprocess.run([sys.executable, "predict.py", "--image", "examples/stages.png", "--prompt", "  "],
+                         cwd=project_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "prompt is empty" in bad.stderr

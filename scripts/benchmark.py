@@ -1,0 +1,526 @@
+#!/usr/bin/env python
+"""Benchmark DeepSeek-VL2 inference against the limits of the machine it runs on.
+
+Measures, separately: load (or random build) time; time to first token split into preprocessing,
+vision tower + projector (``model.prepare_inputs_embeds``) and the language prefill; steady-state decode
+tokens/s; peak RSS (and peak GPU memory on CUDA). Beside every figure it prints the bound measured in
+the same run (see ``deepseek_vl2/bounds.py``):
+
+* decode bound = memory read bandwidth / bytes read per generated token at the run's dtype;
+* time-to-first-token bound = FLOPs / matmul throughput at the run's dtype (per phase at least the
+  time to read that phase's weights once);
+* load bound = the time to read the checkpoint files; RSS bound = the weights at the run's dtype.
+
+Examples::
+
+    python scripts/benchmark.py --config /work/shared/fixtures/real-configs/deepseek-vl2-tiny.json --json
+    python scripts/benchmark.py --checkpoint weights/deepseek-vl2-tiny --dtype float32 --repeat 3
+    python scripts/benchmark.py --config tiny.json --layers 4     # same widths, fewer decoder layers
+
+``--config`` builds a random-weight model of exactly that shape directly at the target dtype (no
+checkpoint file), with synthetic prompt ids: for one 384x384 image the reference workload is 438 prompt
+tokens (421 image tokens + 17 text tokens). With ``--json`` the last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from deepseek_vl2 import bounds  # noqa: E402
+from deepseek_vl2.config import DeepseekVL2Config  # noqa: E402
+from deepseek_vl2.hardware import default_device, default_dtype, parse_dtype  # noqa: E402
+
+# Text tokens of the reference workload around one image ("<bos><|User|>: <image>\n<prompt>\n\n<|Assistant|>:").
+REFERENCE_TEXT_TOKENS = 17
+DEFAULT_PROMPT = "Describe this image in detail."
+
+
+def log(message: str) -> None:
+    print(f"[benchmark] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# memory accounting
+# --------------------------------------------------------------------------------------------------
+
+
+def _status_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def tune_malloc() -> bool:
+    """glibc: serve big temporaries from the heap and never trim it (``mallopt``), so per-call buffers
+    (e.g. inside bf16 batch-1 matmuls) reuse resident pages instead of mmap/munmap + fresh page faults,
+    which are slow in VMs. Same as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ in the environment."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1  # the largest glibc accepts is 32 MiB on some builds
+        ok = (libc.mallopt(m_mmap_threshold, 32 << 20) == 1) if not ok else ok
+        return ok and libc.mallopt(m_trim_threshold, 1 << 62) == 1
+    except (OSError, AttributeError):
+        return False
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    hwm = _status_kb("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+# --------------------------------------------------------------------------------------------------
+# model and inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def fast_random_init(seed: int = 0, block_elems: int = 1 << 24):
+    """``init`` for ``build_model``: matrices get uniform(±0.02·√3) values (std 0.02) copied from one random
+    block at random offsets (generating billions of fresh random numbers would take longer than the
+    benchmark); vectors (norm scales, biases) get 1.0. Values never change the speed, only NaN/denormals
+    could, and these have none."""
+    gen = torch.Generator().manual_seed(seed)
+    block = torch.empty(block_elems).uniform_(-0.0346, 0.0346, generator=gen)
+    cache: dict[torch.dtype, torch.Tensor] = {}
+
+    def init(t: torch.Tensor) -> None:
+        if t.dim() <= 1:
+            t.fill_(1.0)
+            return
+        src = cache.get(t.dtype)
+        if src is None:
+            src = cache[t.dtype] = block.to(t.dtype)
+        flat = t.view(-1)
+        half = block_elems // 2
+        done = 0
+        while done < flat.numel():
+            n = min(half, flat.numel() - done)
+            offset = int(torch.randint(0, block_elems - n + 1, (1,), generator=gen))
+            flat[done : done + n].copy_(src[offset : offset + n])
+            done += n
+
+    return init
+
+
+def reduced_config(config: DeepseekVL2Config, layers: Optional[int], vision_layers: Optional[int]) -> DeepseekVL2Config:
+    """The same widths with fewer decoder / vision layers (to measure per-layer cost of models that do
+    not fit in memory)."""
+    lang, vis = config.language, config.vision
+    if layers is not None:
+        lang = dataclasses.replace(lang, num_hidden_layers=layers)
+    if vision_layers is not None:
+        vis = dataclasses.replace(vis, layers=vision_layers)
+    return dataclasses.replace(config, language=lang, vision=vis)
+
+
+def default_image(size: int = 384) -> Image.Image:
+    """A deterministic RGB test image (gradients plus noise), ``size`` x ``size``."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.linspace(0, 1, size).view(-1, 1).expand(size, size)
+    x = torch.linspace(0, 1, size).view(1, -1).expand(size, size)
+    rgb = torch.stack([x, y, (x + y) / 2], dim=-1) * 200 + torch.rand(size, size, 3, generator=g) * 55
+    return Image.fromarray(rgb.clamp(0, 255).to(torch.uint8).numpy(), "RGB")
+
+
+def image_only_processor(config: DeepseekVL2Config):
+    """The real processor (real tiling) over a minimal tokenizer that only knows the special tokens,
+    for ``--config`` runs that have no tokenizer.json."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    from deepseek_vl2.processor import DEFAULT_BOS, DEFAULT_EOS, DeepseekVL2Processor
+
+    tokenizer = Tokenizer(WordLevel({"<unk>": 0, DEFAULT_BOS: 1, DEFAULT_EOS: 2}, unk_token="<unk>"))
+    return DeepseekVL2Processor(tokenizer, candidate_resolutions=config.candidate_resolutions)
+
+
+@dataclasses.dataclass
+class SyntheticInputs:
+    """Same fields as ``processor.ProcessedInputs`` (what the model reads)."""
+
+    input_ids: torch.Tensor
+    images_seq_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    images_spatial_crop: torch.Tensor
+
+
+def synthetic_inputs(processor, config: DeepseekVL2Config, image: Optional[Image.Image], text_tokens: int, seed: int = 0):
+    """Tile the image with the real processor and lay out prompt ids like the chat template:
+    [bos, 3 text ids, image tokens, the remaining text ids]; text ids are random non-special ids."""
+    vocab = config.language.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    if image is not None:
+        views, (nw, nh) = processor.tile_image(image, cropping=True)
+        n_image = bounds.image_tokens(nw, nh)
+        crop = torch.tensor([[nw, nh]], dtype=torch.long)
+    else:
+        views, n_image, crop = torch.zeros(0, 3, 384, 384), 0, torch.zeros(1, 2, dtype=torch.long)
+    head = min(4, text_tokens)
+    ids = torch.randint(3, max(4, min(vocab, 100000)), (text_tokens + n_image,), generator=g)
+    ids[0] = config.language.bos_token_id if config.language.bos_token_id < vocab else 0
+    mask = torch.zeros(text_tokens + n_image, dtype=torch.bool)
+    mask[head : head + n_image] = True
+    ids[mask] = vocab - 1  # stands for <image>; the embeddings at these positions are replaced
+    return SyntheticInputs(ids, mask, views, crop)
+
+
+def file_read_seconds(files: list[Path], chunk: int = 64 << 20) -> float:
+    """Seconds to read the files sequentially into one reused buffer (the load's lower limit)."""
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    start = time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------------
+# one measured request
+# --------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_once(model, make_inputs, new_tokens: int, device: torch.device) -> dict[str, Any]:
+    """One request through the production path: preprocess -> prepare_inputs_embeds -> generation's
+    prefill/decode loop (``generate_from_embeds``, eos disabled so every run makes ``new_tokens``)."""
+    from deepseek_vl2.generation import GenerationConfig, generate_from_embeds
+
+    t0 = time.perf_counter()
+    inputs = make_inputs()
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        embeds = model.prepare_inputs_embeds(inputs)
+        _sync(device)
+    t2 = time.perf_counter()
+    stream = generate_from_embeds(
+        model.language, embeds, inputs.input_ids, GenerationConfig(max_new_tokens=new_tokens), eos_token_id=-1
+    )
+    next(stream)
+    t3 = time.perf_counter()
+    stamps = [t3]
+    for _ in stream:
+        stamps.append(time.perf_counter())
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    decode_s = stamps[-1] - t3
+    return {
+        "prompt_tokens": int(inputs.input_ids.numel()),
+        "n_tiles": int(inputs.pixel_values.shape[0]),
+        "generated": len(stamps),
+        "preprocess_s": t1 - t0,
+        "vision_s": t2 - t1,
+        "prefill_s": t3 - t2,
+        "ttft_s": t3 - t0,
+        "decode_s": decode_s,
+        "decode_tok_s": len(steps) / decode_s if steps and decode_s > 0 else float("nan"),
+        "decode_step_ms_median": 1e3 * statistics.median(steps) if steps else float("nan"),
+    }
+
+
+def profile_decode(model, make_inputs, new_tokens: int, device: torch.device, top: int = 25) -> str:
+    """torch.profiler table of the decode steps only (the prefill runs outside the profiled region)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from deepseek_vl2.generation import GenerationConfig, generate_from_embeds
+
+    inputs = make_inputs()
+    with torch.inference_mode():
+        embeds = model.prepare_inputs_embeds(inputs)
+    stream = generate_from_embeds(
+        model.language, embeds, inputs.input_ids, GenerationConfig(max_new_tokens=new_tokens), eos_token_id=-1
+    )
+    next(stream)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in stream:
+            pass
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=top)
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", type=Path, help="config.json: random weights of exactly that shape, no file")
+    src.add_argument("--checkpoint", type=Path, help="model directory (config.json + safetensors [+ tokenizer])")
+    p.add_argument("--image", type=Path, help="image file (default: a generated 384x384 image = 1 global view + 1 tile)")
+    p.add_argument("--no-image", action="store_true", help="text-only prompt")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (with a tokenizer; --config uses synthetic ids)")
+    p.add_argument("--text-tokens", type=int, default=REFERENCE_TEXT_TOKENS,
+                   help="--config: text tokens around the image (default 17: 438 tokens with one 384x384 image)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="auto", help="auto (fastest native: probed), float32, bfloat16, float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--repeat", type=int, default=1, help="measured runs; figures are their median")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (kernel selection, allocations)")
+    p.add_argument("--layers", type=int, default=None, help="--config: override num_hidden_layers (per-layer cost)")
+    p.add_argument("--vision-layers", type=int, default=None, help="--config: override vision layers")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of the decode steps")
+    p.add_argument("--probe-seconds", type=float, default=1.0, help="time per bandwidth probe")
+    p.add_argument("--probe-mb", type=int, default=None, help="bandwidth probe buffer (default: max(512 MiB, 16x L3))")
+    p.add_argument("--mallopt", action="store_true",
+                   help="glibc: no mmap/trim for big temporaries (see tune_malloc); to measure its effect")
+    p.add_argument("--json", action="store_true", help="last stdout line: one JSON object with every figure")
+    args = p.parse_args(argv)
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be at least 2 (one to time the prefill, one decode step)")
+    if (args.layers is not None or args.vision_layers is not None) and args.config is None:
+        p.error("--layers/--vision-layers need --config")
+    return args
+
+
+def _fmt_pct(measured: float, bound: float, higher_is_better: bool) -> str:
+    if not bound or measured != measured:
+        return "   n/a"
+    ratio = measured / bound if higher_is_better else bound / measured
+    return f"{100 * ratio:5.0f} %"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    malloc_tuned = tune_malloc() if args.mallopt else False
+    probe_bytes = args.probe_mb << 20 if args.probe_mb else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device) if args.device else default_device()
+    if args.dtype == "auto":
+        log("probing the fastest native dtype ...")
+        dtype = default_dtype(device)
+    else:
+        dtype = parse_dtype(args.dtype)
+    machine = bounds.machine_description()
+    log(f"machine: {machine['cpu']}, {machine['cpu_count']} cores, torch threads {machine['torch_threads']}"
+        + (f", {machine['gpu']}" if "gpu" in machine else "") + f"; device {device}, dtype {dtype}")
+
+    # --- machine limits (before the model takes memory) ---
+    log("measuring memory read bandwidth ...")
+    bw_samples = [bounds.measure_memory_bandwidth(args.probe_seconds, probe_bytes, device=str(device))]
+    log(f"  {bw_samples[0]:.1f} GB/s; measuring matmul throughput at {dtype} ...")
+    flops = bounds.measure_matmul_flops(dtype, seconds=1.5 * args.probe_seconds, device=str(device))
+    gemv_bw = bounds.measure_gemv_bandwidth(dtype, seconds=0.5 * args.probe_seconds, device=str(device))
+    log(f"  {flops / 1e9:.0f} GFLOP/s; batch-1 linear reaches {gemv_bw:.1f} GB/s")
+
+    # --- load / build ---
+    from deepseek_vl2.model import build_model, checkpoint_files, load_model
+
+    load_before = os.getloadavg()[0]
+    rss_reset = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    files: list[Path] = []
+    file_bytes = 0
+    if args.checkpoint:
+        config = DeepseekVL2Config.from_pretrained(args.checkpoint)
+        files = checkpoint_files(args.checkpoint)
+        file_bytes = sum(f.stat().st_size for f in files)
+        log(f"loading {args.checkpoint} ({file_bytes / 1e9:.2f} GB in {len(files)} file(s)) ...")
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if now - last[0] > 2.0 or done == total:
+                last[0] = now
+                log(f"  loaded {done / 1e9:.2f} / {total / 1e9:.2f} GB")
+
+        t = time.perf_counter()
+        model = load_model(args.checkpoint, device=device, dtype=dtype, progress=progress)
+        _sync(device)
+        load_s = time.perf_counter() - t
+        load_kind = "load"
+    else:
+        config = reduced_config(DeepseekVL2Config.from_json_file(args.config), args.layers, args.vision_layers)
+        n = bounds.count_parameters(config, include_attn_pool=False)["total"]
+        log(f"building {args.config.name} with random weights: {n / 1e9:.3f} B parameters at {dtype} ...")
+        t = time.perf_counter()
+        model = build_model(config, device=device, dtype=dtype, init=fast_random_init())
+        _sync(device)
+        load_s = time.perf_counter() - t
+        load_kind = "random build"
+    log(f"  {load_kind} took {load_s:.2f} s")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    # --- inputs ---
+    image = None
+    if not args.no_image:
+        image = Image.open(args.image).convert("RGB") if args.image else default_image()
+    tokenizer_dir = args.checkpoint if args.checkpoint and (args.checkpoint / "tokenizer.json").is_file() else None
+    if tokenizer_dir is not None:
+        from deepseek_vl2.processor import DeepseekVL2Processor
+
+        processor = DeepseekVL2Processor.from_pretrained(tokenizer_dir)
+        images = [image] if image is not None else []
+        make_inputs = lambda: processor.process_prompt(args.prompt, images)  # noqa: E731
+        workload = f"prompt {args.prompt!r}"
+    else:
+        processor = image_only_processor(config)
+        make_inputs = lambda: synthetic_inputs(processor, config, image, args.text_tokens)  # noqa: E731
+        workload = f"synthetic prompt ids ({args.text_tokens} text tokens)"
+
+    # --- runs ---
+    cold = None
+    for i in range(args.warmup):
+        log(f"warm-up run {i + 1}/{args.warmup} ...")
+        r = run_once(model, make_inputs, min(args.new_tokens, 8), device)
+        cold = cold or r
+    runs = []
+    for i in range(args.repeat):
+        log(f"run {i + 1}/{args.repeat}: {args.new_tokens} new tokens ...")
+        runs.append(run_once(model, make_inputs, args.new_tokens, device))
+        log(f"  ttft {runs[-1]['ttft_s']:.3f} s, decode {runs[-1]['decode_tok_s']:.2f} tok/s")
+    peak_rss = peak_rss_bytes()
+    peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+    profile_table = None
+    if args.profile:
+        log("profiling decode ...")
+        profile_table = profile_decode(model, make_inputs, args.new_tokens, device)
+
+    # --- limits after the runs too (the machine is shared; the bound is the best the probes saw) ---
+    bw_samples.append(bounds.measure_memory_bandwidth(args.probe_seconds, probe_bytes, device=str(device)))
+    bandwidth = max(bw_samples)
+    file_read_s = None
+    if files:
+        log("timing a plain read of the checkpoint files ...")
+        file_read_s = file_read_seconds(files)
+
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+    prompt_tokens, n_tiles, generated = runs[0]["prompt_tokens"], runs[0]["n_tiles"], runs[0]["generated"]
+    avg_context = prompt_tokens + generated // 2
+    per_token = bounds.decode_bytes_per_token(config, dtype, context=avg_context)
+    decode_bound = bandwidth * 1e9 / per_token["total"]
+    pb = bounds.prefill_bound(config, dtype, prompt_tokens, n_tiles, flops, bandwidth)
+    pf = bounds.prefill_flops(config, prompt_tokens, n_tiles)
+
+    result: dict[str, Any] = {
+        "machine": machine,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "source": str(args.checkpoint or args.config),
+        "random_weights": args.config is not None,
+        "layers": config.language.num_hidden_layers,
+        "vision_layers": config.vision.layers,
+        "workload": workload,
+        "prompt_tokens": prompt_tokens,
+        "n_tiles": n_tiles,
+        "new_tokens": generated,
+        "repeat": args.repeat,
+        "load_kind": load_kind,
+        "load_s": load_s,
+        "file_bytes": file_bytes,
+        "file_read_s": file_read_s,
+        "preprocess_s": med["preprocess_s"],
+        "vision_s": med["vision_s"],
+        "prefill_s": med["prefill_s"],
+        "ttft_s": med["ttft_s"],
+        "cold_ttft_s": cold["ttft_s"] if cold else None,
+        "decode_tok_s": med["decode_tok_s"],
+        "decode_step_ms_median": med["decode_step_ms_median"],
+        "peak_rss_gb": peak_rss / 1e9,
+        "peak_rss_is_since_load": rss_reset,
+        "peak_gpu_gb": peak_gpu / 1e9 if peak_gpu is not None else None,
+        "weights_gb": weights / 1e9,
+        "loadavg_1min_before_after": [load_before, os.getloadavg()[0]],
+        "malloc_tuned": malloc_tuned,
+        "bandwidth_gbs": bandwidth,
+        "bandwidth_samples_gbs": bw_samples,
+        "gemv_bandwidth_gbs": gemv_bw,
+        "matmul_gflops": flops / 1e9,
+        "decode_bytes_per_token": per_token["total"],
+        "decode_bytes_breakdown": per_token,
+        "decode_bound_tok_s": decode_bound,
+        "decode_pct_of_bound": 100 * med["decode_tok_s"] / decode_bound,
+        "prefill_flops": pf["total"],
+        "vision_bound_s": pb.vision_s,
+        "prefill_bound_s": pb.language_s,
+        "ttft_bound_s": pb.total_s,
+        "ttft_compute_bound_s": pb.compute_s,
+        "ttft_over_bound": med["ttft_s"] / pb.total_s,
+        "load_over_read": (load_s / file_read_s) if file_read_s else None,
+        "rss_over_weights": peak_rss / weights,
+    }
+
+    # --- report ---
+    m = machine
+    where = f"{m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} threads)" + (f", {m['gpu']}" if "gpu" in m else "")
+    lines = [
+        f"DeepSeek-VL2 benchmark: {result['source']} ({'random weights' if result['random_weights'] else 'checkpoint'}), "
+        f"{config.language.num_hidden_layers} decoder layers",
+        f"machine: {where}; device {device}; dtype {result['dtype']}" + ("; mallopt tuned" if malloc_tuned else ""),
+        f"workload: {prompt_tokens} prompt tokens ({n_tiles} tiles), {generated} new tokens, {workload}; "
+        f"median of {args.repeat}",
+        f"limits measured: read bandwidth {bandwidth:.1f} GB/s (samples {', '.join(f'{b:.1f}' for b in bw_samples)}; "
+        f"batch-1 linear {gemv_bw:.1f}), matmul {flops / 1e9:.0f} GFLOP/s",
+        "",
+        f"{'figure':<22}{'measured':>14}{'bound':>14}{'of bound':>10}",
+        f"{load_kind:<22}{load_s:>12.2f} s"
+        + (f"{file_read_s:>12.2f} s{_fmt_pct(load_s, file_read_s, False):>10}" if file_read_s else f"{'(no file)':>14}"),
+        f"{'preprocess':<22}{med['preprocess_s']:>12.3f} s{'':>14}",
+        f"{'vision + projector':<22}{med['vision_s']:>12.3f} s{pb.vision_s:>12.3f} s{_fmt_pct(med['vision_s'], pb.vision_s, False):>10}",
+        f"{'language prefill':<22}{med['prefill_s']:>12.3f} s{pb.language_s:>12.3f} s{_fmt_pct(med['prefill_s'], pb.language_s, False):>10}",
+        f"{'time to first token':<22}{med['ttft_s']:>12.3f} s{pb.total_s:>12.3f} s{_fmt_pct(med['ttft_s'], pb.total_s, False):>10}"
+        f"   ({med['ttft_s'] / pb.total_s:.2f}x bound)",
+        f"{'decode':<22}{med['decode_tok_s']:>8.2f} tok/s{decode_bound:>8.2f} tok/s{_fmt_pct(med['decode_tok_s'], decode_bound, True):>10}"
+        f"   ({per_token['total'] / 1e9:.3f} GB/token)",
+        f"{'peak RSS':<22}{peak_rss / 1e9:>11.2f} GB{weights / 1e9:>11.2f} GB{_fmt_pct(peak_rss, weights, False):>10}"
+        f"   ({peak_rss / weights:.2f}x weights)",
+    ]
+    if peak_gpu is not None:
+        lines.append(f"{'peak GPU memory':<22}{peak_gpu / 1e9:>11.2f} GB{weights / 1e9:>11.2f} GB")
+    if cold:
+        lines.append(f"(first, cold request: time to first token {cold['ttft_s']:.3f} s)")
+    print("\n".join(lines), flush=True)
+    if profile_table:
+        print("\ndecode profile (self time, top ops):\n" + profile_table, flush=True)
+    if args.json:
+        print(json.dumps(result, default=float), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""Hardware-limit arithmetic (deepseek_vl2.bounds) and a smoke test of scripts/benchmark.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepseek_vl2 import bounds
+from deepseek_vl2.config import DeepseekVL2Config
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(os.environ.get("DEEPSEEK_VL2_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+REAL_CONFIGS = FIXTURES / "real-configs"
+
+# Official classes instantiated on the meta device (fixtures README, spec §2.1), attn_pool included.
+REAL_PARAMS = {"deepseek-vl2-tiny": 3_371e6, "deepseek-vl2-small": 16_148e6, "deepseek-vl2": 27_480e6}
+
+
+def real_config(name: str) -> DeepseekVL2Config:
+    path = REAL_CONFIGS / f"{name}.json"
+    if not path.is_file():
+        pytest.skip(f"fixtures not found at {FIXTURES} (set DEEPSEEK_VL2_FIXTURES)")
+    return DeepseekVL2Config.from_json_file(path)
+
+
+@pytest.mark.parametrize("name", sorted(REAL_PARAMS))
+def test_parameter_count_of_real_configs(name):
+    parts = bounds.count_parameters(real_config(name))
+    assert parts["total"] == pytest.approx(REAL_PARAMS[name], rel=1e-3)
+    assert parts["total"] == parts["vision"] + parts["projector"] + parts["layout"] + parts["language"]
+
+
+def test_attn_pool_is_excluded_from_resident_weights():
+    config = real_config("deepseek-vl2-tiny")
+    with_pool = bounds.count_parameters(config)["total"]
+    resident = bounds.count_parameters(config, include_attn_pool=False)["total"]
+    assert with_pool - resident == bounds.attn_pool_parameters(config.vision)
+    assert 15.0e6 < with_pool - resident < 15.5e6  # spec §2.1: 15.2 M
+
+
+@pytest.mark.parametrize("name", sorted(REAL_PARAMS))
+def test_count_matches_the_model_built_on_meta(name):
+    model_mod = pytest.importorskip("deepseek_vl2.model")
+    config = real_config(name)
+    with torch.device("meta"):
+        model = model_mod.DeepseekVL2(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == bounds.count_parameters(config, include_attn_pool=False)["total"]
+
+
+def test_decode_bytes_tiny():
+    config = real_config("deepseek-vl2-tiny")
+    lang = config.language
+    b16 = bounds.decode_bytes_per_token(config, torch.bfloat16)
+    b32 = bounds.decode_bytes_per_token(config, torch.float32)
+    assert b32["weights"] == 2 * b16["weights"]
+    assert b16["kv_cache"] == 0
+    h, inter = lang.hidden_size, lang.moe_intermediate_size
+    # 11 MoE layers x 6 routed experts x 3 matrices, in bf16
+    assert b16["routed_experts"] == 11 * 6 * 3 * h * inter * 2
+    assert b16["shared_experts"] == 11 * 3 * h * inter * 2 * 2
+    assert b16["dense_mlp"] == 3 * h * lang.intermediate_size * 2
+    assert b16["attention"] == 12 * 4 * h * h * 2  # MHA q/k/v/o
+    assert b16["lm_head"] == lang.vocab_size * h * 2
+    # far less than the whole model (that is the point of MoE), more than the shared part
+    total = bounds.weight_bytes(config, torch.bfloat16)
+    assert 0.1 * total < b16["weights"] < 0.3 * total
+    assert b16["weights"] == pytest.approx(1.148e9, rel=0.01)
+
+
+def test_kv_cache_bytes_mha_vs_mla():
+    tiny, small = real_config("deepseek-vl2-tiny"), real_config("deepseek-vl2-small")
+    # MHA caches K and V: 2 * 10 heads * 128 per layer per token
+    assert bounds.kv_cache_bytes(tiny, 1000, torch.bfloat16) == 1000 * 12 * 2 * 10 * 128 * 2
+    # MLA caches the latent and the shared rope key: 512 + 64 per layer per token
+    assert bounds.kv_cache_bytes(small, 1000, torch.bfloat16) == 1000 * 27 * (512 + 64) * 2
+    with_ctx = bounds.decode_bytes_per_token(small, torch.bfloat16, context=1000)
+    assert with_ctx["total"] == with_ctx["weights"] + with_ctx["kv_cache"]
+
+
+def test_mla_attention_parameters_small():
+    lang = real_config("deepseek-vl2-small").language
+    h, heads = 2048, 16
+    expected = h * heads * 192 + h * (512 + 64) + 512 + 512 * heads * 256 + heads * 128 * h
+    assert bounds.attention_parameters(lang) == expected
+
+
+def test_decode_bound_is_bandwidth_over_bytes():
+    config = real_config("deepseek-vl2-tiny")
+    per_token = bounds.decode_bytes_per_token(config, torch.bfloat16, context=470)["total"]
+    assert bounds.decode_bound_tok_s(config, torch.bfloat16, 30.0, context=470) == pytest.approx(30e9 / per_token)
+
+
+def test_image_tokens_layout():
+    assert bounds.image_tokens(1, 1) == 421
+    assert bounds.image_tokens(2, 2) == 1023
+    assert bounds.image_tokens(3, 3) == 2017
+
+
+def test_prefill_flops_tiny():
+    config = real_config("deepseek-vl2-tiny")
+    f = bounds.prefill_flops(config, n_text_tokens=438, n_tiles=2)
+    # ViT: ~0.4 B params -> ~2*0.4 GFLOP per token, 1458 tokens, plus attention
+    vit_params = bounds.vision_parameters(config.vision) - config.vision.grid_size**2 * 1152
+    assert f["vision"] > 2 * 1458 * (vit_params - 2e6) * 0.99
+    assert 1.2e12 < f["vision"] < 1.5e12
+    assert f["language_linear"] == 2 * 438 * bounds.language_active_parameters(config.language)
+    assert f["total"] == f["vision_total"] + f["language_total"]
+    # more tiles, more vision work; text tokens do not change it
+    assert bounds.prefill_flops(config, 438, 4)["vision"] == 2 * f["vision"]
+    assert bounds.prefill_flops(config, 100, 2)["vision"] == f["vision"]
+
+
+def test_prefill_bound_phases():
+    config = real_config("deepseek-vl2-tiny")
+    pb = bounds.prefill_bound(config, torch.bfloat16, 438, 2, flops_per_s=400e9, bandwidth_gbs=30.0)
+    f = bounds.prefill_flops(config, 438, 2)
+    assert pb.compute_s == pytest.approx(f["total"] / 400e9)
+    assert pb.total_s >= pb.compute_s and pb.total_s >= pb.memory_s
+    # with no image the vision phase costs nothing
+    assert bounds.prefill_bound(config, torch.bfloat16, 17, 0, 400e9, 30.0).vision_s == 0.0
+
+
+def test_experts_touched():
+    assert bounds.experts_touched(64, 6, 1) == pytest.approx(6.0)
+    assert bounds.experts_touched(64, 6, 438) == pytest.approx(64.0, rel=1e-6)
+
+
+def test_probes_are_quick_and_positive():
+    import time
+
+    start = time.perf_counter()
+    bw = bounds.measure_memory_bandwidth(seconds=0.2, size_bytes=64 << 20)
+    gf = bounds.measure_matmul_flops(torch.float32, shapes=((256, 256, 256),), seconds=0.2)
+    gemv = bounds.measure_gemv_bandwidth(torch.float32, rows=1024, cols=1024, seconds=0.1)
+    assert bw > 0.1 and gf > 1e8 and gemv > 0.1
+    assert time.perf_counter() - start < 10
+    desc = bounds.machine_description()
+    assert desc["cpu_count"] >= 1 and desc["torch_threads"] >= 1
+
+
+def _load_benchmark_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_synthetic_inputs_match_the_reference_workload():
+    pytest.importorskip("deepseek_vl2.processor")
+    bench = _load_benchmark_module()
+    config = real_config("deepseek-vl2-tiny")
+    processor = bench.image_only_processor(config)
+    inputs = bench.synthetic_inputs(processor, config, bench.default_image(), bench.REFERENCE_TEXT_TOKENS)
+    assert inputs.input_ids.numel() == 438
+    assert int(inputs.images_seq_mask.sum()) == 421
+    assert tuple(inputs.pixel_values.shape) == (2, 3, 384, 384)
+    assert inputs.images_spatial_crop.tolist() == [[1, 1]]
+    assert int(inputs.input_ids.max()) < config.language.vocab_size
+
+
+def test_reduced_config_keeps_widths():
+    bench = _load_benchmark_module()
+    config = real_config("deepseek-vl2-small")
+    small = bench.reduced_config(config, layers=2, vision_layers=1)
+    assert small.language.num_hidden_layers == 2 and small.vision.layers == 1
+    assert small.language.hidden_size == config.language.hidden_size
+    assert dataclasses.replace(small.language, num_hidden_layers=27) == config.language
+
+
+JSON_KEYS = {
+    "dtype", "load_s", "ttft_s", "vision_s", "prefill_s", "preprocess_s", "decode_tok_s", "peak_rss_gb",
+    "decode_bound_tok_s", "ttft_bound_s", "bandwidth_gbs", "matmul_gflops", "machine",
+}
+
+
+def _run_benchmark(*args: str) -> dict:
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args, "--json",
+           "--new-tokens", "4", "--probe-seconds", "0.1", "--probe-mb", "64", "--dtype", "float32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert JSON_KEYS <= set(result), JSON_KEYS - set(result)
+    assert "[benchmark]" in proc.stderr  # progress goes to stderr
+    return result
+
+
+def test_benchmark_smoke_checkpoint():
+    ckpt = FIXTURES / "checkpoints" / "mha"
+    if not ckpt.is_dir():
+        pytest.skip(f"fixture checkpoint not found at {ckpt}")
+    pytest.importorskip("deepseek_vl2.generation")
+    result = _run_benchmark("--checkpoint", str(ckpt))
+    assert result["dtype"] == "float32"
+    assert result["prompt_tokens"] > 421 and result["n_tiles"] == 2
+    assert result["new_tokens"] == 4
+    assert result["ttft_s"] == pytest.approx(result["preprocess_s"] + result["vision_s"] + result["prefill_s"], rel=1e-6)
+    assert result["decode_tok_s"] > 0 and result["decode_bound_tok_s"] > 0 and result["ttft_bound_s"] > 0
+    assert result["file_read_s"] is not None and result["peak_rss_gb"] > 0
+
+
+def test_benchmark_smoke_config():
+    cfg = FIXTURES / "checkpoints" / "mla" / "config.json"
+    if not cfg.is_file():
+        pytest.skip(f"fixture config not found at {cfg}")
+    pytest.importorskip("deepseek_vl2.generation")
+    result = _run_benchmark("--config", str(cfg))
+    assert result["random_weights"] is True
+    assert result["prompt_tokens"] == 438 and result["n_tiles"] == 2

@@ -9,6 +9,8 @@ HOST   ?= 0.0.0.0
 IMAGE  ?= examples/stages.png
 PROMPT ?= Describe each stage of this <image> in detail.
 DEMO_MODEL := demo-model
+# make bench BENCH_ARGS="--checkpoint weights/deepseek-vl2-tiny"  (default: random weights, real tiny shape)
+BENCH_ARGS ?= --config ../shared/fixtures/real-configs/deepseek-vl2-tiny.json
 
 .PHONY: venv demo test predict schema serve bench clean
 
@@ -43,7 +45,7 @@ serve: schema
 		$(PY) -m cog.server.http --host $(HOST)
 
 bench: venv
-	$(PY) scripts/benchmark.py
+	$(PY) scripts/benchmark.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(DEMO_MODEL) .cog .pytest_cache

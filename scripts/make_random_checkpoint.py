@@ -27,19 +27,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-PAD = "<｜▁pad▁｜>"
-IMAGE = "<image>"
-GROUNDING_TOKENS = ["<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>"]
-ROLE_TOKENS = ["<|User|>", "<|Assistant|>"]
+from deepseek_vl2.config import DEFAULT_CANDIDATE_RESOLUTIONS as CANDIDATE_RESOLUTIONS  # noqa: E402
+from deepseek_vl2.config import DeepseekVL2Config  # noqa: E402
+from deepseek_vl2.processor import (  # noqa: E402
+    ASSISTANT_ROLE,
+    DEFAULT_BOS as BOS,
+    DEFAULT_EOS as EOS,
+    DEFAULT_IMAGE_TOKEN as IMAGE,
+    DEFAULT_PAD as PAD,
+    GROUNDING_TOKENS,
+    USER_ROLE,
+)
 
-CANDIDATE_RESOLUTIONS = [
-    [w * 384, h * 384] for w, h in (
-        (1, 1), (1, 2), (2, 1), (1, 3), (3, 1), (1, 4), (4, 1), (2, 2), (1, 5), (5, 1), (1, 6), (6, 1),
-        (2, 3), (3, 2), (1, 7), (7, 1), (1, 8), (8, 1), (2, 4), (4, 2), (1, 9), (9, 1), (3, 3),
-    )
-]
+ROLE_TOKENS = [USER_ROLE, ASSISTANT_ROLE]
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,8 +126,6 @@ def processor_config() -> dict[str, Any]:
 
 def param_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Official state-dict key -> shape for an official ``config.json`` dict (absent keys: official defaults)."""
-    from deepseek_vl2.config import DeepseekVL2Config
-
     cfg = DeepseekVL2Config.from_dict(config)
     vis, proj, lang = cfg.vision, cfg.projector, cfg.language
     shapes: dict[str, tuple[int, ...]] = {}

@@ -102,7 +102,6 @@ class CudaGraphDecoder:
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.cache_version = language.cache_version
-        self.pool = torch.cuda.graph_pool_handle()
 
     @staticmethod
     def supported(language: DeepseekV2ForCausalLM) -> bool:
@@ -140,7 +139,7 @@ class CudaGraphDecoder:
                 self.language.decode_static(self.token, self.position, window)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph):
             logits = self.language.decode_static(self.token, self.position, window)
         return graph, logits
 

@@ -168,8 +168,8 @@ class KVCache(nn.Module):
     def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype, device) -> None:
         super().__init__()
         shape = (batch, kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
@@ -188,8 +188,8 @@ class MLACache(nn.Module):
 
     def __init__(self, batch: int, max_seq_len: int, kv_lora_rank: int, rope_dim: int, dtype, device) -> None:
         super().__init__()
-        self.register_buffer("latent", torch.empty(batch, max_seq_len, kv_lora_rank, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("k_pe", torch.empty(batch, max_seq_len, rope_dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("latent", torch.zeros(batch, max_seq_len, kv_lora_rank, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k_pe", torch.zeros(batch, max_seq_len, rope_dim, dtype=dtype, device=device), persistent=False)
 
     def update(self, start: int, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + latent.shape[1]
@@ -502,7 +502,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         if max_seq_len > self.config.max_position_embeddings:
             raise ValueError(f"{max_seq_len} positions exceed the model's context of {self.config.max_position_embeddings}")
         if self.max_seq_len >= max_seq_len and self.cache_batch == batch:
-            return  # positions are always written before they are read, so stale contents are harmless
+            return  # stale contents are harmless: finite (zeros at allocation) and masked or overwritten
         param = self.lm_head.weight
         for layer in self.model.layers:
             layer.self_attn.make_cache(None, 0, None, None)  # free the old cache before allocating

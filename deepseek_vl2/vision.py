@@ -25,7 +25,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, (H//p)*(W//p), width], tokens in row-major patch order."""
-        return self.proj(pixels).flatten(2).transpose(1, 2)
+        # cuDNN convolutions default to TF32; an fp32 model must stay fp32 (routing is sensitive to it).
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=pixels.dtype != torch.float32):
+            return self.proj(pixels).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):

@@ -19,7 +19,6 @@ person who sent it.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -125,7 +124,9 @@ class VL2Pipeline:
 
     def prepare(self, image: ImageArg, prompt: str) -> ProcessedInputs:
         """Image + prompt -> model inputs (raises ``InputError`` for a bad image or prompt)."""
-        text = self.build_prompt(prompt)
+        return self._process(image, self.build_prompt(prompt))
+
+    def _process(self, image: ImageArg, text: str) -> ProcessedInputs:
         if isinstance(image, (str, os.PathLike)):
             # Read the bytes here so that messages speak of "the image", not of a server temp path.
             try:
@@ -134,8 +135,7 @@ class VL2Pipeline:
                 raise InputError("The image file does not exist.") from None
             except OSError as exc:
                 raise InputError(f"The image file cannot be read ({exc.strerror or exc}).") from None
-        pil = load_image(image)
-        return self.processor.process_prompt(text, [pil])
+        return self.processor.process_prompt(text, [load_image(image)])
 
     def max_new_tokens(self, inputs: ProcessedInputs, requested: int) -> int:
         """``requested`` clamped to the context left after the prompt; error if the prompt fills it."""
@@ -148,57 +148,35 @@ class VL2Pipeline:
             )
         return min(requested, room)
 
-    def _start(self, image: ImageArg, prompt: str, settings: GenerationSettings):
-        inputs = self.prepare(image, prompt)
-        cfg = settings.generation_config(self.max_new_tokens(inputs, settings.max_length_tokens))
-        return inputs.to(self.device, dtype=self.dtype), cfg
-
     def run(self, image: ImageArg, prompt: str, temperature: float = 0.1, top_p: float = 0.9,
             max_length_tokens: int = 2048, repetition_penalty: float = 1.1, seed: Optional[int] = None) -> str:
         """The whole answer as one string."""
-        settings = GenerationSettings(temperature, top_p, max_length_tokens, repetition_penalty, seed)
-        self.build_prompt(prompt)
-        if settings.max_length_tokens == 0:
-            return ""
-        from .generation import generate
-
-        inputs, cfg = self._start(image, prompt, settings)
-        with torch.inference_mode():
-            ids = generate(self.model, inputs, cfg, eos_token_id=self.processor.eos_id)
-        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
-        return self._strip_eos(self.processor.decode(ids, skip_special_tokens=False))
+        return "".join(self.stream(image, prompt, temperature, top_p, max_length_tokens, repetition_penalty, seed))
 
     def stream(self, image: ImageArg, prompt: str, temperature: float = 0.1, top_p: float = 0.9,
                max_length_tokens: int = 2048, repetition_penalty: float = 1.1,
                seed: Optional[int] = None) -> Iterator[str]:
-        """The answer in pieces as it is generated (``"".join(stream(...)) == run(...)``)."""
+        """The answer in pieces as it is generated. Bad input raises here, before the first piece."""
         settings = GenerationSettings(temperature, top_p, max_length_tokens, repetition_penalty, seed)
-        self.build_prompt(prompt)
+        text = self.build_prompt(prompt)
         if settings.max_length_tokens == 0:
             return iter(())
-        inputs, cfg = self._start(image, prompt, settings)  # errors surface here, before the first piece
-        return self._stream(inputs, cfg)
+        inputs = self._process(image, text)
+        cfg = settings.generation_config(self.max_new_tokens(inputs, settings.max_length_tokens))
+        return self._stream(inputs.to(self.device, dtype=self.dtype), cfg)
 
     def _stream(self, inputs: ProcessedInputs, cfg: Any) -> Iterator[str]:
         from .generation import generate_stream
 
+        eos_id = self.processor.eos_id
         decoder = self.processor.stream_decoder()
         with torch.inference_mode():
-            for token_id in generate_stream(self.model, inputs, cfg, eos_token_id=self.processor.eos_id):
+            for token_id in generate_stream(self.model, inputs, cfg, eos_token_id=eos_id):
+                if int(token_id) == eos_id:  # generate_stream stops before it; never let it into the text
+                    break
                 piece = decoder.push(int(token_id))
                 if piece:
                     yield piece
-        tail = self._strip_eos(decoder.flush())
+        tail = decoder.flush()
         if tail:
             yield tail
-
-    def _strip_eos(self, text: str) -> str:
-        eos = self.processor.eos_token
-        return text[: -len(eos)] if eos and text.endswith(eos) else text
-
-    # ------------------------------------------------------------------------------------------
-
-    def timed_run(self, *args: Any, **kwargs: Any) -> tuple[str, float]:
-        start = time.perf_counter()
-        text = self.run(*args, **kwargs)
-        return text, time.perf_counter() - start

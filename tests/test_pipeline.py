@@ -70,11 +70,16 @@ def test_golden_greedy_answer(fixtures_dir, golden_case):
     assert answer == case["generated_text"].replace(EOS, "")
 
 
-def test_stream_pieces_join_to_the_answer(mha, image_path):
+def test_stream_pieces_join_to_the_decoded_ids(mha, image_path):
+    from deepseek_vl2.generation import generate
+
     kwargs = dict(temperature=0, top_p=0.9, max_length_tokens=20, repetition_penalty=1.1)
     pieces = list(mha.stream(image_path, "Describe this image.", **kwargs))
     assert len(pieces) > 1
-    assert "".join(pieces) == mha.run(image_path, "Describe this image.", **kwargs)
+    inputs = mha.prepare(image_path, "Describe this image.")
+    cfg = GenerationSettings(0, 0.9, 20, 1.1).generation_config(20)
+    ids = generate(mha.model, inputs.to(mha.device, dtype=mha.dtype), cfg, eos_token_id=mha.processor.eos_id)
+    assert "".join(pieces) == mha.processor.decode(ids, skip_special_tokens=False)
 
 
 def test_image_goes_first_without_a_tag(mha, image_path):
@@ -153,14 +158,14 @@ def test_new_tokens_are_clamped_to_the_context(mha, image_path, monkeypatch):
     prompt_len = int(inputs.input_ids.shape[0])
     assert mha.max_new_tokens(inputs, 4096) == 4096 - prompt_len
     assert mha.max_new_tokens(inputs, 10) == 10
-    real_generate, produced = generation.generate, []
+    real_stream, produced = generation.generate_stream, []
 
-    def counting_generate(model, inputs, cfg, eos_token_id):
-        ids = real_generate(model, inputs, cfg, eos_token_id)
+    def counting_stream(model, inputs, cfg, eos_token_id):
+        ids = list(real_stream(model, inputs, cfg, eos_token_id))
         produced.append((cfg.max_new_tokens, len(ids)))
-        return ids
+        return iter(ids)
 
-    monkeypatch.setattr(generation, "generate", counting_generate)
+    monkeypatch.setattr(generation, "generate_stream", counting_stream)
     saved = mha.context_length
     try:
         mha.context_length = prompt_len + 3
@@ -203,9 +208,9 @@ def test_answer_keeps_special_tokens_but_not_eos(mha, image_path, monkeypatch):
 
     proc = mha.processor
     wanted = proc.encode("<|ref|>box<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>")
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: list(wanted))
+    monkeypatch.setattr(generation, "generate_stream", lambda *a, **k: iter(wanted))
     text = mha.run(image_path, "Find the box.", temperature=0, top_p=1, max_length_tokens=50, repetition_penalty=1)
     assert text == "<|ref|>box<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>"
-    monkeypatch.setattr(generation, "generate", lambda *a, **k: list(wanted) + [proc.eos_id])
+    monkeypatch.setattr(generation, "generate_stream", lambda *a, **k: iter(list(wanted) + [proc.eos_id, 5]))
     assert EOS not in mha.run(image_path, "Find the box.", temperature=0, top_p=1, max_length_tokens=50,
                               repetition_penalty=1)

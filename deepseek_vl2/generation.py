@@ -15,6 +15,7 @@ step then runs one token. The only host synchronisation per step is reading the 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -95,8 +96,12 @@ class CudaGraphDecoder:
 
     MIN_WINDOW = 256
 
-    def __init__(self, language: DeepseekV2ForCausalLM) -> None:
+    def __init__(self, language: DeepseekV2ForCausalLM, compile: bool = False) -> None:
         self.language = language
+        # Optionally let torch.compile fuse the step's elementwise work first (fewer kernels per graph).
+        self.compiled = self.wants_compile = compile
+        # dynamic=None: the window is specialised once, then compiled as a symbolic size on its first change.
+        self.step = torch.compile(language.decode_static, dynamic=None) if compile else language.decode_static
         device = language.lm_head.weight.device
         self.token = torch.zeros(1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
@@ -131,28 +136,43 @@ class CudaGraphDecoder:
         return logits
 
     def _capture(self, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        try:
+            return self._capture_with(self.step, window)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back to the plain step
+            if not self.compiled:
+                raise
+            warnings.warn(f"torch.compile of the decode step failed ({exc!r:.200}); using uncompiled CUDA graphs")
+            self.step, self.compiled = self.language.decode_static, False
+            return self._capture_with(self.step, window)
+
+    def _capture_with(self, step, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm-up runs (required before capture) write this step's own keys/values: harmless.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.language.decode_static(self.token, self.position, window)
+                step(self.token, self.position, window)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self.language.decode_static(self.token, self.position, window)
+            logits = step(self.token, self.position, window)
         return graph, logits
 
 
 def _step_function(language: DeepseekV2ForCausalLM, cuda_graphs: Optional[bool]):
-    """decode_one_token, or its CUDA-graph version where supported (``DEEPSEEK_VL2_CUDA_GRAPHS=0`` disables)."""
+    """decode_one_token, or its CUDA-graph version where supported.
+
+    ``DEEPSEEK_VL2_CUDA_GRAPHS=0`` disables the graphs; ``DEEPSEEK_VL2_COMPILE=0`` skips torch.compile of
+    the step (which fuses its elementwise work: ~1.6x faster decode on an H200, ~30-45 s once per process).
+    """
     if cuda_graphs is None:
         cuda_graphs = os.environ.get("DEEPSEEK_VL2_CUDA_GRAPHS", "1") != "0"
     if not (cuda_graphs and CudaGraphDecoder.supported(language)):
         return lambda token, pos: decode_one_token(language, token, pos)
+    compile = os.environ.get("DEEPSEEK_VL2_COMPILE", "1") == "1"
     decoder = getattr(language, "graph_decoder", None)
-    if decoder is None:
-        decoder = language.graph_decoder = CudaGraphDecoder(language)
+    if decoder is None or decoder.wants_compile != compile:
+        decoder = language.graph_decoder = CudaGraphDecoder(language, compile)
     return decoder
 
 

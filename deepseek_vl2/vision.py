@@ -19,15 +19,25 @@ LAYER_NORM_EPS = 1e-6
 
 
 class PatchEmbed(nn.Module):
+    """A stride-p, kernel-p convolution, computed as one matmul over flattened patches.
+
+    Same result as ``Conv2d`` (weights keep its [width, 3, p, p] shape and checkpoint name), but it runs as
+    a plain GEMM on every backend: no cuDNN algorithm choice, and no silent TF32 in fp32 on CUDA.
+    """
+
     def __init__(self, patch_size: int, width: int) -> None:
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, (H//p)*(W//p), width], tokens in row-major patch order."""
-        # cuDNN convolutions default to TF32; an fp32 model must stay fp32 (routing is sensitive to it).
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=pixels.dtype != torch.float32):
-            return self.proj(pixels).flatten(2).transpose(1, 2)
+        batch, channels, height, width = pixels.shape
+        p = self.patch_size
+        rows, cols = height // p, width // p  # trailing pixels that fill no whole patch are ignored
+        patches = pixels[:, :, : rows * p, : cols * p].reshape(batch, channels, rows, p, cols, p)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * cols, channels * p * p)
+        return F.linear(patches, self.proj.weight.view(self.proj.out_channels, -1), self.proj.bias)
 
 
 class Attention(nn.Module):

@@ -390,12 +390,14 @@ def _cache_bytes() -> int:
 
 def measure_memory_bandwidth(seconds: float = 1.0, size_bytes: Optional[int] = None, device: str = "cpu") -> float:
     """Read bandwidth in GB/s (1e9 bytes) with torch's threads: best of repeated sums of a buffer
-    far larger than the caches (≥ 16x L3, at least 512 MiB on CPU)."""
+    far larger than the caches (≥ 16x L3, at least 512 MiB on CPU), filled with random values."""
     dev = torch.device(device)
     if size_bytes is None:
         size_bytes = max(512 * 1024**2, 16 * _cache_bytes()) if dev.type == "cpu" else 2 * 1024**3
     n = size_bytes // 4
-    buf = torch.ones(n, dtype=torch.float32, device=dev)  # touched: pages are resident
+    # Random contents, all pages touched: identical (e.g. all-ones or zero) pages could be merged by the
+    # hypervisor/KSM into one cached physical page and read impossibly fast.
+    buf = torch.empty(n, dtype=torch.float32, device=dev).uniform_()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     buf.sum()
     sync()

@@ -87,6 +87,31 @@ def tune_malloc() -> bool:
         return False
 
 
+class CpuContention:
+    """How many cores *other* processes kept busy between ``start()`` and ``stop()`` (from /proc/stat
+    minus this process's own CPU time): the machine is shared, so every figure says how quiet it was."""
+
+    def _read(self) -> Optional[tuple[float, float, float]]:
+        try:
+            with open("/proc/stat") as f:
+                fields = [float(x) for x in f.readline().split()[1:]]
+            busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)  # minus idle, iowait
+            t = os.times()
+            return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system, time.perf_counter()
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def start(self) -> None:
+        self.begin = self._read()
+
+    def stop(self) -> Optional[float]:
+        end = self._read()
+        if self.begin is None or end is None or end[2] <= self.begin[2]:
+            return None
+        busy, own = end[0] - self.begin[0], end[1] - self.begin[1]
+        return max(0.0, (busy - own) / (end[2] - self.begin[2]))
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False where not possible."""
     try:
@@ -257,25 +282,32 @@ def run_once(model, make_inputs, new_tokens: int, device: torch.device) -> dict[
     }
 
 
-def profile_decode(model, make_inputs, new_tokens: int, device: torch.device, top: int = 25) -> str:
-    """torch.profiler table of the decode steps only (the prefill runs outside the profiled region)."""
+def profile_request(model, make_inputs, new_tokens: int, device: torch.device, top: int = 20) -> dict[str, str]:
+    """torch.profiler tables (self time, top ops) of one request's three phases, profiled separately:
+    vision + projector, language prefill, decode steps."""
     from torch.profiler import ProfilerActivity, profile
 
     from deepseek_vl2.generation import GenerationConfig, generate_from_embeds
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    tables = {}
     inputs = make_inputs()
-    with torch.inference_mode():
+    with profile(activities=activities) as prof, torch.inference_mode():
         embeds = model.prepare_inputs_embeds(inputs)
+        _sync(device)
+    tables["vision + projector"] = prof.key_averages().table(sort_by=sort, row_limit=top)
     stream = generate_from_embeds(
         model.language, embeds, inputs.input_ids, GenerationConfig(max_new_tokens=new_tokens), eos_token_id=-1
     )
-    next(stream)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        next(stream)
+    tables["language prefill"] = prof.key_averages().table(sort_by=sort, row_limit=top)
     with profile(activities=activities) as prof:
         for _ in stream:
             pass
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=top)
+    tables[f"decode ({new_tokens - 1} steps)"] = prof.key_averages().table(sort_by=sort, row_limit=top)
+    return tables
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,6 +435,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         workload = f"synthetic prompt ids ({args.text_tokens} text tokens)"
 
     # --- runs ---
+    contention = CpuContention()
+    contention.start()
     cold = None
     for i in range(args.warmup):
         log(f"warm-up run {i + 1}/{args.warmup} ...")
@@ -414,16 +448,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         runs.append(run_once(model, make_inputs, args.new_tokens, device))
         log(f"  ttft {runs[-1]['ttft_s']:.3f} s, decode {runs[-1]['decode_tok_s']:.2f} tok/s")
     peak_rss = peak_rss_bytes()
+    other_cores = contention.stop()
     peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
-    profile_table = None
+    profile_tables = {}
     if args.profile:
-        log("profiling decode ...")
-        profile_table = profile_decode(model, make_inputs, args.new_tokens, device)
+        log("profiling one request ...")
+        profile_tables = profile_request(model, make_inputs, args.new_tokens, device)
 
     # --- limits after the runs too (the machine is shared; the bound is the best the probes saw) ---
     bw_samples.append(bounds.measure_memory_bandwidth(args.probe_seconds, probe_bytes, device=str(device)))
     bandwidth = max(bw_samples)
+    flops_samples = [flops, bounds.measure_matmul_flops(dtype, seconds=1.5 * args.probe_seconds, device=str(device))]
+    flops = max(flops_samples)
     file_read_s = None
     if files:
         log("timing a plain read of the checkpoint files ...")
@@ -466,11 +503,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         "peak_gpu_gb": peak_gpu / 1e9 if peak_gpu is not None else None,
         "weights_gb": weights / 1e9,
         "loadavg_1min_before_after": [load_before, os.getloadavg()[0]],
+        "other_processes_cores_busy": other_cores,
         "malloc_tuned": malloc_tuned,
         "bandwidth_gbs": bandwidth,
         "bandwidth_samples_gbs": bw_samples,
         "gemv_bandwidth_gbs": gemv_bw,
         "matmul_gflops": flops / 1e9,
+        "matmul_gflops_samples": [f / 1e9 for f in flops_samples],
         "decode_bytes_per_token": per_token["total"],
         "decode_bytes_breakdown": per_token,
         "decode_bound_tok_s": decode_bound,
@@ -493,9 +532,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"{config.language.num_hidden_layers} decoder layers",
         f"machine: {where}; device {device}; dtype {result['dtype']}" + ("; mallopt tuned" if malloc_tuned else ""),
         f"workload: {prompt_tokens} prompt tokens ({n_tiles} tiles), {generated} new tokens, {workload}; "
-        f"median of {args.repeat}",
+        f"median of {args.repeat}"
+        + (f"; other processes kept {other_cores:.2f} of {m['cpu_count']} cores busy meanwhile" if other_cores is not None else ""),
         f"limits measured: read bandwidth {bandwidth:.1f} GB/s (samples {', '.join(f'{b:.1f}' for b in bw_samples)}; "
-        f"batch-1 linear {gemv_bw:.1f}), matmul {flops / 1e9:.0f} GFLOP/s",
+        f"batch-1 linear {gemv_bw:.1f}), matmul {flops / 1e9:.0f} GFLOP/s (samples {', '.join(f'{f / 1e9:.0f}' for f in flops_samples)})",
         "",
         f"{'figure':<22}{'measured':>14}{'bound':>14}{'of bound':>10}",
         f"{load_kind:<22}{load_s:>12.2f} s"
@@ -515,8 +555,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if cold:
         lines.append(f"(first, cold request: time to first token {cold['ttft_s']:.3f} s)")
     print("\n".join(lines), flush=True)
-    if profile_table:
-        print("\ndecode profile (self time, top ops):\n" + profile_table, flush=True)
+    for phase, table in profile_tables.items():
+        print(f"\nprofile of {phase} (self time, top ops):\n{table}", flush=True)
     if args.json:
         print(json.dumps(result, default=float), flush=True)
     return 0

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LanguageConfig
+from .kernels import Linear, linear
 
 # ---------------------------------------------------------------------------------------------------
 # Normalisation and rotary embeddings
@@ -210,10 +211,10 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.kv_heads, config.mha_head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.heads * self.head_dim, config.hidden_size, bias=bias)
         self.cache: Optional[KVCache] = None
 
     def make_cache(self, batch: int, max_seq_len: int, dtype, device) -> None:
@@ -232,8 +233,24 @@ class MultiHeadAttention(nn.Module):
             if ctx.use_cache:
                 k, v = self.cache.update(ctx.start_pos, k, v)
             mask = _causal_mask(seq, k.shape[2], x.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
+        if seq == 1 and batch == 1 and not x.is_cuda and not ctx.static:
+            out = self._attend_one_query(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim))
+
+    def _attend_one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """CPU decode, batch 1: two batched matmuls in fp32 (3x faster than CPU flash attention for one
+        query in bf16, where the upcast copy of K/V is cheaper than bf16 matmuls on strided cache views).
+
+        q: [1, H, 1, d]; k, v: [1, kv_heads, T, d] -> [1, H, 1, d]. Query heads that share a key/value
+        head are the rows of one matmul.
+        """
+        head_dim = q.shape[-1]
+        q = q.reshape(self.kv_heads, self.heads // self.kv_heads, head_dim).float()
+        scores = torch.bmm(q, k[0].float().mT) * head_dim**-0.5  # [kv_heads, groups, T]
+        probs = torch.softmax(scores, dim=-1)
+        return torch.bmm(probs, v[0].float()).to(v.dtype).view(1, self.heads, 1, head_dim)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -246,15 +263,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_lora_rank, self.q_lora_rank = config.kv_lora_rank, config.q_lora_rank
         q_out = self.heads * config.q_head_dim
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(config.hidden_size, q_out, bias=False)
+            self.q_proj = Linear(config.hidden_size, q_out, bias=False)
         else:
-            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=config.attention_bias)
+            self.q_a_proj = Linear(config.hidden_size, self.q_lora_rank, bias=config.attention_bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, q_out, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
+            self.q_b_proj = Linear(self.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj_with_mqa = Linear(config.hidden_size, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.heads * self.v_dim, config.hidden_size, bias=config.attention_bias)
+        self.kv_b_proj = Linear(self.kv_lora_rank, self.heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(self.heads * self.v_dim, config.hidden_size, bias=config.attention_bias)
         self.softmax_scale = config.q_head_dim**-0.5
         scaling = config.rope_scaling or {}
         if scaling.get("mscale_all_dim"):
@@ -318,9 +335,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -356,7 +373,7 @@ class MoEGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, D] -> (weights [N, k] fp32, expert ids [N, k])."""
-        logits = F.linear(x.float(), self.weight)
+        logits = linear(x.float(), self.weight)
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         n = scores.shape[0]
         if self.method == "greedy":
@@ -389,6 +406,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x: [N, D], weights/ids: [N, k] -> [N, D] = sum_k weights * expert_ids(x)."""
         n_tokens, top_k = ids.shape
+        if n_tokens == 1 and not x.is_cuda:
+            return self._one_token(x, weights[0].tolist(), ids[0].tolist())
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
         grouped_x = x[order // top_k]
@@ -409,6 +428,14 @@ class Experts(nn.Module):
         gate, up = gate_up.split(self.intermediate, dim=-1)
         return F.silu(gate) * up
 
+    def _one_token(self, x: torch.Tensor, weights: list[float], ids: list[int]) -> torch.Tensor:
+        """CPU decode: the k chosen experts straight from the stacked weights, summed in fp32."""
+        out = torch.zeros(x.shape, dtype=torch.float32)
+        for weight, expert in zip(weights, ids):
+            h = self._swiglu(linear(x, self.gate_up_proj[expert]))
+            out.add_(linear(h, self.down_proj[expert]), alpha=weight)
+        return out.to(x.dtype)
+
     def _loop(self, grouped_x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """One matmul pair per expert that has tokens. The counts live on the host, so on CPU nothing waits."""
         out = torch.empty_like(grouped_x)
@@ -417,8 +444,8 @@ class Experts(nn.Module):
             if count == 0:
                 continue
             rows = slice(start, start + count)
-            h = self._swiglu(F.linear(grouped_x[rows], self.gate_up_proj[expert]))
-            out[rows] = F.linear(h, self.down_proj[expert])
+            h = self._swiglu(linear(grouped_x[rows], self.gate_up_proj[expert]))
+            out[rows] = linear(h, self.down_proj[expert])
             start += count
         return out
 
@@ -494,7 +521,7 @@ class DeepseekV2ForCausalLM(nn.Module):
             raise NotImplementedError(f"hidden_act {config.hidden_act!r} is not supported")
         self.config = config
         self.model = DeepseekV2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.max_seq_len, self.cache_batch, self.cache_version = 0, 0, 0
 
     def setup_cache(self, max_seq_len: int, batch: int = 1) -> None:

@@ -71,7 +71,7 @@ class DeepseekVL2(nn.Module):
         Per image the layout is: global view as h rows of (w tokens + newline), the view separator, then
         the local tiles stitched into (nh*h) rows of (nw*w tokens + newline) (global last for "tail").
         """
-        features = self.projector(self.vision(pixel_values.to(self.device, self.dtype)))  # [n_tiles, h*w, D]
+        features = self._tile_features(pixel_values.to(self.device, self.dtype), images_spatial_crop)
         n_tiles, tokens, width = features.shape
         side = int(tokens**0.5)
         grid = features.view(n_tiles, side, side, width)
@@ -93,6 +93,28 @@ class DeepseekVL2(nn.Module):
         if tile != n_tiles:
             raise ValueError(f"images_spatial_crop describes {tile} tiles but {n_tiles} were given")
         return torch.cat(pieces)
+
+    def _tile_features(self, pixel_values: torch.Tensor, images_spatial_crop: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector over all tiles, [n_tiles, h*w, D], each distinct tile computed once.
+
+        An image tiled 1x1 (any image whose best resolution is a single 384 tile, and every image when
+        a conversation has more than two) has a local tile identical to its global view: the tower runs
+        on one copy, which halves the vision time of such images.
+        """
+        source = list(range(pixel_values.shape[0]))
+        tile = 0
+        for n_wide, n_high in images_spatial_crop.tolist():
+            if n_wide == 0 or n_high == 0:
+                break
+            if n_wide * n_high == 1 and torch.equal(pixel_values[tile], pixel_values[tile + 1]):
+                source[tile + 1] = tile
+            tile += 1 + n_wide * n_high
+        unique = sorted(set(source))
+        if len(unique) == len(source):
+            return self.projector(self.vision(pixel_values))
+        features = self.projector(self.vision(pixel_values[unique]))
+        position = {t: i for i, t in enumerate(unique)}
+        return features[[position[s] for s in source]]
 
     def _with_newlines(self, rows: torch.Tensor) -> torch.Tensor:
         """[rows, cols, D] -> [rows * (cols + 1), D] with ``image_newline`` closing every row."""

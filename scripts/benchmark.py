@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import deepseek_vl2  # noqa: E402,F401  (first: it sets the allocator's huge-page hint before torch loads)
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 

@@ -141,3 +141,27 @@ def test_package_imports_nothing_official_or_heavy() -> None:
             for name in names:
                 assert name.split(".")[0] not in FORBIDDEN_IMPORTS, f"{path.name} imports {name}"
         assert "trust_remote_code" not in path.read_text(), path.name
+
+
+def test_identical_global_and_local_tile_run_the_tower_once() -> None:
+    """A 1x1-tiled image's local tile equals its global view: one tower pass, same embeddings."""
+    from PIL import Image
+
+    from deepseek_vl2.processor import DeepseekVL2Processor
+
+    path = FIXTURES_DIR / "checkpoints" / "mha"
+    processor, model = DeepseekVL2Processor.from_pretrained(path), load_model(path)
+    inputs = processor.process_prompt("<image>\nWhat is this?", [Image.new("RGB", (384, 384), (10, 200, 30))])
+    assert inputs.images_spatial_crop.tolist() == [[1, 1]] and inputs.pixel_values.shape[0] == 2
+    seen: list[int] = []
+    hook = model.vision.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    try:
+        with torch.inference_mode():
+            deduplicated = model.encode_images(inputs.pixel_values, inputs.images_spatial_crop)
+    finally:
+        hook.remove()
+    assert seen == [1]
+    with torch.inference_mode():
+        full = model.projector(model.vision(inputs.pixel_values))
+    side = 14
+    assert torch.allclose(deduplicated[: side * (side + 1)].view(side, side + 1, -1)[:, :side].reshape(-1, full.shape[-1]), full[0], atol=1e-5)

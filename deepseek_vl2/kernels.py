@@ -1,0 +1,98 @@
+"""Batch-1 matrix-vector products on the CPU, through whichever PyTorch path streams weights fastest.
+
+Decoding reads every active weight once per token, so its speed is the speed of ``x @ W.T`` with one
+row of ``x``. PyTorch has several CPU paths for that and which one is fast depends on the CPU and the
+dtype (measured on a 2-core EPYC with avx512_bf16: fp32 through MKL 15 GB/s but through oneDNN 35 GB/s;
+bf16 through oneDNN 17-22 GB/s but through PyTorch's own kernel 40 GB/s). So the path is chosen per dtype
+by timing each candidate once on a weight larger than the caches, never from the CPU's name.
+``DEEPSEEK_VL2_CPU_GEMV`` (``aten`` / ``native`` / ``onednn``) forces one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Gemv = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def _aten(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def _native(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """PyTorch's own vectorised kernel: oneDNN switched off for this one call."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return F.linear(x, weight, bias)
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+CANDIDATES: dict[str, Gemv] = {"aten": _aten, "native": _native, "onednn": _onednn}
+_chosen: dict[torch.dtype, Gemv] = {}
+
+
+def _seconds(gemv: Gemv, weight: torch.Tensor, x: torch.Tensor, repeats: int = 4) -> float:
+    gemv(x, weight, None)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        gemv(x, weight, None)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def cpu_gemv(dtype: torch.dtype) -> Gemv:
+    """The fastest batch-1 linear for ``dtype`` on this CPU (measured once per process, ~0.2 s)."""
+    if dtype in _chosen:
+        return _chosen[dtype]
+    forced = os.environ.get("DEEPSEEK_VL2_CPU_GEMV")
+    if forced in CANDIDATES:
+        _chosen[dtype] = CANDIDATES[forced]
+        return _chosen[dtype]
+    # 64 MiB of weights: well past the last-level cache, so the timing is a memory-streaming timing.
+    cols = 64 * 2**20 // (8192 * torch.finfo(dtype).bits // 8)
+    weight = torch.empty(8192, cols, dtype=dtype).uniform_(-0.02, 0.02)
+    x = torch.randn(1, weight.shape[1], dtype=dtype)
+    timings = {}
+    for name, gemv in CANDIDATES.items():
+        try:
+            timings[name] = _seconds(gemv, weight, x)
+        except (RuntimeError, AttributeError, NotImplementedError):  # path missing in this build
+            continue
+    _chosen[dtype] = CANDIDATES[min(timings, key=timings.get)] if timings else _aten
+    return _chosen[dtype]
+
+
+# Below this many weight bytes (e.g. a router) the fixed cost of a call dominates: the default path wins.
+_MIN_GEMV_BYTES = 2**20
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear``, except that a single row on the CPU goes through the fastest GEMV path."""
+    if (
+        x.device.type == "cpu"
+        and x.numel() == x.shape[-1]
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and weight.numel() * weight.element_size() >= _MIN_GEMV_BYTES
+    ):
+        return cpu_gemv(x.dtype)(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same checkpoint names) using ``linear`` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

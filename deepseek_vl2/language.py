@@ -399,25 +399,42 @@ class Experts(nn.Module):
 
     def __init__(self, n_experts: int, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.intermediate = intermediate
+        self.n_experts, self.intermediate = n_experts, intermediate
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, intermediate))
+        # CPU, weights mapped from the checkpoint: per expert (gate [I, D], up [I, D], down [D, I]) views
+        # of the file instead of the stacked tensors (see model.load_state).
+        self.views: Optional[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
+
+    def use_views(self, views: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Compute from per-expert views and drop the stacked tensors (CPU paths only)."""
+        self.views = views
+        self.gate_up_proj = nn.Parameter(torch.empty(0, *self.gate_up_proj.shape[1:], dtype=views[0][0].dtype), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(0, *self.down_proj.shape[1:], dtype=views[0][0].dtype), requires_grad=False)
+
+    def _expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """One expert's SwiGLU on the CPU: x [n, D] -> [n, D]."""
+        if self.views is not None:
+            gate, up, down = self.views[expert]
+            return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+        return linear(self._swiglu(linear(x, self.gate_up_proj[expert])), self.down_proj[expert])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x: [N, D], weights/ids: [N, k] -> [N, D] = sum_k weights * expert_ids(x)."""
         n_tokens, top_k = ids.shape
         if n_tokens == 1 and not x.is_cuda:
             return self._one_token(x, weights[0].tolist(), ids[0].tolist())
+        n_experts = self.n_experts
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
         grouped_x = x[order // top_k]
         if x.is_cuda and _grouped_mm_ok(x):
             # Counted with scatter_add (bincount would read its maximum back to the host).
-            counts = torch.zeros(self.gate_up_proj.shape[0], dtype=torch.int32, device=x.device)
+            counts = torch.zeros(n_experts, dtype=torch.int32, device=x.device)
             counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
             grouped_out = self._grouped_mm(grouped_x, counts)
         else:
-            counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0])
+            counts = torch.bincount(flat_ids, minlength=n_experts)
             grouped_out = self._loop(grouped_x, counts.tolist())
         out = torch.empty_like(grouped_out)
         out[order] = grouped_out
@@ -432,8 +449,7 @@ class Experts(nn.Module):
         """CPU decode: the k chosen experts straight from the stacked weights, summed in fp32."""
         out = torch.zeros(x.shape, dtype=torch.float32)
         for weight, expert in zip(weights, ids):
-            h = self._swiglu(linear(x, self.gate_up_proj[expert]))
-            out.add_(linear(h, self.down_proj[expert]), alpha=weight)
+            out.add_(self._expert(x, expert), alpha=weight)
         return out.to(x.dtype)
 
     def _loop(self, grouped_x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -444,8 +460,7 @@ class Experts(nn.Module):
             if count == 0:
                 continue
             rows = slice(start, start + count)
-            h = self._swiglu(linear(grouped_x[rows], self.gate_up_proj[expert]))
-            out[rows] = linear(h, self.down_proj[expert])
+            out[rows] = self._expert(grouped_x[rows], expert)
             start += count
         return out
 

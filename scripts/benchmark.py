@@ -416,7 +416,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         load_s = time.perf_counter() - t
         load_kind = "random build"
     log(f"  {load_kind} took {load_s:.2f} s")
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    # Routed experts loaded from a mapped checkpoint are per-expert views, not parameters: count them too.
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        t.numel() * t.element_size()
+        for module in model.modules() if getattr(module, "views", None)
+        for triple in module.views for t in triple
+    )
 
     # --- inputs ---
     image = None

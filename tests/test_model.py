@@ -106,24 +106,48 @@ def test_attn_pool_weights_are_not_kept() -> None:
     assert not [name for name, _ in model.named_parameters() if "attn_pool" in name]
 
 
+@pytest.mark.parametrize("mmap", [False, True], ids=["copied", "mapped"])
 @pytest.mark.parametrize("variant", ["mha", "mla", "mla-noaux"])
-def test_stacked_experts_hold_the_checkpoint_tensors(variant: str) -> None:
+def test_experts_hold_the_checkpoint_tensors(variant: str, mmap: bool) -> None:
     model_dir = FIXTURES_DIR / "checkpoints" / variant
-    model = load_model(model_dir, dtype=torch.bfloat16)
+    model = load_model(model_dir, dtype=torch.bfloat16, mmap=mmap)
     index = model_dir / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     stored = {k: v for f in files for k, v in load_file(model_dir / f).items()}
     layer = next(i for i, l in enumerate(model.language.model.layers) if hasattr(l.mlp, "experts"))
     experts = model.language.model.layers[layer].mlp.experts
     prefix = f"language.model.layers.{layer}.mlp.experts"
-    half = experts.gate_up_proj.shape[1] // 2
-    for e in range(experts.gate_up_proj.shape[0]):
-        assert torch.equal(experts.gate_up_proj[e, :half], stored[f"{prefix}.{e}.gate_proj.weight"])
-        assert torch.equal(experts.gate_up_proj[e, half:], stored[f"{prefix}.{e}.up_proj.weight"])
-        assert torch.equal(experts.down_proj[e], stored[f"{prefix}.{e}.down_proj.weight"])
+    half = experts.intermediate
+    assert experts.n_experts == model.config.language.n_routed_experts
+    for e in range(experts.n_experts):
+        if mmap:  # per-expert views of the mapped file, no stacked copy
+            gate, up, down = experts.views[e]
+        else:
+            assert experts.views is None
+            gate, up, down = experts.gate_up_proj[e, :half], experts.gate_up_proj[e, half:], experts.down_proj[e]
+        assert torch.equal(gate, stored[f"{prefix}.{e}.gate_proj.weight"])
+        assert torch.equal(up, stored[f"{prefix}.{e}.up_proj.weight"])
+        assert torch.equal(down, stored[f"{prefix}.{e}.down_proj.weight"])
+    embed = model.language.model.embed_tokens.weight
+    assert torch.equal(embed, stored["language.model.embed_tokens.weight"])
+    # Mapped: the embedding is a view into the whole file's storage; copied: its own storage.
+    assert (embed.untyped_storage().nbytes() > embed.numel() * embed.element_size()) == mmap
     # The router stays fp32 whatever the model dtype (the official code routes in fp32).
     assert model.language.model.layers[layer].mlp.gate.weight.dtype == torch.float32
     assert model.image_newline.dtype == torch.bfloat16
+
+
+def test_mapped_and_copied_weights_give_the_same_logits() -> None:
+    from PIL import Image
+
+    from deepseek_vl2.processor import DeepseekVL2Processor
+
+    model_dir = FIXTURES_DIR / "checkpoints" / "mla-noaux"
+    processor = DeepseekVL2Processor.from_pretrained(model_dir)
+    inputs = processor.process_prompt("<image>\nWhat is this?", [Image.new("RGB", (640, 480), (10, 200, 30))])
+    mapped = load_model(model_dir, dtype=torch.bfloat16, mmap=True)
+    copied = load_model(model_dir, dtype=torch.bfloat16, mmap=False)
+    assert torch.equal(mapped.forward_logits(inputs), copied.forward_logits(inputs))
 
 
 FORBIDDEN_IMPORTS = {"xformers", "timm", "torchvision", "transformers", "deepseek_vl"}

@@ -38,9 +38,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, scale in the activation dtype, like the official code (one fused kernel).
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        # Normalise in fp32, scale in the activation dtype, like the official code. The fused kernel
+        # computes in fp32 for bf16 input and rounds once: bit-identical to upcasting first.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:

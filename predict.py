@@ -57,7 +57,8 @@ _explain_download_errors()
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
-        """Find (or download) the weights and load the model once: GPU in bf16, else CPU in its fastest dtype."""
+        """Find (or download) the weights, load the model once (GPU in bf16, else the CPU in its fastest
+        dtype) and run one short warm-up request."""
         from deepseek_vl2.hardware import parse_dtype
 
         started = time.perf_counter()
@@ -65,6 +66,7 @@ class Predictor(BasePredictor):
         dtype_name = os.environ.get("DEEPSEEK_VL2_DTYPE", "").strip()
         dtype = parse_dtype(dtype_name) if dtype_name else None
         self.pipeline = VL2Pipeline.load(model_dir, dtype=dtype)
+        self.pipeline.warm_up()
         print(
             f"DeepSeek-VL2 loaded from {model_dir} on {self.pipeline.device} ({self.pipeline.dtype}) "
             f"in {time.perf_counter() - started:.1f} s",

@@ -105,6 +105,29 @@ class VL2Pipeline:
         return cls(model, processor, device=device, dtype=dtype,
                    context_length=config.language.max_position_embeddings, model_dir=model_dir)
 
+    def warm_up(self) -> None:
+        """One short request on a blank image, so that one-time costs are paid here and not by the first
+        user: the CPU's GEMV-path probe and oneDNN kernel setup; on a GPU, torch.compile of the decode
+        step and its CUDA-graph capture. On a GPU it decodes across one attention-window boundary, so the
+        step is also compiled for varying windows (later windows then only need a graph capture, ~1 s).
+        """
+        from .generation import CudaGraphDecoder, GenerationConfig, generate_stream
+
+        image = Image.new("RGB", (384, 384), (127, 127, 127))
+        inputs = self.processor.process_prompt(f"{self.processor.image_token}\nDescribe.", [image])
+        prompt_len = int(inputs.input_ids.shape[-1])
+        steps = 2
+        if self.device.type == "cuda":
+            window = CudaGraphDecoder.MIN_WINDOW
+            while window < prompt_len + 1:
+                window *= 2
+            steps = window - prompt_len + 2
+        steps = min(steps, self.context_length - prompt_len)
+        with torch.inference_mode():
+            for _ in generate_stream(self.model, inputs.to(self.device, dtype=self.dtype),
+                                     GenerationConfig(max_new_tokens=steps), eos_token_id=-1):
+                pass
+
     # ------------------------------------------------------------------------------------------
 
     def build_prompt(self, prompt: Any) -> str:

@@ -207,7 +207,9 @@ def generate_from_embeds(
     if max_new <= 0:
         return
     device = embeds.device
-    language.setup_cache(prompt_len + max_new)
+    # On CUDA the cache always spans the whole context: its shape then never changes, so the compiled
+    # decode step is never recompiled for a new cache size (and nothing is reallocated between requests).
+    language.setup_cache(limit if device.type == "cuda" else prompt_len + max_new)
     generator = None
     if config.do_sample:
         generator = torch.Generator(device=device)

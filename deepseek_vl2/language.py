@@ -277,6 +277,7 @@ class MultiHeadLatentAttention(nn.Module):
         if scaling.get("mscale_all_dim"):
             self.softmax_scale *= yarn_get_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
         self.cache: Optional[MLACache] = None
+        self._absorbed_fp32: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     def make_cache(self, batch: int, max_seq_len: int, dtype, device) -> None:
         self.cache = None if batch is None else MLACache(batch, max_seq_len, self.kv_lora_rank, self.rope_dim, dtype, device)
@@ -299,8 +300,12 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             if ctx.use_cache:
                 latent, k_pe = self.cache.update(ctx.start_pos, latent, k_pe)
-            attend = self._attend_absorbed if seq == 1 else self._attend_expanded
-            out = attend(q_nope, q_pe, latent, k_pe)
+            if seq > 1:
+                out = self._attend_expanded(q_nope, q_pe, latent, k_pe)
+            elif batch == 1 and not x.is_cuda:
+                out = self._attend_absorbed_cpu(q_nope, q_pe, latent, k_pe)
+            else:
+                out = self._attend_absorbed(q_nope, q_pe, latent, k_pe)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.heads * self.v_dim))
 
     def _attend_expanded(self, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
@@ -312,6 +317,33 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)
         mask = _causal_mask(q.shape[2], kv_len, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+
+    def _absorbed_weights_fp32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head into W_UK [H, nope, r] and W_UV^T [H, r, v], contiguous fp32 (made once).
+
+        On the CPU, bf16 batched matmuls on the strided halves of kv_b_proj copied and converted the
+        weights on every step (a third of a decode step for small); these copies cost 2 x the bf16 size.
+        """
+        weight = self.kv_b_proj.weight
+        if self._absorbed_fp32 is None or self._absorbed_fp32[0] is not weight:
+            w = weight.float().view(self.heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            w_k = w[:, : self.nope_dim].contiguous()
+            w_v_t = w[:, self.nope_dim :].transpose(1, 2).contiguous()
+            self._absorbed_fp32 = (weight, w_k, w_v_t)
+        return self._absorbed_fp32[1], self._absorbed_fp32[2]
+
+    def _attend_absorbed_cpu(self, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
+        """CPU decode, batch 1: the absorbed attention as fp32 matmuls on contiguous operands.
+
+        q_nope [1, H, 1, nope], q_pe [1, H, 1, rope], latent [1, T, r], k_pe [1, T, rope] -> [1, H, 1, v].
+        """
+        w_k, w_v_t = self._absorbed_weights_fp32()
+        q_latent = torch.bmm(q_nope[0].float(), w_k).squeeze(1)  # [H, r]
+        cached = latent[0].float()  # [T, r]
+        scores = q_latent @ cached.T + q_pe[0, :, 0].float() @ k_pe[0].float().T  # [H, T]
+        probs = torch.softmax(scores * self.softmax_scale, dim=-1)
+        out = torch.bmm((probs @ cached).unsqueeze(1), w_v_t)  # [H, 1, v]
+        return out.to(latent.dtype).unsqueeze(0)
 
     def _attend_absorbed(self, q_nope, q_pe, latent, k_pe, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decode: fold kv_b_proj into the query and the output, attend over the latent cache directly."""

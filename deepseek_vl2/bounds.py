@@ -398,46 +398,42 @@ def measure_memory_bandwidth(seconds: float = 1.0, size_bytes: Optional[int] = N
     # Random contents, all pages touched: identical (e.g. all-ones or zero) pages could be merged by the
     # hypervisor/KSM into one cached physical page and read impossibly fast.
     buf = torch.empty(n, dtype=torch.float32, device=dev).uniform_()
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    buf.sum()
+    best = _best_seconds(buf.sum, dev, seconds, min_runs=3)
+    del buf
+    return size_bytes / best / 1e9
+
+
+def _best_seconds(fn, device: torch.device, seconds: float, min_runs: int, give_up_after: float = float("inf")) -> float:
+    """Fastest of repeated timed calls of ``fn`` (after one warm-up call): at least ``min_runs``, then
+    until ``seconds`` have passed (50 at most); stops early once one call took ``give_up_after``."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
     sync()
     best = float("inf")
     deadline = time.perf_counter() + seconds
     runs = 0
-    while runs < 3 or time.perf_counter() < deadline:
+    while runs < min_runs or time.perf_counter() < deadline:
         start = time.perf_counter()
-        buf.sum()
+        fn()
         sync()
         best = min(best, time.perf_counter() - start)
         runs += 1
-        if runs >= 50:
+        if runs >= 50 or best > give_up_after:
             break
-    del buf
-    return size_bytes / best / 1e9
+    return best
 
 
 def measure_gemv_bandwidth(
     dtype: torch.dtype, rows: int = 8192, cols: int = 8192, seconds: float = 0.5, device: str = "cpu"
 ) -> float:
-    """Bandwidth (GB/s) a batch-1 ``F.linear`` achieves on a weight larger than the caches: what a
-    decode step's matmuls can reach with torch's own kernels (diagnostic, not the bound)."""
+    """Bandwidth (GB/s) a batch-1 linear achieves on a weight larger than the caches, through the path
+    decoding uses (``kernels.linear``: the fastest measured GEMV on a CPU) — diagnostic, not the bound."""
+    from .kernels import linear
+
     dev = torch.device(device)
     w = torch.empty(rows, cols, dtype=dtype, device=dev).uniform_(-0.02, 0.02)
     x = torch.randn(1, cols, dtype=dtype, device=dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    torch.nn.functional.linear(x, w)
-    sync()
-    best = float("inf")
-    deadline = time.perf_counter() + seconds
-    runs = 0
-    while runs < 3 or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        sync()
-        best = min(best, time.perf_counter() - start)
-        runs += 1
-        if runs >= 50:
-            break
+    best = _best_seconds(lambda: linear(x, w), dev, seconds, min_runs=3)
     return w.numel() * w.element_size() / best / 1e9
 
 
@@ -459,25 +455,13 @@ def measure_matmul_flops(
     """GEMM throughput in FLOP/s at prefill-like shapes: for each shape the best of a few runs, then the
     best over shapes (the throughput the prefill could reach). Returns early for emulated dtypes."""
     dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     budget = seconds / len(shapes)
     best_rate = 0.0
     for m, k, n in shapes:
         a = torch.randn(m, k, device=dev).to(dtype)
         w = torch.randn(n, k, device=dev).to(dtype)
-        torch.nn.functional.linear(a, w)
-        sync()
-        best = float("inf")
-        deadline = time.perf_counter() + budget
-        runs = 0
-        while runs < 2 or time.perf_counter() < deadline:
-            start = time.perf_counter()
-            torch.nn.functional.linear(a, w)
-            sync()
-            best = min(best, time.perf_counter() - start)
-            runs += 1
-            if best > budget:  # emulated: no need to measure how slow it is
-                break
+        # give_up_after: an emulated dtype needs no measuring of how slow it is
+        best = _best_seconds(lambda: torch.nn.functional.linear(a, w), dev, budget, min_runs=2, give_up_after=budget)
         best_rate = max(best_rate, 2 * m * k * n / best)
     return best_rate
 

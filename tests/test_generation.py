@@ -130,3 +130,46 @@ def test_static_decode_step_matches_dynamic(variant: str) -> None:
         dynamic = decode_one_token(language, token, prompt_len)
         static = language.decode_static(token.view(1), torch.tensor([prompt_len]), window=prompt_len + 300)
     assert torch.allclose(dynamic, static, atol=1e-5, rtol=1e-5)
+
+
+def _variant_config(**language_overrides):
+    """The mla-noaux fixture's config with language-model overrides (configs the fixtures do not cover)."""
+    import json
+
+    from deepseek_vl2.config import DeepseekVL2Config
+
+    values = json.loads((FIXTURES_DIR / "checkpoints" / "mla-noaux" / "config.json").read_text())
+    values["language_config"].update(language_overrides)
+    return DeepseekVL2Config.from_dict(values)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"q_lora_rank": 24},
+        {"topk_method": "group_limited_greedy", "scoring_func": "softmax", "n_group": 3, "topk_group": 2, "norm_topk_prob": False},
+        {"topk_method": "noaux_tc", "n_group": 2, "topk_group": 1},
+        {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "mscale": 0.707, "mscale_all_dim": 0.707}},
+        {"use_mla": False, "num_key_value_heads": 1, "rope_scaling": {"type": "linear", "factor": 2.0}},
+        {"moe_layer_freq": 2, "first_k_dense_replace": 1},
+    ],
+    ids=["q_lora", "group_limited", "noaux_groups", "yarn", "gqa_linear_rope", "moe_every_2nd"],
+)
+def test_other_configurations_decode_consistently(overrides: dict) -> None:
+    """Configurations of the official space beyond the fixtures: cached decoding equals a full forward."""
+    from deepseek_vl2.model import build_model, random_init
+
+    config = _variant_config(**overrides)
+    model = build_model(config, "cpu", torch.float32, random_init(std=0.2, seed=1))
+    language = model.language
+    embeds = torch.randn(1, 9, config.language.hidden_size)
+    with torch.inference_mode():
+        language.setup_cache(16)
+        steps = [prefill(language, embeds)]
+        tokens = [int(steps[-1].argmax())]
+        for i in range(3):
+            steps.append(decode_one_token(language, torch.tensor(tokens[-1]), 9 + i))
+            tokens.append(int(steps[-1].argmax()))
+        full = language(torch.cat([embeds, language.model.embed_tokens(torch.tensor([tokens[:-1]]))], dim=1))[0, 8:]
+    assert torch.isfinite(full).all()
+    assert torch.allclose(torch.stack(steps), full, atol=1e-4, rtol=1e-4)

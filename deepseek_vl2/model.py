@@ -264,7 +264,10 @@ def load_state(model: DeepseekVL2, files: Iterable[Path], progress: Optional[Cal
     expert_views: dict[Experts, dict[tuple[int, str], tuple[torch.Tensor, _Slot]]] = {}
     done = 0
     for path, header, data_start in headers:
-        mapped = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8) if mmap else None
+        mapped = None
+        if mmap:
+            mapped = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
+            _read_ahead(path)
         with open(path, "rb") as f:
             for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 start, end = info["data_offsets"]
@@ -307,6 +310,14 @@ def load_state(model: DeepseekVL2, files: Iterable[Path], progress: Optional[Cal
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(shown))
+
+
+def _read_ahead(path: Path) -> None:
+    """Ask the kernel to pull a mapped file into the page cache in the background, so that the first
+    request does not fault weights in from disk one page at a time (no-op where unsupported)."""
+    if hasattr(os, "posix_fadvise"):
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
 
 
 def _mappable(target: torch.Tensor, stored_dtype: torch.dtype, offset: int) -> bool:

@@ -1,0 +1,64 @@
+// Batch-1 linear for bf16 weights on x86 CPUs with AVX512-BF16: y[n] = sum_k w[n, k] * x[k].
+//
+// Decoding streams every active weight once per token, so this loop only has to keep up with memory.
+// vdpbf16ps multiplies 32 bf16 pairs and accumulates them into 16 fp32 lanes in one instruction, with no
+// separate bf16 -> fp32 conversion; PyTorch's generic bf16 kernel converts first and tops out at ~47 GB/s
+// on the 2-core EPYC this was measured on, where this one reaches ~62 GB/s (the memory's read rate).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cstring>
+
+namespace {
+
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof(value));
+  return value;
+}
+
+inline __m512bh load_bf16x32(const uint16_t* p) {
+  return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
+}
+
+}  // namespace
+
+// x: K bf16 values (any shape with K elements); w: [N, K] bf16, rows contiguous (any row stride).
+// Returns [N] fp32 sums; the caller adds a bias and rounds to the activation dtype.
+torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemv_bf16: bf16 tensors only");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv_bf16: CPU tensors only");
+  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, "gemv_bf16: weight must be 2-D with contiguous rows");
+  const auto xc = x.reshape({-1}).contiguous();
+  const int64_t rows = w.size(0), cols = w.size(1), row_stride = w.stride(0);
+  TORCH_CHECK(xc.numel() == cols, "gemv_bf16: x has ", xc.numel(), " values, weight rows have ", cols);
+
+  auto out = torch::empty({rows}, x.options().dtype(at::kFloat));
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  float* op = out.data_ptr<float>();
+  const int64_t cols64 = cols / 64 * 64, cols32 = cols / 32 * 32;
+
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint16_t* row = wp + n * row_stride;
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k < cols64; k += 64) {  // two independent accumulators hide the instruction's latency
+        acc0 = _mm512_dpbf16_ps(acc0, load_bf16x32(row + k), load_bf16x32(xp + k));
+        acc1 = _mm512_dpbf16_ps(acc1, load_bf16x32(row + k + 32), load_bf16x32(xp + k + 32));
+      }
+      for (; k < cols32; k += 32) acc0 = _mm512_dpbf16_ps(acc0, load_bf16x32(row + k), load_bf16x32(xp + k));
+      float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+      for (; k < cols; ++k) sum += bf16_to_float(row[k]) * bf16_to_float(xp[k]);
+      op[n] = sum;
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv_bf16", &gemv_bf16, "bf16 batch-1 linear with AVX512-BF16 (fp32 result)");
+}

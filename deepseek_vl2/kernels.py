@@ -78,10 +78,7 @@ def _avx512bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     extension = avx512_bf16_extension()
     if extension is None or weight.dtype != torch.bfloat16 or weight.stride(-1) != 1:
         return _native(x, weight, bias)
-    out = extension.gemv_bf16(x, weight)
-    if bias is not None:
-        out += bias
-    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    return extension.gemv_bf16(x, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 CANDIDATES: dict[str, Gemv] = {"aten": _aten, "native": _native, "onednn": _onednn, "avx512bf16": _avx512bf16}

@@ -19,15 +19,23 @@ inline float bf16_to_float(uint16_t bits) {
   return value;
 }
 
+inline uint16_t float_to_bf16(float value) {  // round to nearest even, as PyTorch's conversion does
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);  // NaN stays NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return uint16_t(bits >> 16);
+}
+
 inline __m512bh load_bf16x32(const uint16_t* p) {
   return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
 }
 
 }  // namespace
 
-// x: K bf16 values (any shape with K elements); w: [N, K] bf16, rows contiguous (any row stride).
-// Returns [N] fp32 sums; the caller adds a bias and rounds to the activation dtype.
-torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& w) {
+// x: K bf16 values (any shape with K elements); w: [N, K] bf16, rows contiguous (any row stride);
+// bias: [N] bf16 or undefined. Returns [N] bf16: the fp32 sum (+ bias) rounded once, as F.linear does.
+torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemv_bf16: bf16 tensors only");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv_bf16: CPU tensors only");
   TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, "gemv_bf16: weight must be 2-D with contiguous rows");
@@ -35,10 +43,16 @@ torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& w) {
   const int64_t rows = w.size(0), cols = w.size(1), row_stride = w.stride(0);
   TORCH_CHECK(xc.numel() == cols, "gemv_bf16: x has ", xc.numel(), " values, weight rows have ", cols);
 
-  auto out = torch::empty({rows}, x.options().dtype(at::kFloat));
+  torch::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == rows, "gemv_bf16: bias has ", bias->numel(), " values, weight has ", rows, " rows");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  auto out = torch::empty({rows}, x.options());
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  float* op = out.data_ptr<float>();
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t cols64 = cols / 64 * 64, cols32 = cols / 32 * 32;
 
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
@@ -53,12 +67,13 @@ torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& w) {
       for (; k < cols32; k += 32) acc0 = _mm512_dpbf16_ps(acc0, load_bf16x32(row + k), load_bf16x32(xp + k));
       float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
       for (; k < cols; ++k) sum += bf16_to_float(row[k]) * bf16_to_float(xp[k]);
-      op[n] = sum;
+      op[n] = float_to_bf16(bp ? sum + bp[n] : sum);
     }
   });
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv_bf16", &gemv_bf16, "bf16 batch-1 linear with AVX512-BF16 (fp32 result)");
+  m.def("gemv_bf16", &gemv_bf16, "bf16 batch-1 linear with AVX512-BF16", pybind11::arg("x"), pybind11::arg("w"),
+        pybind11::arg("bias") = pybind11::none());
 }

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LanguageConfig
-from .kernels import Linear, linear
+from .kernels import Linear, attend_one_query, linear
 
 # ---------------------------------------------------------------------------------------------------
 # Normalisation and rotary embeddings
@@ -247,6 +247,9 @@ class MultiHeadAttention(nn.Module):
         head are the rows of one matmul.
         """
         head_dim = q.shape[-1]
+        fused = attend_one_query(q.reshape(self.heads, head_dim), k[0], v[0], head_dim**-0.5)
+        if fused is not None:
+            return fused.view(1, self.heads, 1, head_dim)
         q = q.reshape(self.kv_heads, self.heads // self.kv_heads, head_dim).float()
         scores = torch.bmm(q, k[0].float().mT) * head_dim**-0.5  # [kv_heads, groups, T]
         probs = torch.softmax(scores, dim=-1)

@@ -8,7 +8,10 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -29,6 +32,19 @@ inline uint16_t float_to_bf16(float value) {  // round to nearest even, as PyTor
 
 inline __m512bh load_bf16x32(const uint16_t* p) {
   return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
+}
+
+inline float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t n) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= n; k += 64) {
+    acc0 = _mm512_dpbf16_ps(acc0, load_bf16x32(a + k), load_bf16x32(b + k));
+    acc1 = _mm512_dpbf16_ps(acc1, load_bf16x32(a + k + 32), load_bf16x32(b + k + 32));
+  }
+  for (; k + 32 <= n; k += 32) acc0 = _mm512_dpbf16_ps(acc0, load_bf16x32(a + k), load_bf16x32(b + k));
+  float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; k < n; ++k) sum += bf16_to_float(a[k]) * bf16_to_float(b[k]);
+  return sum;
 }
 
 }  // namespace
@@ -73,7 +89,52 @@ torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& w, const c1
   return out;
 }
 
+// Decode attention for one query token over a bf16 cache, no copies of the cache:
+// q: [heads, d]; k, v: [kv_heads, T, d] (rows contiguous, any other strides, e.g. views of the
+// preallocated cache); query head h attends with kv head h / (heads / kv_heads). Scores and the
+// softmax are fp32 (as the official code's softmax), the weighted sum of values is accumulated in fp32
+// and rounded once. Returns [heads, d] bf16.
+torch::Tensor attend_one_query_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "attend_one_query_bf16: bf16 only");
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), "attend_one_query_bf16: shapes");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "attend_one_query_bf16: cache rows must be contiguous");
+  const auto qc = q.contiguous();
+  const int64_t heads = qc.size(0), d = qc.size(1), kv_heads = k.size(0), length = k.size(1);
+  TORCH_CHECK(k.size(2) == d && heads % kv_heads == 0, "attend_one_query_bf16: head sizes disagree");
+  const int64_t group = heads / kv_heads;
+  auto out = torch::empty({heads, d}, q.options());
+  const auto* qp = reinterpret_cast<const uint16_t*>(qc.data_ptr());
+  const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr());
+  const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(length), acc(d);
+    for (int64_t h = begin; h < end; ++h) {
+      const int64_t kv = h / group;
+      const uint16_t* kh = kp + kv * k.stride(0);
+      const uint16_t* vh = vp + kv * v.stride(0);
+      float best = -INFINITY;
+      for (int64_t t = 0; t < length; ++t) {
+        scores[t] = dot_bf16(qp + h * d, kh + t * k.stride(1), d) * float(scale);
+        best = std::max(best, scores[t]);
+      }
+      float total = 0.0f;
+      for (int64_t t = 0; t < length; ++t) total += (scores[t] = std::exp(scores[t] - best));
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t t = 0; t < length; ++t) {
+        const float p = scores[t] / total;
+        const uint16_t* row = vh + t * v.stride(1);
+        for (int64_t i = 0; i < d; ++i) acc[i] += p * bf16_to_float(row[i]);
+      }
+      for (int64_t i = 0; i < d; ++i) op[h * d + i] = float_to_bf16(acc[i]);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attend_one_query_bf16", &attend_one_query_bf16, "single-query attention over a bf16 cache");
   m.def("gemv_bf16", &gemv_bf16, "bf16 batch-1 linear with AVX512-BF16", pybind11::arg("x"), pybind11::arg("w"),
         pybind11::arg("bias") = pybind11::none());
 }

@@ -4,8 +4,9 @@ Semantics follow what the official demo gets from Hugging Face ``generate``:
 
 * repetition penalty over every id seen so far — the whole prompt, image-token ids included, and the
   answer so far: a seen token's logit is divided by the penalty when positive, multiplied when negative;
-* sampling: penalty, then temperature, then top-p (smallest set whose probability reaches ``top_p``,
-  renormalised); greedy when ``temperature`` or ``top_p`` is 0;
+* sampling: penalty, then temperature, top-k (50, Hugging Face's default, which the official demo never
+  overrides) and top-p (smallest set whose probability reaches ``top_p``, renormalised); greedy when
+  ``temperature`` or ``top_p`` is 0;
 * stop at the end-of-sentence id, which is not returned.
 
 The prompt is prefilled in one pass over text and image embeddings into a preallocated cache; each

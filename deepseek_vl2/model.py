@@ -264,9 +264,10 @@ def load_state(model: DeepseekVL2, files: Iterable[Path], progress: Optional[Cal
     expert_views: dict[Experts, dict[tuple[int, str], tuple[torch.Tensor, _Slot]]] = {}
     done = 0
     for path, header, data_start in headers:
+        file_size = path.stat().st_size
         mapped = None
         if mmap:
-            mapped = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
+            mapped = torch.from_file(str(path), shared=False, size=file_size, dtype=torch.uint8)
             _read_ahead(path)
         with open(path, "rb") as f:
             for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
@@ -286,6 +287,9 @@ def load_state(model: DeepseekVL2, files: Iterable[Path], progress: Optional[Cal
                     problems.append(f"{key} has dtype {info['dtype']}, expected a floating-point tensor")
                     continue
                 offset = data_start + start
+                if data_start + end > file_size:
+                    problems.append(f"{path.name} ends before the data of {key} (truncated file?)")
+                    continue
                 view = None
                 if mapped is not None and _mappable(slot.target, stored_dtype, offset):
                     view = mapped[offset : data_start + end].view(stored_dtype).view(shape)

@@ -189,3 +189,12 @@ def test_identical_global_and_local_tile_run_the_tower_once() -> None:
         full = model.projector(model.vision(inputs.pixel_values))
     side = 14
     assert torch.allclose(deduplicated[: side * (side + 1)].view(side, side + 1, -1)[:, :side].reshape(-1, full.shape[-1]), full[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["copied", "mapped"])
+def test_truncated_file_is_named(tmp_path: Path, mmap: bool) -> None:
+    model_dir = _copy_checkpoint(tmp_path)
+    path = model_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="model.safetensors ends before the data of"):
+        load_model(model_dir, dtype=torch.bfloat16, mmap=mmap)

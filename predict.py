@@ -83,7 +83,7 @@ class Predictor(BasePredictor):
         repetition_penalty: float = Input(default=1.1, ge=0, le=2, description="Repetition penalty"),
     ) -> str:
         """Answer ``prompt`` about ``image``. Bad input raises ``InputError`` with a readable message."""
-        return self.pipeline.run(
+        answer = self.pipeline.run(
             image=str(image),
             prompt=prompt,
             temperature=temperature,
@@ -91,6 +91,9 @@ class Predictor(BasePredictor):
             max_length_tokens=max_length_tokens,
             repetition_penalty=repetition_penalty,
         )
+        if self.pipeline.last_stats is not None:
+            print(self.pipeline.last_stats, flush=True)  # shows up in the prediction's logs
+        return answer
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,8 @@ person who sent it.
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -87,6 +89,7 @@ class VL2Pipeline:
         self.dtype = dtype
         self.context_length = int(context_length)
         self.model_dir = model_dir
+        self.last_stats: Optional[GenerationStats] = None
 
     @classmethod
     def load(cls, model_dir: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
@@ -180,6 +183,7 @@ class VL2Pipeline:
                max_length_tokens: int = 2048, repetition_penalty: float = 1.1,
                seed: Optional[int] = None) -> Iterator[str]:
         """The answer in pieces as it is generated. Bad input raises here, before the first piece."""
+        self.last_stats = None
         settings = GenerationSettings(temperature, top_p, max_length_tokens, repetition_penalty, seed)
         text = self.build_prompt(prompt)
         if settings.max_length_tokens == 0:
@@ -193,13 +197,34 @@ class VL2Pipeline:
 
         eos_id = self.processor.eos_id
         decoder = self.processor.stream_decoder()
+        started = time.perf_counter()
+        stats = self.last_stats = GenerationStats(prompt_tokens=int(inputs.input_ids.shape[-1]))
         with torch.inference_mode():
             for token_id in generate_stream(self.model, inputs, cfg, eos_token_id=eos_id):
                 if int(token_id) == eos_id:  # generate_stream stops before it; never let it into the text
                     break
+                if stats.new_tokens == 0:
+                    stats.first_token_s = time.perf_counter() - started
+                stats.new_tokens += 1
+                stats.total_s = time.perf_counter() - started
                 piece = decoder.push(int(token_id))
                 if piece:
                     yield piece
         tail = decoder.flush()
         if tail:
             yield tail
+
+
+@dataclass
+class GenerationStats:
+    """Timing of the last request (``VL2Pipeline.last_stats``), for logs."""
+
+    prompt_tokens: int
+    new_tokens: int = 0
+    first_token_s: float = 0.0  # image + prompt in, first new token out
+    total_s: float = 0.0
+
+    def __str__(self) -> str:
+        decode = (self.new_tokens - 1) / (self.total_s - self.first_token_s) if self.new_tokens > 1 and self.total_s > self.first_token_s else 0.0
+        return (f"{self.prompt_tokens} prompt tokens, {self.new_tokens} new tokens; first token after "
+                f"{self.first_token_s:.2f} s, {decode:.1f} tokens/s after it, {self.total_s:.2f} s in all")

@@ -214,3 +214,13 @@ def test_answer_keeps_special_tokens_but_not_eos(mha, image_path, monkeypatch):
     monkeypatch.setattr(generation, "generate_stream", lambda *a, **k: iter(list(wanted) + [proc.eos_id, 5]))
     assert EOS not in mha.run(image_path, "Find the box.", temperature=0, top_p=1, max_length_tokens=50,
                               repetition_penalty=1)
+
+
+def test_last_stats_describe_the_last_request(mha, image_path):
+    answer = mha.run(image_path, "Describe this image.", temperature=0, max_length_tokens=4)
+    stats = mha.last_stats
+    assert stats is not None and stats.prompt_tokens > 400 and 1 <= stats.new_tokens <= 4 and answer is not None
+    assert 0 < stats.first_token_s <= stats.total_s
+    assert "prompt tokens" in str(stats)
+    mha.run(image_path, "Describe this image.", max_length_tokens=0)
+    assert mha.last_stats is None  # nothing generated: no stale figures from the request before

@@ -198,3 +198,42 @@ def test_truncated_file_is_named(tmp_path: Path, mmap: bool) -> None:
     path.write_bytes(path.read_bytes()[:-1000])
     with pytest.raises(CheckpointError, match="model.safetensors ends before the data of"):
         load_model(model_dir, dtype=torch.bfloat16, mmap=mmap)
+
+
+def test_global_view_tail_puts_the_local_tiles_first() -> None:
+    """global_view_pos "tail": local tiles, separator, global view (the same pieces as "head", reordered)."""
+    from PIL import Image
+
+    from deepseek_vl2.processor import DeepseekVL2Processor
+
+    path = FIXTURES_DIR / "checkpoints" / "mha"
+    processor, model = DeepseekVL2Processor.from_pretrained(path), load_model(path)
+    inputs = processor.process_prompt("<image>\nWhat is this?", [Image.new("RGB", (640, 480), (10, 200, 30))])
+    with torch.inference_mode():
+        head = model.encode_images(inputs.pixel_values, inputs.images_spatial_crop)
+        model.config.global_view_pos = "tail"
+        try:
+            tail = model.encode_images(inputs.pixel_values, inputs.images_spatial_crop)
+        finally:
+            model.config.global_view_pos = "head"
+    global_len = 14 * 15  # 14 rows of 14 tokens + newline
+    assert torch.equal(tail[-global_len:], head[:global_len])
+    assert torch.equal(tail[-global_len - 1], model.view_seperator)
+    assert torch.equal(tail[: -global_len - 1], head[global_len + 1 :])
+
+
+@pytest.mark.parametrize("kind, depth", [("identity", 1), ("linear", 1), ("mlp_gelu", 2), ("downsample_mlp_gelu", 1), ("downsample_mlp_gelu", 3)])
+def test_projector_types_have_the_official_layers(kind: str, depth: int) -> None:
+    from deepseek_vl2.config import ProjectorConfig
+    from deepseek_vl2.projector import MlpProjector
+
+    config = ProjectorConfig(projector_type=kind, input_dim=48, n_embed=64, depth=depth)
+    projector = MlpProjector(config)
+    tokens = torch.randn(2, 729, 48)
+    out = projector(tokens)
+    expected_tokens = 196 if kind == "downsample_mlp_gelu" else 729
+    assert out.shape == (2, expected_tokens, 48 if kind == "identity" else 64)
+    linears = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)]
+    # The official builder: downsample_mlp_gelu always ends with GELU + Linear (2 Linears even at depth 1).
+    expected = {"identity": 0, "linear": 1, "mlp_gelu": depth, "downsample_mlp_gelu": max(depth, 2)}[kind]
+    assert len(linears) == expected

@@ -17,13 +17,13 @@ uses and take a second or two each.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .config import DeepseekVL2Config, LanguageConfig, ProjectorConfig, VisionConfig
+from .hardware import best_seconds
 
 # Geometry of the image-token layout (spec §3.2): 14x14 tokens per 384-px view after the 2x2 downsample.
 _LAYOUT_SIDE = 14
@@ -398,29 +398,9 @@ def measure_memory_bandwidth(seconds: float = 1.0, size_bytes: Optional[int] = N
     # Random contents, all pages touched: identical (e.g. all-ones or zero) pages could be merged by the
     # hypervisor/KSM into one cached physical page and read impossibly fast.
     buf = torch.empty(n, dtype=torch.float32, device=dev).uniform_()
-    best = _best_seconds(buf.sum, dev, seconds, min_runs=3)
+    best = best_seconds(buf.sum, min_runs=3, seconds=seconds, device=dev)
     del buf
     return size_bytes / best / 1e9
-
-
-def _best_seconds(fn, device: torch.device, seconds: float, min_runs: int, give_up_after: float = float("inf")) -> float:
-    """Fastest of repeated timed calls of ``fn`` (after one warm-up call): at least ``min_runs``, then
-    until ``seconds`` have passed (50 at most); stops early once one call took ``give_up_after``."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    best = float("inf")
-    deadline = time.perf_counter() + seconds
-    runs = 0
-    while runs < min_runs or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - start)
-        runs += 1
-        if runs >= 50 or best > give_up_after:
-            break
-    return best
 
 
 def measure_gemv_bandwidth(
@@ -433,7 +413,7 @@ def measure_gemv_bandwidth(
     dev = torch.device(device)
     w = torch.empty(rows, cols, dtype=dtype, device=dev).uniform_(-0.02, 0.02)
     x = torch.randn(1, cols, dtype=dtype, device=dev)
-    best = _best_seconds(lambda: linear(x, w), dev, seconds, min_runs=3)
+    best = best_seconds(lambda: linear(x, w), min_runs=3, seconds=seconds, device=dev)
     return w.numel() * w.element_size() / best / 1e9
 
 
@@ -460,8 +440,7 @@ def measure_matmul_flops(
     for m, k, n in shapes:
         a = torch.randn(m, k, device=dev).to(dtype)
         w = torch.randn(n, k, device=dev).to(dtype)
-        # give_up_after: an emulated dtype needs no measuring of how slow it is
-        best = _best_seconds(lambda: torch.nn.functional.linear(a, w), dev, budget, min_runs=2, give_up_after=budget)
+        best = best_seconds(lambda: torch.nn.functional.linear(a, w), min_runs=2, seconds=budget, give_up_after=budget, device=dev)
         best_rate = max(best_rate, 2 * m * k * n / best)
     return best_rate
 

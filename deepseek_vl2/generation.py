@@ -120,14 +120,19 @@ class CudaGraphDecoder:
             and language.model.rotary.kind != "dynamic"  # its base depends on the length, read on the host
         )
 
+    @classmethod
+    def window_for(cls, pos: int) -> int:
+        """The power-of-two attention window (at least MIN_WINDOW) that covers position ``pos``."""
+        window = cls.MIN_WINDOW
+        while window < pos + 1:
+            window *= 2
+        return window
+
     def __call__(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         if self.cache_version != self.language.cache_version:
             self.graphs.clear()
             self.cache_version = self.language.cache_version
-        window = self.MIN_WINDOW
-        while window < pos + 1:
-            window *= 2
-        window = min(window, self.language.max_seq_len)
+        window = min(self.window_for(pos), self.language.max_seq_len)
         self.token.copy_(token.view(1))
         self.position.fill_(pos)
         if window not in self.graphs:

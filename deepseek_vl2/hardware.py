@@ -22,18 +22,32 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _matmul_seconds(dtype: torch.dtype, size: int = 256, repeats: int = 3) -> float:
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    a @ b  # warm-up: kernel selection, thread pool start
+def best_seconds(fn, min_runs: int, seconds: float = 0.0, give_up_after: float = float("inf"),
+                 device: torch.device | str = "cpu") -> float:
+    """Fastest of repeated timed calls of ``fn`` (after one warm-up call: kernel choice, thread pool):
+    at least ``min_runs``, then until ``seconds`` have passed (50 at most); stops early once one call
+    took ``give_up_after`` (an emulated dtype needs no measuring of how slow it is)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    fn()
+    sync()
     best = float("inf")
-    for _ in range(repeats):
+    deadline = time.perf_counter() + seconds
+    runs = 0
+    while runs < min_runs or time.perf_counter() < deadline:
         start = time.perf_counter()
-        a @ b
+        fn()
+        sync()
         best = min(best, time.perf_counter() - start)
-        if best > 0.5:  # emulated bf16: no need to keep measuring how slow it is
+        runs += 1
+        if runs >= 50 or best > give_up_after:
             break
     return best
+
+
+def _matmul_seconds(dtype: torch.dtype, size: int = 256) -> float:
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    return best_seconds(lambda: a @ b, min_runs=3, give_up_after=0.5)
 
 
 @functools.lru_cache(maxsize=1)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,6 +21,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .hardware import best_seconds
 
 Gemv = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -95,16 +96,6 @@ CANDIDATES: dict[str, Gemv] = {"aten": _aten, "native": _native, "onednn": _oned
 _chosen: dict[torch.dtype, Gemv] = {}
 
 
-def _seconds(gemv: Gemv, weight: torch.Tensor, x: torch.Tensor, repeats: int = 4) -> float:
-    gemv(x, weight, None)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        gemv(x, weight, None)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def cpu_gemv(dtype: torch.dtype) -> Gemv:
     """The fastest batch-1 linear for ``dtype`` on this CPU (measured once per process, ~0.2 s)."""
     if dtype in _chosen:
@@ -122,7 +113,7 @@ def cpu_gemv(dtype: torch.dtype) -> Gemv:
         if name == "avx512bf16" and (dtype != torch.bfloat16 or avx512_bf16_extension() is None):
             continue
         try:
-            timings[name] = _seconds(gemv, weight, x)
+            timings[name] = best_seconds(lambda: gemv(x, weight, None), min_runs=4)
         except (RuntimeError, AttributeError, NotImplementedError):  # path missing in this build
             continue
     _chosen[dtype] = CANDIDATES[min(timings, key=timings.get)] if timings else _aten

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -158,7 +157,6 @@ class CheckpointError(ValueError):
 
 # Stored by the official checkpoints but never run (ignore_head=True): skipped, no memory, no compute.
 IGNORED_KEYS = re.compile(r"^vision\.attn_pool\.")
-_EXPERT_KEY = re.compile(r"^(language\.model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 _SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -235,7 +233,7 @@ def _read_into(f, offset: int, nbytes: int, stored_dtype: torch.dtype, target: t
     """Read one stored tensor into ``target`` (a parameter view), converting dtype/device as needed."""
     f.seek(offset)
     if target.dtype == stored_dtype and target.device.type == "cpu" and target.is_contiguous():
-        view = target.view(torch.uint8).numpy() if stored_dtype != torch.bool else target.numpy()
+        view = target.view(torch.uint8).numpy()  # only floating-point tensors get here
         if f.readinto(memoryview(view).cast("B")) != nbytes:
             raise CheckpointError(f"{f.name} ends early")
         return

@@ -121,10 +121,7 @@ class VL2Pipeline:
         prompt_len = int(inputs.input_ids.shape[-1])
         steps = 2
         if self.device.type == "cuda":
-            window = CudaGraphDecoder.MIN_WINDOW
-            while window < prompt_len + 1:
-                window *= 2
-            steps = window - prompt_len + 2
+            steps = CudaGraphDecoder.window_for(prompt_len) - prompt_len + 2
         steps = min(steps, self.context_length - prompt_len)
         with torch.inference_mode():
             for _ in generate_stream(self.model, inputs.to(self.device, dtype=self.dtype),

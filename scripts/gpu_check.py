@@ -106,7 +106,6 @@ def speed(name: str, config_path: Path, prompt_tokens: int, tiles: int, new_toke
     torch.cuda.reset_peak_memory_stats()
     t_build, model = cuda_time(lambda: build_model(config, "cuda", torch.bfloat16, random_init()))
     lm = model.language
-    image_tokens = 0
     res = {"build_s": round(t_build, 2)}
     with torch.inference_mode():
         pixels = torch.randn(tiles, 3, 384, 384, device="cuda", dtype=torch.bfloat16)

@@ -4,10 +4,15 @@ Decoding reads every active weight once per token, so its speed is the speed of 
 row of ``x``. PyTorch has several CPU paths for that and which one is fast depends on the CPU and the
 dtype (measured on a 2-core EPYC with avx512_bf16: fp32 through MKL 15 GB/s but through oneDNN 35 GB/s;
 bf16 through oneDNN 17-22 GB/s, through PyTorch's own kernel 35-47 GB/s, through our AVX512-BF16 kernel
-(``csrc/gemv_bf16.cpp``, compiled on first use where the CPU has the instructions and a C++ compiler is
+(``csrc/decode_bf16.cpp``, compiled on first use where the CPU has the instructions and a C++ compiler is
 present) 35-62 GB/s, the higher figures when the memory itself reads faster). So the path is chosen per
 dtype by timing each candidate once on a weight larger than the caches, never from the CPU's name.
 ``DEEPSEEK_VL2_CPU_GEMV`` (``aten`` / ``native`` / ``onednn`` / ``avx512bf16``) forces one.
+
+With the extension, a bf16 decode step also runs its layer-level kernels: several linears of one input
+in one call (``linear_many``) and a token through its experts in one call (``swiglu_experts``): one expert
+is only 2-5 MB, so per-call costs (Python, waking the threads, prefetchers ramping up) are a large share
+of streaming it.
 """
 
 from __future__ import annotations
@@ -55,16 +60,16 @@ def _cpu_flags() -> set[str]:
 
 @functools.lru_cache(maxsize=1)
 def avx512_bf16_extension() -> Optional[Any]:
-    """The compiled ``csrc/gemv_bf16.cpp`` (cached by PyTorch under ``~/.cache/torch_extensions``), or None
+    """The compiled ``csrc/decode_bf16.cpp`` (cached by PyTorch under ``~/.cache/torch_extensions``), or None
     where the CPU lacks AVX512-BF16 or no compiler/ninja is available (``DEEPSEEK_VL2_CPU_KERNEL=0`` skips)."""
     if os.environ.get("DEEPSEEK_VL2_CPU_KERNEL", "1") == "0" or not {"avx512f", "avx512bw", "avx512_bf16"} <= _cpu_flags():
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        source = Path(__file__).with_name("csrc") / "gemv_bf16.cpp"
+        source = Path(__file__).with_name("csrc") / "decode_bf16.cpp"
         return load(
-            name="deepseek_vl2_gemv_bf16",
+            name="deepseek_vl2_decode_bf16",
             sources=[str(source)],
             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -90,6 +95,67 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         return None
     extension = avx512_bf16_extension()
     return None if extension is None else extension.attend_one_query_bf16(q, k, v, scale)
+
+
+def _fused_extension(x: torch.Tensor) -> Optional[Any]:
+    """The extension, when ``x`` is one bf16 token on the CPU (the layer-level decode kernels apply)."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.numel() != x.shape[-1]:
+        return None
+    return avx512_bf16_extension()
+
+
+def linear_many(x: torch.Tensor, layers: list[nn.Linear]) -> Optional[list[torch.Tensor]]:
+    """``[layer(x) for layer in layers]`` for one bf16 token on the CPU in one kernel call; None where
+    the extension does not apply (the caller then runs the layers one by one)."""
+    extension = _fused_extension(x)
+    if extension is None or any(layer.weight.dtype != torch.bfloat16 or layer.weight.stride(-1) != 1 for layer in layers):
+        return None
+    outs = extension.gemv_bf16_many([x] * len(layers), [layer.weight for layer in layers], [layer.bias for layer in layers])
+    return [out.view(*x.shape[:-1], -1) for out in outs]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
+    """``weight * F.rms_norm(x)`` for one bf16 token on the CPU (PyTorch's fused op costs ~11 us there,
+    more than streaming a small weight); None where the extension does not apply."""
+    extension = _fused_extension(x)
+    if extension is None or weight.dtype != torch.bfloat16:
+        return None
+    return extension.rms_norm_bf16(x, weight, eps)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """``F.linear(x.float(), weight)`` for one bf16 token and an fp32 router weight, single-threaded
+    (in the model PyTorch's fp32 path takes ~40 us for this 64 x 1280 matrix); None where not applicable."""
+    extension = _fused_extension(x)
+    if extension is None or weight.dtype != torch.float32 or weight.stride(-1) != 1:
+        return None
+    return extension.router_logits_f32(x, weight)
+
+
+def mha_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, position: int, scale: float) -> Optional[torch.Tensor]:
+    """One token of plain multi-head attention after its projections, in one call: half-split RoPE of q
+    and k, k/v written to the caches ([kv_heads, T, d]) at ``position``, attention over [0, position].
+    q: heads*d values, k/v: kv_heads*d, cos/sin: d -> [heads*d] bf16; None where the extension does not apply."""
+    extension = _fused_extension(q)
+    if extension is None or k_cache.dtype != torch.bfloat16 or cos.dtype != torch.bfloat16:
+        return None
+    return extension.mha_decode_bf16(q, k, v, cos, sin, k_cache, v_cache, position, scale)
+
+
+Expert = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # SwiGLU weights (gate [I, D], up [I, D], down [D, I])
+
+
+def swiglu_experts(x: torch.Tensor, routed: list[Expert], weights: list[float], shared: Optional[Expert] = None) -> Optional[torch.Tensor]:
+    """One bf16 token through SwiGLU experts in one kernel call, rounded like the eager modules:
+    ``bf16(sum_e weights[e] * routed[e](x)) [+ shared(x)]``, the sum in fp32. x: [..., D] with one token;
+    None where the extension does not apply."""
+    extension = _fused_extension(x)
+    experts = routed + ([shared] if shared is not None else [])
+    if extension is None or any(w.dtype != torch.bfloat16 or w.stride(-1) != 1 for expert in experts for w in expert):
+        return None
+    gates, ups, downs = (list(column) for column in zip(*experts))
+    return extension.swiglu_moe_bf16(x, gates, ups, downs, weights).view(x.shape)
 
 
 CANDIDATES: dict[str, Gemv] = {"aten": _aten, "native": _native, "onednn": _onednn, "avx512bf16": _avx512bf16}

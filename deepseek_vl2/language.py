@@ -25,7 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LanguageConfig
-from .kernels import Linear, attend_one_query, linear
+from .kernels import (
+    Expert,
+    Linear,
+    attend_one_query,
+    linear,
+    linear_many,
+    mha_decode,
+    rms_norm,
+    router_logits,
+    swiglu_experts,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # Normalisation and rotary embeddings
@@ -40,6 +50,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, scale in the activation dtype, like the official code. The fused kernel
         # computes in fp32 for bf16 input and rounds once: bit-identical to upcasting first.
+        one_token = rms_norm(x, self.weight, self.eps)  # CPU decode in bf16: one cheap call
+        if one_token is not None:
+            return one_token
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
@@ -222,9 +235,16 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        q, k, v = linear_many(x, projections) or [projection(x) for projection in projections]
+        if seq == 1 and batch == 1 and ctx.use_cache and not ctx.static:
+            # CPU decode in bf16: RoPE, cache write and attention in one call.
+            out = mha_decode(q, k, v, ctx.cos, ctx.sin, self.cache.k[0], self.cache.v[0], ctx.start_pos, self.head_dim**-0.5)
+            if out is not None:
+                return self.o_proj(out.view(batch, seq, -1))
+        q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.static:
             k, v = self.cache.update_static(ctx.position, ctx.window, k, v)
@@ -374,7 +394,13 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, intermediate, bias=False)
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
+    def swiglu_weights(self) -> Expert:
+        return self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = swiglu_experts(x, [], [], shared=self.swiglu_weights())  # one bf16 token on the CPU
+        if fused is not None:
+            return fused
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -408,7 +434,9 @@ class MoEGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, D] -> (weights [N, k] fp32, expert ids [N, k])."""
-        logits = linear(x.float(), self.weight)
+        logits = router_logits(x, self.weight)  # one bf16 token on the CPU
+        if logits is None:
+            logits = linear(x.float(), self.weight)
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         n = scores.shape[0]
         if self.method == "greedy":
@@ -446,6 +474,13 @@ class Experts(nn.Module):
         self.views = views
         self.gate_up_proj = nn.Parameter(torch.empty(0, *self.gate_up_proj.shape[1:], dtype=views[0][0].dtype), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(0, *self.down_proj.shape[1:], dtype=views[0][0].dtype), requires_grad=False)
+
+    def swiglu_weights(self, expert: int) -> Expert:
+        """(gate [I, D], up [I, D], down [D, I]) of one expert: views, nothing copied."""
+        if self.views is not None:
+            return self.views[expert]
+        gate_up = self.gate_up_proj[expert]
+        return gate_up[: self.intermediate], gate_up[self.intermediate :], self.down_proj[expert]
 
     def _expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert's SwiGLU on the CPU: x [n, D] -> [n, D]."""
@@ -527,6 +562,12 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, ids = self.gate(flat)
+        if flat.shape[0] == 1 and not flat.is_cuda:  # CPU decode: the chosen and shared experts in one call
+            shared = self.shared_experts.swiglu_weights() if self.shared_experts is not None else None
+            chosen = [self.experts.swiglu_weights(e) for e in ids[0].tolist()]
+            fused = swiglu_experts(x, chosen, weights[0].tolist(), shared)
+            if fused is not None:
+                return fused
         y = self.experts(flat, weights, ids).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -173,3 +173,36 @@ def test_other_configurations_decode_consistently(overrides: dict) -> None:
         full = language(torch.cat([embeds, language.model.embed_tokens(torch.tensor([tokens[:-1]]))], dim=1))[0, 8:]
     assert torch.isfinite(full).all()
     assert torch.allclose(torch.stack(steps), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla", "mla-noaux"])
+def test_cpu_bf16_decode_kernels_match_the_eager_layers(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 decoding on the CPU through the layer-level kernels (RMSNorm, q/k/v, RoPE + cache + attention,
+    router, experts) gives the logits of the same steps through the eager PyTorch layers."""
+    from deepseek_vl2 import kernels
+
+    if kernels.avx512_bf16_extension() is None:
+        pytest.skip("this CPU has no AVX512-BF16 (or no C++ compiler/ninja): decoding uses the eager layers")
+    model = load_model(FIXTURES_DIR / "checkpoints" / variant, dtype=torch.bfloat16)
+    language = model.language
+    embeds = torch.randn(1, 40, language.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    tokens = [5, 77, 1000, 31]
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            language.setup_cache(48)
+            steps = [prefill(language, embeds)]
+            for i, token in enumerate(tokens):
+                steps.append(decode_one_token(language, torch.tensor(token), 40 + i))
+        return torch.stack(steps)
+
+    available = kernels._fused_extension
+    used = []
+    monkeypatch.setattr(kernels, "_fused_extension", lambda x: used.append(x) or available(x))
+    fused = run()
+    assert len(used) >= 5 * len(tokens)  # norms, projections, attention, router, experts of every step
+    monkeypatch.setattr(kernels, "_fused_extension", lambda x: None)
+    eager = run()
+    assert torch.equal(fused[0], eager[0])  # the prefill does not use them
+    scale = eager.abs().max().item()
+    assert (fused - eager).abs().max().item() < 2e-2 * scale

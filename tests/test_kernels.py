@@ -72,3 +72,106 @@ def test_single_query_attention_over_a_bf16_cache(heads: int, kv_heads: int, len
     assert out.dtype == torch.bfloat16 and out.shape == (heads, d)
     assert ((out.double() - reference).abs().max() / reference.abs().max()).item() < 1e-2
     assert kernels.attend_one_query(q.float(), k.float(), v.float(), d**-0.5) is None  # fp32: the caller's path
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer-level decode kernels (one bf16 token on the CPU). Each is compared with the eager PyTorch
+# computation it replaces, in bf16: the sums run in another order, so results may differ by a rounding.
+
+needs_extension = pytest.mark.skipif(
+    kernels.avx512_bf16_extension() is None,
+    reason="this CPU has no AVX512-BF16 (or no C++ compiler/ninja), so these kernels do not exist here",
+)
+BF16 = torch.bfloat16
+
+
+def _bf16(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(BF16)
+
+
+def _close(out: torch.Tensor, reference: torch.Tensor, ulps: float = 2.0) -> None:
+    """Within a few bf16 roundings of the reference's largest magnitude."""
+    assert out.shape == reference.shape and out.dtype == reference.dtype
+    error = (out.double() - reference.double()).abs().max().item()
+    assert error <= ulps * 2**-8 * reference.double().abs().max().item(), f"max error {error:.3e}"
+
+
+@needs_extension
+def test_linear_many_equals_each_linear() -> None:
+    x = _bf16(1, 1, 1280, seed=1)
+    layers = [torch.nn.Linear(1280, n, bias=bias).to(BF16) for n, bias in ((1280, True), (256, False), (72, True))]
+    outs = kernels.linear_many(x, layers)
+    assert outs is not None and len(outs) == 3
+    for out, layer in zip(outs, layers):
+        _close(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert kernels.linear_many(x.float(), [layer.float() for layer in layers]) is None  # fp32: the caller's path
+    assert kernels.linear_many(_bf16(2, 1280, seed=2), layers) is None  # more than one token
+
+
+def _swiglu_eager(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    F = torch.nn.functional
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+@needs_extension
+@pytest.mark.parametrize("routed, shared", [(6, True), (2, False), (0, True)], ids=["routed+shared", "routed", "shared-only"])
+def test_swiglu_experts_equal_the_moe_layer(routed: int, shared: bool) -> None:
+    hidden, inter = 640, 224
+    x = _bf16(1, 1, hidden, seed=3)
+    stacked = _bf16(8, 2 * inter, hidden, seed=4, scale=0.05)  # strided gate/up views, as Experts keeps them
+    downs = _bf16(8, hidden, inter, seed=5, scale=0.05)
+    experts = [(stacked[e, :inter], stacked[e, inter:], downs[e]) for e in (5, 1, 7, 0, 3, 6)[:routed]]
+    weights = [0.31, 0.22, 0.17, 0.12, 0.1, 0.08][:routed]
+    shared_expert = (_bf16(2 * inter, hidden, seed=6, scale=0.05), _bf16(2 * inter, hidden, seed=7, scale=0.05),
+                     _bf16(hidden, 2 * inter, seed=8, scale=0.05)) if shared else None
+    out = kernels.swiglu_experts(x, experts, weights, shared_expert)
+    # The eager MoE: expert outputs in bf16, weighted sum in fp32, rounded, then + shared in bf16.
+    reference = torch.zeros(1, 1, hidden, dtype=BF16)
+    if routed:
+        reference = sum(w * _swiglu_eager(x, *e).float() for w, e in zip(weights, experts)).to(BF16)
+    if shared:
+        reference = reference + _swiglu_eager(x, *shared_expert) if routed else _swiglu_eager(x, *shared_expert)
+    _close(out, reference, ulps=4)
+
+
+@needs_extension
+def test_rms_norm_equals_the_module() -> None:
+    from deepseek_vl2.language import RMSNorm
+
+    norm = RMSNorm(1280, eps=1e-6).to(BF16)
+    norm.weight.data = _bf16(1280, seed=9)
+    x = _bf16(1, 1, 1280, seed=10, scale=3.0)
+    out = kernels.rms_norm(x, norm.weight, 1e-6)
+    _close(out, norm.weight * torch.nn.functional.rms_norm(x, (1280,), eps=1e-6), ulps=1)
+
+
+@needs_extension
+def test_router_logits_equal_fp32_linear() -> None:
+    x, weight = _bf16(1, 1280, seed=11), torch.randn(64, 1280, generator=torch.Generator().manual_seed(12))
+    out = kernels.router_logits(x, weight)
+    assert torch.allclose(out, torch.nn.functional.linear(x.float(), weight), atol=1e-4, rtol=1e-5)
+    assert kernels.router_logits(x, weight.to(BF16)) is None
+
+
+@needs_extension
+@pytest.mark.parametrize("heads, kv_heads, position", [(10, 10, 0), (10, 10, 300), (8, 2, 41)])
+def test_mha_decode_writes_the_cache_and_attends(heads: int, kv_heads: int, position: int) -> None:
+    from deepseek_vl2.language import apply_rope
+
+    d, length = 128, 350
+    q, k, v = _bf16(1, 1, heads * d, seed=13), _bf16(1, 1, kv_heads * d, seed=14), _bf16(1, 1, kv_heads * d, seed=15)
+    angles = torch.linspace(0, 6, d // 2)
+    cos = torch.cat([angles.cos(), angles.cos()]).view(1, d).to(BF16)
+    sin = torch.cat([angles.sin(), angles.sin()]).view(1, d).to(BF16)
+    k_cache, v_cache = _bf16(kv_heads, length, d, seed=16), _bf16(kv_heads, length, d, seed=17)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    out = kernels.mha_decode(q, k, v, cos, sin, k_cache, v_cache, position, d**-0.5)
+    # The cache rows are exactly what the eager path stores (same bf16 roundings); nothing else changes.
+    expected_k[:, position] = apply_rope(k.view(kv_heads, 1, d), cos, sin)[:, 0]
+    expected_v[:, position] = v.view(kv_heads, d)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    q_rot = apply_rope(q.view(heads, 1, d), cos, sin).view(kv_heads, heads // kv_heads, d).double()
+    keys, values = expected_k[:, : position + 1].double(), expected_v[:, : position + 1].double()
+    reference = (torch.softmax(q_rot @ keys.mT * d**-0.5, -1) @ values).reshape(heads * d)
+    assert out.shape == (heads * d,)
+    assert (out.double() - reference).abs().max().item() < 1e-2 * reference.abs().max().item()

@@ -45,9 +45,29 @@ class GenerationConfig:
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """logits [V] fp32, seen [V] bool -> penalised logits (Hugging Face's rule)."""
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalised, logits)
+    """logits [V] fp32; seen: [V] bool, or the ids seen so far (repeats allowed) -> penalised logits
+    (Hugging Face's rule). With ids only those logits are touched, not the whole vocabulary."""
+    ids = seen.nonzero().view(-1) if seen.dtype == torch.bool else seen
+    picked = logits.index_select(0, ids)
+    out = logits.clone()
+    out[ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return out
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax()`` for a [V] vector, as a 0-d tensor. On the CPU PyTorch's argmax is a scalar
+    loop (~110 us for 129k logits) while ``amax`` is vectorised (~7 us): find the first row of 1024 that
+    holds the maximum, then the first maximum in it (the same index: the first occurrence)."""
+    width = 1024
+    if logits.is_cuda or logits.numel() < 4 * width or not bool(torch.isfinite(maximum := logits.amax())):
+        return logits.argmax()
+    rows = logits.numel() // width
+    head = logits[: rows * width].view(rows, width)
+    in_head = head.amax(dim=1) == maximum
+    if bool(in_head.any()):
+        row = int(in_head.to(torch.uint8).argmax())
+        return head[row].argmax() + row * width
+    return logits[rows * width :].argmax() + rows * width
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> torch.Tensor:
@@ -67,12 +87,21 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k
 
 
 def sample(logits: torch.Tensor, seen: torch.Tensor, config: GenerationConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """logits [V] fp32 -> next token id as a 0-d tensor (still on the device)."""
+    """logits [V] fp32, seen: ids seen so far (or a [V] bool mask) -> next token id as a 0-d tensor
+    (still on the device)."""
     if config.penalty is not None:
         logits = apply_repetition_penalty(logits, seen, config.penalty)
     if not config.do_sample:
-        return logits.argmax()
-    probs = sampling_probs(logits, config.temperature, config.top_p, config.top_k)
+        return _argmax(logits)
+    top_k = config.top_k
+    if 0 < top_k < logits.shape[-1] and not logits.is_cuda:  # (the tie check below reads back: CPU only)
+        # Only the top-k logits can be drawn, so temperature, top-p and the draw run over those k alone:
+        # the same distribution, without sorting the whole vocabulary (~7 ms per token for 129k logits).
+        values, ids = torch.topk(logits, top_k)
+        if int((logits >= values[-1]).sum()) == top_k:  # no ties at the k-th value (those stay in)
+            probs = sampling_probs(values, config.temperature, config.top_p, top_k=0)
+            return ids[torch.multinomial(probs, 1, generator=generator)[0]]
+    probs = sampling_probs(logits, config.temperature, config.top_p, top_k)
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 
@@ -223,20 +252,23 @@ def generate_from_embeds(
             generator.manual_seed(config.seed)
         else:
             generator.seed()
-    seen = torch.zeros(language.config.vocab_size, dtype=torch.bool, device=device)
-    seen[prompt_ids.to(device).view(-1)] = True
+    # Every id seen so far, repeats included (the penalty touches only these logits).
+    seen = torch.empty(prompt_len + max_new, dtype=torch.long, device=device)
+    seen[:prompt_len] = prompt_ids.to(device).view(-1)
+    n_seen = prompt_len
 
     step_fn = _step_function(language, cuda_graphs)
     logits = prefill(language, embeds)
     for step in range(max_new):
-        token = sample(logits, seen, config, generator)
+        token = sample(logits, seen[:n_seen], config, generator)
         token_id = int(token)  # the one host sync per step
         if token_id == eos_token_id:
             return
         yield token_id
         if step == max_new - 1:
             return
-        seen[token] = True
+        seen[n_seen] = token
+        n_seen += 1
         logits = step_fn(token, prompt_len + step)
 
 

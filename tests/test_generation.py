@@ -206,3 +206,49 @@ def test_cpu_bf16_decode_kernels_match_the_eager_layers(variant: str, monkeypatc
     assert torch.equal(fused[0], eager[0])  # the prefill does not use them
     scale = eager.abs().max().item()
     assert (fused - eager).abs().max().item() < 2e-2 * scale
+
+
+def test_penalty_by_ids_equals_penalty_by_mask() -> None:
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([3, 999, 17, 3, 500, 17])  # repeats, as the running history holds them
+    mask = torch.zeros(1000, dtype=torch.bool)
+    mask[ids] = True
+    by_ids = apply_repetition_penalty(logits, ids, 1.3)
+    assert torch.equal(by_ids, apply_repetition_penalty(logits, mask, 1.3))
+    untouched = ~mask
+    assert torch.equal(by_ids[untouched], logits[untouched]) and not torch.equal(by_ids[mask], logits[mask])
+
+
+def test_fast_argmax_returns_the_first_maximum() -> None:
+    from deepseek_vl2.generation import _argmax
+
+    generator = torch.Generator().manual_seed(1)
+    for size in (129280, 5000, 4097, 10):
+        logits = torch.randn(size, generator=generator)
+        assert int(_argmax(logits)) == int(logits.argmax())
+        for where in ((3, size - 1), (size - 1,), (size // 2, size // 2 + 1, 0)):  # ties, in the tail, ...
+            tied = logits.clone()
+            tied[list(where)] = 100.0
+            assert int(_argmax(tied)) == min(where) == int(tied.argmax())
+    with_nan = torch.randn(5000, generator=generator)
+    with_nan[4000] = float("nan")
+    assert int(_argmax(with_nan)) == int(with_nan.argmax())
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_k_sampling_draws_from_the_same_distribution(ties: bool) -> None:
+    """The CPU shortcut (top-p and the draw over the top-k logits only) samples what the full path
+    gives: the empirical distribution over many draws matches ``sampling_probs`` on the whole vocabulary."""
+    from deepseek_vl2.generation import sample
+
+    logits = torch.randn(3000, generator=torch.Generator().manual_seed(2)) * 2
+    if ties:
+        logits[torch.topk(logits, 6).indices[-2:]] = logits.max() + 1  # equal 1st/2nd ...
+        logits[torch.topk(logits, 5).indices[-1]] = torch.topk(logits, 6).values[-1]  # ... and a tie at the k-th
+    config = GenerationConfig(temperature=0.7, top_p=0.8, top_k=5)
+    expected = sampling_probs(logits, 0.7, 0.8, 5)
+    generator = torch.Generator().manual_seed(3)
+    seen = torch.tensor([0])
+    counts = torch.bincount(torch.stack([sample(logits, seen, config, generator) for _ in range(4000)]), minlength=3000)
+    assert set(counts.nonzero().view(-1).tolist()) <= set(expected.nonzero().view(-1).tolist())
+    assert (counts / 4000 - expected).abs().max().item() < 0.03

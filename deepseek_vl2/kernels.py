@@ -9,10 +9,11 @@ present) 35-62 GB/s, the higher figures when the memory itself reads faster). So
 dtype by timing each candidate once on a weight larger than the caches, never from the CPU's name.
 ``DEEPSEEK_VL2_CPU_GEMV`` (``aten`` / ``native`` / ``onednn`` / ``avx512bf16``) forces one.
 
-With the extension, a bf16 decode step also runs its layer-level kernels: several linears of one input
-in one call (``linear_many``) and a token through its experts in one call (``swiglu_experts``): one expert
-is only 2-5 MB, so per-call costs (Python, waking the threads, prefetchers ramping up) are a large share
-of streaming it.
+With the extension, a bf16 decode step also runs layer-level kernels: a whole plain-attention sub-layer
+in one call (``mha_block``), a token through its chosen and shared experts in one call
+(``swiglu_experts``), several linears of one input in one call (``linear_many``, MLA's projections),
+RMSNorm and the router's logits. One expert is only 2-5 MB, so per-call costs (Python, waking the
+threads, prefetchers ramping up on a new matrix) are a large share of streaming it.
 """
 
 from __future__ import annotations
@@ -132,30 +133,38 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tenso
     return extension.router_logits_f32(x, weight)
 
 
-def mha_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, position: int, scale: float) -> Optional[torch.Tensor]:
-    """One token of plain multi-head attention after its projections, in one call: half-split RoPE of q
-    and k, k/v written to the caches ([kv_heads, T, d]) at ``position``, attention over [0, position].
-    q: heads*d values, k/v: kv_heads*d, cos/sin: d -> [heads*d] bf16; None where the extension does not apply."""
-    extension = _fused_extension(q)
-    if extension is None or k_cache.dtype != torch.bfloat16 or cos.dtype != torch.bfloat16:
-        return None
-    return extension.mha_decode_bf16(q, k, v, cos, sin, k_cache, v_cache, position, scale)
-
-
 Expert = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # SwiGLU weights (gate [I, D], up [I, D], down [D, I])
 
 
-def swiglu_experts(x: torch.Tensor, routed: list[Expert], weights: list[float], shared: Optional[Expert] = None) -> Optional[torch.Tensor]:
+def swiglu_experts(x: torch.Tensor, routed: list[Expert], weights: list[float], shared: Optional[Expert] = None,
+                   residual: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """One bf16 token through SwiGLU experts in one kernel call, rounded like the eager modules:
-    ``bf16(sum_e weights[e] * routed[e](x)) [+ shared(x)]``, the sum in fp32. x: [..., D] with one token;
-    None where the extension does not apply."""
+    ``[residual +] (bf16(sum_e weights[e] * routed[e](x)) [+ shared(x)])``, the sum in fp32.
+    x (and residual): [..., D] with one token; None where the extension does not apply."""
     extension = _fused_extension(x)
     experts = routed + ([shared] if shared is not None else [])
     if extension is None or any(w.dtype != torch.bfloat16 or w.stride(-1) != 1 for expert in experts for w in expert):
         return None
     gates, ups, downs = (list(column) for column in zip(*experts))
-    return extension.swiglu_moe_bf16(x, gates, ups, downs, weights).view(x.shape)
+    return extension.swiglu_moe_bf16(x, gates, ups, downs, weights, residual).view(x.shape)
+
+
+def mha_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, projections: list[nn.Linear], cos: torch.Tensor,
+              sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, position: int, scale: float) -> Optional[torch.Tensor]:
+    """A whole plain-attention sub-layer for one bf16 token in one call:
+    ``x + o(attention(rope(q(n)), rope(k(n)), v(n)))`` with ``n = RMSNorm(x)``, k/v written to the caches
+    ([kv_heads, T, d]) at ``position``. projections: q, k, v, o. None where the extension does not apply."""
+    extension = _fused_extension(x)
+    if (
+        extension is None
+        or norm_weight.dtype != torch.bfloat16
+        or k_cache.dtype != torch.bfloat16
+        or cos.dtype != torch.bfloat16
+        or any(p.weight.dtype != torch.bfloat16 or p.weight.stride(-1) != 1 for p in projections)
+    ):
+        return None
+    return extension.mha_block_bf16(x, norm_weight, eps, [p.weight for p in projections], [p.bias for p in projections],
+                                    cos, sin, k_cache, v_cache, position, scale)
 
 
 CANDIDATES: dict[str, Gemv] = {"aten": _aten, "native": _native, "onednn": _onednn, "avx512bf16": _avx512bf16}

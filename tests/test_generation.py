@@ -252,3 +252,14 @@ def test_top_k_sampling_draws_from_the_same_distribution(ties: bool) -> None:
     counts = torch.bincount(torch.stack([sample(logits, seen, config, generator) for _ in range(4000)]), minlength=3000)
     assert set(counts.nonzero().view(-1).tolist()) <= set(expected.nonzero().view(-1).tolist())
     assert (counts / 4000 - expected).abs().max().item() < 0.03
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla"])
+def test_rotary_table_lookup_equals_computing_the_position(variant: str) -> None:
+    _, model = _load(variant)
+    rotary = model.language.model.rotary
+    for dtype in (torch.float32, torch.bfloat16):
+        for position in (0, 1, 437, rotary.max_positions - 1):
+            looked_up = rotary(torch.tensor([position]), dtype)
+            computed = rotary._compute(torch.tensor([position]), dtype)
+            assert all(torch.equal(a, b) for a, b in zip(looked_up, computed))

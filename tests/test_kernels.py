@@ -132,6 +132,8 @@ def test_swiglu_experts_equal_the_moe_layer(routed: int, shared: bool) -> None:
     if shared:
         reference = reference + _swiglu_eager(x, *shared_expert) if routed else _swiglu_eager(x, *shared_expert)
     _close(out, reference, ulps=4)
+    residual = _bf16(1, 1, hidden, seed=9)  # the decoder layer's sum, done in the same call
+    _close(kernels.swiglu_experts(x, experts, weights, shared_expert, residual), residual + reference, ulps=4)
 
 
 @needs_extension
@@ -154,24 +156,34 @@ def test_router_logits_equal_fp32_linear() -> None:
 
 
 @needs_extension
-@pytest.mark.parametrize("heads, kv_heads, position", [(10, 10, 0), (10, 10, 300), (8, 2, 41)])
-def test_mha_decode_writes_the_cache_and_attends(heads: int, kv_heads: int, position: int) -> None:
-    from deepseek_vl2.language import apply_rope
+@pytest.mark.parametrize("heads, kv_heads, position, bias", [(10, 10, 0, False), (10, 10, 300, False), (8, 2, 41, True)])
+def test_mha_block_is_the_attention_sub_layer(heads: int, kv_heads: int, position: int, bias: bool) -> None:
+    """x + o(attention(rope(q(n)), rope(k(n)), v(n))), n = RMSNorm(x), with k/v written to the caches."""
+    from deepseek_vl2.language import RMSNorm, apply_rope
 
-    d, length = 128, 350
-    q, k, v = _bf16(1, 1, heads * d, seed=13), _bf16(1, 1, kv_heads * d, seed=14), _bf16(1, 1, kv_heads * d, seed=15)
-    angles = torch.linspace(0, 6, d // 2)
+    F = torch.nn.functional
+    d, hidden, length = 128, 640, 350
+    x = _bf16(1, 1, hidden, seed=13)
+    norm = RMSNorm(hidden).to(BF16)
+    norm.weight.data = _bf16(hidden, seed=14)
+    projections = [torch.nn.Linear(hidden, n, bias=bias).to(BF16) for n in (heads * d, kv_heads * d, kv_heads * d)]
+    projections.append(torch.nn.Linear(heads * d, hidden, bias=bias).to(BF16))
+    angles = torch.linspace(0, 6, d // 2) * (position + 1)
     cos = torch.cat([angles.cos(), angles.cos()]).view(1, d).to(BF16)
     sin = torch.cat([angles.sin(), angles.sin()]).view(1, d).to(BF16)
     k_cache, v_cache = _bf16(kv_heads, length, d, seed=16), _bf16(kv_heads, length, d, seed=17)
-    expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    out = kernels.mha_decode(q, k, v, cos, sin, k_cache, v_cache, position, d**-0.5)
-    # The cache rows are exactly what the eager path stores (same bf16 roundings); nothing else changes.
-    expected_k[:, position] = apply_rope(k.view(kv_heads, 1, d), cos, sin)[:, 0]
-    expected_v[:, position] = v.view(kv_heads, d)
-    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    out = kernels.mha_block(x, norm.weight, norm.eps, projections, cos, sin, k_cache, v_cache, position, d**-0.5)
+
+    n = norm(x)
+    q, k, v = (F.linear(n, p.weight, p.bias) for p in projections[:3])
+    k_row = apply_rope(k.view(kv_heads, 1, d), cos, sin)[:, 0]
+    _close(k_cache[:, position], k_row)
+    _close(v_cache[:, position], v.view(kv_heads, d))
+    others = torch.arange(length) != position  # nothing else in the caches changes
+    assert torch.equal(k_cache[:, others], before_k[:, others]) and torch.equal(v_cache[:, others], before_v[:, others])
     q_rot = apply_rope(q.view(heads, 1, d), cos, sin).view(kv_heads, heads // kv_heads, d).double()
-    keys, values = expected_k[:, : position + 1].double(), expected_v[:, : position + 1].double()
-    reference = (torch.softmax(q_rot @ keys.mT * d**-0.5, -1) @ values).reshape(heads * d)
-    assert out.shape == (heads * d,)
-    assert (out.double() - reference).abs().max().item() < 1e-2 * reference.abs().max().item()
+    keys, values = k_cache[:, : position + 1].double(), v_cache[:, : position + 1].double()
+    attended = (torch.softmax(q_rot @ keys.mT * d**-0.5, -1) @ values).reshape(1, 1, heads * d).to(BF16)
+    reference = x + F.linear(attended, projections[3].weight, projections[3].bias)
+    _close(out, reference, ulps=4)

@@ -178,39 +178,86 @@ static void rope_half_split(const uint16_t* x, const uint16_t* cos, const uint16
   }
 }
 
-// One decode step of plain multi-head attention after the q/k/v projections: rotate q and k (half-split
-// RoPE), write k and v into the caches at `position`, attend over cache positions [0, position].
-// q: heads*d, k/v: kv_heads*d bf16 values; cos/sin: d bf16 values; k_cache/v_cache: [kv_heads, T, d]
-// (rows contiguous). Returns [heads * d] bf16.
-torch::Tensor mha_decode_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                              const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor k_cache,
-                              torch::Tensor v_cache, int64_t position, double scale) {
-  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&q, &k, &v, &cos, &sin, &k_cache, &v_cache})
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu(), "mha_decode_bf16: bf16 CPU tensors only");
+// RMSNorm of one bf16 vector (see rms_norm_bf16).
+static void rms_norm_row(const uint16_t* x, const uint16_t* weight, int64_t d, float eps, uint16_t* out) {
+  float squares = 0.0f;
+  for (int64_t i = 0; i < d; ++i) squares += bf16_to_float(x[i]) * bf16_to_float(x[i]);
+  const float inv_rms = 1.0f / std::sqrt(squares / float(d) + eps);
+  for (int64_t i = 0; i < d; ++i)
+    out[i] = float_to_bf16(bf16_to_float(weight[i]) * bf16_to_float(float_to_bf16(bf16_to_float(x[i]) * inv_rms)));
+}
+
+// A whole attention sub-layer of plain multi-head attention for one token, in one parallel region:
+//   x + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))  with n = RMSNorm(x),
+// k and v written to the caches at `position`, attention over [0, position]. Every step is rounded to bf16
+// where the eager modules round (each projection, RoPE's products and sum, the attention output, the sum
+// with the residual). weights: [q, k, v, o] ([heads*d, D], [kv*d, D], [kv*d, D], [D, heads*d]); biases:
+// empty or four (possibly undefined) tensors; caches: [kv_heads, T, d]. Returns [D] bf16.
+torch::Tensor mha_block_bf16(const torch::Tensor& x, const torch::Tensor& norm_weight, double eps,
+                             const std::vector<torch::Tensor>& weights, const std::vector<c10::optional<torch::Tensor>>& biases,
+                             const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor k_cache, torch::Tensor v_cache,
+                             int64_t position, double scale) {
+  TORCH_CHECK(weights.size() == 4 && (biases.empty() || biases.size() == 4), "mha_block_bf16: four weights (q, k, v, o)");
+  for (const auto& w : weights) check_matrix(w, "mha_block_bf16");
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&x, &norm_weight, &cos, &sin, &k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu(), "mha_block_bf16: bf16 CPU tensors only");
   TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
-              "mha_decode_bf16: caches must be [kv_heads, T, d] with contiguous rows");
-  const int64_t kv_heads = k_cache.size(0), d = k_cache.size(2), heads = q.numel() / d;
-  TORCH_CHECK(position >= 0 && position < k_cache.size(1), "mha_decode_bf16: position ", position, " outside the cache");
-  TORCH_CHECK(d % 2 == 0 && q.numel() == heads * d && heads % kv_heads == 0 && k.numel() == kv_heads * d &&
-                  v.numel() == kv_heads * d && cos.numel() == d && sin.numel() == d,
-              "mha_decode_bf16: sizes disagree");
-  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+              "mha_block_bf16: caches must be [kv_heads, T, d] with contiguous rows");
+  const auto xc = x.reshape({-1}).contiguous(), nw = norm_weight.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+  const int64_t hidden = xc.numel(), kv_heads = k_cache.size(0), d = k_cache.size(2), heads = weights[0].size(0) / d;
+  TORCH_CHECK(position >= 0 && position < k_cache.size(1), "mha_block_bf16: position ", position, " outside the cache");
+  TORCH_CHECK(nw.numel() == hidden && d % 2 == 0 && cc.numel() == d && sc.numel() == d && heads * d == weights[0].size(0) &&
+                  heads % kv_heads == 0 && weights[1].size(0) == kv_heads * d && weights[2].size(0) == kv_heads * d &&
+                  weights[0].size(1) == hidden && weights[1].size(1) == hidden && weights[2].size(1) == hidden &&
+                  weights[3].size(0) == hidden && weights[3].size(1) == heads * d,
+              "mha_block_bf16: sizes disagree");
+  std::vector<torch::Tensor> bias_f(4);
+  for (size_t i = 0; i < biases.size(); ++i)
+    if (biases[i].has_value() && biases[i]->defined()) bias_f[i] = biases[i]->to(at::kFloat).contiguous();
+
+  std::vector<uint16_t> normed(hidden), projected(weights[0].size(0) + 2 * kv_heads * d), rotated_q(heads * d), attended(heads * d);
+  rms_norm_row(bf16_data(xc), bf16_data(nw), hidden, float(eps), normed.data());
+  uint16_t* projection_out[3] = {projected.data(), projected.data() + heads * d, projected.data() + (heads + kv_heads) * d};
   auto* kcache = reinterpret_cast<uint16_t*>(k_cache.data_ptr());
   auto* vcache = reinterpret_cast<uint16_t*>(v_cache.data_ptr());
-  for (int64_t h = 0; h < kv_heads; ++h) {
-    rope_half_split(bf16_data(kc) + h * d, bf16_data(cc), bf16_data(sc), d,
-                    kcache + h * k_cache.stride(0) + position * k_cache.stride(1));
-    std::memcpy(vcache + h * v_cache.stride(0) + position * v_cache.stride(1), bf16_data(vc) + h * d, d * sizeof(uint16_t));
-  }
-  std::vector<uint16_t> q_rotated(heads * d);
-  for (int64_t h = 0; h < heads; ++h) rope_half_split(bf16_data(qc) + h * d, bf16_data(cc), bf16_data(sc), d, q_rotated.data() + h * d);
-  auto out = torch::empty({heads * d}, q.options());
+  auto out = torch::empty({hidden}, xc.options());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-    attend_heads(q_rotated.data(), d, heads / kv_heads, kcache, k_cache.stride(0), k_cache.stride(1), vcache,
-                 v_cache.stride(0), v_cache.stride(1), position + 1, float(scale), begin, end, op);
-  });
-  return out;
+  const uint16_t* xp = bf16_data(xc);
+  const int threads = pool_threads();
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    const int thread = omp_get_thread_num(), team = omp_get_num_threads();
+    for (int i = 0; i < 3; ++i) {  // q, k, v projections: every thread its share of each
+      const float* bias = bias_f[i].defined() ? bias_f[i].data_ptr<float>() : nullptr;
+      const auto [begin, end] = share(weights[i].size(0), thread, team);
+      uint16_t* dst = projection_out[i];
+      gemv_rows(bf16_data(weights[i]), weights[i].stride(0), hidden, normed.data(), begin, end,
+                [&](int64_t n, float sum) { dst[n] = float_to_bf16(bias ? sum + bias[n] : sum); });
+    }
+#pragma omp barrier
+#pragma omp single
+    {
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        rope_half_split(projection_out[1] + h * d, bf16_data(cc), bf16_data(sc), d,
+                        kcache + h * k_cache.stride(0) + position * k_cache.stride(1));
+        std::memcpy(vcache + h * v_cache.stride(0) + position * v_cache.stride(1), projection_out[2] + h * d, d * sizeof(uint16_t));
+      }
+      for (int64_t h = 0; h < heads; ++h)
+        rope_half_split(projection_out[0] + h * d, bf16_data(cc), bf16_data(sc), d, rotated_q.data() + h * d);
+    }  // (implicit barrier)
+    {
+      const auto [begin, end] = share(heads, thread, team);
+      attend_heads(rotated_q.data(), d, heads / kv_heads, kcache, k_cache.stride(0), k_cache.stride(1), vcache,
+                   v_cache.stride(0), v_cache.stride(1), position + 1, float(scale), begin, end, attended.data());
+    }
+#pragma omp barrier
+    const float* bias = bias_f[3].defined() ? bias_f[3].data_ptr<float>() : nullptr;
+    const auto [begin, end] = share(hidden, thread, team);
+    gemv_rows(bf16_data(weights[3]), weights[3].stride(0), heads * d, attended.data(), begin, end, [&](int64_t n, float sum) {
+      op[n] = float_to_bf16(bf16_to_float(xp[n]) + bf16_to_float(float_to_bf16(bias ? sum + bias[n] : sum)));
+    });
+  }
+  return out.view(x.sizes());
 }
 
 // RMSNorm of bf16 vectors (rows of the last dimension), rounded like the eager module:
@@ -223,14 +270,7 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight,
   auto out = torch::empty_like(xc);
   const uint16_t *xp = bf16_data(xc), *wp = bf16_data(wc);
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  for (int64_t row = 0; row < xc.numel() / d; ++row) {
-    const uint16_t* xr = xp + row * d;
-    float squares = 0.0f;
-    for (int64_t i = 0; i < d; ++i) squares += bf16_to_float(xr[i]) * bf16_to_float(xr[i]);
-    const float inv_rms = 1.0f / std::sqrt(squares / float(d) + float(eps));
-    for (int64_t i = 0; i < d; ++i)
-      op[row * d + i] = float_to_bf16(bf16_to_float(wp[i]) * bf16_to_float(float_to_bf16(bf16_to_float(xr[i]) * inv_rms)));
-  }
+  for (int64_t row = 0; row < xc.numel() / d; ++row) rms_norm_row(xp + row * d, wp, d, float(eps), op + row * d);
   return out;
 }
 
@@ -298,12 +338,13 @@ std::vector<torch::Tensor> gemv_bf16_many(const std::vector<torch::Tensor>& xs, 
 // projection, silu and the product are rounded to bf16), combined as the MoE layer does:
 //   routed = bf16(sum_e weights[e] * expert_e(x))   (fp32 sum over the first n_routed experts, in order)
 //   out    = bf16(routed + shared(x))                (when the lists hold one more, shared, expert)
+//   out    = bf16(residual + out)                    (when a residual [D] is given: the decoder's sum)
 // x: [D] bf16; gates/ups: [I_e, D]; downs: [D, I_e]. Two phases in one parallel region: every thread
 // computes its share of the rows of every gate/up pair, then (after a barrier) its share of the output
 // rows, expert by expert, so each thread streams one matrix at a time.
 torch::Tensor swiglu_moe_bf16(const torch::Tensor& x, const std::vector<torch::Tensor>& gates,
                               const std::vector<torch::Tensor>& ups, const std::vector<torch::Tensor>& downs,
-                              const std::vector<double>& weights) {
+                              const std::vector<double>& weights, const c10::optional<torch::Tensor>& residual) {
   const size_t experts = gates.size(), routed = weights.size();
   TORCH_CHECK(ups.size() == experts && downs.size() == experts && (experts == routed || experts == routed + 1),
               "swiglu_moe_bf16: gates/ups/downs must list the routed experts (one weight each), then optionally a shared one");
@@ -323,23 +364,32 @@ torch::Tensor swiglu_moe_bf16(const torch::Tensor& x, const std::vector<torch::T
   }
   std::vector<uint16_t> h(offset[experts]);
   std::vector<float> routed_sum(hidden, 0.0f);
+
   auto out = torch::empty({hidden}, xc.options());
   const uint16_t* xp = bf16_data(xc);
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const bool has_shared = experts > routed;
+  torch::Tensor residual_c;
+  if (residual.has_value() && residual->defined()) {
+    residual_c = residual->reshape({-1}).contiguous();
+    TORCH_CHECK(residual_c.scalar_type() == at::kBFloat16 && residual_c.numel() == hidden, "swiglu_moe_bf16: residual must be ", hidden, " bf16 values");
+  }
+  const uint16_t* res = residual_c.defined() ? bf16_data(residual_c) : nullptr;
+  auto emit = [&](int64_t n, uint16_t y) { op[n] = res ? float_to_bf16(bf16_to_float(res[n]) + bf16_to_float(y)) : y; };
   const int threads = pool_threads();
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const int thread = omp_get_thread_num(), team = omp_get_num_threads();
     for (size_t e = 0; e < experts; ++e) {
       const auto [begin, end] = share(gates[e].size(0), thread, team);
-      const uint16_t *gate = bf16_data(gates[e]), *up = bf16_data(ups[e]);
-      for (int64_t i = begin; i < end; ++i) {
-        const uint16_t g = float_to_bf16(dot_bf16(gate + i * gates[e].stride(0), xp, hidden));
-        const uint16_t u = float_to_bf16(dot_bf16(up + i * ups[e].stride(0), xp, hidden));
-        const uint16_t s = float_to_bf16(silu(bf16_to_float(g)));
-        h[offset[e] + i] = float_to_bf16(bf16_to_float(s) * bf16_to_float(u));
-      }
+      // The gate rows, then the up rows: one stream from memory at a time.
+      uint16_t* he = h.data() + offset[e];
+      gemv_rows(bf16_data(gates[e]), gates[e].stride(0), hidden, xp, begin, end, [&](int64_t i, float sum) {
+        he[i] = float_to_bf16(silu(bf16_to_float(float_to_bf16(sum))));
+      });
+      gemv_rows(bf16_data(ups[e]), ups[e].stride(0), hidden, xp, begin, end, [&](int64_t i, float sum) {
+        he[i] = float_to_bf16(bf16_to_float(he[i]) * bf16_to_float(float_to_bf16(sum)));
+      });
     }
 #pragma omp barrier
     const auto [begin, end] = share(hidden, thread, team);
@@ -353,10 +403,10 @@ torch::Tensor swiglu_moe_bf16(const torch::Tensor& x, const std::vector<torch::T
       gemv_rows(bf16_data(downs[e]), downs[e].stride(0), downs[e].size(1), h.data() + offset[e], begin, end,
                 [&](int64_t n, float sum) {
                   const float routed_part = routed ? bf16_to_float(float_to_bf16(routed_sum[n])) : 0.0f;
-                  op[n] = float_to_bf16(routed_part + bf16_to_float(float_to_bf16(sum)));
+                  emit(n, float_to_bf16(routed_part + bf16_to_float(float_to_bf16(sum))));
                 });
     } else {
-      for (int64_t n = begin; n < end; ++n) op[n] = float_to_bf16(routed_sum[n]);
+      for (int64_t n = begin; n < end; ++n) emit(n, float_to_bf16(routed_sum[n]));
     }
   }
   return out;
@@ -366,9 +416,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_one_query_bf16", &attend_one_query_bf16, "single-query attention over a bf16 cache");
   m.def("gemv_bf16", &gemv_bf16, "bf16 batch-1 linear with AVX512-BF16", pybind11::arg("x"), pybind11::arg("w"),
         pybind11::arg("bias") = pybind11::none());
-  m.def("mha_decode_bf16", &mha_decode_bf16, "RoPE + cache write + attention of one token (plain MHA)");
   m.def("router_logits_f32", &router_logits_f32, "fp32 router logits of one bf16 token");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm of bf16 rows");
   m.def("gemv_bf16_many", &gemv_bf16_many, "several bf16 batch-1 linears in one parallel region");
-  m.def("swiglu_moe_bf16", &swiglu_moe_bf16, "one token through weighted SwiGLU experts (+ a shared one)");
+  m.def("swiglu_moe_bf16", &swiglu_moe_bf16, "one token through weighted SwiGLU experts (+ a shared one)",
+        pybind11::arg("x"), pybind11::arg("gates"), pybind11::arg("ups"), pybind11::arg("downs"), pybind11::arg("weights"),
+        pybind11::arg("residual") = pybind11::none());
+  m.def("mha_block_bf16", &mha_block_bf16, "RMSNorm + q/k/v + RoPE + cache write + attention + o_proj + residual, one token");
 }

@@ -214,7 +214,7 @@ def decode_bytes_per_token(
         "norms": (2 * h * lang.num_hidden_layers + h) * b,
         "attention": lang.num_hidden_layers * attention_parameters(lang) * b,
         "dense_mlp": n_dense * _swiglu(h, lang.intermediate_size) * b,
-        "router": n_moe * parts["router"] * b,
+        "router": n_moe * parts["router"] * 4,  # the router is kept in fp32 at every dtype
         "routed_experts": n_moe * (lang.num_experts_per_tok or 0) * parts["expert"] * b,
         "shared_experts": n_moe * parts["shared"] * b,
         "lm_head": lang.vocab_size * h * b,
@@ -373,7 +373,7 @@ def prefill_bound(
 # --------------------------------------------------------------------------------------------------
 
 
-def _cache_bytes() -> int:
+def last_level_cache_bytes() -> int:
     """Largest CPU cache size (L3) from sysfs, or 64 MiB when unknown."""
     best = 0
     try:
@@ -393,7 +393,7 @@ def measure_memory_bandwidth(seconds: float = 1.0, size_bytes: Optional[int] = N
     far larger than the caches (≥ 16x L3, at least 512 MiB on CPU), filled with random values."""
     dev = torch.device(device)
     if size_bytes is None:
-        size_bytes = max(512 * 1024**2, 16 * _cache_bytes()) if dev.type == "cpu" else 2 * 1024**3
+        size_bytes = max(512 * 1024**2, 16 * last_level_cache_bytes()) if dev.type == "cpu" else 2 * 1024**3
     n = size_bytes // 4
     # Random contents, all pages touched: identical (e.g. all-ones or zero) pages could be merged by the
     # hypervisor/KSM into one cached physical page and read impossibly fast.

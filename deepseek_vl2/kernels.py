@@ -109,7 +109,7 @@ def linear_many(x: torch.Tensor, layers: list[nn.Linear]) -> Optional[list[torch
     """``[layer(x) for layer in layers]`` for one bf16 token on the CPU in one kernel call; None where
     the extension does not apply (the caller then runs the layers one by one)."""
     extension = _fused_extension(x)
-    if extension is None or any(layer.weight.dtype != torch.bfloat16 or layer.weight.stride(-1) != 1 for layer in layers):
+    if extension is None or layers[0].weight.dtype != torch.bfloat16:  # (the kernel checks every weight)
         return None
     outs = extension.gemv_bf16_many([x] * len(layers), [layer.weight for layer in layers], [layer.bias for layer in layers])
     return [out.view(*x.shape[:-1], -1) for out in outs]
@@ -143,7 +143,7 @@ def swiglu_experts(x: torch.Tensor, routed: list[Expert], weights: list[float], 
     x (and residual): [..., D] with one token; None where the extension does not apply."""
     extension = _fused_extension(x)
     experts = routed + ([shared] if shared is not None else [])
-    if extension is None or any(w.dtype != torch.bfloat16 or w.stride(-1) != 1 for expert in experts for w in expert):
+    if extension is None or not experts or experts[0][0].dtype != torch.bfloat16:  # (the kernel checks every weight)
         return None
     gates, ups, downs = (list(column) for column in zip(*experts))
     return extension.swiglu_moe_bf16(x, gates, ups, downs, weights, residual).view(x.shape)
@@ -160,7 +160,7 @@ def mha_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, projection
         or norm_weight.dtype != torch.bfloat16
         or k_cache.dtype != torch.bfloat16
         or cos.dtype != torch.bfloat16
-        or any(p.weight.dtype != torch.bfloat16 or p.weight.stride(-1) != 1 for p in projections)
+        or projections[0].weight.dtype != torch.bfloat16  # (the kernel checks every weight)
     ):
         return None
     return extension.mha_block_bf16(x, norm_weight, eps, [p.weight for p in projections], [p.bias for p in projections],

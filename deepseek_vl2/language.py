@@ -501,8 +501,16 @@ class Experts(nn.Module):
         """(gate [I, D], up [I, D], down [D, I]) of one expert: views, nothing copied."""
         if self.views is not None:
             return self.views[expert]
-        gate_up = self.gate_up_proj[expert]
-        return gate_up[: self.intermediate], gate_up[self.intermediate :], self.down_proj[expert]
+        # Views of the stacked tensors, made once (a decode step asks for ~70 of them).
+        stacked = (self.gate_up_proj, self.down_proj)
+        cached = self.__dict__.get("_stacked_views")
+        if cached is None or cached[0][0] is not stacked[0] or cached[0][1] is not stacked[1]:
+            gate_up, down = stacked
+            cached = self._stacked_views = (
+                stacked,
+                [(gate_up[e, : self.intermediate], gate_up[e, self.intermediate :], down[e]) for e in range(self.n_experts)],
+            )
+        return cached[1][expert]
 
     def _expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert's SwiGLU on the CPU: x [n, D] -> [n, D]."""

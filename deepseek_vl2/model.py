@@ -14,6 +14,7 @@ weights, no pickles). Missing keys, unexpected keys and wrong shapes are reporte
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -331,19 +332,39 @@ def _target_dtype(module: nn.Module, dtype: torch.dtype) -> torch.dtype:
 
 
 def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype, init: Optional[Callable[[torch.Tensor], None]] = None) -> None:
-    """Give every meta parameter real (uninitialised, or ``init``-filled) storage, once, in its final dtype."""
+    """Give every meta parameter real (uninitialised, or ``init``-filled) storage, once, in its final dtype.
+
+    On the CPU all parameters are views of one allocation, laid out in module order (layer by layer, as
+    decoding reads them). Decoding streams ~1 GB of weights per token in 2-5 MB pieces, and pieces that
+    are neighbours in memory stream faster than separate allocations: measured on a 2-core EPYC, 2 MiB
+    matrices read back to back at 42-44 GB/s as separate allocations but 53-58 GB/s as slices of one
+    buffer (the machine's sequential read rate was 62-65 GB/s at the time).
+    """
     device = torch.device(device)
+    slots = [(module, name, param.shape, _target_dtype(module, dtype))
+             for module in model.modules() for name, param in module._parameters.items() if param is not None]
+    arena = None
+    if device.type == "cpu":
+        sizes = [_aligned(math.prod(shape) * torch.empty(0, dtype=dt).element_size()) for _, _, shape, dt in slots]
+        arena = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    offset = 0
+    for module, name, shape, target in slots:
+        if arena is not None:
+            nbytes = math.prod(shape) * torch.empty(0, dtype=target).element_size()
+            data = arena[offset : offset + nbytes].view(target).view(shape)
+            offset += _aligned(nbytes)
+        else:
+            data = torch.empty(shape, dtype=target, device=device)
+        if init is not None:
+            init(data)
+        module._parameters[name] = nn.Parameter(data, requires_grad=False)
     for module in model.modules():
-        target = _target_dtype(module, dtype)
-        for name, param in list(module._parameters.items()):
-            if param is None:
-                continue
-            data = torch.empty(param.shape, dtype=target, device=device)
-            if init is not None:
-                init(data)
-            module._parameters[name] = nn.Parameter(data, requires_grad=False)
         if isinstance(module, RotaryEmbedding):  # its buffer was computed on meta: recompute for real
             module.register_buffer("inv_freq", _fresh_inv_freq(module, device), persistent=False)
+
+
+def _aligned(nbytes: int, alignment: int = 64) -> int:
+    return (nbytes + alignment - 1) // alignment * alignment
 
 
 def _fresh_inv_freq(rotary: RotaryEmbedding, device: torch.device) -> torch.Tensor:

@@ -60,7 +60,8 @@ def test_decode_bytes_tiny():
     lang = config.language
     b16 = bounds.decode_bytes_per_token(config, torch.bfloat16)
     b32 = bounds.decode_bytes_per_token(config, torch.float32)
-    assert b32["weights"] == 2 * b16["weights"]
+    assert b32["weights"] - b32["router"] == 2 * (b16["weights"] - b16["router"])
+    assert b16["router"] == b32["router"] == 11 * 64 * lang.hidden_size * 4  # the router stays fp32
     assert b16["kv_cache"] == 0
     h, inter = lang.hidden_size, lang.moe_intermediate_size
     # 11 MoE layers x 6 routed experts x 3 matrices, in bf16
@@ -206,6 +207,12 @@ def test_benchmark_smoke_checkpoint():
     assert result["ttft_s"] == pytest.approx(result["preprocess_s"] + result["vision_s"] + result["prefill_s"], rel=1e-6)
     assert result["decode_tok_s"] > 0 and result["decode_bound_tok_s"] > 0 and result["ttft_bound_s"] > 0
     assert result["file_read_s"] is not None and result["peak_rss_gb"] > 0
+    # The decode bound uses the bandwidth read right around the decode steps (one run: its own window);
+    # the best bandwidth of the whole run, window probes included, bounds it from above.
+    (window,) = result["decode_window_bandwidth_gbs"]
+    assert window > 0 and result["bandwidth_gbs"] >= window
+    assert result["decode_pct_of_bound"] == pytest.approx(100 * result["decode_tok_s"] / result["decode_bound_tok_s"])
+    assert result["decode_bound_best_tok_s"] >= result["decode_bound_tok_s"]
 
 
 def test_benchmark_smoke_config():

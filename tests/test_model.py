@@ -130,8 +130,9 @@ def test_experts_hold_the_checkpoint_tensors(variant: str, mmap: bool) -> None:
         assert torch.equal(down, stored[f"{prefix}.{e}.down_proj.weight"])
     embed = model.language.model.embed_tokens.weight
     assert torch.equal(embed, stored["language.model.embed_tokens.weight"])
-    # Mapped: the embedding is a view into the whole file's storage; copied: its own storage.
-    assert (embed.untyped_storage().nbytes() > embed.numel() * embed.element_size()) == mmap
+    # Mapped: the embedding is a view into its file's storage; copied: a slice of the one parameter buffer.
+    file_sizes = {(model_dir / f).stat().st_size for f in files}
+    assert (embed.untyped_storage().nbytes() in file_sizes) == mmap
     # The router stays fp32 whatever the model dtype (the official code routes in fp32).
     assert model.language.model.layers[layer].mlp.gate.weight.dtype == torch.float32
     assert model.image_newline.dtype == torch.bfloat16
@@ -237,3 +238,19 @@ def test_projector_types_have_the_official_layers(kind: str, depth: int) -> None
     # The official builder: downsample_mlp_gelu always ends with GELU + Linear (2 Linears even at depth 1).
     expected = {"identity": 0, "linear": 1, "mlp_gelu": depth, "downsample_mlp_gelu": max(depth, 2)}[kind]
     assert len(linears) == expected
+
+
+def test_cpu_parameters_share_one_buffer_in_module_order() -> None:
+    """On the CPU every parameter is a slice of one allocation, laid out in module (decode) order."""
+    from deepseek_vl2.config import DeepseekVL2Config
+    from deepseek_vl2.model import build_model
+
+    config = DeepseekVL2Config.from_pretrained(FIXTURES_DIR / "checkpoints" / "mha")
+    model = build_model(config, "cpu", torch.bfloat16)
+    params = list(model.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in params}) == 1
+    starts = [p.data_ptr() for p in params]
+    assert starts == sorted(starts) and all(start % 64 == 0 for start in starts)
+    ends = [p.data_ptr() + p.numel() * p.element_size() for p in params]
+    assert all(end <= nxt for end, nxt in zip(ends, starts[1:]))  # no overlaps
+    assert model.language.model.layers[1].mlp.gate.weight.dtype == torch.float32  # router kept fp32 in it

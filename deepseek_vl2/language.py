@@ -497,11 +497,10 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(0, *self.gate_up_proj.shape[1:], dtype=views[0][0].dtype), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(0, *self.down_proj.shape[1:], dtype=views[0][0].dtype), requires_grad=False)
 
-    def swiglu_weights(self, expert: int) -> Expert:
-        """(gate [I, D], up [I, D], down [D, I]) of one expert: views, nothing copied."""
+    def swiglu_weights(self) -> list[Expert]:
+        """(gate [I, D], up [I, D], down [D, I]) of every expert: views, nothing copied (made once)."""
         if self.views is not None:
-            return self.views[expert]
-        # Views of the stacked tensors, made once (a decode step asks for ~70 of them).
+            return self.views
         stacked = (self.gate_up_proj, self.down_proj)
         cached = self.__dict__.get("_stacked_views")
         if cached is None or cached[0][0] is not stacked[0] or cached[0][1] is not stacked[1]:
@@ -510,7 +509,7 @@ class Experts(nn.Module):
                 stacked,
                 [(gate_up[e, : self.intermediate], gate_up[e, self.intermediate :], down[e]) for e in range(self.n_experts)],
             )
-        return cached[1][expert]
+        return cached[1]
 
     def _expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """One expert's SwiGLU on the CPU: x [n, D] -> [n, D]."""
@@ -595,7 +594,8 @@ class MoE(nn.Module):
         weights, ids = self.gate(flat)
         if flat.shape[0] == 1 and not flat.is_cuda:  # CPU decode: the chosen and shared experts in one call
             shared = self.shared_experts.swiglu_weights() if self.shared_experts is not None else None
-            chosen = [self.experts.swiglu_weights(e) for e in ids[0].tolist()]
+            table = self.experts.swiglu_weights()
+            chosen = [table[e] for e in ids[0].tolist()]
             fused = swiglu_experts(x, chosen, weights[0].tolist(), shared, residual)
             if fused is not None:
                 return fused

@@ -341,7 +341,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto (fastest native: probed), float32, bfloat16, float16")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--repeat", type=int, default=1, help="measured runs; figures are their median")
+    p.add_argument("--repeat", type=int, default=3, help="measured runs (default 3); figures are their median")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (kernel selection, allocations)")
     p.add_argument("--layers", type=int, default=None, help="--config: override num_hidden_layers (per-layer cost)")
     p.add_argument("--vision-layers", type=int, default=None, help="--config: override vision layers")

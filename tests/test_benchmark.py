@@ -186,7 +186,7 @@ JSON_KEYS = {
 
 def _run_benchmark(*args: str) -> dict:
     cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), *args, "--json",
-           "--new-tokens", "4", "--probe-seconds", "0.1", "--probe-mb", "64", "--dtype", "float32"]
+           "--new-tokens", "4", "--probe-seconds", "0.1", "--probe-mb", "64", "--dtype", "float32", "--repeat", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -10,9 +10,9 @@ dtype by timing each candidate once on a weight larger than the caches, never fr
 ``DEEPSEEK_VL2_CPU_GEMV`` (``aten`` / ``native`` / ``onednn`` / ``avx512bf16``) forces one.
 
 With the extension, a bf16 decode step also runs layer-level kernels: a whole plain-attention sub-layer
-in one call (``mha_block``), a token through its chosen and shared experts in one call
-(``swiglu_experts``), several linears of one input in one call (``linear_many``, MLA's projections),
-RMSNorm and the router's logits. One expert is only 2-5 MB, so per-call costs (Python, waking the
+in one call (``mha_block``), the whole feed-forward sub-layer in one call (``ffn_block``: RMSNorm, the
+router, the chosen and the shared experts, the residual), several linears of one input in one call
+(``linear_many``, MLA's projections) and RMSNorm. One expert is only 2-5 MB, so per-call costs (Python, waking the
 threads, prefetchers ramping up on a new matrix) are a large share of streaming it.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -124,29 +125,52 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torc
     return extension.rms_norm_bf16(x, weight, eps)
 
 
-def router_logits(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """``F.linear(x.float(), weight)`` for one bf16 token and an fp32 router weight, single-threaded
-    (in the model PyTorch's fp32 path takes ~40 us for this 64 x 1280 matrix); None where not applicable."""
-    extension = _fused_extension(x)
-    if extension is None or weight.dtype != torch.float32 or weight.stride(-1) != 1:
-        return None
-    return extension.router_logits_f32(x, weight)
-
-
 Expert = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # SwiGLU weights (gate [I, D], up [I, D], down [D, I])
 
 
-def swiglu_experts(x: torch.Tensor, routed: list[Expert], weights: list[float], shared: Optional[Expert] = None,
-                   residual: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """One bf16 token through SwiGLU experts in one kernel call, rounded like the eager modules:
-    ``[residual +] (bf16(sum_e weights[e] * routed[e](x)) [+ shared(x)])``, the sum in fp32.
-    x (and residual): [..., D] with one token; None where the extension does not apply."""
-    extension = _fused_extension(x)
-    experts = routed + ([shared] if shared is not None else [])
-    if extension is None or not experts or experts[0][0].dtype != torch.bfloat16:  # (the kernel checks every weight)
+@dataclass(frozen=True)
+class Router:
+    """What the feed-forward kernel needs of a MoE layer: the router and a table of its experts."""
+
+    weight: torch.Tensor  # fp32 [E, D]
+    correction_bias: Optional[torch.Tensor]  # fp32 [E] (noaux_tc) or None
+    method: str  # greedy | group_limited_greedy | noaux_tc
+    scoring: str  # softmax | sigmoid
+    top_k: int
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    scale: float
+    expert_table: torch.Tensor  # int64 [E, 3]: data pointers of each expert's gate, up, down (see expert_table)
+    intermediate: int
+
+
+def expert_table(experts: list[Expert]) -> Optional[torch.Tensor]:
+    """[E, 3] int64 data pointers of compact bf16 expert weights, or None if any is not compact bf16 (the
+    caller keeps the tensors alive)."""
+    if any(w.dtype != torch.bfloat16 or not w.is_contiguous() for expert in experts for w in expert):
         return None
-    gates, ups, downs = (list(column) for column in zip(*experts))
-    return extension.swiglu_moe_bf16(x, gates, ups, downs, weights, residual).view(x.shape)
+    return torch.tensor([[w.data_ptr() for w in expert] for expert in experts], dtype=torch.int64)
+
+
+def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, shared: Optional[Expert] = None,
+              router: Optional[Router] = None) -> Optional[torch.Tensor]:
+    """A whole feed-forward sub-layer for one bf16 token in one call: ``x + ffn(RMSNorm(x))``, ffn being a
+    dense SwiGLU MLP (``shared`` only) or a MoE layer (``router``: routing and the chosen experts, plus the
+    ``shared`` experts if any), rounded like the eager modules. None where the extension does not apply."""
+    extension = _fused_extension(x)
+    if extension is None or norm_weight.dtype != torch.bfloat16 or (shared is not None and shared[0].dtype != torch.bfloat16):
+        return None
+    r = router
+    return extension.ffn_block_bf16(
+        x, norm_weight, eps,
+        None if r is None else r.weight, None if r is None else r.correction_bias,
+        "greedy" if r is None else r.method, "softmax" if r is None else r.scoring,
+        0 if r is None else r.top_k, 1 if r is None else r.n_group, 1 if r is None else r.topk_group,
+        False if r is None else r.norm_topk_prob, 1.0 if r is None else r.scale,
+        None if r is None else r.expert_table, 0 if r is None else r.intermediate,
+        list(shared) if shared is not None else [],
+    )
 
 
 def mha_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, projections: list[nn.Linear], cos: torch.Tensor,

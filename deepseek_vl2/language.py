@@ -28,13 +28,14 @@ from .config import LanguageConfig
 from .kernels import (
     Expert,
     Linear,
+    Router,
     attend_one_query,
+    expert_table,
+    ffn_block,
     linear,
     linear_many,
     mha_block,
     rms_norm,
-    router_logits,
-    swiglu_experts,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -417,13 +418,12 @@ class MLP(nn.Module):
     def swiglu_weights(self) -> Expert:
         return self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[residual +] down(silu(gate(x)) * up(x))``."""
-        fused = swiglu_experts(x, [], [], shared=self.swiglu_weights(), residual=residual)  # one bf16 CPU token
-        if fused is not None:
-            return fused
-        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return out if residual is None else residual + out
+    def residual_block(self, x: torch.Tensor, norm: RMSNorm) -> Optional[torch.Tensor]:
+        """``x + self(norm(x))`` for one bf16 token on the CPU in one kernel call; None elsewhere."""
+        return ffn_block(x, norm.weight, norm.eps, shared=self.swiglu_weights())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MoEGate(nn.Module):
@@ -456,9 +456,7 @@ class MoEGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, D] -> (weights [N, k] fp32, expert ids [N, k])."""
-        logits = router_logits(x, self.weight)  # one bf16 token on the CPU
-        if logits is None:
-            logits = linear(x.float(), self.weight)
+        logits = linear(x.float(), self.weight)
         scores = logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
         n = scores.shape[0]
         if self.method == "greedy":
@@ -509,6 +507,14 @@ class Experts(nn.Module):
                 stacked,
                 [(gate_up[e, : self.intermediate], gate_up[e, self.intermediate :], down[e]) for e in range(self.n_experts)],
             )
+        return cached[1]
+
+    def pointer_table(self) -> Optional[torch.Tensor]:
+        """``kernels.expert_table`` of every expert (made once; None if the weights are not compact bf16)."""
+        weights = self.swiglu_weights()
+        cached = self.__dict__.get("_pointer_table")
+        if cached is None or cached[0] is not weights:
+            cached = self._pointer_table = (weights, expert_table(weights))
         return cached[1]
 
     def _expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
@@ -587,22 +593,31 @@ class MoE(nn.Module):
         if config.n_shared_experts:
             self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[residual +] routed experts(x) + shared experts(x)``."""
+    def residual_block(self, x: torch.Tensor, norm: RMSNorm) -> Optional[torch.Tensor]:
+        """``x + self(norm(x))`` for one bf16 token on the CPU in one kernel call (norm, router, the chosen
+        and the shared experts); None elsewhere."""
+        if x.numel() != x.shape[-1] or x.is_cuda or x.dtype != torch.bfloat16:
+            return None
+        table = self.experts.pointer_table()
+        if table is None:
+            return None
+        gate = self.gate
+        router = Router(
+            weight=gate.weight, correction_bias=getattr(gate, "e_score_correction_bias", None), method=gate.method,
+            scoring=gate.scoring, top_k=gate.top_k, n_group=gate.n_group, topk_group=gate.topk_group,
+            norm_topk_prob=gate.norm_topk_prob, scale=gate.scale, expert_table=table, intermediate=self.experts.intermediate,
+        )
+        shared = self.shared_experts.swiglu_weights() if self.shared_experts is not None else None
+        return ffn_block(x, norm.weight, norm.eps, shared=shared, router=router)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, ids = self.gate(flat)
-        if flat.shape[0] == 1 and not flat.is_cuda:  # CPU decode: the chosen and shared experts in one call
-            shared = self.shared_experts.swiglu_weights() if self.shared_experts is not None else None
-            table = self.experts.swiglu_weights()
-            chosen = [table[e] for e in ids[0].tolist()]
-            fused = swiglu_experts(x, chosen, weights[0].tolist(), shared, residual)
-            if fused is not None:
-                return fused
         y = self.experts(flat, weights, ids).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y if residual is None else residual + y
+        return y
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -625,7 +640,8 @@ class DecoderLayer(nn.Module):
         if isinstance(self.self_attn, MultiHeadAttention):  # one kernel call when decoding on the CPU in bf16
             fused = self.self_attn.residual_block(x, self.input_layernorm, ctx)
         x = fused if fused is not None else x + self.self_attn(self.input_layernorm(x), ctx)
-        return self.mlp(self.post_attention_layernorm(x), residual=x)
+        fused = self.mlp.residual_block(x, self.post_attention_layernorm)  # likewise
+        return fused if fused is not None else x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DeepseekV2Model(nn.Module):

@@ -108,32 +108,62 @@ def test_linear_many_equals_each_linear() -> None:
     assert kernels.linear_many(_bf16(2, 1280, seed=2), layers) is None  # more than one token
 
 
-def _swiglu_eager(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    F = torch.nn.functional
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+def _language_config(**overrides):
+    """A small MoE language config (the mla-noaux fixture's) with overrides."""
+    import json
+
+    from conftest import FIXTURES_DIR
+    from deepseek_vl2.config import DeepseekVL2Config
+
+    values = json.loads((FIXTURES_DIR / "checkpoints" / "mla-noaux" / "config.json").read_text())
+    values["language_config"].update(overrides)
+    return DeepseekVL2Config.from_dict(values)
+
+
+ROUTINGS = {
+    "greedy-softmax": {"topk_method": "greedy", "scoring_func": "softmax", "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
+    # One kept group of two experts and top-2: the group choice decides the experts.
+    "group-limited": {"topk_method": "group_limited_greedy", "scoring_func": "softmax", "n_group": 3, "topk_group": 1, "norm_topk_prob": False},
+    "noaux_tc": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 3, "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5},
+}
 
 
 @needs_extension
-@pytest.mark.parametrize("routed, shared", [(6, True), (2, False), (0, True)], ids=["routed+shared", "routed", "shared-only"])
-def test_swiglu_experts_equal_the_moe_layer(routed: int, shared: bool) -> None:
-    hidden, inter = 640, 224
-    x = _bf16(1, 1, hidden, seed=3)
-    stacked = _bf16(8, 2 * inter, hidden, seed=4, scale=0.05)  # strided gate/up views, as Experts keeps them
-    downs = _bf16(8, hidden, inter, seed=5, scale=0.05)
-    experts = [(stacked[e, :inter], stacked[e, inter:], downs[e]) for e in (5, 1, 7, 0, 3, 6)[:routed]]
-    weights = [0.31, 0.22, 0.17, 0.12, 0.1, 0.08][:routed]
-    shared_expert = (_bf16(2 * inter, hidden, seed=6, scale=0.05), _bf16(2 * inter, hidden, seed=7, scale=0.05),
-                     _bf16(hidden, 2 * inter, seed=8, scale=0.05)) if shared else None
-    out = kernels.swiglu_experts(x, experts, weights, shared_expert)
-    # The eager MoE: expert outputs in bf16, weighted sum in fp32, rounded, then + shared in bf16.
-    reference = torch.zeros(1, 1, hidden, dtype=BF16)
-    if routed:
-        reference = sum(w * _swiglu_eager(x, *e).float() for w, e in zip(weights, experts)).to(BF16)
-    if shared:
-        reference = reference + _swiglu_eager(x, *shared_expert) if routed else _swiglu_eager(x, *shared_expert)
-    _close(out, reference, ulps=4)
-    residual = _bf16(1, 1, hidden, seed=9)  # the decoder layer's sum, done in the same call
-    _close(kernels.swiglu_experts(x, experts, weights, shared_expert, residual), residual + reference, ulps=4)
+@pytest.mark.parametrize("routing", sorted(ROUTINGS))
+def test_ffn_block_is_the_moe_sub_layer(routing: str) -> None:
+    """x + MoE(RMSNorm(x)) in one call (router, chosen experts, shared experts) equals the eager layers,
+    for every routing method of the official code."""
+    from deepseek_vl2.model import build_model, random_init
+
+    config = _language_config(**ROUTINGS[routing])
+    model = build_model(config, "cpu", BF16, random_init(std=0.3, seed=3))
+    layer = next(layer for layer in model.language.model.layers if hasattr(layer.mlp, "experts"))
+    if routing == "noaux_tc":
+        layer.mlp.gate.e_score_correction_bias.data = torch.randn(config.language.n_routed_experts) * 0.1
+    norm, gate = layer.post_attention_layernorm, layer.mlp.gate
+    group_decided = 0
+    for seed in range(16):
+        x = _bf16(1, 1, config.language.hidden_size, seed=20 + seed)
+        fused = layer.mlp.residual_block(x, norm)
+        assert fused is not None
+        _close(fused, x + layer.mlp(norm(x)), ulps=4)
+        flat = norm(x).view(1, -1)
+        chosen = set(gate(flat)[1][0].tolist())
+        plain = set(torch.nn.functional.linear(flat.float(), gate.weight).topk(gate.top_k).indices[0].tolist())
+        group_decided += chosen != plain
+    assert routing == "greedy-softmax" or group_decided > 0  # the group step changed the choice somewhere
+
+
+@needs_extension
+def test_ffn_block_is_the_dense_mlp_sub_layer() -> None:
+    from deepseek_vl2.language import MLP, RMSNorm
+
+    mlp, norm = MLP(640, 1792).to(BF16), RMSNorm(640).to(BF16)
+    for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        linear.weight.data = _bf16(*linear.weight.shape, seed=linear.weight.shape[0], scale=0.05)
+    x = _bf16(1, 1, 640, seed=30)
+    _close(mlp.residual_block(x, norm), x + mlp(norm(x)), ulps=4)
+    assert mlp.residual_block(x.float(), norm.float()) is None  # fp32: the eager path
 
 
 @needs_extension
@@ -145,14 +175,6 @@ def test_rms_norm_equals_the_module() -> None:
     x = _bf16(1, 1, 1280, seed=10, scale=3.0)
     out = kernels.rms_norm(x, norm.weight, 1e-6)
     _close(out, norm.weight * torch.nn.functional.rms_norm(x, (1280,), eps=1e-6), ulps=1)
-
-
-@needs_extension
-def test_router_logits_equal_fp32_linear() -> None:
-    x, weight = _bf16(1, 1280, seed=11), torch.randn(64, 1280, generator=torch.Generator().manual_seed(12))
-    out = kernels.router_logits(x, weight)
-    assert torch.allclose(out, torch.nn.functional.linear(x.float(), weight), atol=1e-4, rtol=1e-5)
-    assert kernels.router_logits(x, weight.to(BF16)) is None
 
 
 @needs_extension

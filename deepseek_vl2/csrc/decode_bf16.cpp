@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <string>
 #include <vector>
 
 namespace {
@@ -274,33 +276,6 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight,
   return out;
 }
 
-// The MoE router's logits for one token: fp32 weights [E, D] times the bf16 token upcast to fp32 (as
-// F.linear(x.float(), weight)). Single-threaded: the weight is a few hundred KB, less than the cost of
-// waking the thread pool.
-torch::Tensor router_logits_f32(const torch::Tensor& x, const torch::Tensor& weight) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kFloat && weight.dim() == 2 &&
-                  weight.stride(1) == 1, "router_logits_f32: bf16 x and a 2-D fp32 weight with contiguous rows");
-  const auto xc = x.reshape({-1}).contiguous();
-  const int64_t experts = weight.size(0), d = weight.size(1);
-  TORCH_CHECK(xc.numel() == d, "router_logits_f32: x has ", xc.numel(), " values, weight rows have ", d);
-  std::vector<float> xf(d);
-  for (int64_t i = 0; i < d; ++i) xf[i] = bf16_to_float(bf16_data(xc)[i]);
-  auto out = torch::empty({1, experts}, weight.options());
-  float* op = out.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  const int64_t d16 = d / 16 * 16;
-  for (int64_t e = 0; e < experts; ++e) {
-    const float* row = wp + e * weight.stride(0);
-    __m512 acc = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i < d16; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(xf.data() + i), acc);
-    float sum = _mm512_reduce_add_ps(acc);
-    for (; i < d; ++i) sum += row[i] * xf[i];
-    op[e] = sum;
-  }
-  return out;
-}
-
 // Several batch-1 linears in one parallel region: outs[i] = ws[i] @ xs[i] (+ biases[i]), each rounded once
 // to bf16 like F.linear. Every thread takes its share of the rows of every matrix, with no barrier between
 // matrices. xs[i]: K_i bf16 values; ws[i]: [N_i, K_i]; biases: empty or one (possibly undefined) per weight.
@@ -334,93 +309,216 @@ std::vector<torch::Tensor> gemv_bf16_many(const std::vector<torch::Tensor>& xs, 
   return outs;
 }
 
-// One token through SwiGLU experts, ``down(silu(gate(x)) * up(x))``, with PyTorch's bf16 roundings (each
-// projection, silu and the product are rounded to bf16), combined as the MoE layer does:
-//   routed = bf16(sum_e weights[e] * expert_e(x))   (fp32 sum over the first n_routed experts, in order)
-//   out    = bf16(routed + shared(x))                (when the lists hold one more, shared, expert)
-//   out    = bf16(residual + out)                    (when a residual [D] is given: the decoder's sum)
-// x: [D] bf16; gates/ups: [I_e, D]; downs: [D, I_e]. Two phases in one parallel region: every thread
-// computes its share of the rows of every gate/up pair, then (after a barrier) its share of the output
-// rows, expert by expert, so each thread streams one matrix at a time.
-torch::Tensor swiglu_moe_bf16(const torch::Tensor& x, const std::vector<torch::Tensor>& gates,
-                              const std::vector<torch::Tensor>& ups, const std::vector<torch::Tensor>& downs,
-                              const std::vector<double>& weights, const c10::optional<torch::Tensor>& residual) {
-  const size_t experts = gates.size(), routed = weights.size();
-  TORCH_CHECK(ups.size() == experts && downs.size() == experts && (experts == routed || experts == routed + 1),
-              "swiglu_moe_bf16: gates/ups/downs must list the routed experts (one weight each), then optionally a shared one");
-  const auto xc = x.reshape({-1}).contiguous();
-  TORCH_CHECK(xc.scalar_type() == at::kBFloat16, "swiglu_moe_bf16: x must be bf16");
-  const int64_t hidden = xc.numel();
-  std::vector<int64_t> offset(experts + 1, 0);  // where expert e's hidden activations start in `h`
-  for (size_t e = 0; e < experts; ++e) {
-    check_matrix(gates[e], "swiglu_moe_bf16");
-    check_matrix(ups[e], "swiglu_moe_bf16");
-    check_matrix(downs[e], "swiglu_moe_bf16");
-    const int64_t inter = gates[e].size(0);
-    TORCH_CHECK(gates[e].size(1) == hidden && ups[e].sizes() == gates[e].sizes() && downs[e].size(0) == hidden &&
-                    downs[e].size(1) == inter,
-                "swiglu_moe_bf16: expert ", e, " has shapes that do not fit a hidden size of ", hidden);
-    offset[e + 1] = offset[e] + inter;
-  }
-  std::vector<uint16_t> h(offset[experts]);
-  std::vector<float> routed_sum(hidden, 0.0f);
+// --------------------------------------------------------------------------------------------------
+// The feed-forward sub-layer of one token: RMSNorm, the router, the chosen and the shared experts.
 
-  auto out = torch::empty({hidden}, xc.options());
-  const uint16_t* xp = bf16_data(xc);
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const bool has_shared = experts > routed;
-  torch::Tensor residual_c;
-  if (residual.has_value() && residual->defined()) {
-    residual_c = residual->reshape({-1}).contiguous();
-    TORCH_CHECK(residual_c.scalar_type() == at::kBFloat16 && residual_c.numel() == hidden, "swiglu_moe_bf16: residual must be ", hidden, " bf16 values");
+struct SwigluWeights {  // one SwiGLU expert: gate/up [inter, hidden] and down [hidden, inter], compact rows
+  const uint16_t *gate, *up, *down;
+  int64_t inter;
+};
+
+// The router of the official code for one token, in fp32: logits = W x; softmax or sigmoid scores;
+// greedy, group-limited greedy or noaux_tc selection of top_k experts; optional normalisation; scaling.
+// Ties go to the lower expert id.
+struct RouterSpec {
+  const float* weight;            // [experts, hidden]
+  const float* correction_bias;   // [experts] (noaux_tc) or null
+  int64_t experts, top_k, n_group, topk_group;
+  bool softmax, norm_topk_prob;
+  std::string method;
+  float scale;
+};
+
+static std::vector<int64_t> top_indices(const std::vector<float>& values, int64_t k) {
+  std::vector<int64_t> order(values.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
+  std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                    [&](int64_t a, int64_t b) { return values[a] > values[b] || (values[a] == values[b] && a < b); });
+  order.resize(k);
+  return order;
+}
+
+static void route(const RouterSpec& r, const uint16_t* x, int64_t hidden, std::vector<int64_t>& ids, std::vector<float>& weights) {
+  std::vector<float> xf(hidden), scores(r.experts);
+  for (int64_t i = 0; i < hidden; ++i) xf[i] = bf16_to_float(x[i]);
+  const int64_t hidden16 = hidden / 16 * 16;
+  for (int64_t e = 0; e < r.experts; ++e) {  // F.linear(x.float(), weight)
+    const float* row = r.weight + e * hidden;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i < hidden16; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(xf.data() + i), acc);
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; i < hidden; ++i) sum += row[i] * xf[i];
+    scores[e] = sum;
   }
-  const uint16_t* res = residual_c.defined() ? bf16_data(residual_c) : nullptr;
-  auto emit = [&](int64_t n, uint16_t y) { op[n] = res ? float_to_bf16(bf16_to_float(res[n]) + bf16_to_float(y)) : y; };
+  if (r.softmax) {
+    const float top = *std::max_element(scores.begin(), scores.end());
+    float total = 0.0f;
+    for (float& s : scores) total += (s = std::exp(s - top));
+    for (float& s : scores) s /= total;
+  } else {
+    for (float& s : scores) s = 1.0f / (1.0f + std::exp(-s));
+  }
+  std::vector<float> chosen_from = scores;  // what the top-k runs over
+  if (r.method == "noaux_tc")
+    for (int64_t e = 0; e < r.experts; ++e) chosen_from[e] += r.correction_bias[e];
+  if (r.method != "greedy") {  // keep the topk_group best groups, zero the others (as masked_fill(~keep, 0))
+    const int64_t per_group = r.experts / r.n_group;
+    std::vector<float> group_scores(r.n_group);
+    for (int64_t g = 0; g < r.n_group; ++g) {
+      std::vector<float> members(chosen_from.begin() + g * per_group, chosen_from.begin() + (g + 1) * per_group);
+      if (r.method == "noaux_tc") {  // sum of the two best
+        std::partial_sort(members.begin(), members.begin() + std::min<int64_t>(2, per_group), members.end(), std::greater<float>());
+        group_scores[g] = members[0] + (per_group > 1 ? members[1] : 0.0f);
+      } else {
+        group_scores[g] = *std::max_element(members.begin(), members.end());
+      }
+    }
+    std::vector<bool> keep(r.n_group, false);
+    for (int64_t g : top_indices(group_scores, r.topk_group)) keep[g] = true;
+    for (int64_t e = 0; e < r.experts; ++e)
+      if (!keep[e / per_group]) chosen_from[e] = 0.0f;
+  }
+  ids = top_indices(chosen_from, r.top_k);
+  weights.resize(r.top_k);
+  for (int64_t i = 0; i < r.top_k; ++i) weights[i] = r.method == "noaux_tc" ? scores[ids[i]] : chosen_from[ids[i]];
+  if (r.top_k > 1 && r.norm_topk_prob) {
+    float total = 0.0f;
+    for (float w : weights) total += w;
+    for (float& w : weights) w /= (total + 1e-20f);
+  }
+  for (float& w : weights) w *= r.scale;
+}
+
+// One token through SwiGLU experts, ``down(silu(gate(x)) * up(x))``, with PyTorch's bf16 roundings (each
+// projection, silu and the product are rounded to bf16), combined as the decoder layer does:
+//   routed = bf16(sum_e weights[e] * expert_e(x))   (fp32 sum over the first `routed` experts, in order)
+//   y      = bf16(routed + shared(x))                (when the list holds one more, shared, expert)
+//   out    = bf16(residual + y)
+// Two phases in one parallel region: every thread computes its share of the rows of every gate/up pair,
+// then (after a barrier) its share of the output rows, expert by expert, so each thread streams one
+// matrix at a time.
+static void run_swiglu_experts(const uint16_t* xp, int64_t hidden, const std::vector<SwigluWeights>& experts, size_t routed,
+                               const std::vector<float>& weights, const uint16_t* residual, uint16_t* op) {
+  const size_t count = experts.size();
+  std::vector<int64_t> offset(count + 1, 0);  // where expert e's hidden activations start in `h`
+  for (size_t e = 0; e < count; ++e) offset[e + 1] = offset[e] + experts[e].inter;
+  std::vector<uint16_t> h(offset[count]);
+  std::vector<float> routed_sum(hidden, 0.0f);
+  const bool has_shared = count > routed;
+  auto emit = [&](int64_t n, uint16_t y) { op[n] = float_to_bf16(bf16_to_float(residual[n]) + bf16_to_float(y)); };
   const int threads = pool_threads();
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const int thread = omp_get_thread_num(), team = omp_get_num_threads();
-    for (size_t e = 0; e < experts; ++e) {
-      const auto [begin, end] = share(gates[e].size(0), thread, team);
+    for (size_t e = 0; e < count; ++e) {
+      const auto [begin, end] = share(experts[e].inter, thread, team);
       // The gate rows, then the up rows: one stream from memory at a time.
       uint16_t* he = h.data() + offset[e];
-      gemv_rows(bf16_data(gates[e]), gates[e].stride(0), hidden, xp, begin, end, [&](int64_t i, float sum) {
+      gemv_rows(experts[e].gate, hidden, hidden, xp, begin, end, [&](int64_t i, float sum) {
         he[i] = float_to_bf16(silu(bf16_to_float(float_to_bf16(sum))));
       });
-      gemv_rows(bf16_data(ups[e]), ups[e].stride(0), hidden, xp, begin, end, [&](int64_t i, float sum) {
+      gemv_rows(experts[e].up, hidden, hidden, xp, begin, end, [&](int64_t i, float sum) {
         he[i] = float_to_bf16(bf16_to_float(he[i]) * bf16_to_float(float_to_bf16(sum)));
       });
     }
 #pragma omp barrier
     const auto [begin, end] = share(hidden, thread, team);
     for (size_t e = 0; e < routed; ++e) {
-      const float weight = float(weights[e]);
-      gemv_rows(bf16_data(downs[e]), downs[e].stride(0), downs[e].size(1), h.data() + offset[e], begin, end,
+      const float weight = weights[e];
+      gemv_rows(experts[e].down, experts[e].inter, experts[e].inter, h.data() + offset[e], begin, end,
                 [&](int64_t n, float sum) { routed_sum[n] += weight * bf16_to_float(float_to_bf16(sum)); });
     }
     if (has_shared) {
-      const size_t e = routed;
-      gemv_rows(bf16_data(downs[e]), downs[e].stride(0), downs[e].size(1), h.data() + offset[e], begin, end,
-                [&](int64_t n, float sum) {
-                  const float routed_part = routed ? bf16_to_float(float_to_bf16(routed_sum[n])) : 0.0f;
-                  emit(n, float_to_bf16(routed_part + bf16_to_float(float_to_bf16(sum))));
-                });
+      const SwigluWeights& shared = experts[routed];
+      gemv_rows(shared.down, shared.inter, shared.inter, h.data() + offset[routed], begin, end, [&](int64_t n, float sum) {
+        const float routed_part = routed ? bf16_to_float(float_to_bf16(routed_sum[n])) : 0.0f;
+        emit(n, float_to_bf16(routed_part + bf16_to_float(float_to_bf16(sum))));
+      });
     } else {
       for (int64_t n = begin; n < end; ++n) emit(n, float_to_bf16(routed_sum[n]));
     }
   }
-  return out;
+}
+
+static SwigluWeights swiglu_of(const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down, int64_t hidden) {
+  for (const torch::Tensor* w : {&gate, &up, &down}) {
+    check_matrix(*w, "ffn_block_bf16");
+    TORCH_CHECK(w->is_contiguous(), "ffn_block_bf16: expert weights must be contiguous");
+  }
+  const int64_t inter = gate.size(0);
+  TORCH_CHECK(gate.size(1) == hidden && up.sizes() == gate.sizes() && down.size(0) == hidden && down.size(1) == inter,
+              "ffn_block_bf16: SwiGLU weights do not fit a hidden size of ", hidden);
+  return {bf16_data(gate), bf16_data(up), bf16_data(down), inter};
+}
+
+// The whole feed-forward sub-layer of one bf16 token: x + ffn(RMSNorm(x)), where ffn is
+// * a dense SwiGLU MLP (no router; `shared` = its weights), or
+// * a MoE layer: the router (fp32 weight [E, hidden], optional noaux_tc correction bias, the selection
+//   method and its parameters) picks top_k of the experts listed in `expert_table` ([E, 3] int64: data
+//   pointers of each expert's compact gate [inter, hidden], up [inter, hidden], down [hidden, inter]
+//   bf16 weights, kept alive by the caller), plus the always-on shared experts (`shared`, optional).
+torch::Tensor ffn_block_bf16(const torch::Tensor& x, const torch::Tensor& norm_weight, double eps,
+                             const c10::optional<torch::Tensor>& router_weight, const c10::optional<torch::Tensor>& correction_bias,
+                             const std::string& method, const std::string& scoring, int64_t top_k, int64_t n_group,
+                             int64_t topk_group, bool norm_topk_prob, double scale,
+                             const c10::optional<torch::Tensor>& expert_table, int64_t expert_inter,
+                             const std::vector<torch::Tensor>& shared) {
+  const auto xc = x.reshape({-1}).contiguous(), nw = norm_weight.contiguous();
+  TORCH_CHECK(xc.scalar_type() == at::kBFloat16 && nw.scalar_type() == at::kBFloat16, "ffn_block_bf16: bf16 x and norm");
+  const int64_t hidden = xc.numel();
+  TORCH_CHECK(nw.numel() == hidden, "ffn_block_bf16: norm weight size");
+  TORCH_CHECK(shared.empty() || shared.size() == 3, "ffn_block_bf16: shared = (gate, up, down) or nothing");
+  std::vector<uint16_t> normed(hidden);
+  rms_norm_row(bf16_data(xc), bf16_data(nw), hidden, float(eps), normed.data());
+
+  std::vector<SwigluWeights> experts;
+  std::vector<float> weights;
+  if (router_weight.has_value() && router_weight->defined()) {
+    TORCH_CHECK(expert_table.has_value() && expert_table->defined(), "ffn_block_bf16: a router needs the expert table");
+    const auto& w = *router_weight;
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(1) == hidden,
+                "ffn_block_bf16: router weight must be contiguous fp32 [experts, ", hidden, "]");
+    const auto& table = *expert_table;
+    TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 2 && table.size(0) == w.size(0) &&
+                    table.size(1) == 3, "ffn_block_bf16: expert table must be int64 [experts, 3]");
+    TORCH_CHECK(method == "greedy" || method == "group_limited_greedy" || method == "noaux_tc", "ffn_block_bf16: method ", method);
+    TORCH_CHECK(scoring == "softmax" || scoring == "sigmoid", "ffn_block_bf16: scoring ", scoring);
+    const int64_t n_experts = w.size(0);
+    TORCH_CHECK(top_k >= 1 && top_k <= n_experts && n_group >= 1 && n_experts % n_group == 0 && topk_group >= 1 &&
+                    topk_group <= n_group, "ffn_block_bf16: routing parameters");
+    const float* bias = nullptr;
+    if (method == "noaux_tc") {
+      TORCH_CHECK(correction_bias.has_value() && correction_bias->defined() && correction_bias->scalar_type() == at::kFloat &&
+                      correction_bias->is_contiguous() && correction_bias->numel() == n_experts,
+                  "ffn_block_bf16: noaux_tc needs an fp32 correction bias per expert");
+      bias = correction_bias->data_ptr<float>();
+    }
+    const RouterSpec spec{w.data_ptr<float>(), bias, n_experts, top_k, n_group, topk_group, scoring == "softmax",
+                          norm_topk_prob, method, float(scale)};
+    std::vector<int64_t> ids;
+    route(spec, normed.data(), hidden, ids, weights);
+    const int64_t* pointers = table.data_ptr<int64_t>();
+    for (int64_t id : ids) {
+      const int64_t* row = pointers + 3 * id;
+      experts.push_back({reinterpret_cast<const uint16_t*>(row[0]), reinterpret_cast<const uint16_t*>(row[1]),
+                         reinterpret_cast<const uint16_t*>(row[2]), expert_inter});
+    }
+  }
+  const size_t routed = experts.size();
+  if (!shared.empty()) experts.push_back(swiglu_of(shared[0], shared[1], shared[2], hidden));
+  TORCH_CHECK(!experts.empty(), "ffn_block_bf16: neither a router nor shared weights");
+  auto out = torch::empty_like(xc);
+  run_swiglu_experts(normed.data(), hidden, experts, routed, weights, bf16_data(xc), reinterpret_cast<uint16_t*>(out.data_ptr()));
+  return out.view(x.sizes());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_one_query_bf16", &attend_one_query_bf16, "single-query attention over a bf16 cache");
   m.def("gemv_bf16", &gemv_bf16, "bf16 batch-1 linear with AVX512-BF16", pybind11::arg("x"), pybind11::arg("w"),
         pybind11::arg("bias") = pybind11::none());
-  m.def("router_logits_f32", &router_logits_f32, "fp32 router logits of one bf16 token");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm of bf16 rows");
   m.def("gemv_bf16_many", &gemv_bf16_many, "several bf16 batch-1 linears in one parallel region");
-  m.def("swiglu_moe_bf16", &swiglu_moe_bf16, "one token through weighted SwiGLU experts (+ a shared one)",
-        pybind11::arg("x"), pybind11::arg("gates"), pybind11::arg("ups"), pybind11::arg("downs"), pybind11::arg("weights"),
-        pybind11::arg("residual") = pybind11::none());
+  m.def("ffn_block_bf16", &ffn_block_bf16, "RMSNorm + router + chosen and shared experts (or a dense MLP) + residual, one token");
   m.def("mha_block_bf16", &mha_block_bf16, "RMSNorm + q/k/v + RoPE + cache write + attention + o_proj + residual, one token");
 }

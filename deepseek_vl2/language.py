@@ -446,6 +446,18 @@ class MoEGate(nn.Module):
         if self.method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(torch.zeros(self.n_experts))
 
+    def tie_free(self) -> bool:
+        """Whether the selection can never tie by construction (the CPU decode kernel's routing needs it).
+
+        Dropped groups get a score of 0 (as in the official code), which ties with other dropped experts
+        and beats kept ones whenever a kept score is not above 0 (noaux_tc's biased scores can be
+        negative) or top_k exceeds the experts kept; torch.topk then decides, so those stay eager.
+        """
+        if self.n_group == 1 or self.method == "greedy":
+            return True
+        per_group = self.n_experts // self.n_group
+        return self.method == "group_limited_greedy" and self.top_k <= self.topk_group * per_group
+
     def _group_mask(self, scores: torch.Tensor, group_scores: torch.Tensor) -> torch.Tensor:
         """Zero the scores of every expert outside the ``topk_group`` best groups."""
         n = scores.shape[0]
@@ -598,10 +610,12 @@ class MoE(nn.Module):
         and the shared experts); None elsewhere."""
         if x.numel() != x.shape[-1] or x.is_cuda or x.dtype != torch.bfloat16:
             return None
+        gate = self.gate
+        if not gate.tie_free():
+            return None
         table = self.experts.pointer_table()
         if table is None:
             return None
-        gate = self.gate
         router = Router(
             weight=gate.weight, correction_bias=getattr(gate, "e_score_correction_bias", None), method=gate.method,
             scoring=gate.scoring, top_k=gate.top_k, n_group=gate.n_group, topk_group=gate.topk_group,

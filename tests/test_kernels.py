@@ -124,7 +124,7 @@ ROUTINGS = {
     "greedy-softmax": {"topk_method": "greedy", "scoring_func": "softmax", "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
     # One kept group of two experts and top-2: the group choice decides the experts.
     "group-limited": {"topk_method": "group_limited_greedy", "scoring_func": "softmax", "n_group": 3, "topk_group": 1, "norm_topk_prob": False},
-    "noaux_tc": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 3, "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5},
+    "noaux_tc": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 1, "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5},
 }
 
 
@@ -138,8 +138,9 @@ def test_ffn_block_is_the_moe_sub_layer(routing: str) -> None:
     config = _language_config(**ROUTINGS[routing])
     model = build_model(config, "cpu", BF16, random_init(std=0.3, seed=3))
     layer = next(layer for layer in model.language.model.layers if hasattr(layer.mlp, "experts"))
-    if routing == "noaux_tc":
-        layer.mlp.gate.e_score_correction_bias.data = torch.randn(config.language.n_routed_experts) * 0.1
+    if routing == "noaux_tc":  # a bias that changes the choice
+        generator = torch.Generator().manual_seed(4)
+        layer.mlp.gate.e_score_correction_bias.data = torch.randn(config.language.n_routed_experts, generator=generator) * 0.3
     norm, gate = layer.post_attention_layernorm, layer.mlp.gate
     group_decided = 0
     for seed in range(16):
@@ -151,7 +152,29 @@ def test_ffn_block_is_the_moe_sub_layer(routing: str) -> None:
         chosen = set(gate(flat)[1][0].tolist())
         plain = set(torch.nn.functional.linear(flat.float(), gate.weight).topk(gate.top_k).indices[0].tolist())
         group_decided += chosen != plain
-    assert routing == "greedy-softmax" or group_decided > 0  # the group step changed the choice somewhere
+    assert routing == "greedy-softmax" or group_decided > 0  # the groups (or the bias) changed the choice somewhere
+
+
+def test_routing_that_can_tie_stays_eager() -> None:
+    """noaux_tc with several groups (and group-limited routing with more experts than the kept groups
+    hold) can tie on the zeroed scores of dropped groups; torch.topk settles those, so no kernel."""
+    from deepseek_vl2.language import RMSNorm
+    from deepseek_vl2.model import build_model, random_init
+
+    for overrides, tie_free in [
+        ({"topk_method": "noaux_tc", "n_group": 3, "topk_group": 1}, False),
+        ({"topk_method": "group_limited_greedy", "scoring_func": "softmax", "n_group": 3, "topk_group": 1,
+          "num_experts_per_tok": 3}, False),
+        (ROUTINGS["group-limited"], True),
+        (ROUTINGS["noaux_tc"], True),
+    ]:
+        config = _language_config(**overrides)
+        model = build_model(config, "cpu", BF16, random_init(std=0.3, seed=3))
+        moe = next(layer for layer in model.language.model.layers if hasattr(layer.mlp, "experts")).mlp
+        assert moe.gate.tie_free() == tie_free
+        if not tie_free:
+            norm = RMSNorm(config.language.hidden_size).to(BF16)
+            assert moe.residual_block(_bf16(1, 1, config.language.hidden_size, seed=1), norm) is None
 
 
 @needs_extension

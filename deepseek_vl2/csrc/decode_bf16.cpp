@@ -319,7 +319,11 @@ struct SwigluWeights {  // one SwiGLU expert: gate/up [inter, hidden] and down [
 
 // The router of the official code for one token, in fp32: logits = W x; softmax or sigmoid scores;
 // greedy, group-limited greedy or noaux_tc selection of top_k experts; optional normalisation; scaling.
-// Ties go to the lower expert id.
+// Ties go to the lower expert id. Only configurations where the official selection has no ties by
+// construction are accepted (see ffn_block_bf16): the official code zeroes the scores of dropped groups
+// (masked_fill 0.0), so a dropped expert can tie with others and win where a kept score is not above
+// zero (noaux_tc's biased scores can be negative; top_k larger than the experts kept), and which one
+// wins is then up to torch.topk.
 struct RouterSpec {
   const float* weight;            // [experts, hidden]
   const float* correction_bias;   // [experts] (noaux_tc) or null
@@ -360,20 +364,13 @@ static void route(const RouterSpec& r, const uint16_t* x, int64_t hidden, std::v
     for (float& s : scores) s = 1.0f / (1.0f + std::exp(-s));
   }
   std::vector<float> chosen_from = scores;  // what the top-k runs over
-  if (r.method == "noaux_tc")
+  if (r.method == "noaux_tc")  // (one group only: see ffn_block_bf16)
     for (int64_t e = 0; e < r.experts; ++e) chosen_from[e] += r.correction_bias[e];
-  if (r.method != "greedy") {  // keep the topk_group best groups, zero the others (as masked_fill(~keep, 0))
+  if (r.method == "group_limited_greedy") {  // keep the topk_group groups with the best expert, zero the others
     const int64_t per_group = r.experts / r.n_group;
     std::vector<float> group_scores(r.n_group);
-    for (int64_t g = 0; g < r.n_group; ++g) {
-      std::vector<float> members(chosen_from.begin() + g * per_group, chosen_from.begin() + (g + 1) * per_group);
-      if (r.method == "noaux_tc") {  // sum of the two best
-        std::partial_sort(members.begin(), members.begin() + std::min<int64_t>(2, per_group), members.end(), std::greater<float>());
-        group_scores[g] = members[0] + (per_group > 1 ? members[1] : 0.0f);
-      } else {
-        group_scores[g] = *std::max_element(members.begin(), members.end());
-      }
-    }
+    for (int64_t g = 0; g < r.n_group; ++g)
+      group_scores[g] = *std::max_element(chosen_from.begin() + g * per_group, chosen_from.begin() + (g + 1) * per_group);
     std::vector<bool> keep(r.n_group, false);
     for (int64_t g : top_indices(group_scores, r.topk_group)) keep[g] = true;
     for (int64_t e = 0; e < r.experts; ++e)
@@ -487,6 +484,9 @@ torch::Tensor ffn_block_bf16(const torch::Tensor& x, const torch::Tensor& norm_w
     const int64_t n_experts = w.size(0);
     TORCH_CHECK(top_k >= 1 && top_k <= n_experts && n_group >= 1 && n_experts % n_group == 0 && topk_group >= 1 &&
                     topk_group <= n_group, "ffn_block_bf16: routing parameters");
+    TORCH_CHECK(method != "noaux_tc" || n_group == 1, "ffn_block_bf16: noaux_tc with several groups is left to the eager layers");
+    TORCH_CHECK(method != "group_limited_greedy" || top_k <= topk_group * (n_experts / n_group),
+                "ffn_block_bf16: group-limited routing with more experts than the kept groups hold is left to the eager layers");
     const float* bias = nullptr;
     if (method == "noaux_tc") {
       TORCH_CHECK(correction_bias.has_value() && correction_bias->defined() && correction_bias->scalar_type() == at::kFloat &&

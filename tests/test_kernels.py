@@ -232,3 +232,14 @@ def test_mha_block_is_the_attention_sub_layer(heads: int, kv_heads: int, positio
     attended = (torch.softmax(q_rot @ keys.mT * d**-0.5, -1) @ values).reshape(1, 1, heads * d).to(BF16)
     reference = x + F.linear(attended, projections[3].weight, projections[3].bias)
     _close(out, reference, ulps=4)
+
+
+@needs_extension
+@pytest.mark.parametrize("ours, expected", [(1.05, "avx512bf16"), (1.5, "native")])
+def test_chooser_keeps_our_bf16_kernel_unless_clearly_beaten(monkeypatch: pytest.MonkeyPatch, ours: float, expected: str) -> None:
+    timings = {"aten": 2.0, "native": 1.0, "onednn": 3.0, "avx512bf16": ours}
+    calls = iter(timings.values())
+    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.delenv("DEEPSEEK_VL2_CPU_GEMV", raising=False)
+    monkeypatch.setattr(kernels, "best_seconds", lambda fn, min_runs: next(calls))
+    assert kernels.cpu_gemv(torch.bfloat16) is kernels.CANDIDATES[expected]

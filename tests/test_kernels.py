@@ -21,12 +21,14 @@ def _case(dtype: torch.dtype, rows: int, cols: int, strided: bool, bias: bool):
 def _available(name: str, dtype: torch.dtype) -> bool:
     if name == "avx512bf16":
         return dtype == torch.bfloat16 and kernels.avx512_bf16_extension() is not None
+    if name == "simdf32":
+        return dtype == torch.float32 and kernels.fp32_extension() is not None
     return True
 
 
-# The AVX512-BF16 kernel is bf16-only; the other paths take both dtypes.
+# The AVX512-BF16 kernel is bf16-only, our fp32 loop fp32-only; the other paths take both dtypes.
 PATHS = [(name, dtype) for name in sorted(kernels.CANDIDATES) for dtype in (torch.float32, torch.bfloat16)
-         if not (name == "avx512bf16" and dtype == torch.float32)]
+         if not (name == "avx512bf16" and dtype == torch.float32) and not (name == "simdf32" and dtype == torch.bfloat16)]
 
 
 @pytest.mark.parametrize("name, dtype", PATHS, ids=[f"{n}-{str(d)[6:]}" for n, d in PATHS])
@@ -237,7 +239,7 @@ def test_mha_block_is_the_attention_sub_layer(heads: int, kv_heads: int, positio
 @needs_extension
 @pytest.mark.parametrize("ours, expected", [(1.05, "avx512bf16"), (1.5, "native")])
 def test_chooser_keeps_our_bf16_kernel_unless_clearly_beaten(monkeypatch: pytest.MonkeyPatch, ours: float, expected: str) -> None:
-    timings = {"aten": 2.0, "native": 1.0, "onednn": 3.0, "avx512bf16": ours}
+    timings = {"aten": 2.0, "native": 1.0, "onednn": 3.0, "avx512bf16": ours}  # (simdf32: fp32 only, not timed)
     calls = iter(timings.values())
     monkeypatch.setattr(kernels, "_chosen", {})
     monkeypatch.delenv("DEEPSEEK_VL2_CPU_GEMV", raising=False)

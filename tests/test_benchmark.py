@@ -137,6 +137,9 @@ def test_experts_touched():
 def test_probes_are_quick_and_positive():
     import time
 
+    from deepseek_vl2 import kernels
+
+    kernels.cpu_gemv(torch.float32)  # one-time: builds our fp32 kernel (~20 s on a fresh cache), picks a path
     start = time.perf_counter()
     bw = bounds.measure_memory_bandwidth(seconds=0.2, size_bytes=64 << 20)
     gf = bounds.measure_matmul_flops(torch.float32, shapes=((256, 256, 256),), seconds=0.2)

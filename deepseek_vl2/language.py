@@ -252,10 +252,9 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.static:
             k, v = self.cache.update_static(ctx.position, ctx.window, k, v)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -187,16 +187,12 @@ def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, shared: Op
     extension = _fused_extension(x)
     if extension is None or norm_weight.dtype != torch.bfloat16 or (shared is not None and shared[0].dtype != torch.bfloat16):
         return None
-    r = router
-    return extension.ffn_block_bf16(
-        x, norm_weight, eps,
-        None if r is None else r.weight, None if r is None else r.correction_bias,
-        "greedy" if r is None else r.method, "softmax" if r is None else r.scoring,
-        0 if r is None else r.top_k, 1 if r is None else r.n_group, 1 if r is None else r.topk_group,
-        False if r is None else r.norm_topk_prob, 1.0 if r is None else r.scale,
-        None if r is None else r.expert_table, 0 if r is None else r.intermediate,
-        list(shared) if shared is not None else [],
-    )
+    # The kernel takes the router's fields in their declared order (a dense MLP: an inert stand-in).
+    routing = [getattr(router, f.name) for f in fields(Router)] if router is not None else _NO_ROUTER
+    return extension.ffn_block_bf16(x, norm_weight, eps, *routing, list(shared) if shared is not None else [])
+
+
+_NO_ROUTER = [None, None, "greedy", "softmax", 0, 1, 1, False, 1.0, None, 0]
 
 
 def mha_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, projections: list[nn.Linear], cos: torch.Tensor,

@@ -14,6 +14,8 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include "gemv_args.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -83,39 +85,13 @@ void check_matrix(const torch::Tensor& w, const char* what) {
 // x: K bf16 values (any shape with K elements); w: [N, K] bf16, rows contiguous (any row stride);
 // bias: [N] bf16 or undefined. Returns [N] bf16: the fp32 sum (+ bias) rounded once, as F.linear does.
 torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemv_bf16: bf16 tensors only");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv_bf16: CPU tensors only");
-  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, "gemv_bf16: weight must be 2-D with contiguous rows");
-  const auto xc = x.reshape({-1}).contiguous();
-  const int64_t rows = w.size(0), cols = w.size(1), row_stride = w.stride(0);
-  TORCH_CHECK(xc.numel() == cols, "gemv_bf16: x has ", xc.numel(), " values, weight rows have ", cols);
-
-  torch::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == rows, "gemv_bf16: bias has ", bias->numel(), " values, weight has ", rows, " rows");
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
-  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  auto out = torch::empty({rows}, x.options());
-  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  const GemvArgs args = gemv_args("gemv_bf16", at::kBFloat16, x, w, bias);
+  const float* bp = args.bias_f32.defined() ? args.bias_f32.data_ptr<float>() : nullptr;
+  auto out = torch::empty({args.rows}, x.options());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const int64_t cols64 = cols / 64 * 64, cols32 = cols / 32 * 32;
-
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const uint16_t* row = wp + n * row_stride;
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-      int64_t k = 0;
-      for (; k < cols64; k += 64) {  // two independent accumulators hide the instruction's latency
-        acc0 = _mm512_dpbf16_ps(acc0, load_bf16x32(row + k), load_bf16x32(xp + k));
-        acc1 = _mm512_dpbf16_ps(acc1, load_bf16x32(row + k + 32), load_bf16x32(xp + k + 32));
-      }
-      for (; k < cols32; k += 32) acc0 = _mm512_dpbf16_ps(acc0, load_bf16x32(row + k), load_bf16x32(xp + k));
-      float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-      for (; k < cols; ++k) sum += bf16_to_float(row[k]) * bf16_to_float(xp[k]);
-      op[n] = float_to_bf16(bp ? sum + bp[n] : sum);
-    }
+  at::parallel_for(0, args.rows, 16, [&](int64_t begin, int64_t end) {
+    gemv_rows(bf16_data(w), args.row_stride, args.cols, bf16_data(args.x), begin, end,
+              [&](int64_t n, float sum) { op[n] = float_to_bf16(bp ? sum + bp[n] : sum); });
   });
   return out;
 }

@@ -8,6 +8,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "gemv_args.h"
+
 namespace {
 
 constexpr int kLanes = 32;
@@ -25,26 +27,16 @@ inline float dot_f32(const float* w, const float* x, int64_t n) {
 
 }  // namespace
 
-// x: K fp32 values (any shape with K elements); w: [N, K] fp32 with contiguous rows; bias: [N] or none.
+// x: K fp32 values; w: [N, K] fp32 with contiguous rows; bias: [N] or none (see gemv_args.h).
 torch::Tensor gemv_f32(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "gemv_f32: fp32 tensors only");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "gemv_f32: CPU tensors only");
-  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, "gemv_f32: weight must be 2-D with contiguous rows");
-  const auto xc = x.reshape({-1}).contiguous();
-  const int64_t rows = w.size(0), cols = w.size(1), row_stride = w.stride(0);
-  TORCH_CHECK(xc.numel() == cols, "gemv_f32: x has ", xc.numel(), " values, weight rows have ", cols);
-  torch::Tensor bias_c;
-  if (bias.has_value() && bias->defined()) {
-    bias_c = bias->to(at::kFloat).contiguous();
-    TORCH_CHECK(bias_c.numel() == rows, "gemv_f32: bias has ", bias_c.numel(), " values, weight has ", rows, " rows");
-  }
-  const float* bp = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
-  auto out = torch::empty({rows}, xc.options());
-  const float *xp = xc.data_ptr<float>(), *wp = w.data_ptr<float>();
+  const GemvArgs args = gemv_args("gemv_f32", at::kFloat, x, w, bias);
+  const float* bp = args.bias_f32.defined() ? args.bias_f32.data_ptr<float>() : nullptr;
+  auto out = torch::empty({args.rows}, x.options());
+  const float *xp = args.x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, args.rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const float sum = dot_f32(wp + n * row_stride, xp, cols);
+      const float sum = dot_f32(wp + n * args.row_stride, xp, args.cols);
       op[n] = bp ? sum + bp[n] : sum;
     }
   });

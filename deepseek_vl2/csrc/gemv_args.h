@@ -1,0 +1,24 @@
+// Argument checks shared by the batch-1 linear kernels (gemv_bf16, gemv_f32).
+#pragma once
+#include <torch/extension.h>
+
+// x: K values of `dtype` (any shape with K elements), flattened and contiguous; w: [N, K] of `dtype` with
+// contiguous rows (any row stride); bias: [N] values, as fp32 (undefined when there is none).
+struct GemvArgs {
+  torch::Tensor x, bias_f32;
+  int64_t rows, cols, row_stride;
+};
+
+inline GemvArgs gemv_args(const char* name, at::ScalarType dtype, const torch::Tensor& x, const torch::Tensor& w,
+                          const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == dtype && w.scalar_type() == dtype, name, ": ", dtype, " tensors only");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors only");
+  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, name, ": weight must be 2-D with contiguous rows");
+  GemvArgs args{x.reshape({-1}).contiguous(), torch::Tensor(), w.size(0), w.size(1), w.stride(0)};
+  TORCH_CHECK(args.x.numel() == args.cols, name, ": x has ", args.x.numel(), " values, weight rows have ", args.cols);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == args.rows, name, ": bias has ", bias->numel(), " values, weight has ", args.rows, " rows");
+    args.bias_f32 = bias->to(at::kFloat).contiguous();
+  }
+  return args;
+}

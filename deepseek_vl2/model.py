@@ -341,16 +341,18 @@ def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype
     buffer (the machine's sequential read rate was 62-65 GB/s at the time).
     """
     device = torch.device(device)
-    slots = [(module, name, param.shape, _target_dtype(module, dtype))
-             for module in model.modules() for name, param in module._parameters.items() if param is not None]
+    slots = []  # (module, name, shape, dtype, bytes)
+    for module in model.modules():
+        target = _target_dtype(module, dtype)
+        for name, param in module._parameters.items():
+            if param is not None:
+                slots.append((module, name, param.shape, target, math.prod(param.shape) * target.itemsize))
     arena = None
     if device.type == "cpu":
-        sizes = [_aligned(math.prod(shape) * torch.empty(0, dtype=dt).element_size()) for _, _, shape, dt in slots]
-        arena = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+        arena = torch.empty(sum(_aligned(nbytes) for *_, nbytes in slots), dtype=torch.uint8, device=device)
     offset = 0
-    for module, name, shape, target in slots:
+    for module, name, shape, target, nbytes in slots:
         if arena is not None:
-            nbytes = math.prod(shape) * torch.empty(0, dtype=target).element_size()
             data = arena[offset : offset + nbytes].view(target).view(shape)
             offset += _aligned(nbytes)
         else:

@@ -115,16 +115,6 @@ def _avx512bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return extension.gemv_bf16(x, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
-def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
-    """Decode attention over a bf16 cache without copying it (q [H, d], k/v [kv_heads, T, d] -> [H, d]);
-    None where the AVX512-BF16 extension is not available or the dtype is not bf16 (3.6x faster than
-    upcasting the cache for two fp32 matmuls, measured on tiny's shapes)."""
-    if q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        return None
-    extension = avx512_bf16_extension()
-    return None if extension is None else extension.attend_one_query_bf16(q, k, v, scale)
-
-
 def _fused_extension(x: torch.Tensor) -> Optional[Any]:
     """The extension, when ``x`` is one bf16 token on the CPU (the layer-level decode kernels apply)."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.numel() != x.shape[-1]:

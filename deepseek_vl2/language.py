@@ -29,7 +29,6 @@ from .kernels import (
     Expert,
     Linear,
     Router,
-    attend_one_query,
     expert_table,
     ffn_block,
     linear,
@@ -279,16 +278,14 @@ class MultiHeadAttention(nn.Module):
                          ctx.start_pos, self.head_dim**-0.5)
 
     def _attend_one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """CPU decode, batch 1: two batched matmuls in fp32 (3x faster than CPU flash attention for one
+        """CPU decode, batch 1, where the attention sub-layer kernel does not apply (fp32; bf16 decoding
+        runs ``residual_block``): two batched matmuls in fp32 (3x faster than CPU flash attention for one
         query in bf16, where the upcast copy of K/V is cheaper than bf16 matmuls on strided cache views).
 
         q: [1, H, 1, d]; k, v: [1, kv_heads, T, d] -> [1, H, 1, d]. Query heads that share a key/value
         head are the rows of one matmul.
         """
         head_dim = q.shape[-1]
-        fused = attend_one_query(q.reshape(self.heads, head_dim), k[0], v[0], head_dim**-0.5)
-        if fused is not None:
-            return fused.view(1, self.heads, 1, head_dim)
         q = q.reshape(self.kv_heads, self.heads // self.kv_heads, head_dim).float()
         scores = torch.bmm(q, k[0].float().mT) * head_dim**-0.5  # [kv_heads, groups, T]
         probs = torch.softmax(scores, dim=-1)

@@ -58,24 +58,6 @@ def test_chooser_returns_a_candidate_and_honours_the_override(monkeypatch: pytes
     assert kernels.cpu_gemv(torch.bfloat16) is kernels.CANDIDATES["native"]
 
 
-@pytest.mark.parametrize("heads, kv_heads, length", [(10, 10, 480), (8, 2, 37)])
-def test_single_query_attention_over_a_bf16_cache(heads: int, kv_heads: int, length: int) -> None:
-    if kernels.avx512_bf16_extension() is None:
-        pytest.skip("this CPU has no AVX512-BF16 (or no C++ compiler/ninja), so that path does not exist here")
-    generator = torch.Generator().manual_seed(heads + length)
-    d = 128
-    cache_k = torch.randn(kv_heads, length + 50, d, generator=generator).to(torch.bfloat16)  # a longer cache
-    cache_v = torch.randn(kv_heads, length + 50, d, generator=generator).to(torch.bfloat16)
-    k, v = cache_k[:, :length], cache_v[:, :length]  # strided views, as the decoder passes them
-    q = torch.randn(heads, d, generator=generator).to(torch.bfloat16)
-    out = kernels.attend_one_query(q, k, v, d**-0.5)
-    grouped = q.double().view(kv_heads, heads // kv_heads, d)
-    reference = (torch.softmax(grouped @ k.double().mT * d**-0.5, -1) @ v.double()).view(heads, d)
-    assert out.dtype == torch.bfloat16 and out.shape == (heads, d)
-    assert ((out.double() - reference).abs().max() / reference.abs().max()).item() < 1e-2
-    assert kernels.attend_one_query(q.float(), k.float(), v.float(), d**-0.5) is None  # fp32: the caller's path
-
-
 # --------------------------------------------------------------------------------------------------
 # Layer-level decode kernels (one bf16 token on the CPU). Each is compared with the eager PyTorch
 # computation it replaces, in bf16: the sums run in another order, so results may differ by a rounding.

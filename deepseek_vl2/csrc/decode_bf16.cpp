@@ -124,26 +124,6 @@ static void attend_heads(const uint16_t* q, int64_t d, int64_t group, const uint
   }
 }
 
-// Decode attention for one query token over a bf16 cache, no copies of the cache:
-// q: [heads, d]; k, v: [kv_heads, T, d] (rows contiguous, any other strides, e.g. views of the
-// preallocated cache). Returns [heads, d] bf16.
-torch::Tensor attend_one_query_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "attend_one_query_bf16: bf16 only");
-  TORCH_CHECK(q.dim() == 2 && k.dim() == 3 && v.dim() == 3 && k.sizes() == v.sizes(), "attend_one_query_bf16: shapes");
-  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "attend_one_query_bf16: cache rows must be contiguous");
-  const auto qc = q.contiguous();
-  const int64_t heads = qc.size(0), d = qc.size(1), kv_heads = k.size(0);
-  TORCH_CHECK(k.size(2) == d && heads % kv_heads == 0, "attend_one_query_bf16: head sizes disagree");
-  auto out = torch::empty({heads, d}, q.options());
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-    attend_heads(bf16_data(qc), d, heads / kv_heads, bf16_data(k), k.stride(0), k.stride(1), bf16_data(v), v.stride(0),
-                 v.stride(1), k.size(1), float(scale), begin, end, op);
-  });
-  return out;
-}
-
 // Rotary embedding of one head vector, half-split convention (Llama): rounded like the eager
 // ``x * cos + rotate_half(x) * sin`` in bf16 (each product and the sum rounded to bf16).
 static void rope_half_split(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t d, uint16_t* out) {
@@ -490,7 +470,6 @@ torch::Tensor ffn_block_bf16(const torch::Tensor& x, const torch::Tensor& norm_w
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attend_one_query_bf16", &attend_one_query_bf16, "single-query attention over a bf16 cache");
   m.def("gemv_bf16", &gemv_bf16, "bf16 batch-1 linear with AVX512-BF16", pybind11::arg("x"), pybind11::arg("w"),
         pybind11::arg("bias") = pybind11::none());
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm of bf16 rows");

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
 
@@ -222,8 +224,25 @@ def test_mha_block_is_the_attention_sub_layer(heads: int, kv_heads: int, positio
 @pytest.mark.parametrize("ours, expected", [(1.05, "avx512bf16"), (1.5, "native")])
 def test_chooser_keeps_our_bf16_kernel_unless_clearly_beaten(monkeypatch: pytest.MonkeyPatch, ours: float, expected: str) -> None:
     timings = {"aten": 2.0, "native": 1.0, "onednn": 3.0, "avx512bf16": ours}  # (simdf32: fp32 only, not timed)
-    calls = iter(timings.values())
     monkeypatch.setattr(kernels, "_chosen", {})
     monkeypatch.delenv("DEEPSEEK_VL2_CPU_GEMV", raising=False)
-    monkeypatch.setattr(kernels, "best_seconds", lambda fn, min_runs: next(calls))
+    monkeypatch.setattr(kernels, "_best_times", lambda runs, rounds: {name: timings[name] for name in runs})
     assert kernels.cpu_gemv(torch.bfloat16) is kernels.CANDIDATES[expected]
+
+
+def test_candidate_timing_takes_turns_so_a_bandwidth_change_ranks_paths_not_phases() -> None:
+    # A fake machine that reads memory twice as fast after its 6th call (a VM's bandwidth changing).
+    # Path "a" costs 1.0 unit per call and "b" 1.5: timed one after the other, "b" would get only fast
+    # calls (0.75) and beat "a" (1.0); taken in turns, each gets fast calls and "a" wins.
+    now, calls = [0.0], [0]
+
+    def path(cost: float) -> Callable[[], None]:
+        def run() -> None:
+            calls[0] += 1
+            now[0] += cost if calls[0] <= 6 else cost / 2
+
+        return run
+
+    timings = kernels._best_times({"a": path(1.0), "b": path(1.5)}, rounds=6, clock=lambda: now[0])
+    assert timings == {"a": 0.5, "b": 0.75}
+    assert min(timings, key=timings.get) == "a"

@@ -112,6 +112,10 @@ def prefill(language: DeepseekV2ForCausalLM, inputs_embeds: torch.Tensor, start_
 
 def decode_one_token(language: DeepseekV2ForCausalLM, token: torch.Tensor, pos: int) -> torch.Tensor:
     """One step: token id (0-d tensor) at position ``pos`` -> logits [V]."""
+    if not token.is_cuda:  # bf16 on the CPU: the whole step in one kernel call where it applies
+        logits = language.decode_step_cpu(int(token), pos)
+        if logits is not None:
+            return logits
     embeds = language.model.embed_tokens(token.view(1, 1))
     return language(embeds, start_pos=pos, use_cache=True)[0, -1]
 

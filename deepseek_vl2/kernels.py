@@ -169,6 +169,17 @@ def expert_table(experts: list[Expert]) -> Optional[torch.Tensor]:
     return torch.tensor([[w.data_ptr() for w in expert] for expert in experts], dtype=torch.int64)
 
 
+def ffn_args(norm_weight: torch.Tensor, eps: float, shared: Optional[Expert] = None,
+             router: Optional[Router] = None) -> list[Any]:
+    """The arguments of a feed-forward sub-layer for ``ffn_block_bf16`` / ``DecodeStep.add_layer``."""
+    # The kernel takes the router's fields in their declared order (a dense MLP: an inert stand-in).
+    routing = [getattr(router, f.name) for f in fields(Router)] if router is not None else _NO_ROUTER
+    return [norm_weight, eps, *routing, list(shared) if shared is not None else []]
+
+
+_NO_ROUTER = [None, None, "greedy", "softmax", 0, 1, 1, False, 1.0, None, 0]
+
+
 def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, shared: Optional[Expert] = None,
               router: Optional[Router] = None) -> Optional[torch.Tensor]:
     """A whole feed-forward sub-layer for one bf16 token in one call: ``x + ffn(RMSNorm(x))``, ffn being a
@@ -177,12 +188,20 @@ def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, shared: Op
     extension = _fused_extension(x)
     if extension is None or norm_weight.dtype != torch.bfloat16 or (shared is not None and shared[0].dtype != torch.bfloat16):
         return None
-    # The kernel takes the router's fields in their declared order (a dense MLP: an inert stand-in).
-    routing = [getattr(router, f.name) for f in fields(Router)] if router is not None else _NO_ROUTER
-    return extension.ffn_block_bf16(x, norm_weight, eps, *routing, list(shared) if shared is not None else [])
+    return extension.ffn_block_bf16(x, *ffn_args(norm_weight, eps, shared, router))
 
 
-_NO_ROUTER = [None, None, "greedy", "softmax", 0, 1, 1, False, 1.0, None, 0]
+def mha_args(norm_weight: torch.Tensor, eps: float, projections: list[nn.Linear], k_cache: torch.Tensor,
+             v_cache: torch.Tensor, scale: float) -> Optional[list[Any]]:
+    """The arguments of a plain-attention sub-layer for ``DecodeStep.add_layer``; None where the bf16
+    kernels do not apply."""
+    if (
+        norm_weight.dtype != torch.bfloat16
+        or k_cache.dtype != torch.bfloat16
+        or projections[0].weight.dtype != torch.bfloat16  # (the kernel checks every weight)
+    ):
+        return None
+    return [norm_weight, eps, [p.weight for p in projections], [p.bias for p in projections], k_cache, v_cache, scale]
 
 
 def mha_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, projections: list[nn.Linear], cos: torch.Tensor,
@@ -191,16 +210,28 @@ def mha_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, projection
     ``x + o(attention(rope(q(n)), rope(k(n)), v(n)))`` with ``n = RMSNorm(x)``, k/v written to the caches
     ([kv_heads, T, d]) at ``position``. projections: q, k, v, o. None where the extension does not apply."""
     extension = _fused_extension(x)
-    if (
-        extension is None
-        or norm_weight.dtype != torch.bfloat16
-        or k_cache.dtype != torch.bfloat16
-        or cos.dtype != torch.bfloat16
-        or projections[0].weight.dtype != torch.bfloat16  # (the kernel checks every weight)
-    ):
+    args = mha_args(norm_weight, eps, projections, k_cache, v_cache, scale)
+    if extension is None or args is None or cos.dtype != torch.bfloat16:
         return None
-    return extension.mha_block_bf16(x, norm_weight, eps, [p.weight for p in projections], [p.bias for p in projections],
-                                    cos, sin, k_cache, v_cache, position, scale)
+    norm_weight, eps, weights, biases, k_cache, v_cache, scale = args
+    return extension.mha_block_bf16(x, norm_weight, eps, weights, biases, cos, sin, k_cache, v_cache, position, scale)
+
+
+def decode_step(embedding: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, final_norm: torch.Tensor,
+                eps: float, lm_head: torch.Tensor, layers: list[tuple[list[Any], list[Any]]]) -> Optional[Any]:
+    """A whole bf16 CPU decode step of a plain-attention model as one kernel call (``DecodeStep``):
+    ``step(token, position)`` -> fp32 logits [V]. layers: (``mha_args``, ``ffn_args``) of each decoder layer;
+    cos/sin tables: [positions, head_dim]. None where the extension does not apply."""
+    tensors = [embedding, cos_table, sin_table, final_norm, lm_head]
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors) or os.environ.get("DEEPSEEK_VL2_CPU_STEP") == "0":
+        return None
+    extension = avx512_bf16_extension()
+    if extension is None:
+        return None
+    step = extension.DecodeStep(embedding, cos_table, sin_table, final_norm, eps, lm_head)
+    for attention, ffn in layers:
+        step.add_layer(*attention, *ffn)
+    return step
 
 
 CANDIDATES: dict[str, Gemv] = {

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +29,13 @@ from .kernels import (
     Expert,
     Linear,
     Router,
+    decode_step,
     expert_table,
+    ffn_args,
     ffn_block,
     linear,
     linear_many,
+    mha_args,
     mha_block,
     rms_norm,
 )
@@ -115,11 +118,12 @@ class RotaryEmbedding(nn.Module):
         if positions.numel() == 1 and not positions.is_cuda and self.kind != "dynamic":
             # CPU decode: look the position up in a table of every position (computed once by the same
             # code, so the same values) instead of ~10 small ops per step.
-            cos, sin = self._table(dtype, positions.device)
+            cos, sin = self.table(dtype, positions.device)
             return cos[positions], sin[positions]
         return self._compute(positions, dtype)
 
-    def _table(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def table(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of every position [max_positions, dim] (computed once per dtype and device)."""
         key = (dtype, device, self.inv_freq.data_ptr())  # inv_freq is replaced when the model is materialised
         tables = self.__dict__.setdefault("_tables", {})
         if key not in tables:
@@ -277,6 +281,14 @@ class MultiHeadAttention(nn.Module):
         return mha_block(x, norm.weight, norm.eps, projections, ctx.cos, ctx.sin, self.cache.k[0], self.cache.v[0],
                          ctx.start_pos, self.head_dim**-0.5)
 
+    def kernel_args(self, norm: RMSNorm) -> Optional[list]:
+        """This sub-layer for the whole-step kernel (``kernels.mha_args``, cache of batch 1); None where it
+        does not apply."""
+        if self.cache is None or self.cache.k.shape[0] != 1:
+            return None
+        projections = [self.q_proj, self.k_proj, self.v_proj, self.o_proj]
+        return mha_args(norm.weight, norm.eps, projections, self.cache.k[0], self.cache.v[0], self.head_dim**-0.5)
+
     def _attend_one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """CPU decode, batch 1, where the attention sub-layer kernel does not apply (fp32; bf16 decoding
         runs ``residual_block``): two batched matmuls in fp32 (3x faster than CPU flash attention for one
@@ -417,6 +429,12 @@ class MLP(nn.Module):
     def residual_block(self, x: torch.Tensor, norm: RMSNorm) -> Optional[torch.Tensor]:
         """``x + self(norm(x))`` for one bf16 token on the CPU in one kernel call; None elsewhere."""
         return ffn_block(x, norm.weight, norm.eps, shared=self.swiglu_weights())
+
+    def kernel_args(self, norm: RMSNorm) -> Optional[list]:
+        """This sub-layer for the whole-step kernel (``kernels.ffn_args``); None where it does not apply."""
+        if norm.weight.dtype != torch.bfloat16 or self.gate_proj.weight.dtype != torch.bfloat16:
+            return None
+        return ffn_args(norm.weight, norm.eps, shared=self.swiglu_weights())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -606,6 +624,19 @@ class MoE(nn.Module):
         and the shared experts); None elsewhere."""
         if x.numel() != x.shape[-1] or x.is_cuda or x.dtype != torch.bfloat16:
             return None
+        kernel = self._kernel_inputs()
+        return None if kernel is None else ffn_block(x, norm.weight, norm.eps, shared=kernel[1], router=kernel[0])
+
+    def kernel_args(self, norm: RMSNorm) -> Optional[list]:
+        """This sub-layer for the whole-step kernel (``kernels.ffn_args``); None where it does not apply."""
+        kernel = self._kernel_inputs()
+        if kernel is None or norm.weight.dtype != torch.bfloat16 or (kernel[1] is not None and kernel[1][0].dtype != torch.bfloat16):
+            return None
+        return ffn_args(norm.weight, norm.eps, shared=kernel[1], router=kernel[0])
+
+    def _kernel_inputs(self) -> Optional[tuple[Router, Optional[Expert]]]:
+        """The router (with its expert table) and shared-expert weights the CPU kernels take; None where
+        the official selection could tie (see ``MoEGate.tie_free``) or the experts are not compact bf16."""
         gate = self.gate
         if not gate.tie_free():
             return None
@@ -618,7 +649,7 @@ class MoE(nn.Module):
             norm_topk_prob=gate.norm_topk_prob, scale=gate.scale, expert_table=table, intermediate=self.experts.intermediate,
         )
         shared = self.shared_experts.swiglu_weights() if self.shared_experts is not None else None
-        return ffn_block(x, norm.weight, norm.eps, shared=shared, router=router)
+        return router, shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -708,6 +739,39 @@ class DeepseekV2ForCausalLM(nn.Module):
         cos, sin = self.model.rotary(positions, inputs_embeds.dtype)
         ctx = AttentionContext(cos=cos, sin=sin, start_pos=start_pos, use_cache=use_cache)
         return self._decoder(inputs_embeds, ctx, last_only)
+
+    def decode_step_cpu(self, token: int, position: int) -> Optional[torch.Tensor]:
+        """Logits [V] (fp32) of one token at ``position`` as one kernel call on a bf16 CPU model with plain
+        attention (``kernels.decode_step``: every layer, the final norm and the LM head in one parallel
+        region, the same arithmetic as the per-layer kernels); None where it does not apply."""
+        step = self._cpu_step()
+        return None if step is None else step.step(token, position)
+
+    def _cpu_step(self) -> Optional[Any]:
+        # The kernel holds raw pointers to the weights and caches: made again when the caches are
+        # reallocated (cache_version) or the weights were replaced (their storage moved).
+        key = (self.cache_version, self.lm_head.weight.data_ptr(), self.model.embed_tokens.weight.data_ptr())
+        cached = self.__dict__.get("_cpu_step_cache")
+        if cached is None or cached[0] != key:
+            cached = self._cpu_step_cache = (key, self._make_cpu_step())
+        return cached[1]
+
+    def _make_cpu_step(self) -> Optional[Any]:
+        rotary = self.model.rotary
+        if self.lm_head.weight.device.type != "cpu" or self.max_seq_len == 0 or rotary.kind == "dynamic":
+            return None
+        layers = []
+        for layer in self.model.layers:
+            if not isinstance(layer.self_attn, MultiHeadAttention):
+                return None
+            attention = layer.self_attn.kernel_args(layer.input_layernorm)
+            ffn = layer.mlp.kernel_args(layer.post_attention_layernorm)
+            if attention is None or ffn is None:
+                return None
+            layers.append((attention, ffn))
+        cos, sin = rotary.table(self.lm_head.weight.dtype, self.lm_head.weight.device)
+        return decode_step(self.model.embed_tokens.weight, cos, sin, self.model.norm.weight, self.model.norm.eps,
+                           self.lm_head.weight, layers)
 
     def decode_static(self, token: torch.Tensor, position: torch.Tensor, window: int) -> torch.Tensor:
         """One decode step with static shapes and no host sync, for CUDA-graph capture.

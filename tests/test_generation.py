@@ -196,6 +196,7 @@ def test_cpu_bf16_decode_kernels_match_the_eager_layers(variant: str, monkeypatc
                 steps.append(decode_one_token(language, torch.tensor(token), 40 + i))
         return torch.stack(steps)
 
+    monkeypatch.setenv("DEEPSEEK_VL2_CPU_STEP", "0")  # the per-layer kernels (the whole step: next test)
     available = kernels._fused_extension
     used = []
     monkeypatch.setattr(kernels, "_fused_extension", lambda x: used.append(x) or available(x))
@@ -206,6 +207,103 @@ def test_cpu_bf16_decode_kernels_match_the_eager_layers(variant: str, monkeypatc
     assert torch.equal(fused[0], eager[0])  # the prefill does not use them
     scale = eager.abs().max().item()
     assert (fused - eager).abs().max().item() < 2e-2 * scale
+
+
+def _mha_config(**language_overrides):
+    """The mha fixture's config (plain attention) with language-model overrides."""
+    import json
+
+    from deepseek_vl2.config import DeepseekVL2Config
+
+    values = json.loads((FIXTURES_DIR / "checkpoints" / "mha" / "config.json").read_text())
+    values["language_config"].update(language_overrides)
+    return DeepseekVL2Config.from_dict(values)
+
+
+WHOLE_STEP_CONFIGS = {
+    "fixture": {},  # a dense layer, then MoE layers with shared experts, greedy softmax routing
+    "dense_only": {"first_k_dense_replace": 3},
+    "moe_every_2nd_no_shared": {"first_k_dense_replace": 0, "moe_layer_freq": 2, "n_shared_experts": None},
+    "group_limited": {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "norm_topk_prob": False},
+    "noaux_tc": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 1, "topk_group": 1,
+                 "norm_topk_prob": True, "routed_scaling_factor": 2.5},
+    "gqa_bias_linear_rope": {"num_key_value_heads": 2, "attention_bias": True, "rope_scaling": {"type": "linear", "factor": 2.0}},
+}
+
+
+def _bf16_decode(language, embeds: torch.Tensor, tokens: list[int], cache: int = 48) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits of the prefill and of each token decoded after it, and the layers' key caches."""
+    with torch.inference_mode():
+        language.setup_cache(cache)
+        steps = [prefill(language, embeds)]
+        for i, token in enumerate(tokens):
+            steps.append(decode_one_token(language, torch.tensor(token), embeds.shape[1] + i))
+    return torch.stack(steps), [layer.self_attn.cache.k.clone() for layer in language.model.layers]
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE_STEP_CONFIGS))
+def test_whole_decode_step_kernel_equals_the_layer_kernels(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 CPU decode step of a plain-attention model as one kernel call (every layer, final norm, LM
+    head) computes what the per-layer kernels compute, over the configuration space."""
+    from deepseek_vl2 import kernels
+    from deepseek_vl2.model import build_model, random_init
+
+    if kernels.avx512_bf16_extension() is None:
+        pytest.skip("this CPU has no AVX512-BF16 (or no C++ compiler/ninja): decoding uses the eager layers")
+    monkeypatch.setenv("DEEPSEEK_VL2_CPU_GEMV", "avx512bf16")  # the LM head of the per-layer path: our GEMV too
+    monkeypatch.setattr(kernels, "_chosen", {})
+    config = _mha_config(**WHOLE_STEP_CONFIGS[name])
+    language = build_model(config, "cpu", torch.bfloat16, random_init(std=0.2, seed=1)).language
+    if name == "noaux_tc":  # a bias that changes the choice
+        for layer in language.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.e_score_correction_bias.data = torch.randn(8, generator=torch.Generator().manual_seed(4)) * 0.3
+    embeds = torch.randn(1, 30, config.language.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    tokens = [5, 77, 1000, 31, 2]
+    whole_steps = []
+    decode_step_cpu = language.decode_step_cpu
+    monkeypatch.setattr(language, "decode_step_cpu", lambda *a: whole_steps.append(decode_step_cpu(*a)) or whole_steps[-1])
+    monkeypatch.setenv("DEEPSEEK_VL2_CPU_STEP", "1")
+    whole, whole_caches = _bf16_decode(language, embeds, tokens)
+    assert len(whole_steps) == len(tokens) and all(logits is not None for logits in whole_steps)
+    monkeypatch.setenv("DEEPSEEK_VL2_CPU_STEP", "0")
+    language.cache_version += 1  # (the environment is read when the step is made)
+    whole_steps.clear()
+    layers, layer_caches = _bf16_decode(language, embeds, tokens)
+    assert all(logits is None for logits in whole_steps)
+    assert torch.isfinite(whole).all()
+    # Every layer's arithmetic is the same: the caches (each layer's keys, from its input) agree bit for
+    # bit. The logits may differ by one bf16 rounding: an LM head this small (< 1 MiB) goes through
+    # F.linear on the per-layer path, which sums in another order.
+    assert all(torch.equal(a, b) for a, b in zip(whole_caches, layer_caches))
+    assert ((whole - layers).abs() <= layers.abs() * 2**-7).all()
+
+
+def test_whole_decode_step_follows_a_reallocated_cache_and_refuses_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepseek_vl2 import kernels
+
+    if kernels.avx512_bf16_extension() is None:
+        pytest.skip("this CPU has no AVX512-BF16 (or no C++ compiler/ninja): decoding uses the eager layers")
+    monkeypatch.delenv("DEEPSEEK_VL2_CPU_STEP", raising=False)
+    language = load_model(FIXTURES_DIR / "checkpoints" / "mha", dtype=torch.bfloat16).language
+    embeds = torch.randn(1, 20, language.config.hidden_size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    small, _ = _bf16_decode(language, embeds, [9, 10, 11], cache=24)
+    first = language._cpu_step()
+    large, _ = _bf16_decode(language, embeds, [9, 10, 11], cache=64)  # new cache buffers: a new step
+    assert language._cpu_step() is not first and language._cpu_step() is not None
+    assert torch.equal(small, large)
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        language.decode_step_cpu(language.config.vocab_size, 3)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        language.decode_step_cpu(3, 64)
+
+
+def test_whole_decode_step_does_not_apply_to_mla_or_fp32() -> None:
+    mla = load_model(FIXTURES_DIR / "checkpoints" / "mla", dtype=torch.bfloat16).language
+    fp32 = load_model(FIXTURES_DIR / "checkpoints" / "mha", dtype=torch.float32).language
+    for language in (mla, fp32):
+        language.setup_cache(8)
+        assert language.decode_step_cpu(3, 0) is None
 
 
 def test_penalty_by_ids_equals_penalty_by_mask() -> None:

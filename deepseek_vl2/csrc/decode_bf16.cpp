@@ -6,9 +6,10 @@
 // on the 2-core EPYC this was measured on, where this one reaches ~62 GB/s (the memory's read rate).
 //
 // Every call has a fixed cost (Python, pybind, waking the thread pool, the hardware prefetchers ramping up
-// on a new matrix), which is large next to one expert's 2.3 MB. So the layer-level kernels below take all
-// matrices of a step at once and run them in one parallel region: gemv_bf16_many (q/k/v, ...) and
-// swiglu_moe_bf16 (a token through its chosen experts and the shared ones).
+// on a new matrix), which is large next to one expert's 2.3 MB. So the kernels below take whole
+// sub-layers (mha_block_bf16: attention; ffn_block_bf16: router + experts; gemv_bf16_many: the
+// projections of one input) and, for plain-attention models, a whole decode step (DecodeStep), each in
+// one parallel region.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -20,6 +21,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -145,78 +147,6 @@ static void rms_norm_row(const uint16_t* x, const uint16_t* weight, int64_t d, f
     out[i] = float_to_bf16(bf16_to_float(weight[i]) * bf16_to_float(float_to_bf16(bf16_to_float(x[i]) * inv_rms)));
 }
 
-// A whole attention sub-layer of plain multi-head attention for one token, in one parallel region:
-//   x + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))  with n = RMSNorm(x),
-// k and v written to the caches at `position`, attention over [0, position]. Every step is rounded to bf16
-// where the eager modules round (each projection, RoPE's products and sum, the attention output, the sum
-// with the residual). weights: [q, k, v, o] ([heads*d, D], [kv*d, D], [kv*d, D], [D, heads*d]); biases:
-// empty or four (possibly undefined) tensors; caches: [kv_heads, T, d]. Returns [D] bf16.
-torch::Tensor mha_block_bf16(const torch::Tensor& x, const torch::Tensor& norm_weight, double eps,
-                             const std::vector<torch::Tensor>& weights, const std::vector<c10::optional<torch::Tensor>>& biases,
-                             const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor k_cache, torch::Tensor v_cache,
-                             int64_t position, double scale) {
-  TORCH_CHECK(weights.size() == 4 && (biases.empty() || biases.size() == 4), "mha_block_bf16: four weights (q, k, v, o)");
-  for (const auto& w : weights) check_matrix(w, "mha_block_bf16");
-  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&x, &norm_weight, &cos, &sin, &k_cache, &v_cache})
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu(), "mha_block_bf16: bf16 CPU tensors only");
-  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
-              "mha_block_bf16: caches must be [kv_heads, T, d] with contiguous rows");
-  const auto xc = x.reshape({-1}).contiguous(), nw = norm_weight.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
-  const int64_t hidden = xc.numel(), kv_heads = k_cache.size(0), d = k_cache.size(2), heads = weights[0].size(0) / d;
-  TORCH_CHECK(position >= 0 && position < k_cache.size(1), "mha_block_bf16: position ", position, " outside the cache");
-  TORCH_CHECK(nw.numel() == hidden && d % 2 == 0 && cc.numel() == d && sc.numel() == d && heads * d == weights[0].size(0) &&
-                  heads % kv_heads == 0 && weights[1].size(0) == kv_heads * d && weights[2].size(0) == kv_heads * d &&
-                  weights[0].size(1) == hidden && weights[1].size(1) == hidden && weights[2].size(1) == hidden &&
-                  weights[3].size(0) == hidden && weights[3].size(1) == heads * d,
-              "mha_block_bf16: sizes disagree");
-  std::vector<torch::Tensor> bias_f(4);
-  for (size_t i = 0; i < biases.size(); ++i)
-    if (biases[i].has_value() && biases[i]->defined()) bias_f[i] = biases[i]->to(at::kFloat).contiguous();
-
-  std::vector<uint16_t> normed(hidden), projected(weights[0].size(0) + 2 * kv_heads * d), rotated_q(heads * d), attended(heads * d);
-  rms_norm_row(bf16_data(xc), bf16_data(nw), hidden, float(eps), normed.data());
-  uint16_t* projection_out[3] = {projected.data(), projected.data() + heads * d, projected.data() + (heads + kv_heads) * d};
-  auto* kcache = reinterpret_cast<uint16_t*>(k_cache.data_ptr());
-  auto* vcache = reinterpret_cast<uint16_t*>(v_cache.data_ptr());
-  auto out = torch::empty({hidden}, xc.options());
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const uint16_t* xp = bf16_data(xc);
-  const int threads = pool_threads();
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-    const int thread = omp_get_thread_num(), team = omp_get_num_threads();
-    for (int i = 0; i < 3; ++i) {  // q, k, v projections: every thread its share of each
-      const float* bias = bias_f[i].defined() ? bias_f[i].data_ptr<float>() : nullptr;
-      const auto [begin, end] = share(weights[i].size(0), thread, team);
-      uint16_t* dst = projection_out[i];
-      gemv_rows(bf16_data(weights[i]), weights[i].stride(0), hidden, normed.data(), begin, end,
-                [&](int64_t n, float sum) { dst[n] = float_to_bf16(bias ? sum + bias[n] : sum); });
-    }
-#pragma omp barrier
-#pragma omp single
-    {
-      for (int64_t h = 0; h < kv_heads; ++h) {
-        rope_half_split(projection_out[1] + h * d, bf16_data(cc), bf16_data(sc), d,
-                        kcache + h * k_cache.stride(0) + position * k_cache.stride(1));
-        std::memcpy(vcache + h * v_cache.stride(0) + position * v_cache.stride(1), projection_out[2] + h * d, d * sizeof(uint16_t));
-      }
-      for (int64_t h = 0; h < heads; ++h)
-        rope_half_split(projection_out[0] + h * d, bf16_data(cc), bf16_data(sc), d, rotated_q.data() + h * d);
-    }  // (implicit barrier)
-    {
-      const auto [begin, end] = share(heads, thread, team);
-      attend_heads(rotated_q.data(), d, heads / kv_heads, kcache, k_cache.stride(0), k_cache.stride(1), vcache,
-                   v_cache.stride(0), v_cache.stride(1), position + 1, float(scale), begin, end, attended.data());
-    }
-#pragma omp barrier
-    const float* bias = bias_f[3].defined() ? bias_f[3].data_ptr<float>() : nullptr;
-    const auto [begin, end] = share(hidden, thread, team);
-    gemv_rows(bf16_data(weights[3]), weights[3].stride(0), heads * d, attended.data(), begin, end, [&](int64_t n, float sum) {
-      op[n] = float_to_bf16(bf16_to_float(xp[n]) + bf16_to_float(float_to_bf16(bias ? sum + bias[n] : sum)));
-    });
-  }
-  return out.view(x.sizes());
-}
 
 // RMSNorm of bf16 vectors (rows of the last dimension), rounded like the eager module:
 // weight * bf16(x * rsqrt(mean(x^2) + eps)), the statistics in fp32.
@@ -265,8 +195,117 @@ std::vector<torch::Tensor> gemv_bf16_many(const std::vector<torch::Tensor>& xs, 
   return outs;
 }
 
+
 // --------------------------------------------------------------------------------------------------
-// The feed-forward sub-layer of one token: RMSNorm, the router, the chosen and the shared experts.
+// Sub-layers of one token as bodies that every thread of a parallel region runs together (they hold
+// the barriers between their phases). mha_block_bf16 and ffn_block_bf16 run one body in a region of its
+// own; DecodeStep runs a whole decode step (every layer, the final norm, the LM head) in one region.
+
+namespace {
+
+// A plain multi-head attention sub-layer: its norm, weights and caches, checked once.
+struct AttentionSpec {
+  const uint16_t* norm;
+  float eps;
+  const uint16_t* w[4];  // q [heads*d, D], k [kv*d, D], v [kv*d, D], o [D, heads*d]
+  int64_t w_stride[4];
+  torch::Tensor bias_f32[4];  // fp32 copies of the biases (or undefined)
+  uint16_t *k_cache, *v_cache;
+  int64_t k_head_stride, k_row_stride, v_head_stride, v_row_stride, cache_len;
+  int64_t hidden, heads, kv_heads, d;
+  float scale;
+};
+
+AttentionSpec attention_spec(const torch::Tensor& norm_weight, double eps, const std::vector<torch::Tensor>& weights,
+                             const std::vector<c10::optional<torch::Tensor>>& biases, const torch::Tensor& k_cache,
+                             const torch::Tensor& v_cache, double scale) {
+  TORCH_CHECK(weights.size() == 4 && (biases.empty() || biases.size() == 4), "mha_block_bf16: four weights (q, k, v, o)");
+  for (const auto& w : weights) check_matrix(w, "mha_block_bf16");
+  for (const torch::Tensor* t : {&norm_weight, &k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu(), "mha_block_bf16: bf16 CPU tensors only");
+  TORCH_CHECK(norm_weight.is_contiguous(), "mha_block_bf16: the norm weight must be contiguous");
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
+              "mha_block_bf16: caches must be [kv_heads, T, d] with contiguous rows");
+  AttentionSpec s{};
+  s.hidden = norm_weight.numel();
+  s.kv_heads = k_cache.size(0);
+  s.d = k_cache.size(2);
+  s.heads = weights[0].size(0) / s.d;
+  TORCH_CHECK(s.d % 2 == 0 && s.heads * s.d == weights[0].size(0) && s.heads % s.kv_heads == 0 &&
+                  weights[1].size(0) == s.kv_heads * s.d && weights[2].size(0) == s.kv_heads * s.d &&
+                  weights[0].size(1) == s.hidden && weights[1].size(1) == s.hidden && weights[2].size(1) == s.hidden &&
+                  weights[3].size(0) == s.hidden && weights[3].size(1) == s.heads * s.d,
+              "mha_block_bf16: sizes disagree");
+  s.norm = bf16_data(norm_weight);
+  s.eps = float(eps);
+  for (int i = 0; i < 4; ++i) {
+    s.w[i] = bf16_data(weights[i]);
+    s.w_stride[i] = weights[i].stride(0);
+    if (!biases.empty() && biases[i].has_value() && biases[i]->defined()) {
+      s.bias_f32[i] = biases[i]->to(at::kFloat).contiguous();
+      TORCH_CHECK(s.bias_f32[i].numel() == weights[i].size(0), "mha_block_bf16: bias ", i, " length");
+    }
+  }
+  s.k_cache = reinterpret_cast<uint16_t*>(k_cache.data_ptr());
+  s.v_cache = reinterpret_cast<uint16_t*>(v_cache.data_ptr());
+  s.k_head_stride = k_cache.stride(0);
+  s.k_row_stride = k_cache.stride(1);
+  s.v_head_stride = v_cache.stride(0);
+  s.v_row_stride = v_cache.stride(1);
+  s.cache_len = k_cache.size(1);
+  s.scale = float(scale);
+  return s;
+}
+
+// Working memory of the attention body: written by all threads (disjoint parts), the norm per thread.
+struct AttentionScratch {
+  std::vector<uint16_t> normed, projected, rotated_q, attended;
+  AttentionScratch(const AttentionSpec& s, int team)
+      : normed(team * s.hidden), projected((s.heads + 2 * s.kv_heads) * s.d), rotated_q(s.heads * s.d), attended(s.heads * s.d) {}
+};
+
+inline const float* bias_of(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// out = x + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))), n = RMSNorm(x); k and v are
+// written to the caches at `position`, attention covers [0, position]. Each step is rounded to bf16 where
+// the eager modules round (each projection, RoPE's products and sum, the attention output, the residual
+// sum). `out` must not alias x. The caller's barrier must separate this from whatever reads `out`.
+void attention_body(const AttentionSpec& s, const uint16_t* x, const uint16_t* cos, const uint16_t* sin, int64_t position,
+                    uint16_t* out, AttentionScratch& scratch, int thread, int team) {
+  uint16_t* normed = scratch.normed.data() + thread * s.hidden;  // every thread its own copy: no barrier needed
+  rms_norm_row(x, s.norm, s.hidden, s.eps, normed);
+  const int64_t d = s.d;
+  uint16_t* projection_out[3] = {scratch.projected.data(), scratch.projected.data() + s.heads * d,
+                                 scratch.projected.data() + (s.heads + s.kv_heads) * d};
+  for (int i = 0; i < 3; ++i) {  // q, k, v projections: every thread its share of each
+    const float* bias = bias_of(s.bias_f32[i]);
+    const int64_t rows = i == 0 ? s.heads * d : s.kv_heads * d;
+    const auto [begin, end] = share(rows, thread, team);
+    uint16_t* dst = projection_out[i];
+    gemv_rows(s.w[i], s.w_stride[i], s.hidden, normed, begin, end,
+              [&](int64_t n, float sum) { dst[n] = float_to_bf16(bias ? sum + bias[n] : sum); });
+  }
+#pragma omp barrier
+#pragma omp single
+  {
+    for (int64_t h = 0; h < s.kv_heads; ++h) {
+      rope_half_split(projection_out[1] + h * d, cos, sin, d, s.k_cache + h * s.k_head_stride + position * s.k_row_stride);
+      std::memcpy(s.v_cache + h * s.v_head_stride + position * s.v_row_stride, projection_out[2] + h * d, d * sizeof(uint16_t));
+    }
+    for (int64_t h = 0; h < s.heads; ++h) rope_half_split(projection_out[0] + h * d, cos, sin, d, scratch.rotated_q.data() + h * d);
+  }  // (implicit barrier)
+  {
+    const auto [begin, end] = share(s.heads, thread, team);
+    attend_heads(scratch.rotated_q.data(), d, s.heads / s.kv_heads, s.k_cache, s.k_head_stride, s.k_row_stride, s.v_cache,
+                 s.v_head_stride, s.v_row_stride, position + 1, s.scale, begin, end, scratch.attended.data());
+  }
+#pragma omp barrier
+  const float* bias = bias_of(s.bias_f32[3]);
+  const auto [begin, end] = share(s.hidden, thread, team);
+  gemv_rows(s.w[3], s.w_stride[3], s.heads * d, scratch.attended.data(), begin, end, [&](int64_t n, float sum) {
+    out[n] = float_to_bf16(bf16_to_float(x[n]) + bf16_to_float(float_to_bf16(bias ? sum + bias[n] : sum)));
+  });
+}
 
 struct SwigluWeights {  // one SwiGLU expert: gate/up [inter, hidden] and down [hidden, inter], compact rows
   const uint16_t *gate, *up, *down;
@@ -276,7 +315,7 @@ struct SwigluWeights {  // one SwiGLU expert: gate/up [inter, hidden] and down [
 // The router of the official code for one token, in fp32: logits = W x; softmax or sigmoid scores;
 // greedy, group-limited greedy or noaux_tc selection of top_k experts; optional normalisation; scaling.
 // Ties go to the lower expert id. Only configurations where the official selection has no ties by
-// construction are accepted (see ffn_block_bf16): the official code zeroes the scores of dropped groups
+// construction are accepted (see ffn_spec): the official code zeroes the scores of dropped groups
 // (masked_fill 0.0), so a dropped expert can tie with others and win where a kept score is not above
 // zero (noaux_tc's biased scores can be negative; top_k larger than the experts kept), and which one
 // wins is then up to torch.topk.
@@ -289,7 +328,7 @@ struct RouterSpec {
   float scale;
 };
 
-static std::vector<int64_t> top_indices(const std::vector<float>& values, int64_t k) {
+std::vector<int64_t> top_indices(const std::vector<float>& values, int64_t k) {
   std::vector<int64_t> order(values.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
   std::partial_sort(order.begin(), order.begin() + k, order.end(),
@@ -298,19 +337,23 @@ static std::vector<int64_t> top_indices(const std::vector<float>& values, int64_
   return order;
 }
 
-static void route(const RouterSpec& r, const uint16_t* x, int64_t hidden, std::vector<int64_t>& ids, std::vector<float>& weights) {
-  std::vector<float> xf(hidden), scores(r.experts);
-  for (int64_t i = 0; i < hidden; ++i) xf[i] = bf16_to_float(x[i]);
+// Router logits (F.linear(x.float(), weight)) of experts [begin, end).
+void router_logits(const RouterSpec& r, const float* xf, int64_t hidden, int64_t begin, int64_t end, float* logits) {
   const int64_t hidden16 = hidden / 16 * 16;
-  for (int64_t e = 0; e < r.experts; ++e) {  // F.linear(x.float(), weight)
+  for (int64_t e = begin; e < end; ++e) {
     const float* row = r.weight + e * hidden;
     __m512 acc = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i < hidden16; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(xf.data() + i), acc);
+    for (; i < hidden16; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(xf + i), acc);
     float sum = _mm512_reduce_add_ps(acc);
     for (; i < hidden; ++i) sum += row[i] * xf[i];
-    scores[e] = sum;
+    logits[e] = sum;
   }
+}
+
+// The chosen experts and their weights, from all router logits.
+void select_experts(const RouterSpec& r, const float* logits, std::vector<int64_t>& ids, std::vector<float>& weights) {
+  std::vector<float> scores(logits, logits + r.experts);
   if (r.softmax) {
     const float top = *std::max_element(scores.begin(), scores.end());
     float total = 0.0f;
@@ -320,7 +363,7 @@ static void route(const RouterSpec& r, const uint16_t* x, int64_t hidden, std::v
     for (float& s : scores) s = 1.0f / (1.0f + std::exp(-s));
   }
   std::vector<float> chosen_from = scores;  // what the top-k runs over
-  if (r.method == "noaux_tc")  // (one group only: see ffn_block_bf16)
+  if (r.method == "noaux_tc")  // (one group only: see ffn_spec)
     for (int64_t e = 0; e < r.experts; ++e) chosen_from[e] += r.correction_bias[e];
   if (r.method == "group_limited_greedy") {  // keep the topk_group groups with the best expert, zero the others
     const int64_t per_group = r.experts / r.n_group;
@@ -343,58 +386,22 @@ static void route(const RouterSpec& r, const uint16_t* x, int64_t hidden, std::v
   for (float& w : weights) w *= r.scale;
 }
 
-// One token through SwiGLU experts, ``down(silu(gate(x)) * up(x))``, with PyTorch's bf16 roundings (each
-// projection, silu and the product are rounded to bf16), combined as the decoder layer does:
-//   routed = bf16(sum_e weights[e] * expert_e(x))   (fp32 sum over the first `routed` experts, in order)
-//   y      = bf16(routed + shared(x))                (when the list holds one more, shared, expert)
-//   out    = bf16(residual + y)
-// Two phases in one parallel region: every thread computes its share of the rows of every gate/up pair,
-// then (after a barrier) its share of the output rows, expert by expert, so each thread streams one
-// matrix at a time.
-static void run_swiglu_experts(const uint16_t* xp, int64_t hidden, const std::vector<SwigluWeights>& experts, size_t routed,
-                               const std::vector<float>& weights, const uint16_t* residual, uint16_t* op) {
-  const size_t count = experts.size();
-  std::vector<int64_t> offset(count + 1, 0);  // where expert e's hidden activations start in `h`
-  for (size_t e = 0; e < count; ++e) offset[e + 1] = offset[e] + experts[e].inter;
-  std::vector<uint16_t> h(offset[count]);
-  std::vector<float> routed_sum(hidden, 0.0f);
-  const bool has_shared = count > routed;
-  auto emit = [&](int64_t n, uint16_t y) { op[n] = float_to_bf16(bf16_to_float(residual[n]) + bf16_to_float(y)); };
-  const int threads = pool_threads();
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  {
-    const int thread = omp_get_thread_num(), team = omp_get_num_threads();
-    for (size_t e = 0; e < count; ++e) {
-      const auto [begin, end] = share(experts[e].inter, thread, team);
-      // The gate rows, then the up rows: one stream from memory at a time.
-      uint16_t* he = h.data() + offset[e];
-      gemv_rows(experts[e].gate, hidden, hidden, xp, begin, end, [&](int64_t i, float sum) {
-        he[i] = float_to_bf16(silu(bf16_to_float(float_to_bf16(sum))));
-      });
-      gemv_rows(experts[e].up, hidden, hidden, xp, begin, end, [&](int64_t i, float sum) {
-        he[i] = float_to_bf16(bf16_to_float(he[i]) * bf16_to_float(float_to_bf16(sum)));
-      });
-    }
-#pragma omp barrier
-    const auto [begin, end] = share(hidden, thread, team);
-    for (size_t e = 0; e < routed; ++e) {
-      const float weight = weights[e];
-      gemv_rows(experts[e].down, experts[e].inter, experts[e].inter, h.data() + offset[e], begin, end,
-                [&](int64_t n, float sum) { routed_sum[n] += weight * bf16_to_float(float_to_bf16(sum)); });
-    }
-    if (has_shared) {
-      const SwigluWeights& shared = experts[routed];
-      gemv_rows(shared.down, shared.inter, shared.inter, h.data() + offset[routed], begin, end, [&](int64_t n, float sum) {
-        const float routed_part = routed ? bf16_to_float(float_to_bf16(routed_sum[n])) : 0.0f;
-        emit(n, float_to_bf16(routed_part + bf16_to_float(float_to_bf16(sum))));
-      });
-    } else {
-      for (int64_t n = begin; n < end; ++n) emit(n, float_to_bf16(routed_sum[n]));
-    }
-  }
-}
+// A feed-forward sub-layer: its norm, the router and expert table (MoE) and the always-on SwiGLU weights
+// (a dense MLP, or the shared experts), checked once.
+struct FfnSpec {
+  const uint16_t* norm;
+  float eps;
+  int64_t hidden;
+  bool routed;  // a MoE layer
+  RouterSpec router;
+  const int64_t* expert_pointers;  // [experts, 3]: gate, up, down data pointers
+  int64_t expert_inter;
+  bool has_shared;
+  SwigluWeights shared;
+  int64_t max_inter_total;  // the hidden activations of every expert that can run together
+};
 
-static SwigluWeights swiglu_of(const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down, int64_t hidden) {
+SwigluWeights swiglu_of(const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down, int64_t hidden) {
   for (const torch::Tensor* w : {&gate, &up, &down}) {
     check_matrix(*w, "ffn_block_bf16");
     TORCH_CHECK(w->is_contiguous(), "ffn_block_bf16: expert weights must be contiguous");
@@ -405,33 +412,28 @@ static SwigluWeights swiglu_of(const torch::Tensor& gate, const torch::Tensor& u
   return {bf16_data(gate), bf16_data(up), bf16_data(down), inter};
 }
 
-// The whole feed-forward sub-layer of one bf16 token: x + ffn(RMSNorm(x)), where ffn is
-// * a dense SwiGLU MLP (no router; `shared` = its weights), or
-// * a MoE layer: the router (fp32 weight [E, hidden], optional noaux_tc correction bias, the selection
-//   method and its parameters) picks top_k of the experts listed in `expert_table` ([E, 3] int64: data
-//   pointers of each expert's compact gate [inter, hidden], up [inter, hidden], down [hidden, inter]
-//   bf16 weights, kept alive by the caller), plus the always-on shared experts (`shared`, optional).
-torch::Tensor ffn_block_bf16(const torch::Tensor& x, const torch::Tensor& norm_weight, double eps,
-                             const c10::optional<torch::Tensor>& router_weight, const c10::optional<torch::Tensor>& correction_bias,
-                             const std::string& method, const std::string& scoring, int64_t top_k, int64_t n_group,
-                             int64_t topk_group, bool norm_topk_prob, double scale,
-                             const c10::optional<torch::Tensor>& expert_table, int64_t expert_inter,
-                             const std::vector<torch::Tensor>& shared) {
-  const auto xc = x.reshape({-1}).contiguous(), nw = norm_weight.contiguous();
-  TORCH_CHECK(xc.scalar_type() == at::kBFloat16 && nw.scalar_type() == at::kBFloat16, "ffn_block_bf16: bf16 x and norm");
-  const int64_t hidden = xc.numel();
-  TORCH_CHECK(nw.numel() == hidden, "ffn_block_bf16: norm weight size");
+// A dense SwiGLU MLP (no router; `shared` = its weights) or a MoE layer: the router (fp32 weight
+// [E, hidden], optional noaux_tc correction bias, the selection method and its parameters) picks top_k of
+// the experts listed in `expert_table` ([E, 3] int64: data pointers of each expert's compact gate
+// [inter, hidden], up [inter, hidden], down [hidden, inter] bf16 weights, kept alive by the caller), plus
+// the always-on shared experts (`shared`, optional).
+FfnSpec ffn_spec(const torch::Tensor& norm_weight, double eps, const c10::optional<torch::Tensor>& router_weight,
+                 const c10::optional<torch::Tensor>& correction_bias, const std::string& method, const std::string& scoring,
+                 int64_t top_k, int64_t n_group, int64_t topk_group, bool norm_topk_prob, double scale,
+                 const c10::optional<torch::Tensor>& expert_table, int64_t expert_inter, const std::vector<torch::Tensor>& shared) {
+  TORCH_CHECK(norm_weight.scalar_type() == at::kBFloat16 && norm_weight.device().is_cpu() && norm_weight.is_contiguous(),
+              "ffn_block_bf16: the norm weight must be contiguous bf16 on the CPU");
   TORCH_CHECK(shared.empty() || shared.size() == 3, "ffn_block_bf16: shared = (gate, up, down) or nothing");
-  std::vector<uint16_t> normed(hidden);
-  rms_norm_row(bf16_data(xc), bf16_data(nw), hidden, float(eps), normed.data());
-
-  std::vector<SwigluWeights> experts;
-  std::vector<float> weights;
-  if (router_weight.has_value() && router_weight->defined()) {
+  FfnSpec s{};
+  s.norm = bf16_data(norm_weight);
+  s.eps = float(eps);
+  s.hidden = norm_weight.numel();
+  s.routed = router_weight.has_value() && router_weight->defined();
+  if (s.routed) {
     TORCH_CHECK(expert_table.has_value() && expert_table->defined(), "ffn_block_bf16: a router needs the expert table");
     const auto& w = *router_weight;
-    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(1) == hidden,
-                "ffn_block_bf16: router weight must be contiguous fp32 [experts, ", hidden, "]");
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(1) == s.hidden,
+                "ffn_block_bf16: router weight must be contiguous fp32 [experts, ", s.hidden, "]");
     const auto& table = *expert_table;
     TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 2 && table.size(0) == w.size(0) &&
                     table.size(1) == 3, "ffn_block_bf16: expert table must be int64 [experts, 3]");
@@ -443,6 +445,7 @@ torch::Tensor ffn_block_bf16(const torch::Tensor& x, const torch::Tensor& norm_w
     TORCH_CHECK(method != "noaux_tc" || n_group == 1, "ffn_block_bf16: noaux_tc with several groups is left to the eager layers");
     TORCH_CHECK(method != "group_limited_greedy" || top_k <= topk_group * (n_experts / n_group),
                 "ffn_block_bf16: group-limited routing with more experts than the kept groups hold is left to the eager layers");
+    TORCH_CHECK(expert_inter > 0, "ffn_block_bf16: expert intermediate size");
     const float* bias = nullptr;
     if (method == "noaux_tc") {
       TORCH_CHECK(correction_bias.has_value() && correction_bias->defined() && correction_bias->scalar_type() == at::kFloat &&
@@ -450,24 +453,269 @@ torch::Tensor ffn_block_bf16(const torch::Tensor& x, const torch::Tensor& norm_w
                   "ffn_block_bf16: noaux_tc needs an fp32 correction bias per expert");
       bias = correction_bias->data_ptr<float>();
     }
-    const RouterSpec spec{w.data_ptr<float>(), bias, n_experts, top_k, n_group, topk_group, scoring == "softmax",
+    s.router = RouterSpec{w.data_ptr<float>(), bias, n_experts, top_k, n_group, topk_group, scoring == "softmax",
                           norm_topk_prob, method, float(scale)};
-    std::vector<int64_t> ids;
-    route(spec, normed.data(), hidden, ids, weights);
-    const int64_t* pointers = table.data_ptr<int64_t>();
+    s.expert_pointers = table.data_ptr<int64_t>();
+    s.expert_inter = expert_inter;
+    s.max_inter_total = top_k * expert_inter;
+  }
+  s.has_shared = !shared.empty();
+  if (s.has_shared) {
+    s.shared = swiglu_of(shared[0], shared[1], shared[2], s.hidden);
+    s.max_inter_total += s.shared.inter;
+  }
+  TORCH_CHECK(s.routed || s.has_shared, "ffn_block_bf16: neither a router nor shared weights");
+  return s;
+}
+
+struct FfnScratch {
+  std::vector<uint16_t> normed;           // [team][hidden]
+  std::vector<float> normed_f32, logits;  // [team][hidden], [experts]
+  std::vector<uint16_t> h;                // hidden activations of the experts that run
+  std::vector<float> routed_sum;          // [hidden]
+  FfnScratch(int64_t hidden, int64_t experts, int64_t inter_total, int team)
+      : normed(team * hidden), normed_f32(team * hidden), logits(std::max<int64_t>(experts, 1)), h(inter_total), routed_sum(hidden) {}
+};
+
+// out = x + ffn(RMSNorm(x)): the chosen experts (weights from the router) and the shared ones, with
+// PyTorch's bf16 roundings (each projection, silu and the product rounded to bf16), combined as the
+// decoder layer does:
+//   routed = bf16(sum_e weight_e * expert_e(n))   (fp32 sum over the chosen experts, in order)
+//   y      = bf16(routed + shared(n))              (with shared experts; else y = routed, or the dense MLP)
+//   out    = bf16(x + y)
+// Phases: router logits (each thread its share of the experts), then every thread computes its share of
+// the rows of every gate/up pair, then its share of the output rows, expert by expert, so each thread
+// streams one matrix at a time. `out` must not alias x.
+void ffn_body(const FfnSpec& s, const uint16_t* x, uint16_t* out, FfnScratch& scratch, int thread, int team) {
+  const int64_t hidden = s.hidden;
+  uint16_t* normed = scratch.normed.data() + thread * hidden;
+  rms_norm_row(x, s.norm, hidden, s.eps, normed);
+  std::vector<SwigluWeights> experts;
+  std::vector<float> weights;
+  if (s.routed) {
+    float* xf = scratch.normed_f32.data() + thread * hidden;
+    for (int64_t i = 0; i < hidden; ++i) xf[i] = bf16_to_float(normed[i]);
+    const auto [begin, end] = share(s.router.experts, thread, team);
+    router_logits(s.router, xf, hidden, begin, end, scratch.logits.data());
+#pragma omp barrier
+    std::vector<int64_t> ids;  // every thread selects the same experts from the same logits
+    select_experts(s.router, scratch.logits.data(), ids, weights);
     for (int64_t id : ids) {
-      const int64_t* row = pointers + 3 * id;
+      const int64_t* row = s.expert_pointers + 3 * id;
       experts.push_back({reinterpret_cast<const uint16_t*>(row[0]), reinterpret_cast<const uint16_t*>(row[1]),
-                         reinterpret_cast<const uint16_t*>(row[2]), expert_inter});
+                         reinterpret_cast<const uint16_t*>(row[2]), s.expert_inter});
     }
   }
   const size_t routed = experts.size();
-  if (!shared.empty()) experts.push_back(swiglu_of(shared[0], shared[1], shared[2], hidden));
-  TORCH_CHECK(!experts.empty(), "ffn_block_bf16: neither a router nor shared weights");
-  auto out = torch::empty_like(xc);
-  run_swiglu_experts(normed.data(), hidden, experts, routed, weights, bf16_data(xc), reinterpret_cast<uint16_t*>(out.data_ptr()));
+  if (s.has_shared) experts.push_back(s.shared);
+  const size_t count = experts.size();
+  std::vector<int64_t> offset(count + 1, 0);  // where expert e's hidden activations start in `h`
+  for (size_t e = 0; e < count; ++e) offset[e + 1] = offset[e] + experts[e].inter;
+  uint16_t* h = scratch.h.data();
+  for (size_t e = 0; e < count; ++e) {
+    const auto [begin, end] = share(experts[e].inter, thread, team);
+    // The gate rows, then the up rows: one stream from memory at a time.
+    uint16_t* he = h + offset[e];
+    gemv_rows(experts[e].gate, hidden, hidden, normed, begin, end, [&](int64_t i, float sum) {
+      he[i] = float_to_bf16(silu(bf16_to_float(float_to_bf16(sum))));
+    });
+    gemv_rows(experts[e].up, hidden, hidden, normed, begin, end, [&](int64_t i, float sum) {
+      he[i] = float_to_bf16(bf16_to_float(he[i]) * bf16_to_float(float_to_bf16(sum)));
+    });
+  }
+#pragma omp barrier
+  const auto [begin, end] = share(hidden, thread, team);
+  float* routed_sum = scratch.routed_sum.data();
+  std::fill(routed_sum + begin, routed_sum + end, 0.0f);
+  auto emit = [&](int64_t n, uint16_t y) { out[n] = float_to_bf16(bf16_to_float(x[n]) + bf16_to_float(y)); };
+  for (size_t e = 0; e < routed; ++e) {
+    const float weight = weights[e];
+    gemv_rows(experts[e].down, experts[e].inter, experts[e].inter, h + offset[e], begin, end,
+              [&](int64_t n, float sum) { routed_sum[n] += weight * bf16_to_float(float_to_bf16(sum)); });
+  }
+  if (s.has_shared) {
+    const SwigluWeights& shared = experts[routed];
+    gemv_rows(shared.down, shared.inter, shared.inter, h + offset[routed], begin, end, [&](int64_t n, float sum) {
+      const float routed_part = routed ? bf16_to_float(float_to_bf16(routed_sum[n])) : 0.0f;
+      emit(n, float_to_bf16(routed_part + bf16_to_float(float_to_bf16(sum))));
+    });
+  } else {
+    for (int64_t n = begin; n < end; ++n) emit(n, float_to_bf16(routed_sum[n]));
+  }
+}
+
+// One parallel region of the pool's threads (one thread inside another region) running body(thread, team).
+template <typename Body>
+void in_parallel(Body body) {
+  const int threads = pool_threads();
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  body(omp_get_thread_num(), omp_get_num_threads());
+}
+
+torch::Tensor one_token(const torch::Tensor& x, int64_t hidden, const char* what) {
+  const auto xc = x.reshape({-1}).contiguous();
+  TORCH_CHECK(xc.scalar_type() == at::kBFloat16 && xc.device().is_cpu() && xc.numel() == hidden, what, ": x must be ",
+              hidden, " bf16 values on the CPU");
+  return xc;
+}
+
+void check_rope(const torch::Tensor& cos, const torch::Tensor& sin, int64_t d, const char* what) {
+  for (const torch::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->device().is_cpu() && t->is_contiguous() && t->numel() == d, what,
+                ": cos/sin must be ", d, " contiguous bf16 values");
+}
+
+}  // namespace
+
+// A whole attention sub-layer of plain multi-head attention for one token, in one parallel region:
+//   x + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))  with n = RMSNorm(x)
+// (see attention_body). weights: [q, k, v, o] ([heads*d, D], [kv*d, D], [kv*d, D], [D, heads*d]); biases:
+// empty or four (possibly undefined) tensors; caches: [kv_heads, T, d]; cos/sin: d values. Returns [D] bf16.
+torch::Tensor mha_block_bf16(const torch::Tensor& x, const torch::Tensor& norm_weight, double eps,
+                             const std::vector<torch::Tensor>& weights, const std::vector<c10::optional<torch::Tensor>>& biases,
+                             const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor k_cache, torch::Tensor v_cache,
+                             int64_t position, double scale) {
+  const auto nw = norm_weight.contiguous();
+  const AttentionSpec spec = attention_spec(nw, eps, weights, biases, k_cache, v_cache, scale);
+  const auto xc = one_token(x, spec.hidden, "mha_block_bf16");
+  const auto cc = cos.contiguous(), sc = sin.contiguous();
+  check_rope(cc, sc, spec.d, "mha_block_bf16");
+  TORCH_CHECK(position >= 0 && position < spec.cache_len, "mha_block_bf16: position ", position, " outside the cache");
+  auto out = torch::empty({spec.hidden}, xc.options());
+  AttentionScratch scratch(spec, pool_threads());
+  in_parallel([&](int thread, int team) {
+    attention_body(spec, bf16_data(xc), bf16_data(cc), bf16_data(sc), position, reinterpret_cast<uint16_t*>(out.data_ptr()),
+                   scratch, thread, team);
+  });
   return out.view(x.sizes());
 }
+
+// The whole feed-forward sub-layer of one bf16 token in one parallel region: x + ffn(RMSNorm(x)), where
+// ffn is a dense SwiGLU MLP or a MoE layer (see ffn_spec and ffn_body).
+torch::Tensor ffn_block_bf16(const torch::Tensor& x, const torch::Tensor& norm_weight, double eps,
+                             const c10::optional<torch::Tensor>& router_weight, const c10::optional<torch::Tensor>& correction_bias,
+                             const std::string& method, const std::string& scoring, int64_t top_k, int64_t n_group,
+                             int64_t topk_group, bool norm_topk_prob, double scale,
+                             const c10::optional<torch::Tensor>& expert_table, int64_t expert_inter,
+                             const std::vector<torch::Tensor>& shared) {
+  const auto nw = norm_weight.contiguous();
+  const FfnSpec spec = ffn_spec(nw, eps, router_weight, correction_bias, method, scoring, top_k, n_group, topk_group,
+                                norm_topk_prob, scale, expert_table, expert_inter, shared);
+  const auto xc = one_token(x, spec.hidden, "ffn_block_bf16");
+  auto out = torch::empty_like(xc);
+  FfnScratch scratch(spec.hidden, spec.routed ? spec.router.experts : 0, spec.max_inter_total, pool_threads());
+  in_parallel([&](int thread, int team) {
+    ffn_body(spec, bf16_data(xc), reinterpret_cast<uint16_t*>(out.data_ptr()), scratch, thread, team);
+  });
+  return out.view(x.sizes());
+}
+
+// --------------------------------------------------------------------------------------------------
+// A whole decode step of a plain-attention model in one parallel region: the token's embedding, every
+// decoder layer (attention_body, ffn_body), the final RMSNorm and the LM head, with no Python and no
+// thread wake-up between them. Built once per model and cache (the Python side adds the layers with the
+// same arguments as mha_block_bf16 / ffn_block_bf16 and keeps the tensors alive); step() returns the
+// logits as the eager model does: fp32 values of the bf16 LM-head output.
+class DecodeStep {
+ public:
+  DecodeStep(const torch::Tensor& embedding, const torch::Tensor& cos_table, const torch::Tensor& sin_table,
+             const torch::Tensor& final_norm, double final_eps, const torch::Tensor& lm_head)
+      : embedding_(embedding), cos_(cos_table.contiguous()), sin_(sin_table.contiguous()), final_norm_(final_norm.contiguous()),
+        lm_head_(lm_head), final_eps_(float(final_eps)) {
+    check_matrix(embedding_, "DecodeStep");
+    check_matrix(lm_head_, "DecodeStep");
+    hidden_ = embedding_.size(1);
+    TORCH_CHECK(lm_head_.size(1) == hidden_ && final_norm_.numel() == hidden_ && final_norm_.scalar_type() == at::kBFloat16,
+                "DecodeStep: embedding, final norm and LM head disagree on the hidden size");
+    TORCH_CHECK(cos_.dim() == 2 && sin_.sizes() == cos_.sizes() && cos_.scalar_type() == at::kBFloat16 &&
+                    sin_.scalar_type() == at::kBFloat16, "DecodeStep: RoPE tables must be bf16 [positions, d]");
+  }
+
+  void add_layer(const torch::Tensor& attn_norm, double attn_eps, const std::vector<torch::Tensor>& weights,
+                 const std::vector<c10::optional<torch::Tensor>>& biases, const torch::Tensor& k_cache,
+                 const torch::Tensor& v_cache, double scale, const torch::Tensor& ffn_norm, double ffn_eps,
+                 const c10::optional<torch::Tensor>& router_weight, const c10::optional<torch::Tensor>& correction_bias,
+                 const std::string& method, const std::string& scoring, int64_t top_k, int64_t n_group, int64_t topk_group,
+                 bool norm_topk_prob, double routed_scale, const c10::optional<torch::Tensor>& expert_table,
+                 int64_t expert_inter, const std::vector<torch::Tensor>& shared) {
+    keep_alive_.push_back(attn_norm.contiguous());
+    const AttentionSpec attention = attention_spec(keep_alive_.back(), attn_eps, weights, biases, k_cache, v_cache, scale);
+    keep_alive_.push_back(ffn_norm.contiguous());
+    const FfnSpec ffn = ffn_spec(keep_alive_.back(), ffn_eps, router_weight, correction_bias, method, scoring, top_k, n_group,
+                                 topk_group, norm_topk_prob, routed_scale, expert_table, expert_inter, shared);
+    TORCH_CHECK(attention.hidden == hidden_ && ffn.hidden == hidden_, "DecodeStep: layer sizes disagree with the embedding");
+    TORCH_CHECK(cos_.size(1) == attention.d, "DecodeStep: RoPE tables are for head size ", cos_.size(1));
+    for (const auto& t : weights) keep_alive_.push_back(t);
+    for (const torch::Tensor* t : {&k_cache, &v_cache}) keep_alive_.push_back(*t);
+    for (const auto* t : {&router_weight, &correction_bias, &expert_table})
+      if (t->has_value() && (*t)->defined()) keep_alive_.push_back(**t);
+    for (const auto& t : shared) keep_alive_.push_back(t);
+    attention_.push_back(attention);
+    ffn_.push_back(ffn);
+  }
+
+  // Logits [V] fp32 of `token` at `position` (its key and value are written to every layer's cache).
+  torch::Tensor step(int64_t token, int64_t position) {
+    TORCH_CHECK(!attention_.empty(), "DecodeStep: no layers");
+    TORCH_CHECK(token >= 0 && token < embedding_.size(0), "DecodeStep: token id ", token, " outside the vocabulary");
+    TORCH_CHECK(position >= 0 && position < cos_.size(0), "DecodeStep: position ", position, " outside the RoPE table");
+    for (const auto& a : attention_)
+      TORCH_CHECK(position < a.cache_len, "DecodeStep: position ", position, " outside the cache");
+    const int team_size = pool_threads();
+    if (!scratch_ready_ || team_size != scratch_team_) make_scratch(team_size);
+    const int64_t vocab = lm_head_.size(0), d = cos_.size(1);
+    auto logits = torch::empty({vocab}, torch::dtype(torch::kFloat32));
+    float* lp = logits.data_ptr<float>();
+    uint16_t *x = x_.data(), *mid = mid_.data();
+    std::memcpy(x, bf16_data(embedding_) + token * embedding_.stride(0), hidden_ * sizeof(uint16_t));
+    const uint16_t* cos = bf16_data(cos_) + position * d;
+    const uint16_t* sin = bf16_data(sin_) + position * d;
+    in_parallel([&](int thread, int team) {
+      for (size_t layer = 0; layer < attention_.size(); ++layer) {
+        attention_body(attention_[layer], x, cos, sin, position, mid, *attention_scratch_, thread, team);
+#pragma omp barrier
+        ffn_body(ffn_[layer], mid, x, *ffn_scratch_, thread, team);
+#pragma omp barrier
+      }
+      uint16_t* normed = final_normed_.data() + thread * hidden_;
+      rms_norm_row(x, bf16_data(final_norm_), hidden_, final_eps_, normed);
+      const auto [begin, end] = share(vocab, thread, team);
+      gemv_rows(bf16_data(lm_head_), lm_head_.stride(0), hidden_, normed, begin, end,
+                [&](int64_t n, float sum) { lp[n] = bf16_to_float(float_to_bf16(sum)); });
+    });
+    return logits;
+  }
+
+ private:
+  void make_scratch(int team) {
+    int64_t experts = 0, inter_total = 0;
+    for (const auto& f : ffn_) {
+      experts = std::max(experts, f.routed ? f.router.experts : 0);
+      inter_total = std::max(inter_total, f.max_inter_total);
+    }
+    attention_scratch_ = std::make_unique<AttentionScratch>(attention_[0], team);
+    for (const auto& a : attention_)  // (layers of one model share their shapes; the largest wins anyway)
+      if (a.heads * a.d > attention_[0].heads * attention_[0].d) attention_scratch_ = std::make_unique<AttentionScratch>(a, team);
+    ffn_scratch_ = std::make_unique<FfnScratch>(hidden_, experts, inter_total, team);
+    x_.assign(hidden_, 0);
+    mid_.assign(hidden_, 0);
+    final_normed_.assign(team * hidden_, 0);
+    scratch_team_ = team;
+    scratch_ready_ = true;
+  }
+
+  torch::Tensor embedding_, cos_, sin_, final_norm_, lm_head_;
+  float final_eps_;
+  int64_t hidden_ = 0;
+  std::vector<AttentionSpec> attention_;
+  std::vector<FfnSpec> ffn_;
+  std::vector<torch::Tensor> keep_alive_;
+  std::unique_ptr<AttentionScratch> attention_scratch_;
+  std::unique_ptr<FfnScratch> ffn_scratch_;
+  std::vector<uint16_t> x_, mid_, final_normed_;
+  int scratch_team_ = 0;
+  bool scratch_ready_ = false;
+};
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16", &gemv_bf16, "bf16 batch-1 linear with AVX512-BF16", pybind11::arg("x"), pybind11::arg("w"),
@@ -476,4 +724,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16_many", &gemv_bf16_many, "several bf16 batch-1 linears in one parallel region");
   m.def("ffn_block_bf16", &ffn_block_bf16, "RMSNorm + router + chosen and shared experts (or a dense MLP) + residual, one token");
   m.def("mha_block_bf16", &mha_block_bf16, "RMSNorm + q/k/v + RoPE + cache write + attention + o_proj + residual, one token");
+  pybind11::class_<DecodeStep>(m, "DecodeStep", "a whole bf16 decode step of a plain-attention model in one parallel region")
+      .def(pybind11::init<const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, double,
+                          const torch::Tensor&>())
+      .def("add_layer", &DecodeStep::add_layer)
+      .def("step", &DecodeStep::step);
 }

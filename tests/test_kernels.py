@@ -246,3 +246,21 @@ def test_candidate_timing_takes_turns_so_a_bandwidth_change_ranks_paths_not_phas
     timings = kernels._best_times({"a": path(1.0), "b": path(1.5)}, rounds=6, clock=lambda: now[0])
     assert timings == {"a": 0.5, "b": 0.75}
     assert min(timings, key=timings.get) == "a"
+
+
+@needs_extension
+def test_row_claims_cover_every_row_once_and_rebalance_a_slow_thread() -> None:
+    """The decode kernels' streaming phases are claimed in chunks (RowClaims): every row exactly once;
+    with a slow thread, the others take chunks from the back of its share."""
+    extension = kernels.avx512_bf16_extension()
+    threads = torch.get_num_threads()
+    for n, chunk in [(1000, 7), (5, 64), (1, 1), (0, 4)]:
+        owners = extension.row_claims_trace(n, chunk, 0)
+        assert (owners >= 0).all() and owners.numel() == n
+    if threads < 2:
+        pytest.skip("one thread: nobody to take over a share")
+    owners = extension.row_claims_trace(4000, 10, 2000)  # thread 0 sleeps 2 ms per chunk of 10 rows
+    assert (owners >= 0).all()
+    first_share = owners[: 4000 // threads]
+    assert (first_share != 0).sum() > 0.5 * first_share.numel()  # most of thread 0's share done by others
+    assert (owners[:10] == 0).all()  # its first chunk it took itself, from the front

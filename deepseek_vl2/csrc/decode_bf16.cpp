@@ -19,11 +19,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -820,7 +822,30 @@ class DecodeStep {
   bool scratch_ready_ = false;
 };
 
+// For the tests: which thread of the pool processed each of n rows claimed in chunks, thread 0 sleeping
+// `slow_us` microseconds per chunk (so the others must take over its share); -1 where no thread did,
+// -2 where two did.
+torch::Tensor row_claims_trace(int64_t n, int64_t chunk, int64_t slow_us) {
+  std::vector<std::atomic<int64_t>> cells(n);
+  for (auto& cell : cells) cell.store(-1);
+  RowClaims claims;
+  claims.reset(n, pool_threads());
+  in_parallel([&](int thread, int team) {
+    claims.run(thread, chunk, [&](int64_t begin, int64_t end) {
+      if (thread == 0 && slow_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(slow_us));
+      for (int64_t r = begin; r < end; ++r) {
+        int64_t expected = -1;
+        if (!cells[r].compare_exchange_strong(expected, thread)) cells[r].store(-2);
+      }
+    });
+  });
+  auto owner = torch::empty({n}, torch::kInt64);
+  for (int64_t r = 0; r < n; ++r) owner[r] = cells[r].load();
+  return owner;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("row_claims_trace", &row_claims_trace, "test hook: the thread that processed each row claimed in chunks");
   m.def("gemv_bf16", &gemv_bf16, "bf16 batch-1 linear with AVX512-BF16", pybind11::arg("x"), pybind11::arg("w"),
         pybind11::arg("bias") = pybind11::none());
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm of bf16 rows");

@@ -187,7 +187,7 @@ def test_rms_norm_equals_the_module() -> None:
 
 
 @needs_extension
-@pytest.mark.parametrize("heads, kv_heads, position, bias", [(10, 10, 0, False), (10, 10, 300, False), (8, 2, 41, True)])
+@pytest.mark.parametrize("heads, kv_heads, position, bias", [(10, 10, 0, False), (10, 10, 300, False), (8, 2, 41, True), (6, 1, 17, False)])
 def test_mha_block_is_the_attention_sub_layer(heads: int, kv_heads: int, position: int, bias: bool) -> None:
     """x + o(attention(rope(q(n)), rope(k(n)), v(n))), n = RMSNorm(x), with k/v written to the caches."""
     from deepseek_vl2.language import RMSNorm, apply_rope

@@ -15,7 +15,10 @@ With the extension, a bf16 decode step also runs layer-level kernels: a whole pl
 in one call (``mha_block``), the whole feed-forward sub-layer in one call (``ffn_block``: RMSNorm, the
 router, the chosen and the shared experts, the residual), several linears of one input in one call
 (``linear_many``, MLA's projections) and RMSNorm. One expert is only 2-5 MB, so per-call costs (Python, waking the
-threads, prefetchers ramping up on a new matrix) are a large share of streaming it.
+threads, prefetchers ramping up on a new matrix) are a large share of streaming it. A plain-attention
+model (tiny) runs the whole step, every layer and the LM head, as one call (``decode_step``;
+``DEEPSEEK_VL2_CPU_STEP=0`` falls back to the per-layer calls): no Python between the layers and one
+parallel region (95 % of the bandwidth bound in the slow memory phase of the 2-core EPYC, 89 % per layer).
 """
 
 from __future__ import annotations

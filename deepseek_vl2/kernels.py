@@ -89,18 +89,18 @@ def avx512_bf16_extension() -> Optional[Any]:
 
 @functools.lru_cache(maxsize=1)
 def fp32_extension() -> Optional[Any]:
-    """The compiled ``csrc/gemv_f32.cpp`` (built for this CPU with ``-march=native``), or None where no
-    compiler/ninja is available (``DEEPSEEK_VL2_CPU_KERNEL=0`` skips)."""
+    """The compiled ``csrc/decode_f32.cpp`` (fp32 GEMV and layer kernels, built for this CPU with
+    ``-march=native``), or None where no compiler/ninja is available (``DEEPSEEK_VL2_CPU_KERNEL=0`` skips)."""
     if os.environ.get("DEEPSEEK_VL2_CPU_KERNEL", "1") == "0":
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        source = Path(__file__).with_name("csrc") / "gemv_f32.cpp"
-        return load(name="deepseek_vl2_gemv_f32", sources=[str(source)],
+        source = Path(__file__).with_name("csrc") / "decode_f32.cpp"
+        return load(name="deepseek_vl2_decode_f32", sources=[str(source)],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, ...: the other paths remain
-        warnings.warn(f"fp32 GEMV kernel unavailable ({type(exc).__name__}: {str(exc)[:200]}); using PyTorch's")
+        warnings.warn(f"fp32 decode kernels unavailable ({type(exc).__name__}: {str(exc)[:200]}); using PyTorch's")
         return None
 
 
@@ -118,11 +118,24 @@ def _avx512bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return extension.gemv_bf16(x, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
+# The layer kernels' names end in the storage type they were built for.
+_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+def _layer_extension(dtype: torch.dtype) -> Optional[Any]:
+    """The extension with the layer kernels for CPU weights of ``dtype``: bf16 (AVX512-BF16 CPUs) or fp32."""
+    if dtype == torch.bfloat16:
+        return avx512_bf16_extension()
+    if dtype == torch.float32:
+        return fp32_extension()
+    return None
+
+
 def _fused_extension(x: torch.Tensor) -> Optional[Any]:
-    """The extension, when ``x`` is one bf16 token on the CPU (the layer-level decode kernels apply)."""
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.numel() != x.shape[-1]:
+    """The extension, when ``x`` is one bf16 or fp32 token on the CPU (the layer-level decode kernels apply)."""
+    if x.device.type != "cpu" or x.numel() != x.shape[-1]:
         return None
-    return avx512_bf16_extension()
+    return _layer_extension(x.dtype)
 
 
 def linear_many(x: torch.Tensor, layers: list[nn.Linear]) -> Optional[list[torch.Tensor]]:
@@ -165,9 +178,10 @@ class Router:
 
 
 def expert_table(experts: list[Expert]) -> Optional[torch.Tensor]:
-    """[E, 3] int64 data pointers of compact bf16 expert weights, or None if any is not compact bf16 (the
-    caller keeps the tensors alive)."""
-    if any(w.dtype != torch.bfloat16 or not w.is_contiguous() for expert in experts for w in expert):
+    """[E, 3] int64 data pointers of compact expert weights (bf16 or fp32, all alike), or None if any is
+    not (the caller keeps the tensors alive)."""
+    dtype = experts[0][0].dtype if experts else None
+    if dtype not in _SUFFIX or any(w.dtype != dtype or not w.is_contiguous() for expert in experts for w in expert):
         return None
     return torch.tensor([[w.data_ptr() for w in expert] for expert in experts], dtype=torch.int64)
 
@@ -189,20 +203,17 @@ def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, shared: Op
     dense SwiGLU MLP (``shared`` only) or a MoE layer (``router``: routing and the chosen experts, plus the
     ``shared`` experts if any), rounded like the eager modules. None where the extension does not apply."""
     extension = _fused_extension(x)
-    if extension is None or norm_weight.dtype != torch.bfloat16 or (shared is not None and shared[0].dtype != torch.bfloat16):
+    if extension is None or norm_weight.dtype != x.dtype or (shared is not None and shared[0].dtype != x.dtype):
         return None
-    return extension.ffn_block_bf16(x, *ffn_args(norm_weight, eps, shared, router))
+    return getattr(extension, f"ffn_block_{_SUFFIX[x.dtype]}")(x, *ffn_args(norm_weight, eps, shared, router))
 
 
 def mha_args(norm_weight: torch.Tensor, eps: float, projections: list[nn.Linear], k_cache: torch.Tensor,
              v_cache: torch.Tensor, scale: float) -> Optional[list[Any]]:
-    """The arguments of a plain-attention sub-layer for ``DecodeStep.add_layer``; None where the bf16
-    kernels do not apply."""
-    if (
-        norm_weight.dtype != torch.bfloat16
-        or k_cache.dtype != torch.bfloat16
-        or projections[0].weight.dtype != torch.bfloat16  # (the kernel checks every weight)
-    ):
+    """The arguments of a plain-attention sub-layer for ``DecodeStep.add_layer``; None where the kernels do
+    not apply (they take bf16 or fp32, all alike)."""
+    dtype = norm_weight.dtype
+    if dtype not in _SUFFIX or k_cache.dtype != dtype or projections[0].weight.dtype != dtype:  # (the kernel checks every weight)
         return None
     return [norm_weight, eps, [p.weight for p in projections], [p.bias for p in projections], k_cache, v_cache, scale]
 
@@ -214,21 +225,23 @@ def mha_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, projection
     ([kv_heads, T, d]) at ``position``. projections: q, k, v, o. None where the extension does not apply."""
     extension = _fused_extension(x)
     args = mha_args(norm_weight, eps, projections, k_cache, v_cache, scale)
-    if extension is None or args is None or cos.dtype != torch.bfloat16:
+    if extension is None or args is None or cos.dtype != x.dtype or norm_weight.dtype != x.dtype:
         return None
     norm_weight, eps, weights, biases, k_cache, v_cache, scale = args
-    return extension.mha_block_bf16(x, norm_weight, eps, weights, biases, cos, sin, k_cache, v_cache, position, scale)
+    return getattr(extension, f"mha_block_{_SUFFIX[x.dtype]}")(x, norm_weight, eps, weights, biases, cos, sin, k_cache,
+                                                               v_cache, position, scale)
 
 
 def decode_step(embedding: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, final_norm: torch.Tensor,
                 eps: float, lm_head: torch.Tensor, layers: list[tuple[list[Any], list[Any]]]) -> Optional[Any]:
-    """A whole bf16 CPU decode step of a plain-attention model as one kernel call (``DecodeStep``):
+    """A whole bf16 or fp32 CPU decode step of a plain-attention model as one kernel call (``DecodeStep``):
     ``step(token, position)`` -> fp32 logits [V]. layers: (``mha_args``, ``ffn_args``) of each decoder layer;
     cos/sin tables: [positions, head_dim]. None where the extension does not apply."""
     tensors = [embedding, cos_table, sin_table, final_norm, lm_head]
-    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in tensors) or os.environ.get("DEEPSEEK_VL2_CPU_STEP") == "0":
+    dtype = lm_head.dtype
+    if any(t.dtype != dtype or t.device.type != "cpu" for t in tensors) or os.environ.get("DEEPSEEK_VL2_CPU_STEP") == "0":
         return None
-    extension = avx512_bf16_extension()
+    extension = _layer_extension(dtype)
     if extension is None:
         return None
     step = extension.DecodeStep(embedding, cos_table, sin_table, final_norm, eps, lm_head)

@@ -432,7 +432,7 @@ class MLP(nn.Module):
 
     def kernel_args(self, norm: RMSNorm) -> Optional[list]:
         """This sub-layer for the whole-step kernel (``kernels.ffn_args``); None where it does not apply."""
-        if norm.weight.dtype != torch.bfloat16 or self.gate_proj.weight.dtype != torch.bfloat16:
+        if norm.weight.dtype not in (torch.bfloat16, torch.float32) or self.gate_proj.weight.dtype != norm.weight.dtype:
             return None
         return ffn_args(norm.weight, norm.eps, shared=self.swiglu_weights())
 
@@ -620,35 +620,36 @@ class MoE(nn.Module):
             self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
 
     def residual_block(self, x: torch.Tensor, norm: RMSNorm) -> Optional[torch.Tensor]:
-        """``x + self(norm(x))`` for one bf16 token on the CPU in one kernel call (norm, router, the chosen
-        and the shared experts); None elsewhere."""
-        if x.numel() != x.shape[-1] or x.is_cuda or x.dtype != torch.bfloat16:
+        """``x + self(norm(x))`` for one bf16/fp32 token on the CPU in one kernel call (norm, router, the
+        chosen and the shared experts); None elsewhere."""
+        if x.numel() != x.shape[-1] or x.is_cuda:
             return None
-        kernel = self._kernel_inputs()
+        kernel = self._kernel_inputs(x.dtype)
         return None if kernel is None else ffn_block(x, norm.weight, norm.eps, shared=kernel[1], router=kernel[0])
 
     def kernel_args(self, norm: RMSNorm) -> Optional[list]:
         """This sub-layer for the whole-step kernel (``kernels.ffn_args``); None where it does not apply."""
-        kernel = self._kernel_inputs()
-        if kernel is None or norm.weight.dtype != torch.bfloat16 or (kernel[1] is not None and kernel[1][0].dtype != torch.bfloat16):
-            return None
-        return ffn_args(norm.weight, norm.eps, shared=kernel[1], router=kernel[0])
+        kernel = self._kernel_inputs(norm.weight.dtype)
+        return None if kernel is None else ffn_args(norm.weight, norm.eps, shared=kernel[1], router=kernel[0])
 
-    def _kernel_inputs(self) -> Optional[tuple[Router, Optional[Expert]]]:
+    def _kernel_inputs(self, dtype: torch.dtype) -> Optional[tuple[Router, Optional[Expert]]]:
         """The router (with its expert table) and shared-expert weights the CPU kernels take; None where
-        the official selection could tie (see ``MoEGate.tie_free``) or the experts are not compact bf16."""
+        the official selection could tie (see ``MoEGate.tie_free``) or the experts are not compact
+        ``dtype`` (bf16 or fp32)."""
         gate = self.gate
-        if not gate.tie_free():
+        if dtype not in (torch.bfloat16, torch.float32) or not gate.tie_free():
             return None
         table = self.experts.pointer_table()
-        if table is None:
+        if table is None or self.experts.swiglu_weights()[0][0].dtype != dtype:
+            return None
+        shared = self.shared_experts.swiglu_weights() if self.shared_experts is not None else None
+        if shared is not None and shared[0].dtype != dtype:
             return None
         router = Router(
             weight=gate.weight, correction_bias=getattr(gate, "e_score_correction_bias", None), method=gate.method,
             scoring=gate.scoring, top_k=gate.top_k, n_group=gate.n_group, topk_group=gate.topk_group,
             norm_topk_prob=gate.norm_topk_prob, scale=gate.scale, expert_table=table, intermediate=self.experts.intermediate,
         )
-        shared = self.shared_experts.swiglu_weights() if self.shared_experts is not None else None
         return router, shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -231,52 +231,64 @@ WHOLE_STEP_CONFIGS = {
 }
 
 
-def _bf16_decode(language, embeds: torch.Tensor, tokens: list[int], cache: int = 48) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Logits of the prefill and of each token decoded after it, and the layers' key caches."""
+def _decode(language, embeds: torch.Tensor, tokens: list[int], cache: int = 48) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits of the prefill and of each token decoded after it, and the layers' caches."""
     with torch.inference_mode():
         language.setup_cache(cache)
         steps = [prefill(language, embeds)]
         for i, token in enumerate(tokens):
             steps.append(decode_one_token(language, torch.tensor(token), embeds.shape[1] + i))
-    return torch.stack(steps), [layer.self_attn.cache.k.clone() for layer in language.model.layers]
+    return torch.stack(steps), [t.clone() for layer in language.model.layers for t in layer.self_attn.cache.buffers()]
 
 
+def _skip_without_kernels(dtype: torch.dtype) -> None:
+    from deepseek_vl2 import kernels
+
+    if dtype == torch.bfloat16 and kernels.avx512_bf16_extension() is None:
+        pytest.skip("this CPU has no AVX512-BF16 (or no C++ compiler/ninja): bf16 decoding uses the eager layers")
+    if dtype == torch.float32 and kernels.fp32_extension() is None:
+        pytest.skip("no C++ compiler/ninja: fp32 decoding uses the eager layers")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("name", sorted(WHOLE_STEP_CONFIGS))
-def test_whole_decode_step_kernel_equals_the_layer_kernels(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bf16 CPU decode step of a plain-attention model as one kernel call (every layer, final norm, LM
-    head) computes what the per-layer kernels compute, over the configuration space."""
+def test_whole_decode_step_kernel_equals_the_layer_kernels(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU decode step of a plain-attention model as one kernel call (every layer, final norm, LM head)
+    computes what the per-layer kernels compute, over the configuration space, in bf16 and fp32."""
     from deepseek_vl2 import kernels
     from deepseek_vl2.model import build_model, random_init
 
-    if kernels.avx512_bf16_extension() is None:
-        pytest.skip("this CPU has no AVX512-BF16 (or no C++ compiler/ninja): decoding uses the eager layers")
+    _skip_without_kernels(dtype)
     monkeypatch.setenv("DEEPSEEK_VL2_CPU_GEMV", "avx512bf16")  # the LM head of the per-layer path: our GEMV too
     monkeypatch.setattr(kernels, "_chosen", {})
     config = _mha_config(**WHOLE_STEP_CONFIGS[name])
-    language = build_model(config, "cpu", torch.bfloat16, random_init(std=0.2, seed=1)).language
+    language = build_model(config, "cpu", dtype, random_init(std=0.2, seed=1)).language
     if name == "noaux_tc":  # a bias that changes the choice
         for layer in language.model.layers:
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.e_score_correction_bias.data = torch.randn(8, generator=torch.Generator().manual_seed(4)) * 0.3
-    embeds = torch.randn(1, 30, config.language.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    embeds = torch.randn(1, 30, config.language.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
     tokens = [5, 77, 1000, 31, 2]
     whole_steps = []
     decode_step_cpu = language.decode_step_cpu
     monkeypatch.setattr(language, "decode_step_cpu", lambda *a: whole_steps.append(decode_step_cpu(*a)) or whole_steps[-1])
     monkeypatch.setenv("DEEPSEEK_VL2_CPU_STEP", "1")
-    whole, whole_caches = _bf16_decode(language, embeds, tokens)
+    whole, whole_caches = _decode(language, embeds, tokens)
     assert len(whole_steps) == len(tokens) and all(logits is not None for logits in whole_steps)
     monkeypatch.setenv("DEEPSEEK_VL2_CPU_STEP", "0")
     language.cache_version += 1  # (the environment is read when the step is made)
     whole_steps.clear()
-    layers, layer_caches = _bf16_decode(language, embeds, tokens)
+    layers, layer_caches = _decode(language, embeds, tokens)
     assert all(logits is None for logits in whole_steps)
     assert torch.isfinite(whole).all()
     # Every layer's arithmetic is the same: the caches (each layer's keys, from its input) agree bit for
-    # bit. The logits may differ by one bf16 rounding: an LM head this small (< 1 MiB) goes through
-    # F.linear on the per-layer path, which sums in another order.
+    # bit. The logits may differ by a rounding: an LM head this small (< 1 MiB) goes through F.linear on
+    # the per-layer path, which sums in another order (and in fp32 the final norm is PyTorch's there).
     assert all(torch.equal(a, b) for a, b in zip(whole_caches, layer_caches))
-    assert ((whole - layers).abs() <= layers.abs() * 2**-7).all()
+    if dtype == torch.bfloat16:
+        assert ((whole - layers).abs() <= layers.abs() * 2**-7).all()
+    else:
+        assert (whole - layers).abs().max() <= 1e-5 * layers.abs().max()
 
 
 def test_whole_decode_step_follows_a_reallocated_cache_and_refuses_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -287,9 +299,9 @@ def test_whole_decode_step_follows_a_reallocated_cache_and_refuses_bad_input(mon
     monkeypatch.delenv("DEEPSEEK_VL2_CPU_STEP", raising=False)
     language = load_model(FIXTURES_DIR / "checkpoints" / "mha", dtype=torch.bfloat16).language
     embeds = torch.randn(1, 20, language.config.hidden_size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    small, _ = _bf16_decode(language, embeds, [9, 10, 11], cache=24)
+    small, _ = _decode(language, embeds, [9, 10, 11], cache=24)
     first = language._cpu_step()
-    large, _ = _bf16_decode(language, embeds, [9, 10, 11], cache=64)  # new cache buffers: a new step
+    large, _ = _decode(language, embeds, [9, 10, 11], cache=64)  # new cache buffers: a new step
     assert language._cpu_step() is not first and language._cpu_step() is not None
     assert torch.equal(small, large)
     with pytest.raises(RuntimeError, match="outside the vocabulary"):
@@ -298,12 +310,32 @@ def test_whole_decode_step_follows_a_reallocated_cache_and_refuses_bad_input(mon
         language.decode_step_cpu(3, 64)
 
 
-def test_whole_decode_step_does_not_apply_to_mla_or_fp32() -> None:
+def test_whole_decode_step_does_not_apply_to_mla_or_other_dtypes() -> None:
     mla = load_model(FIXTURES_DIR / "checkpoints" / "mla", dtype=torch.bfloat16).language
-    fp32 = load_model(FIXTURES_DIR / "checkpoints" / "mha", dtype=torch.float32).language
-    for language in (mla, fp32):
+    fp64 = load_model(FIXTURES_DIR / "checkpoints" / "mha", dtype=torch.float64).language
+    for language in (mla, fp64):
         language.setup_cache(8)
         assert language.decode_step_cpu(3, 0) is None
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla", "mla-noaux"])
+def test_cpu_fp32_decode_kernels_match_the_eager_layers(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 decoding on the CPU through our kernels (the whole step for plain attention, the feed-forward
+    sub-layer for MLA models) gives the logits of the eager PyTorch layers, up to summation order."""
+    from deepseek_vl2 import kernels
+
+    _skip_without_kernels(torch.float32)
+    language = load_model(FIXTURES_DIR / "checkpoints" / variant, dtype=torch.float32).language
+    embeds = torch.randn(1, 40, language.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    tokens = [5, 77, 1000, 31]
+    fused, _ = _decode(language, embeds, tokens)
+    monkeypatch.setattr(kernels, "_fused_extension", lambda x: None)
+    monkeypatch.setenv("DEEPSEEK_VL2_CPU_STEP", "0")
+    language.cache_version += 1
+    eager, _ = _decode(language, embeds, tokens)
+    assert torch.equal(fused[0], eager[0])  # the prefill does not use them
+    assert (fused - eager).abs().max() <= 1e-4 * eager.abs().max()
+    assert torch.equal(fused.argmax(-1), eager.argmax(-1))
 
 
 def test_penalty_by_ids_equals_penalty_by_mask() -> None:

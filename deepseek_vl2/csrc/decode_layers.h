@@ -1,0 +1,790 @@
+// The decode kernels of one token (batch 1) on the CPU, generic over the weights' storage type: bf16
+// (uint16_t bits, decode_bf16.cpp) or fp32 (float, decode_f32.cpp). Each of those translation units
+// defines, before including this header, how it multiplies rows:
+//   float dot(const T* w, const T* x, int64_t n)          a weight row with the input
+//   float router_dot(const float* w, const float* x, int64_t n)   a router row (fp32 weights) with fp32 input
+// Decoding streams every active weight once per token, so these loops only have to keep up with memory.
+//
+// Every call has a fixed cost (Python, pybind, waking the thread pool, the hardware prefetchers ramping up
+// on a new matrix), which is large next to one expert's 2.3 MB. So the kernels take whole sub-layers
+// (mha_block: attention; ffn_block: router + experts) and, for plain-attention models, a whole decode step
+// (DecodeStep), each in one parallel region. Every step is rounded to the storage type where the eager
+// PyTorch modules round (for fp32 the roundings are no-ops).
+#pragma once
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace decode {
+
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof(value));
+  return value;
+}
+
+inline uint16_t float_to_bf16(float value) {  // round to nearest even, as PyTorch's conversion does
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);  // NaN stays NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return uint16_t(bits >> 16);
+}
+
+// Defined by the translation unit that includes this header (see the top of the file).
+float dot(const uint16_t* w, const uint16_t* x, int64_t n);
+float dot(const float* w, const float* x, int64_t n);
+float router_dot(const float* w, const float* x, int64_t n);
+
+// How values of a storage type are read, written and rounded (the points where PyTorch rounds a result
+// to the tensor's dtype).
+template <typename T>
+struct Storage;
+
+template <>
+struct Storage<uint16_t> {  // bf16 bits
+  static constexpr at::ScalarType kType = at::kBFloat16;
+  static float load(uint16_t v) { return bf16_to_float(v); }
+  static uint16_t store(float v) { return float_to_bf16(v); }
+  static float round(float v) { return bf16_to_float(float_to_bf16(v)); }
+};
+
+template <>
+struct Storage<float> {
+  static constexpr at::ScalarType kType = at::kFloat;
+  static float load(float v) { return v; }
+  static float store(float v) { return v; }
+  static float round(float v) { return v; }
+};
+
+// y[n] = w[n, :] . x for rows [begin, end) of a row-contiguous matrix, fp32 sums.
+template <typename T, typename Store>
+inline void gemv_rows(const T* w, int64_t row_stride, int64_t cols, const T* x, int64_t begin, int64_t end,
+                      Store store) {
+  for (int64_t n = begin; n < end; ++n) store(n, dot(w + n * row_stride, x, cols));
+}
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+template <typename T>
+inline const T* data_of(const torch::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); }
+
+// The share [begin, end) of n rows that thread `thread` of `threads` works on.
+inline std::pair<int64_t, int64_t> share(int64_t n, int thread, int threads) {
+  return {n * thread / threads, n * (thread + 1) / threads};
+}
+
+inline int pool_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+
+// The rows [0, n) of one phase, shared out for load balance. Every thread starts on its own contiguous
+// share (the static split, so each streams one long run of memory) and takes it in chunks from the
+// front; a thread done with its share takes chunks from the back of another's. With the static split
+// alone, on a 2-core EPYC VM at ~66 GB/s, one thread waited at the barriers for ~1 ms of every 21 ms
+// step, and one core alone reads at about half the machine's rate. reset() runs outside the region.
+class RowClaims {
+ public:
+  void reset(int64_t n, int team) {
+    TORCH_CHECK(n >= 0 && n < (int64_t(1) << 32), "RowClaims: too many rows");
+    if (team_ != team) {
+      ranges_ = std::make_unique<Range[]>(team);
+      team_ = team;
+    }
+    for (int t = 0; t < team; ++t) {
+      const auto [begin, end] = share(n, t, team);
+      ranges_[t].packed.store(pack(begin, end), std::memory_order_relaxed);
+    }
+  }
+
+  // work(begin, end) on chunks of at most `chunk` rows until no row is left; every thread of the team.
+  template <typename Work>
+  void run(int thread, int64_t chunk, Work work) {
+    Range& own = ranges_[thread];
+    uint64_t state = own.packed.load(std::memory_order_relaxed);
+    while (front(state) < back(state)) {  // own share, front first
+      const int64_t begin = front(state), end = std::min(begin + chunk, back(state));
+      if (own.packed.compare_exchange_weak(state, pack(end, back(state)), std::memory_order_relaxed)) {
+        work(begin, end);
+        state = own.packed.load(std::memory_order_relaxed);
+      }
+    }
+    for (int k = 1; k < team_; ++k) {  // then the others', back first
+      Range& other = ranges_[(thread + k) % team_];
+      state = other.packed.load(std::memory_order_relaxed);
+      while (front(state) < back(state)) {
+        const int64_t end = back(state), begin = std::max(front(state), end - chunk);
+        if (other.packed.compare_exchange_weak(state, pack(front(state), begin), std::memory_order_relaxed)) {
+          work(begin, end);
+          state = other.packed.load(std::memory_order_relaxed);
+        }
+      }
+    }
+  }
+
+ private:
+  struct alignas(64) Range {  // (front << 32) | back, one cache line per thread
+    std::atomic<uint64_t> packed{0};
+  };
+  static uint64_t pack(int64_t front, int64_t back) { return (uint64_t(front) << 32) | uint64_t(back); }
+  static int64_t front(uint64_t state) { return int64_t(state >> 32); }
+  static int64_t back(uint64_t state) { return int64_t(state & 0xffffffffu); }
+  std::unique_ptr<Range[]> ranges_;
+  int team_ = 0;
+};
+
+// Rows per claimed chunk: ~64 KiB of weights.
+inline int64_t chunk_rows(int64_t row_bytes) { return std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(row_bytes, 1)); }
+
+template <typename T>
+void check_matrix(const torch::Tensor& w, const char* what) {
+  TORCH_CHECK(w.scalar_type() == Storage<T>::kType && w.device().is_cpu(), what, ": ", Storage<T>::kType, " CPU tensors only");
+  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, what, ": weights must be 2-D with contiguous rows");
+}
+
+
+// Single-query attention over the cached keys/values, for heads [begin, end): query head h attends with kv head
+// h / group. q: heads x d values; head kv's key t at k + kv * k_head_stride + t * k_row_stride (same for v).
+// Scores and the softmax are fp32 (as the official code's softmax), the weighted sum of values is
+// accumulated in fp32 and rounded once.
+template <typename T>
+void attend_heads(const T* q, int64_t d, int64_t group, const T* k, int64_t k_head_stride,
+                  int64_t k_row_stride, const T* v, int64_t v_head_stride, int64_t v_row_stride, int64_t length,
+                  float scale, int64_t begin, int64_t end, T* out) {
+  using S = Storage<T>;
+  std::vector<float> scores(length), acc(d);
+  for (int64_t h = begin; h < end; ++h) {
+    const T* kh = k + (h / group) * k_head_stride;
+    const T* vh = v + (h / group) * v_head_stride;
+    float best = -INFINITY;
+    for (int64_t t = 0; t < length; ++t) {
+      scores[t] = dot(q + h * d, kh + t * k_row_stride, d) * scale;
+      best = std::max(best, scores[t]);
+    }
+    float total = 0.0f;
+    for (int64_t t = 0; t < length; ++t) total += (scores[t] = std::exp(scores[t] - best));
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t t = 0; t < length; ++t) {
+      const float p = scores[t] / total;
+      const T* row = vh + t * v_row_stride;
+      for (int64_t i = 0; i < d; ++i) acc[i] += p * S::load(row[i]);
+    }
+    for (int64_t i = 0; i < d; ++i) out[h * d + i] = S::store(acc[i]);
+  }
+}
+
+// Rotary embedding of one head vector, half-split convention (Llama): rounded like the eager
+// ``x * cos + rotate_half(x) * sin`` in the storage type (each product and the sum rounded to it).
+template <typename T>
+void rope_half_split(const T* x, const T* cos, const T* sin, int64_t d, T* out) {
+  using S = Storage<T>;
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < d; ++i) {
+    const float rotated = i < half ? -S::load(x[i + half]) : S::load(x[i - half]);
+    const float a = S::round(S::load(x[i]) * S::load(cos[i]));
+    const float b = S::round(rotated * S::load(sin[i]));
+    out[i] = S::store(a + b);
+  }
+}
+
+// RMSNorm of one vector, rounded like the eager module: weight * round(x * rsqrt(mean(x^2) + eps)), the
+// statistics in fp32.
+template <typename T>
+void rms_norm_row(const T* x, const T* weight, int64_t d, float eps, T* out) {
+  using S = Storage<T>;
+  float squares = 0.0f;
+  for (int64_t i = 0; i < d; ++i) squares += S::load(x[i]) * S::load(x[i]);
+  const float inv_rms = 1.0f / std::sqrt(squares / float(d) + eps);
+  for (int64_t i = 0; i < d; ++i)
+    out[i] = S::store(S::load(weight[i]) * S::round(S::load(x[i]) * inv_rms));
+}
+
+
+
+// --------------------------------------------------------------------------------------------------
+// Sub-layers of one token as bodies that every thread of a parallel region runs together (they hold
+// the barriers between their phases). mha_block_bf16 and ffn_block_bf16 run one body in a region of its
+// own; DecodeStep runs a whole decode step (every layer, the final norm, the LM head) in one region.
+
+
+// A plain multi-head attention sub-layer: its norm, weights and caches, checked once.
+template <typename T>
+struct AttentionSpec {
+  const T* norm;
+  float eps;
+  const T* w[4];  // q [heads*d, D], k [kv*d, D], v [kv*d, D], o [D, heads*d]
+  int64_t w_stride[4];
+  torch::Tensor bias_f32[4];  // fp32 copies of the biases (or undefined)
+  T *k_cache, *v_cache;
+  int64_t k_head_stride, k_row_stride, v_head_stride, v_row_stride, cache_len;
+  int64_t hidden, heads, kv_heads, d;
+  float scale;
+};
+
+template <typename T>
+AttentionSpec<T> attention_spec(const torch::Tensor& norm_weight, double eps, const std::vector<torch::Tensor>& weights,
+                             const std::vector<c10::optional<torch::Tensor>>& biases, const torch::Tensor& k_cache,
+                             const torch::Tensor& v_cache, double scale) {
+  TORCH_CHECK(weights.size() == 4 && (biases.empty() || biases.size() == 4), "mha_block: four weights (q, k, v, o)");
+  using S = Storage<T>;
+  for (const auto& w : weights) check_matrix<T>(w, "mha_block");
+  for (const torch::Tensor* t : {&norm_weight, &k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == S::kType && t->device().is_cpu(), "mha_block: ", S::kType, " CPU tensors only");
+  TORCH_CHECK(norm_weight.is_contiguous(), "mha_block: the norm weight must be contiguous");
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
+              "mha_block: caches must be [kv_heads, T, d] with contiguous rows");
+  AttentionSpec<T> s{};
+  s.hidden = norm_weight.numel();
+  s.kv_heads = k_cache.size(0);
+  s.d = k_cache.size(2);
+  s.heads = weights[0].size(0) / s.d;
+  TORCH_CHECK(s.d % 2 == 0 && s.heads * s.d == weights[0].size(0) && s.heads % s.kv_heads == 0 &&
+                  weights[1].size(0) == s.kv_heads * s.d && weights[2].size(0) == s.kv_heads * s.d &&
+                  weights[0].size(1) == s.hidden && weights[1].size(1) == s.hidden && weights[2].size(1) == s.hidden &&
+                  weights[3].size(0) == s.hidden && weights[3].size(1) == s.heads * s.d,
+              "mha_block: sizes disagree");
+  s.norm = data_of<T>(norm_weight);
+  s.eps = float(eps);
+  for (int i = 0; i < 4; ++i) {
+    s.w[i] = data_of<T>(weights[i]);
+    s.w_stride[i] = weights[i].stride(0);
+    if (!biases.empty() && biases[i].has_value() && biases[i]->defined()) {
+      s.bias_f32[i] = biases[i]->to(at::kFloat).contiguous();
+      TORCH_CHECK(s.bias_f32[i].numel() == weights[i].size(0), "mha_block: bias ", i, " length");
+    }
+  }
+  s.k_cache = reinterpret_cast<T*>(k_cache.data_ptr());
+  s.v_cache = reinterpret_cast<T*>(v_cache.data_ptr());
+  s.k_head_stride = k_cache.stride(0);
+  s.k_row_stride = k_cache.stride(1);
+  s.v_head_stride = v_cache.stride(0);
+  s.v_row_stride = v_cache.stride(1);
+  s.cache_len = k_cache.size(1);
+  s.scale = float(scale);
+  return s;
+}
+
+// Working memory of the attention body: written by all threads (disjoint parts), the norm per thread.
+template <typename T>
+struct AttentionScratch {
+  std::vector<T> normed, projected, rotated_q, attended;
+  AttentionScratch(const AttentionSpec<T>& s, int team)
+      : normed(team * s.hidden), projected((s.heads + 2 * s.kv_heads) * s.d), rotated_q(s.heads * s.d), attended(s.heads * s.d) {}
+};
+
+// The claims of an attention sub-layer's two streaming phases: q/k/v rows taken together, o_proj rows.
+struct AttentionClaims {
+  RowClaims qkv, o;
+  template <typename T>
+  void reset(const AttentionSpec<T>& s, int team) {
+    qkv.reset((s.heads + 2 * s.kv_heads) * s.d, team);
+    o.reset(s.hidden, team);
+  }
+};
+
+inline const float* bias_of(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// out = x + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))), n = RMSNorm(x); k and v are
+// written to the caches at `position`, attention covers [0, position]. Each step is rounded to bf16 where
+// the eager modules round (each projection, RoPE's products and sum, the attention output, the residual
+// sum). `out` must not alias x. The caller's barrier must separate this from whatever reads `out`.
+template <typename T>
+void attention_body(const AttentionSpec<T>& s, const T* x, const T* cos, const T* sin, int64_t position,
+                    T* out, AttentionScratch<T>& scratch, AttentionClaims& claims, int thread, int team) {
+  using S = Storage<T>;
+  T* normed = scratch.normed.data() + thread * s.hidden;  // every thread its own copy: no barrier needed
+  rms_norm_row(x, s.norm, s.hidden, s.eps, normed);
+  const int64_t d = s.d;
+  T* projection_out[3] = {scratch.projected.data(), scratch.projected.data() + s.heads * d,
+                                 scratch.projected.data() + (s.heads + s.kv_heads) * d};
+  // q, k, v projections: their rows taken together, in chunks (row r of q/k/v is row r of `projected`).
+  const int64_t starts[4] = {0, s.heads * d, (s.heads + s.kv_heads) * d, (s.heads + 2 * s.kv_heads) * d};
+  claims.qkv.run(thread, chunk_rows(s.hidden * 2), [&](int64_t first, int64_t last) {
+    for (int i = 0; i < 3; ++i) {
+      const int64_t begin = std::max(first, starts[i]) - starts[i], end = std::min(last, starts[i + 1]) - starts[i];
+      if (begin >= end) continue;
+      const float* bias = bias_of(s.bias_f32[i]);
+      T* dst = projection_out[i];
+      gemv_rows(s.w[i], s.w_stride[i], s.hidden, normed, begin, end,
+                [&](int64_t n, float sum) { dst[n] = S::store(bias ? sum + bias[n] : sum); });
+    }
+  });
+#pragma omp barrier
+#pragma omp single
+  {
+    for (int64_t h = 0; h < s.kv_heads; ++h) {
+      rope_half_split(projection_out[1] + h * d, cos, sin, d, s.k_cache + h * s.k_head_stride + position * s.k_row_stride);
+      std::memcpy(s.v_cache + h * s.v_head_stride + position * s.v_row_stride, projection_out[2] + h * d, d * sizeof(T));
+    }
+    for (int64_t h = 0; h < s.heads; ++h) rope_half_split(projection_out[0] + h * d, cos, sin, d, scratch.rotated_q.data() + h * d);
+  }  // (implicit barrier)
+  {
+    const auto [begin, end] = share(s.heads, thread, team);
+    attend_heads(scratch.rotated_q.data(), d, s.heads / s.kv_heads, s.k_cache, s.k_head_stride, s.k_row_stride, s.v_cache,
+                 s.v_head_stride, s.v_row_stride, position + 1, s.scale, begin, end, scratch.attended.data());
+  }
+#pragma omp barrier
+  const float* bias = bias_of(s.bias_f32[3]);
+  claims.o.run(thread, chunk_rows(s.heads * d * 2), [&](int64_t begin, int64_t end) {
+    gemv_rows(s.w[3], s.w_stride[3], s.heads * d, scratch.attended.data(), begin, end, [&](int64_t n, float sum) {
+      out[n] = S::store(S::load(x[n]) + S::round(bias ? sum + bias[n] : sum));
+    });
+  });
+}
+
+template <typename T>
+struct SwigluWeights {  // one SwiGLU expert: gate/up [inter, hidden] and down [hidden, inter], compact rows
+  const T *gate, *up, *down;
+  int64_t inter;
+};
+
+// The router of the official code for one token, in fp32: logits = W x; softmax or sigmoid scores;
+// greedy, group-limited greedy or noaux_tc selection of top_k experts; optional normalisation; scaling.
+// Ties go to the lower expert id. Only configurations where the official selection has no ties by
+// construction are accepted (see ffn_spec): the official code zeroes the scores of dropped groups
+// (masked_fill 0.0), so a dropped expert can tie with others and win where a kept score is not above
+// zero (noaux_tc's biased scores can be negative; top_k larger than the experts kept), and which one
+// wins is then up to torch.topk.
+struct RouterSpec {
+  const float* weight;            // [experts, hidden]
+  const float* correction_bias;   // [experts] (noaux_tc) or null
+  int64_t experts, top_k, n_group, topk_group;
+  bool softmax, norm_topk_prob;
+  std::string method;
+  float scale;
+};
+
+inline std::vector<int64_t> top_indices(const std::vector<float>& values, int64_t k) {
+  std::vector<int64_t> order(values.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
+  std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                    [&](int64_t a, int64_t b) { return values[a] > values[b] || (values[a] == values[b] && a < b); });
+  order.resize(k);
+  return order;
+}
+
+// Router logits (F.linear(x.float(), weight)) of experts [begin, end).
+inline void router_logits(const RouterSpec& r, const float* xf, int64_t hidden, int64_t begin, int64_t end, float* logits) {
+  for (int64_t e = begin; e < end; ++e) logits[e] = router_dot(r.weight + e * hidden, xf, hidden);
+}
+
+// The chosen experts and their weights, from all router logits.
+inline void select_experts(const RouterSpec& r, const float* logits, std::vector<int64_t>& ids, std::vector<float>& weights) {
+  std::vector<float> scores(logits, logits + r.experts);
+  if (r.softmax) {
+    const float top = *std::max_element(scores.begin(), scores.end());
+    float total = 0.0f;
+    for (float& s : scores) total += (s = std::exp(s - top));
+    for (float& s : scores) s /= total;
+  } else {
+    for (float& s : scores) s = 1.0f / (1.0f + std::exp(-s));
+  }
+  std::vector<float> chosen_from = scores;  // what the top-k runs over
+  if (r.method == "noaux_tc")  // (one group only: see ffn_spec)
+    for (int64_t e = 0; e < r.experts; ++e) chosen_from[e] += r.correction_bias[e];
+  if (r.method == "group_limited_greedy") {  // keep the topk_group groups with the best expert, zero the others
+    const int64_t per_group = r.experts / r.n_group;
+    std::vector<float> group_scores(r.n_group);
+    for (int64_t g = 0; g < r.n_group; ++g)
+      group_scores[g] = *std::max_element(chosen_from.begin() + g * per_group, chosen_from.begin() + (g + 1) * per_group);
+    std::vector<bool> keep(r.n_group, false);
+    for (int64_t g : top_indices(group_scores, r.topk_group)) keep[g] = true;
+    for (int64_t e = 0; e < r.experts; ++e)
+      if (!keep[e / per_group]) chosen_from[e] = 0.0f;
+  }
+  ids = top_indices(chosen_from, r.top_k);
+  weights.resize(r.top_k);
+  for (int64_t i = 0; i < r.top_k; ++i) weights[i] = r.method == "noaux_tc" ? scores[ids[i]] : chosen_from[ids[i]];
+  if (r.top_k > 1 && r.norm_topk_prob) {
+    float total = 0.0f;
+    for (float w : weights) total += w;
+    for (float& w : weights) w /= (total + 1e-20f);
+  }
+  for (float& w : weights) w *= r.scale;
+}
+
+// A feed-forward sub-layer: its norm, the router and expert table (MoE) and the always-on SwiGLU weights
+// (a dense MLP, or the shared experts), checked once.
+template <typename T>
+struct FfnSpec {
+  const T* norm;
+  float eps;
+  int64_t hidden;
+  bool routed;  // a MoE layer
+  RouterSpec router;
+  const int64_t* expert_pointers;  // [experts, 3]: gate, up, down data pointers
+  int64_t expert_inter;
+  bool has_shared;
+  SwigluWeights<T> shared;
+  int64_t max_inter_total;  // the hidden activations of every expert that can run together
+};
+
+template <typename T>
+SwigluWeights<T> swiglu_of(const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down, int64_t hidden) {
+  for (const torch::Tensor* w : {&gate, &up, &down}) {
+    check_matrix<T>(*w, "ffn_block");
+    TORCH_CHECK(w->is_contiguous(), "ffn_block: expert weights must be contiguous");
+  }
+  const int64_t inter = gate.size(0);
+  TORCH_CHECK(gate.size(1) == hidden && up.sizes() == gate.sizes() && down.size(0) == hidden && down.size(1) == inter,
+              "ffn_block: SwiGLU weights do not fit a hidden size of ", hidden);
+  return {data_of<T>(gate), data_of<T>(up), data_of<T>(down), inter};
+}
+
+// A dense SwiGLU MLP (no router; `shared` = its weights) or a MoE layer: the router (fp32 weight
+// [E, hidden], optional noaux_tc correction bias, the selection method and its parameters) picks top_k of
+// the experts listed in `expert_table` ([E, 3] int64: data pointers of each expert's compact gate
+// [inter, hidden], up [inter, hidden], down [hidden, inter] weights, kept alive by the caller), plus
+// the always-on shared experts (`shared`, optional).
+template <typename T>
+FfnSpec<T> ffn_spec(const torch::Tensor& norm_weight, double eps, const c10::optional<torch::Tensor>& router_weight,
+                 const c10::optional<torch::Tensor>& correction_bias, const std::string& method, const std::string& scoring,
+                 int64_t top_k, int64_t n_group, int64_t topk_group, bool norm_topk_prob, double scale,
+                 const c10::optional<torch::Tensor>& expert_table, int64_t expert_inter, const std::vector<torch::Tensor>& shared) {
+  using S = Storage<T>;
+  TORCH_CHECK(norm_weight.scalar_type() == S::kType && norm_weight.device().is_cpu() && norm_weight.is_contiguous(),
+              "ffn_block: the norm weight must be contiguous ", S::kType, " on the CPU");
+  TORCH_CHECK(shared.empty() || shared.size() == 3, "ffn_block: shared = (gate, up, down) or nothing");
+  FfnSpec<T> s{};
+  s.norm = data_of<T>(norm_weight);
+  s.eps = float(eps);
+  s.hidden = norm_weight.numel();
+  s.routed = router_weight.has_value() && router_weight->defined();
+  if (s.routed) {
+    TORCH_CHECK(expert_table.has_value() && expert_table->defined(), "ffn_block: a router needs the expert table");
+    const auto& w = *router_weight;
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(1) == s.hidden,
+                "ffn_block: router weight must be contiguous fp32 [experts, ", s.hidden, "]");
+    const auto& table = *expert_table;
+    TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 2 && table.size(0) == w.size(0) &&
+                    table.size(1) == 3, "ffn_block: expert table must be int64 [experts, 3]");
+    TORCH_CHECK(method == "greedy" || method == "group_limited_greedy" || method == "noaux_tc", "ffn_block: method ", method);
+    TORCH_CHECK(scoring == "softmax" || scoring == "sigmoid", "ffn_block: scoring ", scoring);
+    const int64_t n_experts = w.size(0);
+    TORCH_CHECK(top_k >= 1 && top_k <= n_experts && n_group >= 1 && n_experts % n_group == 0 && topk_group >= 1 &&
+                    topk_group <= n_group, "ffn_block: routing parameters");
+    TORCH_CHECK(method != "noaux_tc" || n_group == 1, "ffn_block: noaux_tc with several groups is left to the eager layers");
+    TORCH_CHECK(method != "group_limited_greedy" || top_k <= topk_group * (n_experts / n_group),
+                "ffn_block: group-limited routing with more experts than the kept groups hold is left to the eager layers");
+    TORCH_CHECK(expert_inter > 0, "ffn_block: expert intermediate size");
+    const float* bias = nullptr;
+    if (method == "noaux_tc") {
+      TORCH_CHECK(correction_bias.has_value() && correction_bias->defined() && correction_bias->scalar_type() == at::kFloat &&
+                      correction_bias->is_contiguous() && correction_bias->numel() == n_experts,
+                  "ffn_block: noaux_tc needs an fp32 correction bias per expert");
+      bias = correction_bias->data_ptr<float>();
+    }
+    s.router = RouterSpec{w.data_ptr<float>(), bias, n_experts, top_k, n_group, topk_group, scoring == "softmax",
+                          norm_topk_prob, method, float(scale)};
+    s.expert_pointers = table.data_ptr<int64_t>();
+    s.expert_inter = expert_inter;
+    s.max_inter_total = top_k * expert_inter;
+  }
+  s.has_shared = !shared.empty();
+  if (s.has_shared) {
+    s.shared = swiglu_of<T>(shared[0], shared[1], shared[2], s.hidden);
+    s.max_inter_total += s.shared.inter;
+  }
+  TORCH_CHECK(s.routed || s.has_shared, "ffn_block: neither a router nor shared weights");
+  return s;
+}
+
+template <typename T>
+struct FfnScratch {
+  std::vector<T> normed;           // [team][hidden]
+  std::vector<float> normed_f32, logits;  // [team][hidden], [experts]
+  std::vector<T> h;                // hidden activations of the experts that run
+  std::vector<float> routed_sum;          // [hidden]
+  FfnScratch(int64_t hidden, int64_t experts, int64_t inter_total, int team)
+      : normed(team * hidden), normed_f32(team * hidden), logits(std::max<int64_t>(experts, 1)), h(inter_total), routed_sum(hidden) {}
+};
+
+// out = x + ffn(RMSNorm(x)): the chosen experts (weights from the router) and the shared ones, with
+// PyTorch's bf16 roundings (each projection, silu and the product rounded to bf16), combined as the
+// decoder layer does:
+//   routed = bf16(sum_e weight_e * expert_e(n))   (fp32 sum over the chosen experts, in order)
+//   y      = bf16(routed + shared(n))              (with shared experts; else y = routed, or the dense MLP)
+//   out    = bf16(x + y)
+// Phases: router logits (each thread its share of the experts), then the rows of every gate/up pair
+// (claimed in chunks, see RowClaims; `up_claims` reset for max_inter_total rows), then every thread its
+// share of the output rows, expert by expert, so each thread streams one matrix at a time. `out` must
+// not alias x.
+constexpr int64_t kDownChunkRows = 64;
+
+template <typename T>
+void ffn_body(const FfnSpec<T>& s, const T* x, T* out, FfnScratch<T>& scratch, RowClaims& up_claims,
+              RowClaims& down_claims, int thread, int team) {
+  const int64_t hidden = s.hidden;
+  T* normed = scratch.normed.data() + thread * hidden;
+  rms_norm_row(x, s.norm, hidden, s.eps, normed);
+  using S = Storage<T>;
+  std::vector<SwigluWeights<T>> experts;
+  std::vector<float> weights;
+  if (s.routed) {
+    float* xf = scratch.normed_f32.data() + thread * hidden;
+    for (int64_t i = 0; i < hidden; ++i) xf[i] = S::load(normed[i]);
+    const auto [begin, end] = share(s.router.experts, thread, team);
+    router_logits(s.router, xf, hidden, begin, end, scratch.logits.data());
+#pragma omp barrier
+    std::vector<int64_t> ids;  // every thread selects the same experts from the same logits
+    select_experts(s.router, scratch.logits.data(), ids, weights);
+    for (int64_t id : ids) {
+      const int64_t* row = s.expert_pointers + 3 * id;
+      experts.push_back({reinterpret_cast<const T*>(row[0]), reinterpret_cast<const T*>(row[1]),
+                         reinterpret_cast<const T*>(row[2]), s.expert_inter});
+    }
+  }
+  const size_t routed = experts.size();
+  if (s.has_shared) experts.push_back(s.shared);
+  const size_t count = experts.size();
+  std::vector<int64_t> offset(count + 1, 0);  // where expert e's hidden activations start in `h`
+  for (size_t e = 0; e < count; ++e) offset[e + 1] = offset[e] + experts[e].inter;
+  T* h = scratch.h.data();
+  // The experts' rows taken together (row r of expert e is row offset[e] + r of `h`), in chunks: for
+  // each chunk the gate rows, then the up rows (one stream from memory at a time).
+  up_claims.run(thread, chunk_rows(4 * hidden), [&](int64_t first, int64_t last) {
+    for (size_t e = 0; e < count; ++e) {
+      const int64_t begin = std::max(first, offset[e]) - offset[e], end = std::min(last, offset[e + 1]) - offset[e];
+      if (begin >= end) continue;
+      T* he = h + offset[e];
+      gemv_rows(experts[e].gate, hidden, hidden, normed, begin, end, [&](int64_t i, float sum) {
+        he[i] = S::store(silu(S::round(sum)));
+      });
+      gemv_rows(experts[e].up, hidden, hidden, normed, begin, end, [&](int64_t i, float sum) {
+        he[i] = S::store(S::load(he[i]) * S::round(sum));
+      });
+    }
+  });
+#pragma omp barrier
+  float* routed_sum = scratch.routed_sum.data();
+  auto emit = [&](int64_t n, T y) { out[n] = S::store(S::load(x[n]) + S::load(y)); };
+  // The output rows in chunks (each chunk through every expert in turn: the sum over experts is in order).
+  down_claims.run(thread, kDownChunkRows, [&](int64_t begin, int64_t end) {
+    std::fill(routed_sum + begin, routed_sum + end, 0.0f);
+    for (size_t e = 0; e < routed; ++e) {
+      const float weight = weights[e];
+      gemv_rows(experts[e].down, experts[e].inter, experts[e].inter, h + offset[e], begin, end,
+                [&](int64_t n, float sum) { routed_sum[n] += weight * S::round(sum); });
+    }
+    if (s.has_shared) {
+      const SwigluWeights<T>& shared = experts[routed];
+      gemv_rows(shared.down, shared.inter, shared.inter, h + offset[routed], begin, end, [&](int64_t n, float sum) {
+        const float routed_part = routed ? S::round(routed_sum[n]) : 0.0f;
+        emit(n, S::store(routed_part + S::round(sum)));
+      });
+    } else {
+      for (int64_t n = begin; n < end; ++n) emit(n, S::store(routed_sum[n]));
+    }
+  });
+}
+
+// One parallel region of the pool's threads (one thread inside another region) running body(thread, team).
+template <typename Body>
+void in_parallel(Body body) {
+  const int threads = pool_threads();
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  body(omp_get_thread_num(), omp_get_num_threads());
+}
+
+template <typename T>
+torch::Tensor one_token(const torch::Tensor& x, int64_t hidden, const char* what) {
+  using S = Storage<T>;
+  const auto xc = x.reshape({-1}).contiguous();
+  TORCH_CHECK(xc.scalar_type() == S::kType && xc.device().is_cpu() && xc.numel() == hidden, what, ": x must be ",
+              hidden, " bf16 values on the CPU");
+  return xc;
+}
+
+template <typename T>
+void check_rope(const torch::Tensor& cos, const torch::Tensor& sin, int64_t d, const char* what) {
+  using S = Storage<T>;
+  for (const torch::Tensor* t : {&cos, &sin})
+    TORCH_CHECK(t->scalar_type() == S::kType && t->device().is_cpu() && t->is_contiguous() && t->numel() == d, what,
+                ": cos/sin must be ", d, " contiguous ", S::kType, " values");
+}
+
+
+// A whole attention sub-layer of plain multi-head attention for one token, in one parallel region:
+//   x + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))  with n = RMSNorm(x)
+// (see attention_body). weights: [q, k, v, o] ([heads*d, D], [kv*d, D], [kv*d, D], [D, heads*d]); biases:
+// empty or four (possibly undefined) tensors; caches: [kv_heads, T, d]; cos/sin: d values. Returns [D].
+template <typename T>
+torch::Tensor mha_block(const torch::Tensor& x, const torch::Tensor& norm_weight, double eps,
+                             const std::vector<torch::Tensor>& weights, const std::vector<c10::optional<torch::Tensor>>& biases,
+                             const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor k_cache, torch::Tensor v_cache,
+                             int64_t position, double scale) {
+  const auto nw = norm_weight.contiguous();
+  const AttentionSpec<T> spec = attention_spec<T>(nw, eps, weights, biases, k_cache, v_cache, scale);
+  const auto xc = one_token<T>(x, spec.hidden, "mha_block");
+  const auto cc = cos.contiguous(), sc = sin.contiguous();
+  check_rope<T>(cc, sc, spec.d, "mha_block");
+  TORCH_CHECK(position >= 0 && position < spec.cache_len, "mha_block: position ", position, " outside the cache");
+  auto out = torch::empty({spec.hidden}, xc.options());
+  const int team_size = pool_threads();
+  AttentionScratch<T> scratch(spec, team_size);
+  AttentionClaims claims;
+  claims.reset(spec, team_size);
+  in_parallel([&](int thread, int team) {
+    attention_body(spec, data_of<T>(xc), data_of<T>(cc), data_of<T>(sc), position, reinterpret_cast<T*>(out.data_ptr()),
+                   scratch, claims, thread, team);
+  });
+  return out.view(x.sizes());
+}
+
+// The whole feed-forward sub-layer of one token in one parallel region: x + ffn(RMSNorm(x)), where
+// ffn is a dense SwiGLU MLP or a MoE layer (see ffn_spec and ffn_body).
+template <typename T>
+torch::Tensor ffn_block(const torch::Tensor& x, const torch::Tensor& norm_weight, double eps,
+                             const c10::optional<torch::Tensor>& router_weight, const c10::optional<torch::Tensor>& correction_bias,
+                             const std::string& method, const std::string& scoring, int64_t top_k, int64_t n_group,
+                             int64_t topk_group, bool norm_topk_prob, double scale,
+                             const c10::optional<torch::Tensor>& expert_table, int64_t expert_inter,
+                             const std::vector<torch::Tensor>& shared) {
+  const auto nw = norm_weight.contiguous();
+  const FfnSpec<T> spec = ffn_spec<T>(nw, eps, router_weight, correction_bias, method, scoring, top_k, n_group, topk_group,
+                                norm_topk_prob, scale, expert_table, expert_inter, shared);
+  const auto xc = one_token<T>(x, spec.hidden, "ffn_block");
+  auto out = torch::empty_like(xc);
+  const int team_size = pool_threads();
+  FfnScratch<T> scratch(spec.hidden, spec.routed ? spec.router.experts : 0, spec.max_inter_total, team_size);
+  RowClaims up_claims, down_claims;
+  up_claims.reset(spec.max_inter_total, team_size);
+  down_claims.reset(spec.hidden, team_size);
+  in_parallel([&](int thread, int team) {
+    ffn_body(spec, data_of<T>(xc), reinterpret_cast<T*>(out.data_ptr()), scratch, up_claims, down_claims, thread, team);
+  });
+  return out.view(x.sizes());
+}
+
+// --------------------------------------------------------------------------------------------------
+// A whole decode step of a plain-attention model in one parallel region: the token's embedding, every
+// decoder layer (attention_body, ffn_body), the final RMSNorm and the LM head, with no Python and no
+// thread wake-up between them. Built once per model and cache (the Python side adds the layers with the
+// same arguments as mha_block / ffn_block and keeps the tensors alive); step() returns the logits as the
+// eager model does: fp32 values of the LM-head output in the storage type.
+template <typename T>
+class DecodeStep {
+  using S = Storage<T>;
+
+ public:
+  DecodeStep(const torch::Tensor& embedding, const torch::Tensor& cos_table, const torch::Tensor& sin_table,
+             const torch::Tensor& final_norm, double final_eps, const torch::Tensor& lm_head)
+      : embedding_(embedding), cos_(cos_table.contiguous()), sin_(sin_table.contiguous()), final_norm_(final_norm.contiguous()),
+        lm_head_(lm_head), final_eps_(float(final_eps)) {
+    check_matrix<T>(embedding_, "DecodeStep");
+    check_matrix<T>(lm_head_, "DecodeStep");
+    hidden_ = embedding_.size(1);
+    TORCH_CHECK(lm_head_.size(1) == hidden_ && final_norm_.numel() == hidden_ && final_norm_.scalar_type() == S::kType,
+                "DecodeStep: embedding, final norm and LM head disagree on the hidden size");
+    TORCH_CHECK(cos_.dim() == 2 && sin_.sizes() == cos_.sizes() && cos_.scalar_type() == S::kType &&
+                    sin_.scalar_type() == S::kType, "DecodeStep: RoPE tables must be [positions, d] of the weights' dtype");
+  }
+
+  void add_layer(const torch::Tensor& attn_norm, double attn_eps, const std::vector<torch::Tensor>& weights,
+                 const std::vector<c10::optional<torch::Tensor>>& biases, const torch::Tensor& k_cache,
+                 const torch::Tensor& v_cache, double scale, const torch::Tensor& ffn_norm, double ffn_eps,
+                 const c10::optional<torch::Tensor>& router_weight, const c10::optional<torch::Tensor>& correction_bias,
+                 const std::string& method, const std::string& scoring, int64_t top_k, int64_t n_group, int64_t topk_group,
+                 bool norm_topk_prob, double routed_scale, const c10::optional<torch::Tensor>& expert_table,
+                 int64_t expert_inter, const std::vector<torch::Tensor>& shared) {
+    keep_alive_.push_back(attn_norm.contiguous());
+    const AttentionSpec<T> attention = attention_spec<T>(keep_alive_.back(), attn_eps, weights, biases, k_cache, v_cache, scale);
+    keep_alive_.push_back(ffn_norm.contiguous());
+    const FfnSpec<T> ffn = ffn_spec<T>(keep_alive_.back(), ffn_eps, router_weight, correction_bias, method, scoring, top_k, n_group,
+                                 topk_group, norm_topk_prob, routed_scale, expert_table, expert_inter, shared);
+    TORCH_CHECK(attention.hidden == hidden_ && ffn.hidden == hidden_, "DecodeStep: layer sizes disagree with the embedding");
+    TORCH_CHECK(cos_.size(1) == attention.d, "DecodeStep: RoPE tables are for head size ", cos_.size(1));
+    for (const auto& t : weights) keep_alive_.push_back(t);
+    for (const torch::Tensor* t : {&k_cache, &v_cache}) keep_alive_.push_back(*t);
+    for (const auto* t : {&router_weight, &correction_bias, &expert_table})
+      if (t->has_value() && (*t)->defined()) keep_alive_.push_back(**t);
+    for (const auto& t : shared) keep_alive_.push_back(t);
+    attention_.push_back(attention);
+    ffn_.push_back(ffn);
+  }
+
+  // Logits [V] fp32 of `token` at `position` (its key and value are written to every layer's cache).
+  torch::Tensor step(int64_t token, int64_t position) {
+    TORCH_CHECK(!attention_.empty(), "DecodeStep: no layers");
+    TORCH_CHECK(token >= 0 && token < embedding_.size(0), "DecodeStep: token id ", token, " outside the vocabulary");
+    TORCH_CHECK(position >= 0 && position < cos_.size(0), "DecodeStep: position ", position, " outside the RoPE table");
+    for (const auto& a : attention_)
+      TORCH_CHECK(position < a.cache_len, "DecodeStep: position ", position, " outside the cache");
+    const int team_size = pool_threads();
+    if (!scratch_ready_ || team_size != scratch_team_) make_scratch(team_size);
+    for (size_t layer = 0; layer < attention_.size(); ++layer) {
+      attention_claims_[layer].reset(attention_[layer], team_size);
+      up_claims_[layer].reset(ffn_[layer].max_inter_total, team_size);
+      down_claims_[layer].reset(hidden_, team_size);
+    }
+    lm_head_claims_.reset(lm_head_.size(0), team_size);
+    const int64_t vocab = lm_head_.size(0), d = cos_.size(1);
+    auto logits = torch::empty({vocab}, torch::dtype(torch::kFloat32));
+    float* lp = logits.data_ptr<float>();
+    T *x = x_.data(), *mid = mid_.data();
+    std::memcpy(x, data_of<T>(embedding_) + token * embedding_.stride(0), hidden_ * sizeof(T));
+    const T* cos = data_of<T>(cos_) + position * d;
+    const T* sin = data_of<T>(sin_) + position * d;
+    in_parallel([&](int thread, int team) {
+      for (size_t layer = 0; layer < attention_.size(); ++layer) {
+        attention_body(attention_[layer], x, cos, sin, position, mid, *attention_scratch_, attention_claims_[layer], thread, team);
+#pragma omp barrier
+        ffn_body(ffn_[layer], mid, x, *ffn_scratch_, up_claims_[layer], down_claims_[layer], thread, team);
+#pragma omp barrier
+      }
+      T* normed = final_normed_.data() + thread * hidden_;
+      rms_norm_row(x, data_of<T>(final_norm_), hidden_, final_eps_, normed);
+      lm_head_claims_.run(thread, chunk_rows(hidden_ * 2), [&](int64_t begin, int64_t end) {
+        gemv_rows(data_of<T>(lm_head_), lm_head_.stride(0), hidden_, normed, begin, end,
+                  [&](int64_t n, float sum) { lp[n] = S::round(sum); });
+      });
+    });
+    return logits;
+  }
+
+ private:
+  void make_scratch(int team) {
+    int64_t experts = 0, inter_total = 0;
+    for (const auto& f : ffn_) {
+      experts = std::max(experts, f.routed ? f.router.experts : 0);
+      inter_total = std::max(inter_total, f.max_inter_total);
+    }
+    attention_scratch_ = std::make_unique<AttentionScratch<T>>(attention_[0], team);
+    for (const auto& a : attention_)  // (layers of one model share their shapes; the largest wins anyway)
+      if (a.heads * a.d > attention_[0].heads * attention_[0].d) attention_scratch_ = std::make_unique<AttentionScratch<T>>(a, team);
+    ffn_scratch_ = std::make_unique<FfnScratch<T>>(hidden_, experts, inter_total, team);
+    attention_claims_ = std::vector<AttentionClaims>(attention_.size());
+    up_claims_ = std::vector<RowClaims>(ffn_.size());
+    down_claims_ = std::vector<RowClaims>(ffn_.size());
+    x_.assign(hidden_, 0);
+    mid_.assign(hidden_, 0);
+    final_normed_.assign(team * hidden_, 0);
+    scratch_team_ = team;
+    scratch_ready_ = true;
+  }
+
+  torch::Tensor embedding_, cos_, sin_, final_norm_, lm_head_;
+  float final_eps_;
+  int64_t hidden_ = 0;
+  std::vector<AttentionSpec<T>> attention_;
+  std::vector<FfnSpec<T>> ffn_;
+  std::vector<torch::Tensor> keep_alive_;
+  std::unique_ptr<AttentionScratch<T>> attention_scratch_;
+  std::unique_ptr<FfnScratch<T>> ffn_scratch_;
+  std::vector<AttentionClaims> attention_claims_;
+  std::vector<RowClaims> up_claims_, down_claims_;
+  RowClaims lm_head_claims_;
+  std::vector<T> x_, mid_, final_normed_;
+  int scratch_team_ = 0;
+  bool scratch_ready_ = false;
+};
+
+
+}  // namespace decode

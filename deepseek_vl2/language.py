@@ -742,7 +742,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         return self._decoder(inputs_embeds, ctx, last_only)
 
     def decode_step_cpu(self, token: int, position: int) -> Optional[torch.Tensor]:
-        """Logits [V] (fp32) of one token at ``position`` as one kernel call on a bf16 CPU model with plain
+        """Logits [V] (fp32) of one token at ``position`` as one kernel call on a bf16 or fp32 CPU model with plain
         attention (``kernels.decode_step``: every layer, the final norm and the LM head in one parallel
         region, the same arithmetic as the per-layer kernels); None where it does not apply."""
         step = self._cpu_step()

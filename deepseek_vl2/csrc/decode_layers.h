@@ -281,10 +281,11 @@ struct AttentionScratch {
 
 // The claims of an attention sub-layer's two streaming phases: q/k/v rows taken together, o_proj rows.
 struct AttentionClaims {
-  RowClaims qkv, o;
+  RowClaims qkv, heads, o;
   template <typename T>
   void reset(const AttentionSpec<T>& s, int team) {
     qkv.reset((s.heads + 2 * s.kv_heads) * s.d, team);
+    heads.reset(s.heads, team);
     o.reset(s.hidden, team);
   }
 };
@@ -326,9 +327,10 @@ void attention_body(const AttentionSpec<T>& s, const T* x, const T* cos, const T
     for (int64_t h = 0; h < s.heads; ++h) rope_half_split(projection_out[0] + h * d, cos, sin, d, scratch.rotated_q.data() + h * d);
   }  // (implicit barrier)
   {
-    const auto [begin, end] = share(s.heads, thread, team);
-    attend_heads(scratch.rotated_q.data(), d, s.heads / s.kv_heads, s.k_cache, s.k_head_stride, s.k_row_stride, s.v_cache,
-                 s.v_head_stride, s.v_row_stride, position + 1, s.scale, begin, end, scratch.attended.data());
+    claims.heads.run(thread, 1, [&](int64_t begin, int64_t end) {  // (head by head: balanced like the rows)
+      attend_heads(scratch.rotated_q.data(), d, s.heads / s.kv_heads, s.k_cache, s.k_head_stride, s.k_row_stride, s.v_cache,
+                   s.v_head_stride, s.v_row_stride, position + 1, s.scale, begin, end, scratch.attended.data());
+    });
   }
 #pragma omp barrier
   const float* bias = bias_of(s.bias_f32[3]);

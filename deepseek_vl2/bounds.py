@@ -10,7 +10,7 @@ the limit the machine allows:
 * **prefill bound** (seconds) = FLOPs / matmul throughput, per phase (vision tower + projector, then
   the language prefill), each phase at least the time to read the weights it touches once.
 
-The probes (:func:`measure_memory_bandwidth`, :func:`measure_matmul_flops`) use the thread count torch
+The probes (:class:`ReadProbe`, :func:`measure_memory_bandwidth`, :func:`measure_matmul_flops`) use the thread count torch
 uses and take a second or two each.
 """
 
@@ -388,19 +388,31 @@ def last_level_cache_bytes() -> int:
     return best or 64 * 1024**2
 
 
+class ReadProbe:
+    """A buffer far larger than the caches (>= 16x L3, at least 512 MiB on CPU), filled with random values,
+    whose repeated ``sum()`` measures the read bandwidth with torch's threads. Kept alive between
+    measurements where they bracket other work: allocating and freeing 512 MiB right before a decode
+    slowed steps ~2 s later to 2-7x (measured on the 2-core EPYC VM: the kernel's work on the freed
+    pages competes for the two cores), while a buffer kept for the whole run left them alone."""
+
+    def __init__(self, size_bytes: Optional[int] = None, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        if size_bytes is None:
+            size_bytes = max(512 * 1024**2, 16 * last_level_cache_bytes()) if self.device.type == "cpu" else 2 * 1024**3
+        self.size_bytes = size_bytes // 4 * 4
+        # Random contents, all pages touched: identical (e.g. all-ones or zero) pages could be merged by the
+        # hypervisor/KSM into one cached physical page and read impossibly fast.
+        self.buffer = torch.empty(self.size_bytes // 4, dtype=torch.float32, device=self.device).uniform_()
+
+    def measure(self, seconds: float) -> float:
+        """Read bandwidth in GB/s (1e9 bytes): the best of repeated sums over ``seconds`` (at least 3)."""
+        return self.size_bytes / best_seconds(self.buffer.sum, min_runs=3, seconds=seconds, device=self.device) / 1e9
+
+
 def measure_memory_bandwidth(seconds: float = 1.0, size_bytes: Optional[int] = None, device: str = "cpu") -> float:
-    """Read bandwidth in GB/s (1e9 bytes) with torch's threads: best of repeated sums of a buffer
-    far larger than the caches (≥ 16x L3, at least 512 MiB on CPU), filled with random values."""
-    dev = torch.device(device)
-    if size_bytes is None:
-        size_bytes = max(512 * 1024**2, 16 * last_level_cache_bytes()) if dev.type == "cpu" else 2 * 1024**3
-    n = size_bytes // 4
-    # Random contents, all pages touched: identical (e.g. all-ones or zero) pages could be merged by the
-    # hypervisor/KSM into one cached physical page and read impossibly fast.
-    buf = torch.empty(n, dtype=torch.float32, device=dev).uniform_()
-    best = best_seconds(buf.sum, min_runs=3, seconds=seconds, device=dev)
-    del buf
-    return size_bytes / best / 1e9
+    """Read bandwidth in GB/s (1e9 bytes) with torch's threads, from a ``ReadProbe`` made for this one
+    measurement (and freed after it)."""
+    return ReadProbe(size_bytes, device).measure(seconds)
 
 
 def measure_gemv_bandwidth(

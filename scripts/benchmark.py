@@ -459,16 +459,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         log(f"warm-up run {i + 1}/{args.warmup} ...")
         r = run_once(model, make_inputs, min(args.new_tokens, 8), device)
         cold = cold or r
-    # The decode window's probe: the same probe as at the start and the end. Its buffer is not part of
-    # inference, so the peak RSS is read before each probe and its high-water mark reset after it.
-    probe_peaks: list[int] = []
+    # The decode window's probe: the same probe as at the start and the end, on one buffer kept for all
+    # the runs (allocating and freeing it around each decode disturbed the decode steps that followed;
+    # see bounds.ReadProbe). That buffer is not part of inference: the peak RSS is read before it is
+    # allocated, and its (fully touched) size is taken off the high-water mark of the runs.
+    probe_peaks: list[int] = [peak_rss_bytes()]
+    window_probe = bounds.ReadProbe(probe_bytes, device=str(device))
+    probe_resident = window_probe.size_bytes if device.type == "cpu" else 0
 
     def probe_window() -> float:
-        probe_peaks.append(peak_rss_bytes())
-        gbs = bounds.measure_memory_bandwidth(0.25, probe_bytes, device=str(device))
-        if rss_reset:
-            reset_peak_rss()
-        return gbs
+        return window_probe.measure(0.25)
 
     runs = []
     for i in range(args.repeat):
@@ -476,7 +476,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         runs.append(run_once(model, make_inputs, args.new_tokens, device, probe_window))
         log(f"  ttft {runs[-1]['ttft_s']:.3f} s, decode {runs[-1]['decode_tok_s']:.2f} tok/s "
             f"(read bandwidth around it: {' / '.join(f'{b:.1f}' for b in runs[-1]['window_bandwidth_samples_gbs'])} GB/s)")
-    peak_rss = max([peak_rss_bytes()] + probe_peaks)
+    peak_rss = max([peak_rss_bytes() - probe_resident] + probe_peaks)
+    del window_probe
     other_cores = contention.stop()
     peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 

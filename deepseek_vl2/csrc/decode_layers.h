@@ -1,6 +1,6 @@
 // The decode kernels of one token (batch 1) on the CPU, generic over the weights' storage type: bf16
 // (uint16_t bits, decode_bf16.cpp) or fp32 (float, decode_f32.cpp). Each of those translation units
-// defines, before including this header, how it multiplies rows:
+// defines how it multiplies rows (declared below, defined in the translation unit):
 //   float dot(const T* w, const T* x, int64_t n)          a weight row with the input
 //   float router_dot(const float* w, const float* x, int64_t n)   a router row (fp32 weights) with fp32 input
 // Decoding streams every active weight once per token, so these loops only have to keep up with memory.
@@ -206,13 +206,10 @@ void rms_norm_row(const T* x, const T* weight, int64_t d, float eps, T* out) {
     out[i] = S::store(S::load(weight[i]) * S::round(S::load(x[i]) * inv_rms));
 }
 
-
-
 // --------------------------------------------------------------------------------------------------
 // Sub-layers of one token as bodies that every thread of a parallel region runs together (they hold
-// the barriers between their phases). mha_block_bf16 and ffn_block_bf16 run one body in a region of its
-// own; DecodeStep runs a whole decode step (every layer, the final norm, the LM head) in one region.
-
+// the barriers between their phases). mha_block and ffn_block run one body in a region of its own;
+// DecodeStep runs a whole decode step (every layer, the final norm, the LM head) in one region.
 
 // A plain multi-head attention sub-layer: its norm, weights and caches, checked once.
 template <typename T>
@@ -279,7 +276,7 @@ struct AttentionScratch {
       : normed(team * s.hidden), projected((s.heads + 2 * s.kv_heads) * s.d), rotated_q(s.heads * s.d), attended(s.heads * s.d) {}
 };
 
-// The claims of an attention sub-layer's two streaming phases: q/k/v rows taken together, o_proj rows.
+// The claims of an attention sub-layer's phases: q/k/v rows taken together, the heads, o_proj rows.
 struct AttentionClaims {
   RowClaims qkv, heads, o;
   template <typename T>
@@ -293,8 +290,8 @@ struct AttentionClaims {
 inline const float* bias_of(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 // out = x + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))), n = RMSNorm(x); k and v are
-// written to the caches at `position`, attention covers [0, position]. Each step is rounded to bf16 where
-// the eager modules round (each projection, RoPE's products and sum, the attention output, the residual
+// written to the caches at `position`, attention covers [0, position]. Each step is rounded to the storage
+// type where the eager modules round (each projection, RoPE's products and sum, the attention output, the residual
 // sum). `out` must not alias x. The caller's barrier must separate this from whatever reads `out`.
 template <typename T>
 void attention_body(const AttentionSpec<T>& s, const T* x, const T* cos, const T* sin, int64_t position,
@@ -509,11 +506,11 @@ struct FfnScratch {
 };
 
 // out = x + ffn(RMSNorm(x)): the chosen experts (weights from the router) and the shared ones, with
-// PyTorch's bf16 roundings (each projection, silu and the product rounded to bf16), combined as the
-// decoder layer does:
-//   routed = bf16(sum_e weight_e * expert_e(n))   (fp32 sum over the chosen experts, in order)
-//   y      = bf16(routed + shared(n))              (with shared experts; else y = routed, or the dense MLP)
-//   out    = bf16(x + y)
+// PyTorch's roundings to the storage type (each projection, silu and the product; written r() below),
+// combined as the decoder layer does:
+//   routed = r(sum_e weight_e * expert_e(n))   (fp32 sum over the chosen experts, in order)
+//   y      = r(routed + shared(n))              (with shared experts; else y = routed, or the dense MLP)
+//   out    = r(x + y)
 // Phases: router logits (each thread its share of the experts), then the rows of every gate/up pair
 // (claimed in chunks, see RowClaims; `up_claims` reset for max_inter_total rows), then every thread its
 // share of the output rows, expert by expert, so each thread streams one matrix at a time. `out` must
@@ -600,7 +597,7 @@ torch::Tensor one_token(const torch::Tensor& x, int64_t hidden, const char* what
   using S = Storage<T>;
   const auto xc = x.reshape({-1}).contiguous();
   TORCH_CHECK(xc.scalar_type() == S::kType && xc.device().is_cpu() && xc.numel() == hidden, what, ": x must be ",
-              hidden, " bf16 values on the CPU");
+              hidden, " ", S::kType, " values on the CPU");
   return xc;
 }
 

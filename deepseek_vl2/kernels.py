@@ -6,20 +6,20 @@ dtype (measured on a 2-core EPYC with avx512_bf16: fp32 through MKL 15 GB/s but 
 bf16 through oneDNN 17-22 GB/s, through PyTorch's own kernel 35-47 GB/s, through our AVX512-BF16 kernel
 (``csrc/decode_bf16.cpp``, compiled on first use where the CPU has the instructions and a C++ compiler is
 present) 35-62 GB/s, the higher figures when the memory itself reads faster). So the path is chosen per
-dtype by timing each candidate once on a weight larger than the caches, never from the CPU's name.
-An fp32 loop of ours (``csrc/decode_f32.cpp``, vectorised for the CPU it is compiled on) reaches
-32-33 GB/s there on an expert-sized matrix where oneDNN reaches 22-24: the path for CPUs without bf16.
+dtype by timing the candidates in turns on decode-sized weights, never from the CPU's name. An fp32 loop
+of ours (``csrc/decode_f32.cpp``, vectorised for the CPU it is compiled on) reaches 32-33 GB/s there on an
+expert-sized matrix where oneDNN reaches 22-24: the path for CPUs without bf16.
 ``DEEPSEEK_VL2_CPU_GEMV`` (``aten`` / ``native`` / ``onednn`` / ``avx512bf16`` / ``simdf32``) forces one.
 
 With the extensions, a decode step also runs layer-level kernels (``csrc/decode_layers.h``, built for bf16
-and for fp32): a whole plain-attention sub-layer
-in one call (``mha_block``), the whole feed-forward sub-layer in one call (``ffn_block``: RMSNorm, the
-router, the chosen and the shared experts, the residual), several linears of one input in one call
-(``linear_many``, MLA's projections; bf16 only) and RMSNorm (bf16 only). One expert is only 2-5 MB, so per-call costs (Python, waking the
-threads, prefetchers ramping up on a new matrix) are a large share of streaming it. A plain-attention
-model (tiny) runs the whole step, every layer and the LM head, as one call (``decode_step``;
-``DEEPSEEK_VL2_CPU_STEP=0`` falls back to the per-layer calls): no Python between the layers and one
-parallel region (95 % of the bandwidth bound in the slow memory phase of the 2-core EPYC, 89 % per layer).
+and for fp32): a whole plain-attention sub-layer in one call (``mha_block``), the whole feed-forward
+sub-layer in one call (``ffn_block``: RMSNorm, the router, the chosen and the shared experts, the
+residual), several linears of one input in one call (``linear_many``, MLA's projections; bf16 only) and
+RMSNorm (bf16 only). One expert is only 2-5 MB, so per-call costs (Python, waking the threads,
+prefetchers ramping up on a new matrix) are a large share of streaming it. A plain-attention model (tiny)
+runs the whole step, every layer and the LM head, as one call (``decode_step``; ``DEEPSEEK_VL2_CPU_STEP=0``
+falls back to the per-layer calls): no Python between the layers and one parallel region (95 % of the
+bandwidth bound in the slow memory phase of the 2-core EPYC, 89 % per layer).
 """
 
 from __future__ import annotations

@@ -142,8 +142,10 @@ def _fused_extension(x: torch.Tensor) -> Optional[Any]:
 def linear_many(x: torch.Tensor, layers: list[nn.Linear]) -> Optional[list[torch.Tensor]]:
     """``[layer(x) for layer in layers]`` for one bf16 token on the CPU in one kernel call; None where
     the extension does not apply (the caller then runs the layers one by one)."""
+    if x.dtype != torch.bfloat16 or layers[0].weight.dtype != torch.bfloat16:  # (the kernel checks every weight)
+        return None  # (checked first: an fp32 token must not build the fp32 extension for nothing)
     extension = _fused_extension(x)
-    if extension is None or layers[0].weight.dtype != torch.bfloat16:  # (the kernel checks every weight)
+    if extension is None:
         return None
     outs = extension.gemv_bf16_many([x] * len(layers), [layer.weight for layer in layers], [layer.bias for layer in layers])
     return [out.view(*x.shape[:-1], -1) for out in outs]
@@ -152,10 +154,10 @@ def linear_many(x: torch.Tensor, layers: list[nn.Linear]) -> Optional[list[torch
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
     """``weight * F.rms_norm(x)`` for one bf16 token on the CPU (PyTorch's fused op costs ~11 us there,
     more than streaming a small weight); None where the extension does not apply."""
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        return None  # (checked first: an fp32 token must not build the fp32 extension for nothing)
     extension = _fused_extension(x)
-    if extension is None or weight.dtype != torch.bfloat16:
-        return None
-    return extension.rms_norm_bf16(x, weight, eps)
+    return None if extension is None else extension.rms_norm_bf16(x, weight, eps)
 
 
 Expert = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # SwiGLU weights (gate [I, D], up [I, D], down [D, I])

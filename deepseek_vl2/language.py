@@ -290,9 +290,10 @@ class MultiHeadAttention(nn.Module):
         return mha_args(norm.weight, norm.eps, projections, self.cache.k[0], self.cache.v[0], self.head_dim**-0.5)
 
     def _attend_one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """CPU decode, batch 1, where the attention sub-layer kernel does not apply (fp32; bf16 decoding
-        runs ``residual_block``): two batched matmuls in fp32 (3x faster than CPU flash attention for one
-        query in bf16, where the upcast copy of K/V is cheaper than bf16 matmuls on strided cache views).
+        """CPU decode, batch 1, where the attention sub-layer kernel does not apply (no compiled kernels,
+        or a dtype other than bf16/fp32; otherwise decoding runs ``residual_block``): two batched matmuls
+        in fp32 (3x faster than CPU flash attention for one query in bf16, where the upcast copy of K/V is
+        cheaper than bf16 matmuls on strided cache views).
 
         q: [1, H, 1, d]; k, v: [1, kv_heads, T, d] -> [1, H, 1, d]. Query heads that share a key/value
         head are the rows of one matmul.

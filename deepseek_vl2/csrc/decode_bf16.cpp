@@ -10,7 +10,6 @@
 #include <omp.h>
 
 #include "decode_layers.h"
-#include "gemv_args.h"
 
 #include <chrono>
 #include <thread>
@@ -47,20 +46,6 @@ float router_dot(const float* w, const float* x, int64_t n) {
 }  // namespace decode
 
 using namespace decode;
-
-// x: K bf16 values (any shape with K elements); w: [N, K] bf16, rows contiguous (any row stride);
-// bias: [N] bf16 or undefined. Returns [N] bf16: the fp32 sum (+ bias) rounded once, as F.linear does.
-torch::Tensor gemv_bf16(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
-  const GemvArgs args = gemv_args("gemv_bf16", at::kBFloat16, x, w, bias);
-  const float* bp = args.bias_f32.defined() ? args.bias_f32.data_ptr<float>() : nullptr;
-  auto out = torch::empty({args.rows}, x.options());
-  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  at::parallel_for(0, args.rows, 16, [&](int64_t begin, int64_t end) {
-    gemv_rows(data_of<uint16_t>(w), args.row_stride, args.cols, data_of<uint16_t>(args.x), begin, end,
-              [&](int64_t n, float sum) { op[n] = float_to_bf16(bp ? sum + bp[n] : sum); });
-  });
-  return out;
-}
 
 // RMSNorm of bf16 vectors (rows of the last dimension), rounded like the eager module:
 // weight * bf16(x * rsqrt(mean(x^2) + eps)), the statistics in fp32.
@@ -109,7 +94,6 @@ std::vector<torch::Tensor> gemv_bf16_many(const std::vector<torch::Tensor>& xs, 
   return outs;
 }
 
-
 // For the tests: which thread of the pool processed each of n rows claimed in chunks, thread 0 sleeping
 // `slow_us` microseconds per chunk (so the others must take over its share); -1 where no thread did,
 // -2 where two did.
@@ -134,15 +118,10 @@ torch::Tensor row_claims_trace(int64_t n, int64_t chunk, int64_t slow_us) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_claims_trace", &row_claims_trace, "test hook: the thread that processed each row claimed in chunks");
-  m.def("gemv_bf16", &gemv_bf16, "bf16 batch-1 linear with AVX512-BF16", pybind11::arg("x"), pybind11::arg("w"),
-        pybind11::arg("bias") = pybind11::none());
+  m.def("gemv_bf16", [](const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+          return gemv<uint16_t>("gemv_bf16", x, w, bias);
+        }, "bf16 batch-1 linear with AVX512-BF16", pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm of bf16 rows");
   m.def("gemv_bf16_many", &gemv_bf16_many, "several bf16 batch-1 linears in one parallel region");
-  m.def("ffn_block_bf16", &ffn_block<uint16_t>, "RMSNorm + router + chosen and shared experts (or a dense MLP) + residual, one token");
-  m.def("mha_block_bf16", &mha_block<uint16_t>, "RMSNorm + q/k/v + RoPE + cache write + attention + o_proj + residual, one token");
-  pybind11::class_<DecodeStep<uint16_t>>(m, "DecodeStep", "a whole bf16 decode step of a plain-attention model in one parallel region")
-      .def(pybind11::init<const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, double,
-                          const torch::Tensor&>())
-      .def("add_layer", &DecodeStep<uint16_t>::add_layer)
-      .def("step", &DecodeStep<uint16_t>::step);
+  bind_layer_kernels<uint16_t>(m, "bf16");
 }

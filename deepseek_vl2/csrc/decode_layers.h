@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <omp.h>
 
+#include "gemv_args.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -699,6 +701,9 @@ class DecodeStep {
     const FfnSpec<T> ffn = ffn_spec<T>(keep_alive_.back(), ffn_eps, router_weight, correction_bias, method, scoring, top_k, n_group,
                                  topk_group, norm_topk_prob, routed_scale, expert_table, expert_inter, shared);
     TORCH_CHECK(attention.hidden == hidden_ && ffn.hidden == hidden_, "DecodeStep: layer sizes disagree with the embedding");
+    TORCH_CHECK(attention_.empty() || (attention.heads == attention_[0].heads && attention.kv_heads == attention_[0].kv_heads &&
+                                       attention.d == attention_[0].d),
+                "DecodeStep: every layer's attention must have the first one's heads and head size");
     TORCH_CHECK(cos_.size(1) == attention.d, "DecodeStep: RoPE tables are for head size ", cos_.size(1));
     for (const auto& t : weights) keep_alive_.push_back(t);
     for (const torch::Tensor* t : {&k_cache, &v_cache}) keep_alive_.push_back(*t);
@@ -755,9 +760,7 @@ class DecodeStep {
       experts = std::max(experts, f.routed ? f.router.experts : 0);
       inter_total = std::max(inter_total, f.max_inter_total);
     }
-    attention_scratch_ = std::make_unique<AttentionScratch<T>>(attention_[0], team);
-    for (const auto& a : attention_)  // (layers of one model share their shapes; the largest wins anyway)
-      if (a.heads * a.d > attention_[0].heads * attention_[0].d) attention_scratch_ = std::make_unique<AttentionScratch<T>>(a, team);
+    attention_scratch_ = std::make_unique<AttentionScratch<T>>(attention_[0], team);  // (add_layer: one shape)
     ffn_scratch_ = std::make_unique<FfnScratch<T>>(hidden_, experts, inter_total, team);
     attention_claims_ = std::vector<AttentionClaims>(attention_.size());
     up_claims_ = std::vector<RowClaims>(ffn_.size());
@@ -785,5 +788,35 @@ class DecodeStep {
   bool scratch_ready_ = false;
 };
 
+
+// x: K values (any shape with K elements); w: [N, K] with contiguous rows (any row stride); bias: [N] or
+// undefined. Returns [N] in the storage type: the fp32 sum (+ bias) rounded once, as F.linear does.
+template <typename T>
+torch::Tensor gemv(const char* name, const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+  const GemvArgs args = gemv_args(name, Storage<T>::kType, x, w, bias);
+  const float* bp = args.bias_f32.defined() ? args.bias_f32.data_ptr<float>() : nullptr;
+  auto out = torch::empty({args.rows}, x.options());
+  auto* op = reinterpret_cast<T*>(out.data_ptr());
+  at::parallel_for(0, args.rows, 16, [&](int64_t begin, int64_t end) {
+    gemv_rows(data_of<T>(w), args.row_stride, args.cols, data_of<T>(args.x), begin, end,
+              [&](int64_t n, float sum) { op[n] = Storage<T>::store(bp ? sum + bp[n] : sum); });
+  });
+  return out;
+}
+
+// The Python names of the layer kernels for storage type T: ffn_block_<suffix>, mha_block_<suffix> and
+// the DecodeStep class.
+template <typename T>
+void bind_layer_kernels(pybind11::module_& m, const std::string& suffix) {
+  m.def(("ffn_block_" + suffix).c_str(), &ffn_block<T>,
+        "RMSNorm + router + chosen and shared experts (or a dense MLP) + residual, one token");
+  m.def(("mha_block_" + suffix).c_str(), &mha_block<T>,
+        "RMSNorm + q/k/v + RoPE + cache write + attention + o_proj + residual, one token");
+  pybind11::class_<DecodeStep<T>>(m, "DecodeStep", "a whole decode step of a plain-attention model in one parallel region")
+      .def(pybind11::init<const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, double,
+                          const torch::Tensor&>())
+      .def("add_layer", &DecodeStep<T>::add_layer)
+      .def("step", &DecodeStep<T>::step);
+}
 
 }  // namespace decode

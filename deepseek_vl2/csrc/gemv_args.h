@@ -1,4 +1,4 @@
-// Argument checks shared by the batch-1 linear kernels (gemv_bf16 in decode_bf16.cpp, gemv_f32 in decode_f32.cpp).
+// Argument checks of the batch-1 linear kernel (decode_layers.h: gemv, bound as gemv_bf16 and gemv_f32).
 #pragma once
 #include <torch/extension.h>
 

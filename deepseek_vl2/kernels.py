@@ -235,11 +235,42 @@ def mha_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, projection
                                                                v_cache, position, scale)
 
 
+def mla_args(norm_weight: torch.Tensor, eps: float, attention: nn.Module, latent_cache: torch.Tensor,
+             k_pe_cache: torch.Tensor) -> Optional[list[Any]]:
+    """The arguments of a multi-head latent attention sub-layer (``language.MultiHeadLatentAttention``) for
+    ``mla_block_*`` / ``DecodeStep.add_mla_layer``; caches of one sequence ([T, rank], [T, rope]). None where
+    the kernels do not apply (they take bf16 or fp32, all alike)."""
+    dtype = norm_weight.dtype
+    if dtype not in _SUFFIX or latent_cache.dtype != dtype or attention.kv_b_proj.weight.dtype != dtype:  # (the kernel checks every weight)
+        return None
+    lora = attention.q_lora_rank is not None
+    layers = [attention.q_a_proj if lora else attention.q_proj, attention.kv_a_proj_with_mqa, attention.kv_b_proj, attention.o_proj]
+    if lora:
+        layers.append(attention.q_b_proj)
+    q_norm = attention.q_a_layernorm if lora else None
+    return [norm_weight, eps, [layer.weight for layer in layers], [layer.bias for layer in layers],
+            attention.kv_a_layernorm.weight, attention.kv_a_layernorm.eps, q_norm.weight if lora else None,
+            q_norm.eps if lora else 0.0, latent_cache, k_pe_cache, attention.heads, attention.nope_dim, attention.rope_dim,
+            attention.v_dim, attention.softmax_scale]
+
+
+def mla_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: int, args: Optional[list[Any]]) -> Optional[torch.Tensor]:
+    """A whole multi-head latent attention sub-layer for one bf16 or fp32 token in one call: RMSNorm, the
+    query and latent projections, the latent and rotated key written to the caches at ``position``,
+    attention over the cached latents with kv_b folded into the query and the output, o_proj, residual.
+    args: ``mla_args``. None where the extension does not apply."""
+    extension = _fused_extension(x)
+    if extension is None or args is None or cos.dtype != x.dtype or args[0].dtype != x.dtype:
+        return None
+    return getattr(extension, f"mla_block_{_SUFFIX[x.dtype]}")(x, cos, sin, position, *args)
+
+
 def decode_step(embedding: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, final_norm: torch.Tensor,
-                eps: float, lm_head: torch.Tensor, layers: list[tuple[list[Any], list[Any]]]) -> Optional[Any]:
-    """A whole bf16 or fp32 CPU decode step of a plain-attention model as one kernel call (``DecodeStep``):
-    ``step(token, position)`` -> fp32 logits [V]. layers: (``mha_args``, ``ffn_args``) of each decoder layer;
-    cos/sin tables: [positions, head_dim]. None where the extension does not apply."""
+                eps: float, lm_head: torch.Tensor, layers: list[tuple[str, list[Any], list[Any]]]) -> Optional[Any]:
+    """A whole bf16 or fp32 CPU decode step as one kernel call (``DecodeStep``): ``step(token, position)`` ->
+    fp32 logits [V]. layers: (``"mha"``, ``mha_args``, ``ffn_args``) or (``"mla"``, ``mla_args``, ``ffn_args``)
+    of each decoder layer, one kind for all; cos/sin tables: [positions, rotary dims]. None where the
+    extension does not apply."""
     tensors = [embedding, cos_table, sin_table, final_norm, lm_head]
     dtype = lm_head.dtype
     if any(t.dtype != dtype or t.device.type != "cpu" for t in tensors) or os.environ.get("DEEPSEEK_VL2_CPU_STEP") == "0":
@@ -248,8 +279,8 @@ def decode_step(embedding: torch.Tensor, cos_table: torch.Tensor, sin_table: tor
     if extension is None:
         return None
     step = extension.DecodeStep(embedding, cos_table, sin_table, final_norm, eps, lm_head)
-    for attention, ffn in layers:
-        step.add_layer(*attention, *ffn)
+    for kind, attention, ffn in layers:
+        (step.add_mla_layer if kind == "mla" else step.add_layer)(*attention, *ffn)
     return step
 
 

@@ -37,6 +37,8 @@ from .kernels import (
     linear_many,
     mha_args,
     mha_block,
+    mla_args,
+    mla_block,
     rms_norm,
 )
 
@@ -361,6 +363,20 @@ class MultiHeadLatentAttention(nn.Module):
                 out = self._attend_absorbed(q_nope, q_pe, latent, k_pe)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.heads * self.v_dim))
 
+    def residual_block(self, x: torch.Tensor, norm: RMSNorm, ctx: AttentionContext) -> Optional[torch.Tensor]:
+        """``x + self(norm(x), ctx)`` for one bf16 or fp32 token decoding on the CPU, in one kernel call
+        (norm, projections, latent cache write, absorbed attention, output projection, residual); None
+        elsewhere."""
+        if x.shape[:2] != (1, 1) or not ctx.use_cache or ctx.static or self.cache is None:
+            return None
+        return mla_block(x, ctx.cos, ctx.sin, ctx.start_pos, self.kernel_args(norm))
+
+    def kernel_args(self, norm: RMSNorm) -> Optional[list]:
+        """This sub-layer for the kernels (``kernels.mla_args``, cache of batch 1); None where they do not apply."""
+        if self.cache is None or self.cache.latent.shape[0] != 1:
+            return None
+        return mla_args(norm.weight, norm.eps, self, self.cache.latent[0], self.cache.k_pe[0])
+
     def _attend_expanded(self, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
         """Prefill: expand the latent into per-head keys/values once, then one SDPA (fewest FLOPs)."""
         batch, kv_len, _ = latent.shape
@@ -679,9 +695,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        fused = None
-        if isinstance(self.self_attn, MultiHeadAttention):  # one kernel call when decoding on the CPU in bf16
-            fused = self.self_attn.residual_block(x, self.input_layernorm, ctx)
+        fused = self.self_attn.residual_block(x, self.input_layernorm, ctx)  # one kernel call when decoding on the CPU
         x = fused if fused is not None else x + self.self_attn(self.input_layernorm(x), ctx)
         fused = self.mlp.residual_block(x, self.post_attention_layernorm)  # likewise
         return fused if fused is not None else x + self.mlp(self.post_attention_layernorm(x))
@@ -743,9 +757,9 @@ class DeepseekV2ForCausalLM(nn.Module):
         return self._decoder(inputs_embeds, ctx, last_only)
 
     def decode_step_cpu(self, token: int, position: int) -> Optional[torch.Tensor]:
-        """Logits [V] (fp32) of one token at ``position`` as one kernel call on a bf16 or fp32 CPU model with plain
-        attention (``kernels.decode_step``: every layer, the final norm and the LM head in one parallel
-        region, the same arithmetic as the per-layer kernels); None where it does not apply."""
+        """Logits [V] (fp32) of one token at ``position`` as one kernel call on a bf16 or fp32 CPU model
+        (``kernels.decode_step``: every layer, the final norm and the LM head in one parallel region, the
+        same arithmetic as the per-layer kernels); None where it does not apply."""
         step = self._cpu_step()
         return None if step is None else step.step(token, position)
 
@@ -764,13 +778,12 @@ class DeepseekV2ForCausalLM(nn.Module):
             return None
         layers = []
         for layer in self.model.layers:
-            if not isinstance(layer.self_attn, MultiHeadAttention):
-                return None
             attention = layer.self_attn.kernel_args(layer.input_layernorm)
             ffn = layer.mlp.kernel_args(layer.post_attention_layernorm)
             if attention is None or ffn is None:
                 return None
-            layers.append((attention, ffn))
+            kind = "mla" if isinstance(layer.self_attn, MultiHeadLatentAttention) else "mha"
+            layers.append((kind, attention, ffn))
         cos, sin = rotary.table(self.lm_head.weight.dtype, self.lm_head.weight.device)
         return decode_step(self.model.embed_tokens.weight, cos, sin, self.model.norm.weight, self.model.norm.eps,
                            self.lm_head.weight, layers)

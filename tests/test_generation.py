@@ -209,25 +209,28 @@ def test_cpu_bf16_decode_kernels_match_the_eager_layers(variant: str, monkeypatc
     assert (fused - eager).abs().max().item() < 2e-2 * scale
 
 
-def _mha_config(**language_overrides):
-    """The mha fixture's config (plain attention) with language-model overrides."""
+def _fixture_config(fixture: str, **language_overrides):
+    """A fixture checkpoint's config with language-model overrides."""
     import json
 
     from deepseek_vl2.config import DeepseekVL2Config
 
-    values = json.loads((FIXTURES_DIR / "checkpoints" / "mha" / "config.json").read_text())
+    values = json.loads((FIXTURES_DIR / "checkpoints" / fixture / "config.json").read_text())
     values["language_config"].update(language_overrides)
     return DeepseekVL2Config.from_dict(values)
 
 
-WHOLE_STEP_CONFIGS = {
-    "fixture": {},  # a dense layer, then MoE layers with shared experts, greedy softmax routing
-    "dense_only": {"first_k_dense_replace": 3},
-    "moe_every_2nd_no_shared": {"first_k_dense_replace": 0, "moe_layer_freq": 2, "n_shared_experts": None},
-    "group_limited": {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "norm_topk_prob": False},
-    "noaux_tc": {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 1, "topk_group": 1,
-                 "norm_topk_prob": True, "routed_scaling_factor": 2.5},
-    "gqa_bias_linear_rope": {"num_key_value_heads": 2, "attention_bias": True, "rope_scaling": {"type": "linear", "factor": 2.0}},
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "mscale": 0.707, "mscale_all_dim": 0.707}
+WHOLE_STEP_CONFIGS = {  # fixture, language overrides
+    "fixture": ("mha", {}),  # a dense layer, then MoE layers with shared experts, greedy softmax routing
+    "dense_only": ("mha", {"first_k_dense_replace": 3}),
+    "moe_every_2nd_no_shared": ("mha", {"first_k_dense_replace": 0, "moe_layer_freq": 2, "n_shared_experts": None}),
+    "group_limited": ("mha", {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2, "norm_topk_prob": False}),
+    "noaux_tc": ("mha", {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 1, "topk_group": 1,
+                         "norm_topk_prob": True, "routed_scaling_factor": 2.5}),
+    "gqa_bias_linear_rope": ("mha", {"num_key_value_heads": 2, "attention_bias": True, "rope_scaling": {"type": "linear", "factor": 2.0}}),
+    "mla": ("mla", {}),  # latent attention (small's kind)
+    "mla_noaux_q_lora_bias_yarn": ("mla-noaux", {"q_lora_rank": 48, "attention_bias": True, "rope_scaling": YARN}),
 }
 
 
@@ -253,20 +256,22 @@ def _skip_without_kernels(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("name", sorted(WHOLE_STEP_CONFIGS))
 def test_whole_decode_step_kernel_equals_the_layer_kernels(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A CPU decode step of a plain-attention model as one kernel call (every layer, final norm, LM head)
-    computes what the per-layer kernels compute, over the configuration space, in bf16 and fp32."""
+    """A CPU decode step as one kernel call (every layer, final norm, LM head) computes what the per-layer
+    kernels compute, over the configuration space (plain and latent attention), in bf16 and fp32."""
     from deepseek_vl2 import kernels
     from deepseek_vl2.model import build_model, random_init
 
     _skip_without_kernels(dtype)
     monkeypatch.setenv("DEEPSEEK_VL2_CPU_GEMV", "avx512bf16")  # the LM head of the per-layer path: our GEMV too
     monkeypatch.setattr(kernels, "_chosen", {})
-    config = _mha_config(**WHOLE_STEP_CONFIGS[name])
+    fixture, overrides = WHOLE_STEP_CONFIGS[name]
+    config = _fixture_config(fixture, **overrides)
     language = build_model(config, "cpu", dtype, random_init(std=0.2, seed=1)).language
-    if name == "noaux_tc":  # a bias that changes the choice
+    if "noaux" in name:  # a bias that changes the choice
         for layer in language.model.layers:
             if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.e_score_correction_bias.data = torch.randn(8, generator=torch.Generator().manual_seed(4)) * 0.3
+                bias = layer.mlp.gate.e_score_correction_bias
+                bias.data = torch.randn(bias.shape, generator=torch.Generator().manual_seed(4)) * 0.3
     embeds = torch.randn(1, 30, config.language.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
     tokens = [5, 77, 1000, 31, 2]
     whole_steps = []
@@ -310,18 +315,17 @@ def test_whole_decode_step_follows_a_reallocated_cache_and_refuses_bad_input(mon
         language.decode_step_cpu(3, 64)
 
 
-def test_whole_decode_step_does_not_apply_to_mla_or_other_dtypes() -> None:
-    mla = load_model(FIXTURES_DIR / "checkpoints" / "mla", dtype=torch.bfloat16).language
-    fp64 = load_model(FIXTURES_DIR / "checkpoints" / "mha", dtype=torch.float64).language
-    for language in (mla, fp64):
+def test_whole_decode_step_does_not_apply_to_other_dtypes() -> None:
+    for variant in ("mha", "mla"):
+        language = load_model(FIXTURES_DIR / "checkpoints" / variant, dtype=torch.float64).language
         language.setup_cache(8)
         assert language.decode_step_cpu(3, 0) is None
 
 
 @pytest.mark.parametrize("variant", ["mha", "mla", "mla-noaux"])
 def test_cpu_fp32_decode_kernels_match_the_eager_layers(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """fp32 decoding on the CPU through our kernels (the whole step for plain attention, the feed-forward
-    sub-layer for MLA models) gives the logits of the eager PyTorch layers, up to summation order."""
+    """fp32 decoding on the CPU through our kernels (the whole step) gives the logits of the eager PyTorch
+    layers, up to summation order."""
     from deepseek_vl2 import kernels
 
     _skip_without_kernels(torch.float32)

@@ -220,6 +220,74 @@ def test_mha_block_is_the_attention_sub_layer(heads: int, kv_heads: int, positio
     _close(out, reference, ulps=4)
 
 
+MLA_CASES = {  # overrides of the mla-noaux fixture's language config, decode position
+    "plain-first-position": ({}, 0),
+    "plain": ({}, 300),
+    "q_lora-bias": ({"q_lora_rank": 48, "attention_bias": True}, 41),
+}
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("case", sorted(MLA_CASES))
+def test_mla_block_is_the_latent_attention_sub_layer(case: str, dtype: torch.dtype) -> None:
+    """x + o(MLA(RMSNorm(x))) in one call, against the official (expanded) formulation in float64: keys and
+    values from kv_b applied to every cached latent, RoPE on de-interleaved pairs. The latent and the
+    rotated key are written to the caches at the position and nothing else changes."""
+    from deepseek_vl2.language import AttentionContext, MultiHeadLatentAttention, RMSNorm, apply_rope, deinterleave
+
+    if (kernels.avx512_bf16_extension() if dtype == BF16 else kernels.fp32_extension()) is None:
+        pytest.skip("the kernels for this dtype are not available here")
+    F = torch.nn.functional
+    overrides, position = MLA_CASES[case]
+    config = _language_config(**overrides).language
+    attention = MultiHeadLatentAttention(config)
+    generator = torch.Generator().manual_seed(7)
+    for name, parameter in attention.named_parameters():
+        scale = 1.0 if name.endswith("layernorm.weight") else parameter.shape[-1] ** -0.5
+        parameter.data = torch.randn(parameter.shape, generator=generator) * scale + (1.0 if "layernorm" in name else 0.0)
+    attention.to(dtype)
+    norm = RMSNorm(config.hidden_size).to(dtype)
+    norm.weight.data = (1 + 0.2 * torch.randn(config.hidden_size, generator=generator)).to(dtype)
+    length, rank, rope = 350, config.kv_lora_rank, config.qk_rope_head_dim
+    attention.make_cache(1, length, dtype, "cpu")
+    attention.cache.latent.copy_(torch.randn(1, length, rank, generator=generator))
+    attention.cache.k_pe.copy_(torch.randn(1, length, rope, generator=generator))
+    before_latent, before_k_pe = attention.cache.latent.clone(), attention.cache.k_pe.clone()
+    angles = torch.linspace(0, 6, rope // 2) * (position + 1)
+    cos = torch.cat([angles.cos(), angles.cos()]).view(1, rope).to(dtype)
+    sin = torch.cat([angles.sin(), angles.sin()]).view(1, rope).to(dtype)
+    x = (torch.randn(1, 1, config.hidden_size, generator=generator) * 2).to(dtype)
+    ctx = AttentionContext(cos=cos, sin=sin, start_pos=position, use_cache=True)
+    out = attention.residual_block(x, norm, ctx)
+    assert out is not None
+
+    ulps = 4 if dtype == BF16 else 2**-12  # (fp32: a few fp32 roundings)
+    n = norm(x)
+    if attention.q_lora_rank is None:
+        q = attention.q_proj(n)
+    else:
+        q = attention.q_b_proj(attention.q_a_layernorm(attention.q_a_proj(n)))
+    kv_a = attention.kv_a_proj_with_mqa(n)
+    latent = attention.kv_a_layernorm(kv_a[..., :rank])
+    k_pe = apply_rope(deinterleave(kv_a[..., rank:]).view(1, rope), cos, sin)
+    cache = attention.cache
+    _close(cache.latent[0, position], latent.view(rank), ulps)
+    _close(cache.k_pe[0, position], k_pe.view(rope), ulps)
+    others = torch.arange(length) != position
+    assert torch.equal(cache.latent[:, others], before_latent[:, others]) and torch.equal(cache.k_pe[:, others], before_k_pe[:, others])
+
+    heads, nope, v_dim = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
+    q = q.view(heads, nope + rope).double()
+    q_pe = apply_rope(deinterleave(q[:, nope:].to(dtype)).view(heads, 1, rope), cos, sin)[:, 0].double()
+    latents, keys_pe = cache.latent[0, : position + 1].double(), cache.k_pe[0, : position + 1].double()
+    kv = (latents @ attention.kv_b_proj.weight.double().T).view(-1, heads, nope + v_dim)  # [T, H, nope + v]
+    k_nope, values = kv[..., :nope], kv[..., nope:]
+    scores = torch.einsum("hd,thd->ht", q[:, :nope], k_nope) + q_pe @ keys_pe.T
+    attended = torch.einsum("ht,thd->hd", torch.softmax(scores * attention.softmax_scale, -1), values)
+    reference = x + F.linear(attended.reshape(1, 1, heads * v_dim).to(dtype), attention.o_proj.weight, attention.o_proj.bias)
+    _close(out, reference, ulps)
+
+
 @needs_extension
 @pytest.mark.parametrize("ours, expected", [(1.05, "avx512bf16"), (1.5, "native")])
 def test_chooser_keeps_our_bf16_kernel_unless_clearly_beaten(monkeypatch: pytest.MonkeyPatch, ours: float, expected: str) -> None:

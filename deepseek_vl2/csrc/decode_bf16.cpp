@@ -36,6 +36,33 @@ float dot(const uint16_t* w, const uint16_t* x, int64_t n) {
   return sum;
 }
 
+// 16 bf16 values widened to fp32 (a bf16 is the top half of an fp32).
+inline __m512 load_bf16x16_as_f32(const uint16_t* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+float dot_f32(const uint16_t* w, const float* x, int64_t n) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    acc0 = _mm512_fmadd_ps(load_bf16x16_as_f32(w + k), _mm512_loadu_ps(x + k), acc0);
+    acc1 = _mm512_fmadd_ps(load_bf16x16_as_f32(w + k + 16), _mm512_loadu_ps(x + k + 16), acc1);
+  }
+  for (; k + 16 <= n; k += 16) acc0 = _mm512_fmadd_ps(load_bf16x16_as_f32(w + k), _mm512_loadu_ps(x + k), acc0);
+  float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; k < n; ++k) sum += bf16_to_float(w[k]) * x[k];
+  return sum;
+}
+
+void axpy_f32(float* acc, float a, const uint16_t* row, int64_t n) {
+  const __m512 scale = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(scale, load_bf16x16_as_f32(row + i), _mm512_loadu_ps(acc + i)));
+  for (; i < n; ++i) acc[i] += a * bf16_to_float(row[i]);
+}
+
 float router_dot(const float* w, const float* x, int64_t n) {
   const int64_t n16 = n / 16 * 16;
   __m512 acc = _mm512_setzero_ps();

@@ -7,8 +7,8 @@
 //
 // Every call has a fixed cost (Python, pybind, waking the thread pool, the hardware prefetchers ramping up
 // on a new matrix), which is large next to one expert's 2.3 MB. So the kernels take whole sub-layers
-// (mha_block: attention; ffn_block: router + experts) and, for plain-attention models, a whole decode step
-// (DecodeStep), each in one parallel region. Every step is rounded to the storage type where the eager
+// (mha_block: plain attention; mla_block: latent attention; ffn_block: router + experts) and a whole decode
+// step (DecodeStep), each in one parallel region. Every step is rounded to the storage type where the eager
 // PyTorch modules round (for fp32 the roundings are no-ops).
 #pragma once
 #include <torch/extension.h>
@@ -219,7 +219,7 @@ void rms_norm_row(const T* x, const T* weight, int64_t d, float eps, T* out) {
 
 // --------------------------------------------------------------------------------------------------
 // Sub-layers of one token as bodies that every thread of a parallel region runs together (they hold
-// the barriers between their phases). mha_block and ffn_block run one body in a region of its own;
+// the barriers between their phases). mha_block, mla_block and ffn_block run one body in a region of its own;
 // DecodeStep runs a whole decode step (every layer, the final norm, the LM head) in one region.
 
 // A plain multi-head attention sub-layer: its norm, weights and caches, checked once.
@@ -345,6 +345,220 @@ void attention_body(const AttentionSpec<T>& s, const T* x, const T* cos, const T
   claims.o.run(thread, chunk_rows(s.heads * d * 2), [&](int64_t begin, int64_t end) {
     gemv_rows(s.w[3], s.w_stride[3], s.heads * d, scratch.attended.data(), begin, end, [&](int64_t n, float sum) {
       out[n] = S::store(S::load(x[n]) + S::round(bias ? sum + bias[n] : sum));
+    });
+  });
+}
+
+// --------------------------------------------------------------------------------------------------
+// Multi-head latent attention (MLA: small, base). Per token the cache holds the normalised latent
+// [rank] and one rotated key [rope] shared by all heads. kv_b [heads*(nope+v), rank] is never expanded
+// into per-head keys and values: it is folded into the query (its first `nope` rows of each head, W_UK)
+// and into the output (its last `v` rows, W_UV), and the heads attend over the cached latents directly,
+// with the query-side vectors in fp32, as the eager CPU decode does (_attend_absorbed_cpu).
+
+// fp32 sum of w[i] * x[i] (a row of the storage type, an fp32 vector) and acc[i] += a * row[i]: MLA's
+// query-side vectors stay fp32. The bf16 versions are written out with AVX-512 in decode_bf16.cpp; for
+// fp32 the compiler vectorises plain loops.
+float dot_f32(const uint16_t* w, const float* x, int64_t n);
+void axpy_f32(float* acc, float a, const uint16_t* row, int64_t n);
+inline float dot_f32(const float* w, const float* x, int64_t n) { return dot(w, x, n); }
+inline void axpy_f32(float* acc, float a, const float* row, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += a * row[i];
+}
+
+// MLA's rotary part: its dimensions come as interleaved pairs (x0, x1, x2, x3, ...), which the eager code
+// reorders to (x0, x2, ..., x1, x3, ...) before the half-split rotation. tmp: d values of scratch.
+template <typename T>
+void rope_interleaved(const T* x, const T* cos, const T* sin, int64_t d, T* tmp, T* out) {
+  for (int64_t i = 0; i < d / 2; ++i) {
+    tmp[i] = x[2 * i];
+    tmp[d / 2 + i] = x[2 * i + 1];
+  }
+  rope_half_split(tmp, cos, sin, d, out);
+}
+
+// An MLA sub-layer: its norms, weights and latent cache, checked once. The query comes from q_proj, or
+// (q_rank > 0) from q_a_proj, its RMSNorm and q_b_proj. Biases (attention_bias) on q_a, kv_a and o only.
+template <typename T>
+struct MlaSpec {
+  const T* norm;
+  float eps;
+  const T *q_in, *kv_a, *kv_b, *o, *q_b;  // q_in: q_proj [heads*(nope+rope), D] or q_a_proj [q_rank, D]
+  int64_t q_in_stride, kv_a_stride, kv_b_stride, o_stride, q_b_stride;
+  torch::Tensor q_in_bias, kv_a_bias, o_bias;  // fp32 copies (or undefined)
+  const T *kv_a_norm, *q_a_norm;
+  float kv_a_eps, q_a_eps;
+  T *latent_cache, *k_pe_cache;  // [T, rank], [T, rope]
+  int64_t latent_stride, k_pe_stride, cache_len;
+  int64_t hidden, heads, nope, rope, v, rank, q_rank;  // q_rank 0: no query LoRA
+  float scale;
+  int64_t q_dim() const { return nope + rope; }
+  int64_t q_in_rows() const { return q_rank > 0 ? q_rank : heads * q_dim(); }
+};
+
+// weights: q_in, kv_a [rank+rope, D], kv_b [heads*(nope+v), rank], o [D, heads*v], then q_b
+// [heads*(nope+rope), q_rank] when the query has a LoRA; biases: empty or one (possibly undefined) per
+// weight (q_in, kv_a, o may have one); q_a_norm: given exactly when q_b is.
+template <typename T>
+MlaSpec<T> mla_spec(const torch::Tensor& norm_weight, double eps, const std::vector<torch::Tensor>& weights,
+                    const std::vector<c10::optional<torch::Tensor>>& biases, const torch::Tensor& kv_a_norm, double kv_a_eps,
+                    const c10::optional<torch::Tensor>& q_a_norm, double q_a_eps, const torch::Tensor& latent_cache,
+                    const torch::Tensor& k_pe_cache, int64_t heads, int64_t nope, int64_t rope, int64_t v, double scale) {
+  using S = Storage<T>;
+  const char* what = "mla_block";
+  TORCH_CHECK(weights.size() == 4 || weights.size() == 5, what, ": weights q_in, kv_a, kv_b, o (and q_b with a query LoRA)");
+  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), what, ": one bias (or None) per weight");
+  const bool lora = weights.size() == 5;
+  TORCH_CHECK(lora == (q_a_norm.has_value() && q_a_norm->defined()), what, ": q_a_norm goes with q_b");
+  for (const auto& w : weights) check_matrix<T>(w, what);
+  std::vector<const torch::Tensor*> vectors = {&norm_weight, &kv_a_norm, &latent_cache, &k_pe_cache};
+  if (lora) vectors.push_back(&*q_a_norm);
+  for (const torch::Tensor* t : vectors)
+    TORCH_CHECK(t->scalar_type() == S::kType && t->device().is_cpu(), what, ": ", S::kType, " CPU tensors only");
+  TORCH_CHECK(norm_weight.is_contiguous() && kv_a_norm.is_contiguous() && (!lora || q_a_norm->is_contiguous()),
+              what, ": norm weights must be contiguous");
+  TORCH_CHECK(latent_cache.dim() == 2 && k_pe_cache.dim() == 2 && latent_cache.stride(1) == 1 && k_pe_cache.stride(1) == 1 &&
+                  latent_cache.size(0) == k_pe_cache.size(0),
+              what, ": caches must be [T, rank] and [T, rope] with contiguous rows");
+  MlaSpec<T> s{};
+  s.hidden = norm_weight.numel();
+  s.heads = heads, s.nope = nope, s.rope = rope, s.v = v;
+  s.rank = latent_cache.size(1);
+  s.q_rank = lora ? weights[0].size(0) : 0;
+  TORCH_CHECK(heads > 0 && nope >= 0 && rope > 0 && rope % 2 == 0 && v > 0 && k_pe_cache.size(1) == rope &&
+                  kv_a_norm.numel() == s.rank && weights[0].size(1) == s.hidden &&
+                  (lora || weights[0].size(0) == heads * (nope + rope)) &&
+                  weights[1].size(0) == s.rank + rope && weights[1].size(1) == s.hidden &&
+                  weights[2].size(0) == heads * (nope + v) && weights[2].size(1) == s.rank &&
+                  weights[3].size(0) == s.hidden && weights[3].size(1) == heads * v &&
+                  (!lora || (weights[4].size(0) == heads * (nope + rope) && weights[4].size(1) == s.q_rank &&
+                             q_a_norm->numel() == s.q_rank)),
+              what, ": sizes disagree");
+  s.norm = data_of<T>(norm_weight);
+  s.eps = float(eps);
+  const T** pointers[5] = {&s.q_in, &s.kv_a, &s.kv_b, &s.o, &s.q_b};
+  int64_t* strides[5] = {&s.q_in_stride, &s.kv_a_stride, &s.kv_b_stride, &s.o_stride, &s.q_b_stride};
+  for (size_t i = 0; i < weights.size(); ++i) {
+    *pointers[i] = data_of<T>(weights[i]);
+    *strides[i] = weights[i].stride(0);
+  }
+  torch::Tensor* bias_copies[5] = {&s.q_in_bias, &s.kv_a_bias, nullptr, &s.o_bias, nullptr};
+  for (size_t i = 0; i < biases.size(); ++i) {
+    if (!biases[i].has_value() || !biases[i]->defined()) continue;
+    TORCH_CHECK(bias_copies[i] != nullptr, what, ": kv_b and q_b have no bias");
+    TORCH_CHECK(biases[i]->numel() == weights[i].size(0), what, ": bias ", i, " length");
+    *bias_copies[i] = biases[i]->to(at::kFloat).contiguous();
+  }
+  s.kv_a_norm = data_of<T>(kv_a_norm);
+  s.kv_a_eps = float(kv_a_eps);
+  s.q_a_norm = lora ? data_of<T>(*q_a_norm) : nullptr;
+  s.q_a_eps = float(q_a_eps);
+  s.latent_cache = reinterpret_cast<T*>(latent_cache.data_ptr());
+  s.k_pe_cache = reinterpret_cast<T*>(k_pe_cache.data_ptr());
+  s.latent_stride = latent_cache.stride(0);
+  s.k_pe_stride = k_pe_cache.stride(0);
+  s.cache_len = latent_cache.size(0);
+  s.scale = float(scale);
+  return s;
+}
+
+// Working memory of the MLA body: written by all threads (disjoint parts), the norms per thread.
+template <typename T>
+struct MlaScratch {
+  std::vector<T> normed, q_in, q_a_normed, q, kv_a, q_pe, k_pe_tmp, attended;
+  MlaScratch(const MlaSpec<T>& s, int team)
+      : normed(team * s.hidden), q_in(s.q_in_rows()), q_a_normed(team * s.q_rank), q(s.heads * s.q_dim()),
+        kv_a(s.rank + s.rope), q_pe(s.heads * s.rope), k_pe_tmp(s.rope), attended(s.heads * s.v) {}
+};
+
+// The claims of an MLA sub-layer's phases: q_in and kv_a rows taken together, q_b rows, heads, o rows.
+struct MlaClaims {
+  RowClaims in, q_b, heads, o;
+  template <typename T>
+  void reset(const MlaSpec<T>& s, int team) {
+    in.reset(s.q_in_rows() + s.rank + s.rope, team);
+    q_b.reset(s.q_rank > 0 ? s.heads * s.q_dim() : 0, team);
+    heads.reset(s.heads, team);
+    o.reset(s.hidden, team);
+  }
+};
+
+// Heads [begin, end) of the absorbed attention over cache positions [0, length): q [heads, nope+rope]
+// (its nope part), q_pe [heads, rope] (rotated) -> out [heads, v]. Per head, in fp32:
+//   q_latent = W_UK^T q_nope; score_t = (q_latent . latent_t + q_pe . k_pe_t) * scale;
+//   context = softmax(score) . latent; out = W_UV context (rounded once to the storage type).
+template <typename T>
+void attend_latent_heads(const MlaSpec<T>& s, const T* q, const T* q_pe, int64_t length, int64_t begin, int64_t end, T* out) {
+  using S = Storage<T>;
+  std::vector<float> q_latent(s.rank), q_pe_f(s.rope), scores(length), context(s.rank);
+  for (int64_t h = begin; h < end; ++h) {
+    const T* w = s.kv_b + h * (s.nope + s.v) * s.kv_b_stride;  // this head's W_UK rows, then its W_UV rows
+    std::fill(q_latent.begin(), q_latent.end(), 0.0f);
+    for (int64_t i = 0; i < s.nope; ++i) axpy_f32(q_latent.data(), S::load(q[h * s.q_dim() + i]), w + i * s.kv_b_stride, s.rank);
+    for (int64_t i = 0; i < s.rope; ++i) q_pe_f[i] = S::load(q_pe[h * s.rope + i]);
+    float best = -INFINITY;
+    for (int64_t t = 0; t < length; ++t) {
+      const float latent_part = dot_f32(s.latent_cache + t * s.latent_stride, q_latent.data(), s.rank);
+      scores[t] = (latent_part + dot_f32(s.k_pe_cache + t * s.k_pe_stride, q_pe_f.data(), s.rope)) * s.scale;
+      best = std::max(best, scores[t]);
+    }
+    float total = 0.0f;
+    for (int64_t t = 0; t < length; ++t) total += (scores[t] = std::exp(scores[t] - best));
+    std::fill(context.begin(), context.end(), 0.0f);
+    for (int64_t t = 0; t < length; ++t) axpy_f32(context.data(), scores[t] / total, s.latent_cache + t * s.latent_stride, s.rank);
+    for (int64_t c = 0; c < s.v; ++c) out[h * s.v + c] = S::store(dot_f32(w + (s.nope + c) * s.kv_b_stride, context.data(), s.rank));
+  }
+}
+
+// out = x + o_proj(MLA(RMSNorm(x))) for one token at `position` (its latent and rotated key are written
+// to the caches first, attention covers [0, position]). Rounded to the storage type where the eager
+// modules round: each projection, the norms, RoPE's products and sum, the attention output, the residual
+// sum. cos/sin: rope values. `out` must not alias x; the caller's barrier separates this from readers of out.
+template <typename T>
+void mla_body(const MlaSpec<T>& s, const T* x, const T* cos, const T* sin, int64_t position, T* out,
+              MlaScratch<T>& scratch, MlaClaims& claims, int thread, int team) {
+  using S = Storage<T>;
+  T* normed = scratch.normed.data() + thread * s.hidden;  // every thread its own copy: no barrier needed
+  rms_norm_row(x, s.norm, s.hidden, s.eps, normed);
+  // q_in and kv_a rows taken together (row r of kv_a is row q_in_rows + r).
+  const int64_t q_rows = s.q_in_rows();
+  const float *q_bias = bias_of(s.q_in_bias), *kv_bias = bias_of(s.kv_a_bias);
+  T *q_in = scratch.q_in.data(), *kv_a = scratch.kv_a.data();
+  claims.in.run(thread, chunk_rows(s.hidden * int64_t(sizeof(T))), [&](int64_t first, int64_t last) {
+    if (first < q_rows)
+      gemv_rows(s.q_in, s.q_in_stride, s.hidden, normed, first, std::min(last, q_rows),
+                [&](int64_t n, float sum) { q_in[n] = S::store(q_bias ? sum + q_bias[n] : sum); });
+    if (last > q_rows)
+      gemv_rows(s.kv_a, s.kv_a_stride, s.hidden, normed, std::max(first, q_rows) - q_rows, last - q_rows,
+                [&](int64_t n, float sum) { kv_a[n] = S::store(kv_bias ? sum + kv_bias[n] : sum); });
+  });
+#pragma omp barrier
+  const T* q = q_in;
+  if (s.q_rank > 0) {
+    T* q_normed = scratch.q_a_normed.data() + thread * s.q_rank;
+    rms_norm_row(q_in, s.q_a_norm, s.q_rank, s.q_a_eps, q_normed);
+    T* q_full = scratch.q.data();
+    claims.q_b.run(thread, chunk_rows(s.q_rank * int64_t(sizeof(T))), [&](int64_t begin, int64_t end) {
+      gemv_rows(s.q_b, s.q_b_stride, s.q_rank, q_normed, begin, end, [&](int64_t n, float sum) { q_full[n] = S::store(sum); });
+    });
+#pragma omp barrier
+    q = q_full;
+  }
+#pragma omp single
+  {
+    rms_norm_row(kv_a, s.kv_a_norm, s.rank, s.kv_a_eps, s.latent_cache + position * s.latent_stride);
+    rope_interleaved(kv_a + s.rank, cos, sin, s.rope, scratch.k_pe_tmp.data(), s.k_pe_cache + position * s.k_pe_stride);
+    for (int64_t h = 0; h < s.heads; ++h)
+      rope_interleaved(q + h * s.q_dim() + s.nope, cos, sin, s.rope, scratch.k_pe_tmp.data(), scratch.q_pe.data() + h * s.rope);
+  }  // (implicit barrier)
+  claims.heads.run(thread, 1, [&](int64_t begin, int64_t end) {
+    attend_latent_heads(s, q, scratch.q_pe.data(), position + 1, begin, end, scratch.attended.data());
+  });
+#pragma omp barrier
+  const float* o_bias = bias_of(s.o_bias);
+  claims.o.run(thread, chunk_rows(s.heads * s.v * int64_t(sizeof(T))), [&](int64_t begin, int64_t end) {
+    gemv_rows(s.o, s.o_stride, s.heads * s.v, scratch.attended.data(), begin, end, [&](int64_t n, float sum) {
+      out[n] = S::store(S::load(x[n]) + S::round(o_bias ? sum + o_bias[n] : sum));
     });
   });
 }
@@ -648,6 +862,34 @@ torch::Tensor mha_block(const torch::Tensor& x, const torch::Tensor& norm_weight
   return out.view(x.sizes());
 }
 
+// A whole MLA sub-layer for one token in one parallel region: x + o_proj(MLA(RMSNorm(x))) with the
+// latent and rotated key written to the caches at `position` (see mla_spec for the arguments, mla_body for
+// the arithmetic). cos/sin: rope values. Returns [D].
+template <typename T>
+torch::Tensor mla_block(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, int64_t position,
+                        const torch::Tensor& norm_weight, double eps, const std::vector<torch::Tensor>& weights,
+                        const std::vector<c10::optional<torch::Tensor>>& biases, const torch::Tensor& kv_a_norm,
+                        double kv_a_eps, const c10::optional<torch::Tensor>& q_a_norm, double q_a_eps,
+                        torch::Tensor latent_cache, torch::Tensor k_pe_cache, int64_t heads, int64_t nope, int64_t rope,
+                        int64_t v, double scale) {
+  const MlaSpec<T> spec = mla_spec<T>(norm_weight, eps, weights, biases, kv_a_norm, kv_a_eps, q_a_norm, q_a_eps, latent_cache,
+                                      k_pe_cache, heads, nope, rope, v, scale);
+  const auto xc = one_token<T>(x, spec.hidden, "mla_block");
+  const auto cc = cos.contiguous(), sc = sin.contiguous();
+  check_rope<T>(cc, sc, spec.rope, "mla_block");
+  TORCH_CHECK(position >= 0 && position < spec.cache_len, "mla_block: position ", position, " outside the cache");
+  auto out = torch::empty({spec.hidden}, xc.options());
+  const int team_size = pool_threads();
+  MlaScratch<T> scratch(spec, team_size);
+  MlaClaims claims;
+  claims.reset(spec, team_size);
+  in_parallel([&](int thread, int team) {
+    mla_body(spec, data_of<T>(xc), data_of<T>(cc), data_of<T>(sc), position, reinterpret_cast<T*>(out.data_ptr()), scratch,
+             claims, thread, team);
+  });
+  return out.view(x.sizes());
+}
+
 // The whole feed-forward sub-layer of one token in one parallel region: x + ffn(RMSNorm(x)), where
 // ffn is a dense SwiGLU MLP or a MoE layer (see ffn_spec and ffn_body).
 template <typename T>
@@ -674,10 +916,10 @@ torch::Tensor ffn_block(const torch::Tensor& x, const torch::Tensor& norm_weight
 }
 
 // --------------------------------------------------------------------------------------------------
-// A whole decode step of a plain-attention model in one parallel region: the token's embedding, every
-// decoder layer (attention_body, ffn_body), the final RMSNorm and the LM head, with no Python and no
-// thread wake-up between them. Built once per model and cache (the Python side adds the layers with the
-// same arguments as mha_block / ffn_block and keeps the tensors alive); step() returns the logits as the
+// A whole decode step in one parallel region: the token's embedding, every decoder layer (attention_body
+// or mla_body, then ffn_body), the final RMSNorm and the LM head, with no Python and no thread wake-up
+// between them. Built once per model and cache (the Python side adds the layers with the same arguments
+// as mha_block / mla_block and ffn_block, and keeps the tensors alive); step() returns the logits as the
 // eager model does: fp32 values of the LM-head output in the storage type.
 template <typename T>
 class DecodeStep {
@@ -697,6 +939,7 @@ class DecodeStep {
                     sin_.scalar_type() == S::kType, "DecodeStep: RoPE tables must be [positions, d] of the weights' dtype");
   }
 
+  // A layer with plain multi-head attention (the arguments of mha_block, then those of ffn_block).
   void add_layer(const torch::Tensor& attn_norm, double attn_eps, const std::vector<torch::Tensor>& weights,
                  const std::vector<c10::optional<torch::Tensor>>& biases, const torch::Tensor& k_cache,
                  const torch::Tensor& v_cache, double scale, const torch::Tensor& ffn_norm, double ffn_eps,
@@ -704,36 +947,65 @@ class DecodeStep {
                  const std::string& method, const std::string& scoring, int64_t top_k, int64_t n_group, int64_t topk_group,
                  bool norm_topk_prob, double routed_scale, const c10::optional<torch::Tensor>& expert_table,
                  int64_t expert_inter, const std::vector<torch::Tensor>& shared) {
+    TORCH_CHECK(mla_.empty(), "DecodeStep: every layer must have the same kind of attention");
     keep_alive_.push_back(attn_norm.contiguous());
     const AttentionSpec<T> attention = attention_spec<T>(keep_alive_.back(), attn_eps, weights, biases, k_cache, v_cache, scale);
-    keep_alive_.push_back(ffn_norm.contiguous());
-    const FfnSpec<T> ffn = ffn_spec<T>(keep_alive_.back(), ffn_eps, router_weight, correction_bias, method, scoring, top_k, n_group,
-                                 topk_group, norm_topk_prob, routed_scale, expert_table, expert_inter, shared);
-    TORCH_CHECK(attention.hidden == hidden_ && ffn.hidden == hidden_, "DecodeStep: layer sizes disagree with the embedding");
+    TORCH_CHECK(attention.hidden == hidden_, "DecodeStep: layer sizes disagree with the embedding");
     TORCH_CHECK(attention_.empty() || (attention.heads == attention_[0].heads && attention.kv_heads == attention_[0].kv_heads &&
                                        attention.d == attention_[0].d),
                 "DecodeStep: every layer's attention must have the first one's heads and head size");
     TORCH_CHECK(cos_.size(1) == attention.d, "DecodeStep: RoPE tables are for head size ", cos_.size(1));
     for (const auto& t : weights) keep_alive_.push_back(t);
     for (const torch::Tensor* t : {&k_cache, &v_cache}) keep_alive_.push_back(*t);
-    for (const auto* t : {&router_weight, &correction_bias, &expert_table})
-      if (t->has_value() && (*t)->defined()) keep_alive_.push_back(**t);
-    for (const auto& t : shared) keep_alive_.push_back(t);
+    add_ffn(ffn_norm, ffn_eps, router_weight, correction_bias, method, scoring, top_k, n_group, topk_group, norm_topk_prob,
+            routed_scale, expert_table, expert_inter, shared);
     attention_.push_back(attention);
-    ffn_.push_back(ffn);
+  }
+
+  // A layer with multi-head latent attention (the arguments of mla_block after the position, then those
+  // of ffn_block).
+  void add_mla_layer(const torch::Tensor& attn_norm, double attn_eps, const std::vector<torch::Tensor>& weights,
+                     const std::vector<c10::optional<torch::Tensor>>& biases, const torch::Tensor& kv_a_norm, double kv_a_eps,
+                     const c10::optional<torch::Tensor>& q_a_norm, double q_a_eps, const torch::Tensor& latent_cache,
+                     const torch::Tensor& k_pe_cache, int64_t heads, int64_t nope, int64_t rope, int64_t v, double scale,
+                     const torch::Tensor& ffn_norm, double ffn_eps, const c10::optional<torch::Tensor>& router_weight,
+                     const c10::optional<torch::Tensor>& correction_bias, const std::string& method,
+                     const std::string& scoring, int64_t top_k, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
+                     double routed_scale, const c10::optional<torch::Tensor>& expert_table, int64_t expert_inter,
+                     const std::vector<torch::Tensor>& shared) {
+    TORCH_CHECK(attention_.empty(), "DecodeStep: every layer must have the same kind of attention");
+    std::vector<torch::Tensor> norms = {attn_norm.contiguous(), kv_a_norm.contiguous()};
+    if (q_a_norm.has_value() && q_a_norm->defined()) norms.push_back(q_a_norm->contiguous());
+    const c10::optional<torch::Tensor> q_norm = norms.size() == 3 ? c10::optional<torch::Tensor>(norms[2]) : c10::nullopt;
+    const MlaSpec<T> mla = mla_spec<T>(norms[0], attn_eps, weights, biases, norms[1], kv_a_eps, q_norm, q_a_eps, latent_cache,
+                                       k_pe_cache, heads, nope, rope, v, scale);
+    TORCH_CHECK(mla.hidden == hidden_, "DecodeStep: layer sizes disagree with the embedding");
+    TORCH_CHECK(mla_.empty() || (mla.heads == mla_[0].heads && mla.nope == mla_[0].nope && mla.rope == mla_[0].rope &&
+                                 mla.v == mla_[0].v && mla.rank == mla_[0].rank && mla.q_rank == mla_[0].q_rank),
+                "DecodeStep: every layer's attention must have the first one's shape");
+    TORCH_CHECK(cos_.size(1) == mla.rope, "DecodeStep: RoPE tables are for ", cos_.size(1), " rotary dimensions");
+    for (const auto& t : norms) keep_alive_.push_back(t);
+    for (const auto& t : weights) keep_alive_.push_back(t);
+    for (const torch::Tensor* t : {&latent_cache, &k_pe_cache}) keep_alive_.push_back(*t);
+    add_ffn(ffn_norm, ffn_eps, router_weight, correction_bias, method, scoring, top_k, n_group, topk_group, norm_topk_prob,
+            routed_scale, expert_table, expert_inter, shared);
+    mla_.push_back(mla);
   }
 
   // Logits [V] fp32 of `token` at `position` (its key and value are written to every layer's cache).
   torch::Tensor step(int64_t token, int64_t position) {
-    TORCH_CHECK(!attention_.empty(), "DecodeStep: no layers");
+    TORCH_CHECK(!ffn_.empty(), "DecodeStep: no layers");
     TORCH_CHECK(token >= 0 && token < embedding_.size(0), "DecodeStep: token id ", token, " outside the vocabulary");
     TORCH_CHECK(position >= 0 && position < cos_.size(0), "DecodeStep: position ", position, " outside the RoPE table");
-    for (const auto& a : attention_)
-      TORCH_CHECK(position < a.cache_len, "DecodeStep: position ", position, " outside the cache");
+    for (const auto& a : attention_) TORCH_CHECK(position < a.cache_len, "DecodeStep: position ", position, " outside the cache");
+    for (const auto& a : mla_) TORCH_CHECK(position < a.cache_len, "DecodeStep: position ", position, " outside the cache");
     const int team_size = pool_threads();
     if (!scratch_ready_ || team_size != scratch_team_) make_scratch(team_size);
-    for (size_t layer = 0; layer < attention_.size(); ++layer) {
-      attention_claims_[layer].reset(attention_[layer], team_size);
+    for (size_t layer = 0; layer < ffn_.size(); ++layer) {
+      if (mla_.empty())
+        attention_claims_[layer].reset(attention_[layer], team_size);
+      else
+        mla_claims_[layer].reset(mla_[layer], team_size);
       up_claims_[layer].reset(ffn_[layer].max_inter_total, team_size);
       down_claims_[layer].reset(hidden_, team_size);
     }
@@ -746,15 +1018,18 @@ class DecodeStep {
     const T* cos = data_of<T>(cos_) + position * d;
     const T* sin = data_of<T>(sin_) + position * d;
     in_parallel([&](int thread, int team) {
-      for (size_t layer = 0; layer < attention_.size(); ++layer) {
-        attention_body(attention_[layer], x, cos, sin, position, mid, *attention_scratch_, attention_claims_[layer], thread, team);
+      for (size_t layer = 0; layer < ffn_.size(); ++layer) {
+        if (mla_.empty())
+          attention_body(attention_[layer], x, cos, sin, position, mid, *attention_scratch_, attention_claims_[layer], thread, team);
+        else
+          mla_body(mla_[layer], x, cos, sin, position, mid, *mla_scratch_, mla_claims_[layer], thread, team);
 #pragma omp barrier
         ffn_body(ffn_[layer], mid, x, *ffn_scratch_, up_claims_[layer], down_claims_[layer], thread, team);
 #pragma omp barrier
       }
       T* normed = final_normed_.data() + thread * hidden_;
       rms_norm_row(x, data_of<T>(final_norm_), hidden_, final_eps_, normed);
-      lm_head_claims_.run(thread, chunk_rows(hidden_ * 2), [&](int64_t begin, int64_t end) {
+      lm_head_claims_.run(thread, chunk_rows(hidden_ * int64_t(sizeof(T))), [&](int64_t begin, int64_t end) {
         gemv_rows(data_of<T>(lm_head_), lm_head_.stride(0), hidden_, normed, begin, end,
                   [&](int64_t n, float sum) { lp[n] = S::round(sum); });
       });
@@ -763,15 +1038,34 @@ class DecodeStep {
   }
 
  private:
+  void add_ffn(const torch::Tensor& ffn_norm, double ffn_eps, const c10::optional<torch::Tensor>& router_weight,
+               const c10::optional<torch::Tensor>& correction_bias, const std::string& method, const std::string& scoring,
+               int64_t top_k, int64_t n_group, int64_t topk_group, bool norm_topk_prob, double routed_scale,
+               const c10::optional<torch::Tensor>& expert_table, int64_t expert_inter, const std::vector<torch::Tensor>& shared) {
+    keep_alive_.push_back(ffn_norm.contiguous());
+    const FfnSpec<T> ffn = ffn_spec<T>(keep_alive_.back(), ffn_eps, router_weight, correction_bias, method, scoring, top_k, n_group,
+                                       topk_group, norm_topk_prob, routed_scale, expert_table, expert_inter, shared);
+    TORCH_CHECK(ffn.hidden == hidden_, "DecodeStep: layer sizes disagree with the embedding");
+    for (const auto* t : {&router_weight, &correction_bias, &expert_table})
+      if (t->has_value() && (*t)->defined()) keep_alive_.push_back(**t);
+    for (const auto& t : shared) keep_alive_.push_back(t);
+    ffn_.push_back(ffn);
+  }
+
   void make_scratch(int team) {
     int64_t experts = 0, inter_total = 0;
     for (const auto& f : ffn_) {
       experts = std::max(experts, f.routed ? f.router.experts : 0);
       inter_total = std::max(inter_total, f.max_inter_total);
     }
-    attention_scratch_ = std::make_unique<AttentionScratch<T>>(attention_[0], team);  // (add_layer: one shape)
+    // (add_layer / add_mla_layer: one attention shape for all layers)
+    if (mla_.empty())
+      attention_scratch_ = std::make_unique<AttentionScratch<T>>(attention_[0], team);
+    else
+      mla_scratch_ = std::make_unique<MlaScratch<T>>(mla_[0], team);
     ffn_scratch_ = std::make_unique<FfnScratch<T>>(hidden_, experts, inter_total, team);
     attention_claims_ = std::vector<AttentionClaims>(attention_.size());
+    mla_claims_ = std::vector<MlaClaims>(mla_.size());
     up_claims_ = std::vector<RowClaims>(ffn_.size());
     down_claims_ = std::vector<RowClaims>(ffn_.size());
     x_.assign(hidden_, 0);
@@ -784,12 +1078,15 @@ class DecodeStep {
   torch::Tensor embedding_, cos_, sin_, final_norm_, lm_head_;
   float final_eps_;
   int64_t hidden_ = 0;
-  std::vector<AttentionSpec<T>> attention_;
+  std::vector<AttentionSpec<T>> attention_;  // plain-attention layers, or
+  std::vector<MlaSpec<T>> mla_;              // MLA layers (one kind per model)
   std::vector<FfnSpec<T>> ffn_;
   std::vector<torch::Tensor> keep_alive_;
   std::unique_ptr<AttentionScratch<T>> attention_scratch_;
+  std::unique_ptr<MlaScratch<T>> mla_scratch_;
   std::unique_ptr<FfnScratch<T>> ffn_scratch_;
   std::vector<AttentionClaims> attention_claims_;
+  std::vector<MlaClaims> mla_claims_;
   std::vector<RowClaims> up_claims_, down_claims_;
   RowClaims lm_head_claims_;
   std::vector<T> x_, mid_, final_normed_;
@@ -821,10 +1118,13 @@ void bind_layer_kernels(pybind11::module_& m, const std::string& suffix) {
         "RMSNorm + router + chosen and shared experts (or a dense MLP) + residual, one token");
   m.def(("mha_block_" + suffix).c_str(), &mha_block<T>,
         "RMSNorm + q/k/v + RoPE + cache write + attention + o_proj + residual, one token");
-  pybind11::class_<DecodeStep<T>>(m, "DecodeStep", "a whole decode step of a plain-attention model in one parallel region")
+  m.def(("mla_block_" + suffix).c_str(), &mla_block<T>,
+        "RMSNorm + MLA projections + latent cache write + absorbed attention + o_proj + residual, one token");
+  pybind11::class_<DecodeStep<T>>(m, "DecodeStep", "a whole decode step in one parallel region")
       .def(pybind11::init<const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, double,
                           const torch::Tensor&>())
       .def("add_layer", &DecodeStep<T>::add_layer)
+      .def("add_mla_layer", &DecodeStep<T>::add_mla_layer)
       .def("step", &DecodeStep<T>::step);
 }
 

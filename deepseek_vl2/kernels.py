@@ -12,14 +12,15 @@ expert-sized matrix where oneDNN reaches 22-24: the path for CPUs without bf16.
 ``DEEPSEEK_VL2_CPU_GEMV`` (``aten`` / ``native`` / ``onednn`` / ``avx512bf16`` / ``simdf32``) forces one.
 
 With the extensions, a decode step also runs layer-level kernels (``csrc/decode_layers.h``, built for bf16
-and for fp32): a whole plain-attention sub-layer in one call (``mha_block``), the whole feed-forward
-sub-layer in one call (``ffn_block``: RMSNorm, the router, the chosen and the shared experts, the
-residual), several linears of one input in one call (``linear_many``, MLA's projections; bf16 only) and
+and for fp32): a whole attention sub-layer in one call (``mha_block`` for plain attention, ``mla_block``
+for latent attention: RMSNorm, projections, RoPE, cache write, attention, output projection, residual),
+the whole feed-forward sub-layer in one call (``ffn_block``: RMSNorm, the router, the chosen and the
+shared experts, the residual), several linears of one input in one call (``linear_many``; bf16 only) and
 RMSNorm (bf16 only). One expert is only 2-5 MB, so per-call costs (Python, waking the threads,
-prefetchers ramping up on a new matrix) are a large share of streaming it. A plain-attention model (tiny)
-runs the whole step, every layer and the LM head, as one call (``decode_step``; ``DEEPSEEK_VL2_CPU_STEP=0``
-falls back to the per-layer calls): no Python between the layers and one parallel region (95 % of the
-bandwidth bound in the slow memory phase of the 2-core EPYC, 89 % per layer).
+prefetchers ramping up on a new matrix) are a large share of streaming it. So the whole step, every layer
+and the LM head, runs as one call (``decode_step``; ``DEEPSEEK_VL2_CPU_STEP=0`` falls back to the
+per-layer calls): no Python between the layers and one parallel region (tiny: 95-98 % of the bandwidth
+bound in the slow memory phase of the 2-core EPYC, 86-91 % in its fast one).
 """
 
 from __future__ import annotations

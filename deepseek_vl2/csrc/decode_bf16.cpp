@@ -63,6 +63,45 @@ void axpy_f32(float* acc, float a, const uint16_t* row, int64_t n) {
   for (; i < n; ++i) acc[i] += a * bf16_to_float(row[i]);
 }
 
+template <int kCount>
+void dots_f32_n(const uint16_t* row, const float* xs, int64_t x_stride, int64_t n, float* out) {
+  __m512 acc[kCount];
+  for (int j = 0; j < kCount; ++j) acc[j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512 r = load_bf16x16_as_f32(row + k);
+    for (int j = 0; j < kCount; ++j) acc[j] = _mm512_fmadd_ps(r, _mm512_loadu_ps(xs + j * x_stride + k), acc[j]);
+  }
+  for (int j = 0; j < kCount; ++j) {
+    float sum = _mm512_reduce_add_ps(acc[j]);
+    for (int64_t i = k; i < n; ++i) sum += bf16_to_float(row[i]) * xs[j * x_stride + i];
+    out[j] = sum;
+  }
+}
+
+void dots_f32(const uint16_t* row, const float* xs, int64_t x_stride, int64_t count, int64_t n, float* out) {
+  switch (count) {
+    case 1: return dots_f32_n<1>(row, xs, x_stride, n, out);
+    case 2: return dots_f32_n<2>(row, xs, x_stride, n, out);
+    case 3: return dots_f32_n<3>(row, xs, x_stride, n, out);
+    case 4: return dots_f32_n<4>(row, xs, x_stride, n, out);
+    default: TORCH_CHECK(false, "dots_f32: 1 to 4 vectors");
+  }
+}
+
+void axpys_f32(const uint16_t* row, const float* a, int64_t count, int64_t n, float* acc, int64_t acc_stride) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 r = load_bf16x16_as_f32(row + i);
+    for (int64_t j = 0; j < count; ++j) {
+      float* dst = acc + j * acc_stride + i;
+      _mm512_storeu_ps(dst, _mm512_fmadd_ps(_mm512_set1_ps(a[j]), r, _mm512_loadu_ps(dst)));
+    }
+  }
+  for (; i < n; ++i)
+    for (int64_t j = 0; j < count; ++j) acc[j * acc_stride + i] += a[j] * bf16_to_float(row[i]);
+}
+
 float router_dot(const float* w, const float* x, int64_t n) {
   const int64_t n16 = n / 16 * 16;
   __m512 acc = _mm512_setzero_ps();

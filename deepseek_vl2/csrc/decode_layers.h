@@ -366,6 +366,18 @@ inline void axpy_f32(float* acc, float a, const float* row, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += a * row[i];
 }
 
+// The same for up to kLatentHeadBlock fp32 vectors at once against one row (which is read and widened
+// once for all of them): out[j] = row . xs[j * x_stride : +n], and acc[j * acc_stride + i] += a[j] * row[i].
+constexpr int64_t kLatentHeadBlock = 4;
+void dots_f32(const uint16_t* row, const float* xs, int64_t x_stride, int64_t count, int64_t n, float* out);
+void axpys_f32(const uint16_t* row, const float* a, int64_t count, int64_t n, float* acc, int64_t acc_stride);
+inline void dots_f32(const float* row, const float* xs, int64_t x_stride, int64_t count, int64_t n, float* out) {
+  for (int64_t j = 0; j < count; ++j) out[j] = dot(row, xs + j * x_stride, n);
+}
+inline void axpys_f32(const float* row, const float* a, int64_t count, int64_t n, float* acc, int64_t acc_stride) {
+  for (int64_t j = 0; j < count; ++j) axpy_f32(acc + j * acc_stride, a[j], row, n);
+}
+
 // MLA's rotary part: its dimensions come as interleaved pairs (x0, x1, x2, x3, ...), which the eager code
 // reorders to (x0, x2, ..., x1, x3, ...) before the half-split rotation. tmp: d values of scratch.
 template <typename T>
@@ -487,26 +499,44 @@ struct MlaClaims {
 // (its nope part), q_pe [heads, rope] (rotated) -> out [heads, v]. Per head, in fp32:
 //   q_latent = W_UK^T q_nope; score_t = (q_latent . latent_t + q_pe . k_pe_t) * scale;
 //   context = softmax(score) . latent; out = W_UV context (rounded once to the storage type).
+// The heads of a call (up to kLatentHeadBlock per claim) go through the cache together: each cached
+// latent is read and widened once for all of them. (A small layer's whole sub-layer at 4,000 positions
+// on the 2-core EPYC: 2.01-2.09 ms, head by head 2.16-2.33; 8 heads per claim: 2.46.)
+
 template <typename T>
 void attend_latent_heads(const MlaSpec<T>& s, const T* q, const T* q_pe, int64_t length, int64_t begin, int64_t end, T* out) {
   using S = Storage<T>;
-  std::vector<float> q_latent(s.rank), q_pe_f(s.rope), scores(length), context(s.rank);
-  for (int64_t h = begin; h < end; ++h) {
-    const T* w = s.kv_b + h * (s.nope + s.v) * s.kv_b_stride;  // this head's W_UK rows, then its W_UV rows
-    std::fill(q_latent.begin(), q_latent.end(), 0.0f);
-    for (int64_t i = 0; i < s.nope; ++i) axpy_f32(q_latent.data(), S::load(q[h * s.q_dim() + i]), w + i * s.kv_b_stride, s.rank);
-    for (int64_t i = 0; i < s.rope; ++i) q_pe_f[i] = S::load(q_pe[h * s.rope + i]);
-    float best = -INFINITY;
-    for (int64_t t = 0; t < length; ++t) {
-      const float latent_part = dot_f32(s.latent_cache + t * s.latent_stride, q_latent.data(), s.rank);
-      scores[t] = (latent_part + dot_f32(s.k_pe_cache + t * s.k_pe_stride, q_pe_f.data(), s.rope)) * s.scale;
-      best = std::max(best, scores[t]);
-    }
+  const int64_t count = end - begin, rank = s.rank, rope = s.rope;
+  TORCH_CHECK(count <= kLatentHeadBlock, "attend_latent_heads: at most ", kLatentHeadBlock, " heads per call");
+  std::vector<float> q_latent(count * rank, 0.0f), q_pe_f(count * rope), scores(count * length), context(count * rank, 0.0f);
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t h = begin + j;
+    const T* w_uk = s.kv_b + h * (s.nope + s.v) * s.kv_b_stride;
+    for (int64_t i = 0; i < s.nope; ++i) axpy_f32(&q_latent[j * rank], S::load(q[h * s.q_dim() + i]), w_uk + i * s.kv_b_stride, rank);
+    for (int64_t i = 0; i < rope; ++i) q_pe_f[j * rope + i] = S::load(q_pe[h * rope + i]);
+  }
+  float latent_part[kLatentHeadBlock], rope_part[kLatentHeadBlock];
+  for (int64_t t = 0; t < length; ++t) {
+    dots_f32(s.latent_cache + t * s.latent_stride, q_latent.data(), rank, count, rank, latent_part);
+    dots_f32(s.k_pe_cache + t * s.k_pe_stride, q_pe_f.data(), rope, count, rope, rope_part);
+    for (int64_t j = 0; j < count; ++j) scores[j * length + t] = (latent_part[j] + rope_part[j]) * s.scale;
+  }
+  for (int64_t j = 0; j < count; ++j) {  // softmax: probabilities in place
+    float* row = &scores[j * length];
+    const float best = *std::max_element(row, row + length);
     float total = 0.0f;
-    for (int64_t t = 0; t < length; ++t) total += (scores[t] = std::exp(scores[t] - best));
-    std::fill(context.begin(), context.end(), 0.0f);
-    for (int64_t t = 0; t < length; ++t) axpy_f32(context.data(), scores[t] / total, s.latent_cache + t * s.latent_stride, s.rank);
-    for (int64_t c = 0; c < s.v; ++c) out[h * s.v + c] = S::store(dot_f32(w + (s.nope + c) * s.kv_b_stride, context.data(), s.rank));
+    for (int64_t t = 0; t < length; ++t) total += (row[t] = std::exp(row[t] - best));
+    for (int64_t t = 0; t < length; ++t) row[t] /= total;
+  }
+  float weight[kLatentHeadBlock];
+  for (int64_t t = 0; t < length; ++t) {
+    for (int64_t j = 0; j < count; ++j) weight[j] = scores[j * length + t];
+    axpys_f32(s.latent_cache + t * s.latent_stride, weight, count, rank, context.data(), rank);
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t h = begin + j;
+    const T* w_uv = s.kv_b + (h * (s.nope + s.v) + s.nope) * s.kv_b_stride;
+    for (int64_t c = 0; c < s.v; ++c) out[h * s.v + c] = S::store(dot_f32(w_uv + c * s.kv_b_stride, &context[j * rank], rank));
   }
 }
 
@@ -551,7 +581,7 @@ void mla_body(const MlaSpec<T>& s, const T* x, const T* cos, const T* sin, int64
     for (int64_t h = 0; h < s.heads; ++h)
       rope_interleaved(q + h * s.q_dim() + s.nope, cos, sin, s.rope, scratch.k_pe_tmp.data(), scratch.q_pe.data() + h * s.rope);
   }  // (implicit barrier)
-  claims.heads.run(thread, 1, [&](int64_t begin, int64_t end) {
+  claims.heads.run(thread, kLatentHeadBlock, [&](int64_t begin, int64_t end) {
     attend_latent_heads(s, q, scratch.q_pe.data(), position + 1, begin, end, scratch.attended.data());
   });
 #pragma omp barrier

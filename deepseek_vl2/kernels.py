@@ -26,6 +26,7 @@ bound in the slow memory phase of the 2-core EPYC, 86-91 % in its fast one).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import time
 import warnings
@@ -67,6 +68,16 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
+_CSRC = Path(__file__).with_name("csrc")
+
+
+def _extension_name(base: str) -> str:
+    """``base`` plus a tag of this checkout's source folder. PyTorch builds an extension in
+    ``~/.cache/torch_extensions/<name>`` and its build file names the sources by absolute path, so two
+    checkouts sharing a name rebuilt each other's extension (~30 s) every time the other one ran."""
+    return f"{base}_{hashlib.sha1(str(_CSRC.resolve()).encode()).hexdigest()[:8]}"
+
+
 @functools.lru_cache(maxsize=1)
 def avx512_bf16_extension() -> Optional[Any]:
     """The compiled ``csrc/decode_bf16.cpp`` (cached by PyTorch under ``~/.cache/torch_extensions``), or None
@@ -76,10 +87,9 @@ def avx512_bf16_extension() -> Optional[Any]:
     try:
         from torch.utils.cpp_extension import load
 
-        source = Path(__file__).with_name("csrc") / "decode_bf16.cpp"
         return load(
-            name="deepseek_vl2_decode_bf16",
-            sources=[str(source)],
+            name=_extension_name("deepseek_vl2_decode_bf16"),
+            sources=[str(_CSRC / "decode_bf16.cpp")],
             extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -98,8 +108,7 @@ def fp32_extension() -> Optional[Any]:
     try:
         from torch.utils.cpp_extension import load
 
-        source = Path(__file__).with_name("csrc") / "decode_f32.cpp"
-        return load(name="deepseek_vl2_decode_f32", sources=[str(source)],
+        return load(name=_extension_name("deepseek_vl2_decode_f32"), sources=[str(_CSRC / "decode_f32.cpp")],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, ...: the other paths remain
         warnings.warn(f"fp32 decode kernels unavailable ({type(exc).__name__}: {str(exc)[:200]}); using PyTorch's")

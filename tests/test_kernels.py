@@ -60,6 +60,16 @@ def test_chooser_returns_a_candidate_and_honours_the_override(monkeypatch: pytes
     assert kernels.cpu_gemv(torch.bfloat16) is kernels.CANDIDATES["native"]
 
 
+def test_extension_names_are_per_checkout_module_names(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Each checkout builds its kernels under a name of its own (a shared build folder made two checkouts
+    rebuild each other's), and the name is a valid module name (pybind's TORCH_EXTENSION_NAME)."""
+    name = kernels._extension_name("deepseek_vl2_decode_f32")
+    assert name.isidentifier() and name.startswith("deepseek_vl2_decode_f32_")
+    assert kernels._extension_name("deepseek_vl2_decode_f32") == name  # stable within a checkout
+    monkeypatch.setattr(kernels, "_CSRC", tmp_path / "csrc")
+    assert kernels._extension_name("deepseek_vl2_decode_f32") != name
+
+
 # --------------------------------------------------------------------------------------------------
 # Layer-level decode kernels (one bf16 token on the CPU). Each is compared with the eager PyTorch
 # computation it replaces, in bf16: the sums run in another order, so results may differ by a rounding.

@@ -25,6 +25,7 @@ bound in the slow memory phase of the 2-core EPYC, 86-91 % in its fast one).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -32,7 +33,7 @@ import time
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,27 @@ def _extension_name(base: str) -> str:
     return f"{base}_{hashlib.sha1(str(_CSRC.resolve()).encode()).hexdigest()[:8]}"
 
 
+@contextlib.contextmanager
+def _one_ninja() -> Iterator[None]:
+    """Builds run the `ninja` of the Python package when it is installed (else whichever is on PATH).
+    PyTorch runs the first `ninja` on PATH, and ninja versions keep incompatible build logs: with the
+    system's 1.11 in some processes and the venv's 1.13 in others (a server whose PATH starts with the
+    venv), each discarded the other's log and rebuilt the extensions (~30 s each)."""
+    try:
+        import ninja
+
+        bin_dir = ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        yield
+        return
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = bin_dir + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
 @functools.lru_cache(maxsize=1)
 def avx512_bf16_extension() -> Optional[Any]:
     """The compiled ``csrc/decode_bf16.cpp`` (cached by PyTorch under ``~/.cache/torch_extensions``), or None
@@ -87,13 +109,14 @@ def avx512_bf16_extension() -> Optional[Any]:
     try:
         from torch.utils.cpp_extension import load
 
-        return load(
-            name=_extension_name("deepseek_vl2_decode_bf16"),
-            sources=[str(_CSRC / "decode_bf16.cpp")],
-            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        with _one_ninja():
+            return load(
+                name=_extension_name("deepseek_vl2_decode_bf16"),
+                sources=[str(_CSRC / "decode_bf16.cpp")],
+                extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, ...: the other paths remain
         warnings.warn(f"AVX512-BF16 GEMV kernel unavailable ({type(exc).__name__}: {str(exc)[:200]}); using PyTorch's")
         return None
@@ -108,8 +131,9 @@ def fp32_extension() -> Optional[Any]:
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name=_extension_name("deepseek_vl2_decode_f32"), sources=[str(_CSRC / "decode_f32.cpp")],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        with _one_ninja():
+            return load(name=_extension_name("deepseek_vl2_decode_f32"), sources=[str(_CSRC / "decode_f32.cpp")],
+                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, ...: the other paths remain
         warnings.warn(f"fp32 decode kernels unavailable ({type(exc).__name__}: {str(exc)[:200]}); using PyTorch's")
         return None

@@ -70,6 +70,20 @@ def test_extension_names_are_per_checkout_module_names(monkeypatch: pytest.Monke
     assert kernels._extension_name("deepseek_vl2_decode_f32") != name
 
 
+def test_builds_use_the_ninja_of_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever PATH says, the extensions are built by one ninja (that of the `ninja` package): two ninja
+    versions keep incompatible build logs, and each made the other rebuild everything."""
+    import os
+    import shutil
+
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with kernels._one_ninja():
+        found = shutil.which("ninja")
+        assert found is not None and os.path.dirname(found) == ninja.BIN_DIR
+    assert os.environ["PATH"] == "/usr/bin:/bin"
+
+
 # --------------------------------------------------------------------------------------------------
 # Layer-level decode kernels (one bf16 token on the CPU). Each is compared with the eager PyTorch
 # computation it replaces, in bf16: the sums run in another order, so results may differ by a rounding.

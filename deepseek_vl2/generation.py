@@ -22,6 +22,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from .kernels import first_argmax
 from .language import DeepseekV2ForCausalLM
 from .model import DeepseekVL2, ImageInputs
 
@@ -55,9 +56,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    """``logits.argmax()`` for a [V] vector, as a 0-d tensor. On the CPU PyTorch's argmax is a scalar
-    loop (~110 us for 129k logits) while ``amax`` is vectorised (~7 us): find the first row of 1024 that
-    holds the maximum, then the first maximum in it (the same index: the first occurrence)."""
+    """``logits.argmax()`` for a [V] vector, as a 0-d tensor. On the CPU: one call into our kernels where
+    they are loaded (``kernels.first_argmax``); else, as PyTorch's argmax is a scalar loop there (~110 us
+    for 129k logits) while ``amax`` is vectorised (~7 us), find the first row of 1024 that holds the
+    maximum, then the first maximum in it (the same index: the first occurrence)."""
+    index = first_argmax(logits)  # (one call where our CPU kernels are loaded)
+    if index is not None:
+        return torch.tensor(index)
     width = 1024
     if logits.is_cuda or logits.numel() < 4 * width or not bool(torch.isfinite(maximum := logits.amax())):
         return logits.argmax()

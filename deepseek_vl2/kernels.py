@@ -166,6 +166,19 @@ def _layer_extension(dtype: torch.dtype) -> Optional[Any]:
     return None
 
 
+def first_argmax(values: torch.Tensor) -> Optional[int]:
+    """``int(values.argmax())`` for a contiguous fp32 CPU vector in one call into a kernel extension that
+    is already built (never builds one: None then, and elsewhere)."""
+    if values.device.type != "cpu" or values.dtype != torch.float32 or values.dim() != 1 or not values.is_contiguous():
+        return None
+    for build in (avx512_bf16_extension, fp32_extension):
+        if build.cache_info().currsize:  # (built or found missing already)
+            extension = build()
+            if extension is not None:
+                return extension.first_argmax(values)
+    return None
+
+
 def _fused_extension(x: torch.Tensor) -> Optional[Any]:
     """The extension, when ``x`` is one bf16 or fp32 token on the CPU (the layer-level decode kernels apply)."""
     if x.device.type != "cpu" or x.numel() != x.shape[-1]:

@@ -353,9 +353,17 @@ def test_penalty_by_ids_equals_penalty_by_mask() -> None:
     assert torch.equal(by_ids[untouched], logits[untouched]) and not torch.equal(by_ids[mask], logits[mask])
 
 
-def test_fast_argmax_returns_the_first_maximum() -> None:
+@pytest.mark.parametrize("path", ["kernel", "pytorch"])
+def test_fast_argmax_returns_the_first_maximum(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepseek_vl2 import generation, kernels
     from deepseek_vl2.generation import _argmax
 
+    if path == "kernel":
+        if kernels.fp32_extension() is None:
+            pytest.skip("no C++ compiler/ninja: no kernels")
+        assert kernels.first_argmax(torch.tensor([1.0, 3.0, 3.0])) == 1
+    else:
+        monkeypatch.setattr(generation, "first_argmax", lambda values: None)
     generator = torch.Generator().manual_seed(1)
     for size in (129280, 5000, 4097, 10):
         logits = torch.randn(size, generator=generator)
@@ -367,6 +375,9 @@ def test_fast_argmax_returns_the_first_maximum() -> None:
     with_nan = torch.randn(5000, generator=generator)
     with_nan[4000] = float("nan")
     assert int(_argmax(with_nan)) == int(with_nan.argmax())
+    for special in ([float("-inf")] * 5, [1.0, float("inf"), 2.0, float("inf")], [float("-inf"), -1e30, float("nan"), float("nan")]):
+        values = torch.tensor(special)
+        assert int(_argmax(values)) == int(values.argmax())
 
 
 @pytest.mark.parametrize("ties", [False, True])

@@ -1144,10 +1144,32 @@ torch::Tensor gemv(const char* name, const torch::Tensor& x, const torch::Tensor
   return out;
 }
 
+// The index of the first maximum of an fp32 vector, as torch.argmax (a NaN counts as the maximum: the
+// first NaN). One call instead of the ~10 small PyTorch ops of generation._argmax: between two decode
+// steps, which stream the weights through every cache level, each of those ran from cold caches (greedy
+// sampling took 0.29 ms per token inside generation against 0.04 ms in a warm loop; now 0.165 ms).
+inline int64_t first_argmax(const torch::Tensor& values) {
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.device().is_cpu() && values.dim() == 1 && values.is_contiguous() &&
+                  values.numel() > 0, "first_argmax: a non-empty contiguous fp32 CPU vector");
+  const float* v = values.data_ptr<float>();
+  const int64_t n = values.numel();
+  float best = -INFINITY;
+  int nans = 0;
+#pragma omp simd reduction(max : best) reduction(+ : nans)  // (greedy sampling 0.165 ms a token, 0.18 scalar)
+  for (int64_t i = 0; i < n; ++i) {
+    best = v[i] > best ? v[i] : best;
+    nans += v[i] != v[i];
+  }
+  for (int64_t i = 0; i < n; ++i)
+    if (nans ? std::isnan(v[i]) : v[i] == best) return i;
+  return 0;  // (unreachable)
+}
+
 // The Python names of the layer kernels for storage type T: ffn_block_<suffix>, mha_block_<suffix> and
 // the DecodeStep class.
 template <typename T>
 void bind_layer_kernels(pybind11::module_& m, const std::string& suffix) {
+  m.def("first_argmax", &first_argmax, "index of the first maximum of an fp32 vector (as torch.argmax)");
   m.def(("ffn_block_" + suffix).c_str(), &ffn_block<T>,
         "RMSNorm + router + chosen and shared experts (or a dense MLP) + residual, one token");
   m.def(("mha_block_" + suffix).c_str(), &mha_block<T>,

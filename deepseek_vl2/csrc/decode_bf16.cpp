@@ -143,9 +143,7 @@ std::vector<torch::Tensor> gemv_bf16_many(const std::vector<torch::Tensor>& xs, 
     inputs.push_back(xs[i].reshape({-1}).contiguous());
     TORCH_CHECK(inputs[i].scalar_type() == at::kBFloat16 && inputs[i].numel() == ws[i].size(1),
                 "gemv_bf16_many: input ", i, " must hold ", ws[i].size(1), " bf16 values");
-    const bool has_bias = !biases.empty() && biases[i].has_value() && biases[i]->defined();
-    bias_f.push_back(has_bias ? biases[i]->to(at::kFloat).contiguous() : torch::Tensor());
-    if (has_bias) TORCH_CHECK(bias_f[i].numel() == ws[i].size(0), "gemv_bf16_many: bias ", i, " length");
+    bias_f.push_back(biases.empty() ? torch::Tensor() : fp32_bias("gemv_bf16_many", biases[i], ws[i].size(0)));
     outs.push_back(torch::empty({ws[i].size(0)}, ws[i].options()));
   }
   const int threads = pool_threads();

@@ -263,10 +263,7 @@ AttentionSpec<T> attention_spec(const torch::Tensor& norm_weight, double eps, co
   for (int i = 0; i < 4; ++i) {
     s.w[i] = data_of<T>(weights[i]);
     s.w_stride[i] = weights[i].stride(0);
-    if (!biases.empty() && biases[i].has_value() && biases[i]->defined()) {
-      s.bias_f32[i] = biases[i]->to(at::kFloat).contiguous();
-      TORCH_CHECK(s.bias_f32[i].numel() == weights[i].size(0), "mha_block: bias ", i, " length");
-    }
+    if (!biases.empty()) s.bias_f32[i] = fp32_bias("mha_block", biases[i], weights[i].size(0));
   }
   s.k_cache = reinterpret_cast<T*>(k_cache.data_ptr());
   s.v_cache = reinterpret_cast<T*>(v_cache.data_ptr());
@@ -456,10 +453,10 @@ MlaSpec<T> mla_spec(const torch::Tensor& norm_weight, double eps, const std::vec
   }
   torch::Tensor* bias_copies[5] = {&s.q_in_bias, &s.kv_a_bias, nullptr, &s.o_bias, nullptr};
   for (size_t i = 0; i < biases.size(); ++i) {
-    if (!biases[i].has_value() || !biases[i]->defined()) continue;
+    torch::Tensor copy = fp32_bias(what, biases[i], weights[i].size(0));
+    if (!copy.defined()) continue;
     TORCH_CHECK(bias_copies[i] != nullptr, what, ": kv_b and q_b have no bias");
-    TORCH_CHECK(biases[i]->numel() == weights[i].size(0), what, ": bias ", i, " length");
-    *bias_copies[i] = biases[i]->to(at::kFloat).contiguous();
+    *bias_copies[i] = copy;
   }
   s.kv_a_norm = data_of<T>(kv_a_norm);
   s.kv_a_eps = float(kv_a_eps);

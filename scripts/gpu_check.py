@@ -1,6 +1,6 @@
 """CUDA checks and timings in one run (for a lent GPU): parity on the golden cases, graphs vs eager, speed.
 
-    python scripts/gpu_check.py [--fixtures DIR] [--skip-small]
+    python scripts/gpu_check.py [--fixtures DIR] [--sections tiny,small,parity]
 
 Prints one line per check and a JSON summary last. Nothing here runs in CI (no GPU there).
 """
@@ -142,18 +142,23 @@ def speed(name: str, config_path: Path, prompt_tokens: int, tiles: int, new_toke
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fixtures", type=Path, default=Path(os.environ.get("DEEPSEEK_VL2_FIXTURES", "../shared/fixtures")))
-    parser.add_argument("--skip-small", action="store_true")
-    parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument("--sections", default="parity,tiny,small",
+                        help="comma-separated, run in this order: parity, tiny, small (default: all three)")
     args = parser.parse_args()
+    sections = {
+        "parity": lambda: parity(args.fixtures),
+        "tiny": lambda: speed("tiny_438tok_1tile", args.fixtures / "real-configs/deepseek-vl2-tiny.json", 438, 2, 128),
+        "small": lambda: speed("small_1400tok_5tiles", args.fixtures / "real-configs/deepseek-vl2-small.json", 1400, 5, 128),
+    }
+    chosen = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in sections]
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {sorted(sections)}")
     log("device", torch.cuda.get_device_name(), "torch", torch.__version__, "grouped_mm", hasattr(torch, "_grouped_mm"))
     RESULTS["device"] = torch.cuda.get_device_name()
-    for section, fn in [
-        ("parity", lambda: None if args.skip_parity else parity(args.fixtures)),
-        ("tiny", lambda: speed("tiny_438tok_1tile", args.fixtures / "real-configs/deepseek-vl2-tiny.json", 438, 2, 128)),
-        ("small", lambda: None if args.skip_small else speed("small_1400tok_5tiles", args.fixtures / "real-configs/deepseek-vl2-small.json", 1400, 5, 128)),
-    ]:
+    for section in chosen:
         try:
-            fn()
+            sections[section]()
         except Exception as exc:  # keep going: one call should report everything it can
             import traceback
 

@@ -37,6 +37,37 @@ def cuda_time(fn) -> float:
     return time.perf_counter() - start, out
 
 
+def step_checks(model, inputs) -> dict[str, float]:
+    """The first decode step after the prompt, three ways, on the same cache: eager (dynamic shapes), the
+    static-window step that graphs capture (``decode_static``), and its graph replay where the model has
+    graphs (bf16 on Hopper). Relative differences of the logits:
+
+    - ``static_vs_eager``: the window and mask logic. Rounding-level in fp32; in bf16 a near-tie in a
+      random router can flip an expert and move the logits by several percent (mha/multi_turn does so
+      on the CPU too), so only the fp32 figure is judged.
+    - ``graph_vs_static``: the capture itself (static buffers for token and position). The same kernels
+      without torch.compile: ~0; compiled kernels round differently.
+    """
+    from deepseek_vl2.generation import CudaGraphDecoder, _step_function
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    with torch.inference_mode():
+        lm = model.language
+        embeds = model.prepare_inputs_embeds(inputs)
+        n = embeds.shape[1]
+        lm.setup_cache(n + 16)
+        token = lm(embeds, use_cache=True, last_only=True)[0, -1].argmax()
+        eager = lm(lm.model.embed_tokens(token.view(1, 1)), start_pos=n, use_cache=True)[0, -1].clone()
+        window = min(CudaGraphDecoder.window_for(n), lm.max_seq_len)
+        static = lm.decode_static(token.view(1), torch.tensor([n], device=token.device), window).clone()
+        out = {"static_vs_eager": rel(static, eager)}
+        if CudaGraphDecoder.supported(lm):
+            out["graph_vs_static"] = rel(_step_function(lm, True)(token, n), static)
+        return out
+
+
 def parity(fixtures: Path) -> None:
     from PIL import Image
     from safetensors.torch import load_file
@@ -77,25 +108,21 @@ def parity(fixtures: Path) -> None:
         ids32 = generate(model32, inputs, cfg, proc.eos_id)
         eager16 = generate(model16, inputs, cfg, proc.eos_id, cuda_graphs=False)
         graph16 = generate(model16, inputs, cfg, proc.eos_id, cuda_graphs=True)
-        # One step of the graph path against the eager step on the same bf16 cache: rounding-level only.
-        with torch.inference_mode():
-            lm = model16.language
-            embeds = model16.prepare_inputs_embeds(inputs)
-            n = embeds.shape[1]
-            lm.setup_cache(n + 16)
-            token = lm(embeds, use_cache=True, last_only=True)[0, -1].argmax()
-            eager_step = lm(lm.model.embed_tokens(token.view(1, 1)), start_pos=n, use_cache=True)[0, -1]
-            from deepseek_vl2.generation import _step_function
-            graph_step = _step_function(lm, True)(token, n).clone()
-            step_rel = ((graph_step - eager_step).norm() / eager_step.norm()).item()
-        RESULTS["graph_step_rel_max"] = max(RESULTS.get("graph_step_rel_max", 0.0), step_rel)
-        ok = diff <= case["tolerance"]["logits_text"] and ids32 == case["generated_ids"] and step_rel < 1e-2
+        steps = {"fp32": step_checks(model32, inputs), "bf16": step_checks(model16, inputs)}
+        for dtype_name, figures in steps.items():
+            for name, value in figures.items():
+                RESULTS[f"{name}_{dtype_name}_max"] = max(RESULTS.get(f"{name}_{dtype_name}_max", 0.0), value)
+        graph_limit = 1e-2 if os.environ.get("DEEPSEEK_VL2_COMPILE", "1") == "1" else 1e-3
+        ok = (diff <= case["tolerance"]["logits_text"] and ids32 == case["generated_ids"]
+              and steps["fp32"]["static_vs_eager"] < 1e-4 and steps["bf16"].get("graph_vs_static", 0.0) < graph_limit)
         key = case_dir.parent.name
         worst[key] = max(worst.get(key, 0.0), diff / case["tolerance"]["logits_text"])
         bf16_match = sum(a == b for a, b in zip(eager16, case["generated_ids"]))
         log(f"parity {key}/{case_dir.name}: fp32 logits {diff:.2e} (tol {case['tolerance']['logits_text']:.1e}) "
             f"greedy {'==' if ids32 == case['generated_ids'] else '!='} gold; bf16 graph {'==' if eager16 == graph16 else '!='} eager; "
-            f"bf16 vs gold {bf16_match}/{len(eager16)}; graph step rel {step_rel:.1e} {'OK' if ok else 'FAIL'}")
+            f"bf16 vs gold {bf16_match}/{len(eager16)}; static vs eager fp32 {steps['fp32']['static_vs_eager']:.1e} bf16 {steps['bf16']['static_vs_eager']:.1e}; "
+            f"graph vs static bf16 {steps['bf16'].get('graph_vs_static', float('nan')):.1e} "
+            f"{'OK' if ok else 'FAIL'}")
         RESULTS.setdefault("parity_fail", 0)
         RESULTS["parity_fail"] += 0 if ok else 1
     RESULTS["parity_worst_fraction_of_tolerance"] = worst

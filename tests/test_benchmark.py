@@ -198,6 +198,14 @@ def _run_benchmark(*args: str) -> dict:
     return result
 
 
+def test_huge_page_figures_are_read_from_smaps_rollup():
+    sample = ("00400000-7ffd0000 ---p 00000000 00:00 0  [rollup]\nRss:   5230000 kB\nAnonymous:  300000 kB\n"
+              "AnonHugePages:    296960 kB\nShmemPmdMapped:  0 kB\nFilePmdMapped:   2011136 kB\n")
+    bench = _load_benchmark_module()
+    assert bench.parse_huge_pages(sample) == {"anonymous": 296960 * 1024, "file": 2011136 * 1024}
+    assert bench.parse_huge_pages("Rss: 1 kB\n") == {"anonymous": 0, "file": 0}  # (kernels without THP)
+
+
 def test_benchmark_smoke_checkpoint():
     ckpt = FIXTURES / "checkpoints" / "mha"
     if not ckpt.is_dir():
@@ -216,6 +224,8 @@ def test_benchmark_smoke_checkpoint():
     assert window > 0 and result["bandwidth_gbs"] >= window
     assert result["decode_pct_of_bound"] == pytest.approx(100 * result["decode_tok_s"] / result["decode_bound_tok_s"])
     assert result["decode_bound_best_tok_s"] >= result["decode_bound_tok_s"]
+    huge = result["huge_pages_gb"]
+    assert huge is None or (0 <= huge["file"] <= result["peak_rss_gb"] and huge["anonymous"] >= 0)
 
 
 def test_benchmark_smoke_config():

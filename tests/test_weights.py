@@ -283,3 +283,79 @@ def test_demo_checkpoint_is_complete_and_self_made(project_dir, tmp_path, attent
     assert enc.ids.count(tok.token_to_id("<image>")) == 1
     tc = json.loads((out / "tokenizer_config.json").read_text())
     assert {v["content"] for v in tc["added_tokens_decoder"].values()} == set(specials)
+
+
+class _RecordingFile:
+    """A raw file stand-in that records each write's offset and length, and accepts at most ``limit``
+    bytes per call (as a raw file may)."""
+
+    def __init__(self, start: int = 0, limit: int | None = None):
+        self.data, self.writes, self.offset, self.limit = bytearray(), [], start, limit
+
+    def write(self, view) -> int:
+        n = len(view) if self.limit is None else min(len(view), self.limit)
+        self.data += bytes(view[:n])
+        self.writes.append((self.offset, n))
+        self.offset += n
+        return n
+
+
+@pytest.mark.parametrize("start", [0, 1000, W.WRITE_BLOCK - 1, 3 * W.WRITE_BLOCK])
+def test_block_writer_writes_aligned_blocks(start):
+    import random
+
+    rng = random.Random(start)
+    payload = rng.randbytes(3 * W.WRITE_BLOCK + 12345)
+    fh = _RecordingFile(start)
+    writer = W.BlockWriter(fh, start)
+    pos = 0
+    while pos < len(payload):  # pieces of uneven sizes, as a download delivers them
+        step = rng.choice([1, 4096, 1 << 20, W.WRITE_BLOCK + 7])
+        writer.write(payload[pos:pos + step])
+        pos += step
+    writer.flush()
+    assert bytes(fh.data) == payload
+    *blocks, last = fh.writes
+    for offset, length in blocks:
+        assert (offset + length) % W.WRITE_BLOCK == 0, (offset, length)  # every block ends on a boundary
+        assert offset % W.WRITE_BLOCK == 0 or offset == start  # and starts on one (but the first)
+        assert length <= W.WRITE_BLOCK
+    assert last[0] + last[1] == start + len(payload)
+
+
+def test_block_writer_completes_short_writes():
+    fh = _RecordingFile(limit=W.WRITE_BLOCK // 3)
+    writer = W.BlockWriter(fh)
+    payload = bytes(range(256)) * (W.WRITE_BLOCK // 128)  # two blocks
+    writer.write(payload)
+    writer.flush()
+    assert bytes(fh.data) == payload
+    assert writer.offset == len(payload)
+
+
+def test_interrupted_download_keeps_what_arrived(fixtures_dir, isolated, monkeypatch):
+    class Broken(Exception):
+        pass
+
+    class Response:
+        status_code = 200
+        headers = {"Content-Length": str(3 * 1000)}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def iter_content(self, chunk_size):
+            yield b"a" * 1000
+            yield b"b" * 1000
+            raise Broken("connection reset")
+
+    monkeypatch.setattr(W, "_get", lambda *a, **k: Response())
+    dest = isolated / "model.safetensors"
+    with pytest.raises(Broken):
+        W.download_file(None, "http://unused", dest, log=lambda m: None)
+    part = dest.with_name(dest.name + ".incomplete")
+    assert part.read_bytes() == b"a" * 1000 + b"b" * 1000  # buffered, then flushed on the way out
+    assert not dest.exists()

@@ -56,10 +56,15 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    """``logits.argmax()`` for a [V] vector, as a 0-d tensor. On the CPU: one call into our kernels where
-    they are loaded (``kernels.first_argmax``); else, as PyTorch's argmax is a scalar loop there (~110 us
-    for 129k logits) while ``amax`` is vectorised (~7 us), find the first row of 1024 that holds the
-    maximum, then the first maximum in it (the same index: the first occurrence)."""
+    """``logits.argmax()`` for a [V] vector, as a 0-d tensor. Logits straight from the CPU whole-step
+    kernel carry it (``known_argmax``, see ``DeepseekV2ForCausalLM.decode_step_cpu``). Else, on the CPU:
+    one call into our kernels where they are loaded (``kernels.first_argmax``); else, as PyTorch's argmax
+    is a scalar loop there (~110 us for 129k logits) while ``amax`` is vectorised (~7 us), find the first
+    row of 1024 that holds the maximum, then the first maximum in it (the same index: the first
+    occurrence)."""
+    known = getattr(logits, "known_argmax", None)
+    if known is not None:
+        return torch.tensor(known)
     index = first_argmax(logits)  # (one call where our CPU kernels are loaded)
     if index is not None:
         return torch.tensor(index)

@@ -761,7 +761,13 @@ class DeepseekV2ForCausalLM(nn.Module):
         (``kernels.decode_step``: every layer, the final norm and the LM head in one parallel region, the
         same arithmetic as the per-layer kernels); None where it does not apply."""
         step = self._cpu_step()
-        return None if step is None else step.step(token, position)
+        if step is None:
+            return None
+        logits = step.step(token, position)
+        # The kernel found the argmax as it wrote the logits: greedy decoding reads it from here instead
+        # of going over them again (generation._argmax). A copy or a view does not carry it.
+        logits.known_argmax = step.last_argmax()
+        return logits
 
     def _cpu_step(self) -> Optional[Any]:
         # The kernel holds raw pointers to the weights and caches: made again when the caches are

@@ -16,6 +16,7 @@ from deepseek_vl2.generation import (
     generate,
     generate_stream,
     prefill,
+    sample,
     sampling_probs,
 )
 from deepseek_vl2.model import load_model
@@ -280,6 +281,7 @@ def test_whole_decode_step_kernel_equals_the_layer_kernels(name: str, dtype: tor
     monkeypatch.setenv("DEEPSEEK_VL2_CPU_STEP", "1")
     whole, whole_caches = _decode(language, embeds, tokens)
     assert len(whole_steps) == len(tokens) and all(logits is not None for logits in whole_steps)
+    assert all(logits.known_argmax == int(logits.argmax()) for logits in whole_steps)  # (found as they were written)
     monkeypatch.setenv("DEEPSEEK_VL2_CPU_STEP", "0")
     language.cache_version += 1  # (the environment is read when the step is made)
     whole_steps.clear()
@@ -313,6 +315,36 @@ def test_whole_decode_step_follows_a_reallocated_cache_and_refuses_bad_input(mon
         language.decode_step_cpu(language.config.vocab_size, 3)
     with pytest.raises(RuntimeError, match="outside the cache"):
         language.decode_step_cpu(3, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_whole_decode_step_finds_the_first_argmax_of_its_logits(dtype: torch.dtype) -> None:
+    """The argmax the step kernel finds while writing the logits (both threads, rows in any order) is
+    torch.argmax's: the first index of the maximum, the first NaN if any."""
+    _skip_without_kernels(dtype)
+    language = load_model(FIXTURES_DIR / "checkpoints" / "mha", dtype=dtype).language
+    embeds = torch.randn(1, 12, language.config.hidden_size, generator=torch.Generator().manual_seed(2)).to(dtype)
+    head = language.lm_head.weight
+    vocab = head.shape[0]
+    row = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(3)).to(dtype)
+    tied = [3, vocab // 2, vocab - 1]  # in both threads' shares
+    with torch.no_grad():
+        head.zero_()  # every other logit is exactly 0: ties everywhere
+        head[tied] = row
+    for flip in (1.0, -1.0):  # the tied rows hold the maximum, or the zeros do (from index 0)
+        with torch.no_grad():
+            head[tied] = row * flip
+        language.cache_version += 1
+        logits = _decode(language, embeds, [7])[0][-1]
+        step_logits = language.decode_step_cpu(8, embeds.shape[1] + 1)
+        assert step_logits.known_argmax == int(step_logits.argmax())
+        assert int(logits.argmax()) in (3, 0)
+    with torch.no_grad():
+        head[[vocab - 2, 5]] = float("nan")
+    language.cache_version += 1
+    _decode(language, embeds, [7])
+    step_logits = language.decode_step_cpu(8, embeds.shape[1] + 1)
+    assert step_logits.known_argmax == 5 == int(step_logits.argmax())
 
 
 def test_whole_decode_step_does_not_apply_to_other_dtypes() -> None:
@@ -408,3 +440,14 @@ def test_rotary_table_lookup_equals_computing_the_position(variant: str) -> None
             looked_up = rotary(torch.tensor([position]), dtype)
             computed = rotary._compute(torch.tensor([position]), dtype)
             assert all(torch.equal(a, b) for a, b in zip(looked_up, computed))
+
+
+def test_greedy_sampling_reads_the_argmax_the_step_kernel_found() -> None:
+    from deepseek_vl2.generation import _argmax
+
+    logits = torch.tensor([0.0, 5.0, 1.0])
+    logits.known_argmax = 0  # (what decode_step_cpu attaches; here deliberately not the argmax, to see it used)
+    assert int(_argmax(logits)) == 0
+    assert int(sample(logits, torch.tensor([1]), GenerationConfig(), None)) == 0
+    assert int(_argmax(logits.clone())) == 1  # a copy does not carry it: searched
+    assert int(sample(logits, torch.tensor([1]), GenerationConfig(repetition_penalty=10.0), None)) == 2  # penalised copy: 5/10 < 1

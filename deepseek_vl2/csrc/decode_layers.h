@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -952,6 +953,32 @@ torch::Tensor ffn_block(const torch::Tensor& x, const torch::Tensor& norm_weight
 // between them. Built once per model and cache (the Python side adds the layers with the same arguments
 // as mha_block / mla_block and ffn_block, and keeps the tensors alive); step() returns the logits as the
 // eager model does: fp32 values of the LM-head output in the storage type.
+// One thread's share of an argmax over values offered in any order, with torch.argmax's answer: the
+// first NaN if there is one, else the first index of the maximum.
+struct ArgmaxPart {
+  float best = -INFINITY;
+  int64_t index = std::numeric_limits<int64_t>::max();
+  int64_t nan_index = std::numeric_limits<int64_t>::max();
+
+  void offer(int64_t n, float v) {
+    if (v != v) {
+      nan_index = std::min(nan_index, n);
+    } else if (v > best || (v == best && n < index)) {
+      best = v;
+      index = n;
+    }
+  }
+
+  static int64_t combine(const ArgmaxPart* parts, int count) {
+    ArgmaxPart all;
+    for (int t = 0; t < count; ++t) {
+      all.nan_index = std::min(all.nan_index, parts[t].nan_index);
+      if (parts[t].index != std::numeric_limits<int64_t>::max()) all.offer(parts[t].index, parts[t].best);
+    }
+    return all.nan_index != std::numeric_limits<int64_t>::max() ? all.nan_index : all.index;
+  }
+};
+
 template <typename T>
 class DecodeStep {
   using S = Storage<T>;
@@ -1060,13 +1087,23 @@ class DecodeStep {
       }
       T* normed = final_normed_.data() + thread * hidden_;
       rms_norm_row(x, data_of<T>(final_norm_), hidden_, final_eps_, normed);
+      ArgmaxPart& part = argmax_parts_[thread];
+      part = ArgmaxPart{};
       lm_head_claims_.run(thread, chunk_rows(hidden_ * int64_t(sizeof(T))), [&](int64_t begin, int64_t end) {
-        gemv_rows(data_of<T>(lm_head_), lm_head_.stride(0), hidden_, normed, begin, end,
-                  [&](int64_t n, float sum) { lp[n] = S::round(sum); });
+        gemv_rows(data_of<T>(lm_head_), lm_head_.stride(0), hidden_, normed, begin, end, [&](int64_t n, float sum) {
+          lp[n] = S::round(sum);
+          part.offer(n, lp[n]);
+        });
       });
     });
+    last_argmax_ = ArgmaxPart::combine(argmax_parts_.data(), team_size);
     return logits;
   }
+
+  // The index of the first maximum of the last step's logits (torch.argmax's answer: the first NaN if
+  // any), found while they were written. Greedy decoding reads it instead of going over the 0.5 MB of
+  // logits again, which had left the caches of the core that samples: ~0.14 ms a token.
+  int64_t last_argmax() const { return last_argmax_; }
 
  private:
   void add_ffn(const torch::Tensor& ffn_norm, double ffn_eps, const c10::optional<torch::Tensor>& router_weight,
@@ -1102,6 +1139,7 @@ class DecodeStep {
     x_.assign(hidden_, 0);
     mid_.assign(hidden_, 0);
     final_normed_.assign(team * hidden_, 0);
+    argmax_parts_.assign(team, ArgmaxPart{});
     scratch_team_ = team;
     scratch_ready_ = true;
   }
@@ -1120,6 +1158,8 @@ class DecodeStep {
   std::vector<MlaClaims> mla_claims_;
   std::vector<RowClaims> up_claims_, down_claims_;
   RowClaims lm_head_claims_;
+  std::vector<ArgmaxPart> argmax_parts_;  // [team]
+  int64_t last_argmax_ = -1;
   std::vector<T> x_, mid_, final_normed_;
   int scratch_team_ = 0;
   bool scratch_ready_ = false;
@@ -1152,13 +1192,28 @@ inline int64_t first_argmax(const torch::Tensor& values) {
   const int64_t n = values.numel();
   float best = -INFINITY;
   int nans = 0;
-#pragma omp simd reduction(max : best) reduction(+ : nans)  // (greedy sampling 0.165 ms a token, 0.18 scalar)
+#pragma omp simd reduction(max : best) reduction(+ : nans)
   for (int64_t i = 0; i < n; ++i) {
     best = v[i] > best ? v[i] : best;
     nans += v[i] != v[i];
   }
-  for (int64_t i = 0; i < n; ++i)
-    if (nans ? std::isnan(v[i]) : v[i] == best) return i;
+  if (nans) {  // torch.argmax: the first NaN
+    for (int64_t i = 0; i < n; ++i)
+      if (std::isnan(v[i])) return i;
+  }
+  // The first index holding `best`: a vectorised test per block finds its block, a scan of that block the
+  // index. (A scalar search alone went through half of a 129k vocabulary on average: 46 us of 55.)
+  constexpr int64_t kBlock = 256;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min(n, start + kBlock);
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t i = start; i < end; ++i) hit |= v[i] == best;
+    if (hit) {
+      for (int64_t i = start; i < end; ++i)
+        if (v[i] == best) return i;
+    }
+  }
   return 0;  // (unreachable)
 }
 
@@ -1178,7 +1233,8 @@ void bind_layer_kernels(pybind11::module_& m, const std::string& suffix) {
                           const torch::Tensor&>())
       .def("add_layer", &DecodeStep<T>::add_layer)
       .def("add_mla_layer", &DecodeStep<T>::add_mla_layer)
-      .def("step", &DecodeStep<T>::step);
+      .def("step", &DecodeStep<T>::step)
+      .def("last_argmax", &DecodeStep<T>::last_argmax);
 }
 
 }  // namespace decode

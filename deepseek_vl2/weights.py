@@ -243,11 +243,11 @@ class BlockWriter:
     (the first one runs up to the first such offset after ``offset``, where writing starts; the last one
     is whatever is left at ``flush``).
 
-    Why: the CPU loader maps the weight files instead of copying them. Linux (6.x, ext4/xfs) keeps a file
-    it has *read* in 2 MiB page-cache folios, which a mapping covers with 2 MiB pages; but a file just
-    *written* in small pieces stays in 4 KiB folios until it is evicted, and then each 4 KiB of weights
-    costs a TLB entry. A file written in aligned blocks of 2 MiB or more is cached in 2 MiB folios at
-    once. Tiny from such a file, on the 2-core EPYC in its fast memory phase: decode 83-87 % of the
+    Why: the CPU loader maps the weight files instead of copying them. Linux (6.x, ext4/xfs) caches a
+    file it *reads* in large page-cache folios (2 MiB where free memory allows), which a mapping covers
+    with 2 MiB pages; but a file just *written* in small pieces stays in 4 KiB folios until it is
+    evicted, and then each 4 KiB of weights costs a TLB entry. A file written in aligned blocks of 2 MiB
+    or more is cached in 2 MiB folios at once. Tiny from such a file, on the 2-core EPYC in its fast memory phase: decode 83-87 % of the
     bandwidth bound against 68-81 % from 4 KiB folios; the load took 0.13 s instead of 1.16 s.
     """
 

@@ -948,11 +948,6 @@ torch::Tensor ffn_block(const torch::Tensor& x, const torch::Tensor& norm_weight
 }
 
 // --------------------------------------------------------------------------------------------------
-// A whole decode step in one parallel region: the token's embedding, every decoder layer (attention_body
-// or mla_body, then ffn_body), the final RMSNorm and the LM head, with no Python and no thread wake-up
-// between them. Built once per model and cache (the Python side adds the layers with the same arguments
-// as mha_block / mla_block and ffn_block, and keeps the tensors alive); step() returns the logits as the
-// eager model does: fp32 values of the LM-head output in the storage type.
 // One thread's share of an argmax over values offered in any order, with torch.argmax's answer: the
 // first NaN if there is one, else the first index of the maximum.
 struct ArgmaxPart {
@@ -979,6 +974,11 @@ struct ArgmaxPart {
   }
 };
 
+// A whole decode step in one parallel region: the token's embedding, every decoder layer (attention_body
+// or mla_body, then ffn_body), the final RMSNorm and the LM head, with no Python and no thread wake-up
+// between them. Built once per model and cache (the Python side adds the layers with the same arguments
+// as mha_block / mla_block and ffn_block, and keeps the tensors alive); step() returns the logits as the
+// eager model does: fp32 values of the LM-head output in the storage type.
 template <typename T>
 class DecodeStep {
   using S = Storage<T>;

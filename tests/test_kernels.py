@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -356,3 +357,18 @@ def test_row_claims_cover_every_row_once_and_rebalance_a_slow_thread() -> None:
     first_share = owners[: 4000 // threads]
     assert (first_share != 0).sum() > 0.5 * first_share.numel()  # most of thread 0's share done by others
     assert (owners[:10] == 0).all()  # its first chunk it took itself, from the front
+
+
+def test_kernel_error_messages_are_joined_without_iostreams() -> None:
+    """TORCH_CHECK formats a message of several parts with std::ostringstream inside the extension, which
+    crashed the process on the GPU image (csrc/check.h); the kernels check arguments with DECODE_CHECK."""
+    csrc = Path(kernels.__file__).parent / "csrc"
+    for source in sorted(csrc.glob("*.[ch]*")):
+        if source.name != "check.h":
+            assert "TORCH_CHECK" not in source.read_text(), f"{source.name}: use DECODE_CHECK (see check.h)"
+    if kernels.fp32_extension() is None:
+        pytest.skip("no C++ compiler/ninja: no kernels")
+    with pytest.raises(RuntimeError, match=r"gemv_f32: x has 3 values, weight rows have 5"):
+        kernels.fp32_extension().gemv_f32(torch.zeros(3), torch.zeros(4, 5), None)
+    with pytest.raises(RuntimeError, match=r"gemv_f32: Float tensors only"):
+        kernels.fp32_extension().gemv_f32(torch.zeros(5, dtype=torch.float64), torch.zeros(4, 5, dtype=torch.float64), None)

@@ -85,7 +85,7 @@ void dots_f32(const uint16_t* row, const float* xs, int64_t x_stride, int64_t co
     case 2: return dots_f32_n<2>(row, xs, x_stride, n, out);
     case 3: return dots_f32_n<3>(row, xs, x_stride, n, out);
     case 4: return dots_f32_n<4>(row, xs, x_stride, n, out);
-    default: TORCH_CHECK(false, "dots_f32: 1 to 4 vectors");
+    default: DECODE_CHECK(false, "dots_f32: 1 to 4 vectors");
   }
 }
 
@@ -119,10 +119,10 @@ using namespace decode;
 // RMSNorm of bf16 vectors (rows of the last dimension), rounded like the eager module:
 // weight * bf16(x * rsqrt(mean(x^2) + eps)), the statistics in fp32.
 torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "rms_norm_bf16: bf16 only");
+  DECODE_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "rms_norm_bf16: bf16 only");
   const auto xc = x.contiguous(), wc = weight.contiguous();
   const int64_t d = wc.numel();
-  TORCH_CHECK(xc.size(-1) == d, "rms_norm_bf16: weight has ", d, " values, x rows have ", xc.size(-1));
+  DECODE_CHECK(xc.size(-1) == d, "rms_norm_bf16: weight has ", d, " values, x rows have ", xc.size(-1));
   auto out = torch::empty_like(xc);
   const uint16_t *xp = data_of<uint16_t>(xc), *wp = data_of<uint16_t>(wc);
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
@@ -135,13 +135,13 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight,
 // matrices. xs[i]: K_i bf16 values; ws[i]: [N_i, K_i]; biases: empty or one (possibly undefined) per weight.
 std::vector<torch::Tensor> gemv_bf16_many(const std::vector<torch::Tensor>& xs, const std::vector<torch::Tensor>& ws,
                                           const std::vector<c10::optional<torch::Tensor>>& biases) {
-  TORCH_CHECK(xs.size() == ws.size() && (biases.empty() || biases.size() == ws.size()), "gemv_bf16_many: list lengths");
+  DECODE_CHECK(xs.size() == ws.size() && (biases.empty() || biases.size() == ws.size()), "gemv_bf16_many: list lengths");
   const size_t count = ws.size();
   std::vector<torch::Tensor> inputs, bias_f, outs;
   for (size_t i = 0; i < count; ++i) {
     check_matrix<uint16_t>(ws[i], "gemv_bf16_many");
     inputs.push_back(xs[i].reshape({-1}).contiguous());
-    TORCH_CHECK(inputs[i].scalar_type() == at::kBFloat16 && inputs[i].numel() == ws[i].size(1),
+    DECODE_CHECK(inputs[i].scalar_type() == at::kBFloat16 && inputs[i].numel() == ws[i].size(1),
                 "gemv_bf16_many: input ", i, " must hold ", ws[i].size(1), " bf16 values");
     bias_f.push_back(biases.empty() ? torch::Tensor() : fp32_bias("gemv_bf16_many", biases[i], ws[i].size(0)));
     outs.push_back(torch::empty({ws[i].size(0)}, ws[i].options()));

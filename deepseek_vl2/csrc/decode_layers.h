@@ -105,7 +105,7 @@ inline int pool_threads() { return at::in_parallel_region() ? 1 : at::get_num_th
 class RowClaims {
  public:
   void reset(int64_t n, int team) {
-    TORCH_CHECK(n >= 0 && n < (int64_t(1) << 32), "RowClaims: too many rows");
+    DECODE_CHECK(n >= 0 && n < (int64_t(1) << 32), "RowClaims: too many rows");
     if (team_ != team) {
       ranges_ = std::make_unique<Range[]>(team);
       team_ = team;
@@ -157,8 +157,8 @@ inline int64_t chunk_rows(int64_t row_bytes) { return std::max<int64_t>(1, (64 <
 
 template <typename T>
 void check_matrix(const torch::Tensor& w, const char* what) {
-  TORCH_CHECK(w.scalar_type() == Storage<T>::kType && w.device().is_cpu(), what, ": ", Storage<T>::kType, " CPU tensors only");
-  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, what, ": weights must be 2-D with contiguous rows");
+  DECODE_CHECK(w.scalar_type() == Storage<T>::kType && w.device().is_cpu(), what, ": ", Storage<T>::kType, " CPU tensors only");
+  DECODE_CHECK(w.dim() == 2 && w.stride(1) == 1, what, ": weights must be 2-D with contiguous rows");
 }
 
 
@@ -241,20 +241,20 @@ template <typename T>
 AttentionSpec<T> attention_spec(const torch::Tensor& norm_weight, double eps, const std::vector<torch::Tensor>& weights,
                              const std::vector<c10::optional<torch::Tensor>>& biases, const torch::Tensor& k_cache,
                              const torch::Tensor& v_cache, double scale) {
-  TORCH_CHECK(weights.size() == 4 && (biases.empty() || biases.size() == 4), "mha_block: four weights (q, k, v, o)");
+  DECODE_CHECK(weights.size() == 4 && (biases.empty() || biases.size() == 4), "mha_block: four weights (q, k, v, o)");
   using S = Storage<T>;
   for (const auto& w : weights) check_matrix<T>(w, "mha_block");
   for (const torch::Tensor* t : {&norm_weight, &k_cache, &v_cache})
-    TORCH_CHECK(t->scalar_type() == S::kType && t->device().is_cpu(), "mha_block: ", S::kType, " CPU tensors only");
-  TORCH_CHECK(norm_weight.is_contiguous(), "mha_block: the norm weight must be contiguous");
-  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
+    DECODE_CHECK(t->scalar_type() == S::kType && t->device().is_cpu(), "mha_block: ", S::kType, " CPU tensors only");
+  DECODE_CHECK(norm_weight.is_contiguous(), "mha_block: the norm weight must be contiguous");
+  DECODE_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
               "mha_block: caches must be [kv_heads, T, d] with contiguous rows");
   AttentionSpec<T> s{};
   s.hidden = norm_weight.numel();
   s.kv_heads = k_cache.size(0);
   s.d = k_cache.size(2);
   s.heads = weights[0].size(0) / s.d;
-  TORCH_CHECK(s.d % 2 == 0 && s.heads * s.d == weights[0].size(0) && s.heads % s.kv_heads == 0 &&
+  DECODE_CHECK(s.d % 2 == 0 && s.heads * s.d == weights[0].size(0) && s.heads % s.kv_heads == 0 &&
                   weights[1].size(0) == s.kv_heads * s.d && weights[2].size(0) == s.kv_heads * s.d &&
                   weights[0].size(1) == s.hidden && weights[1].size(1) == s.hidden && weights[2].size(1) == s.hidden &&
                   weights[3].size(0) == s.hidden && weights[3].size(1) == s.heads * s.d,
@@ -416,18 +416,18 @@ MlaSpec<T> mla_spec(const torch::Tensor& norm_weight, double eps, const std::vec
                     const torch::Tensor& k_pe_cache, int64_t heads, int64_t nope, int64_t rope, int64_t v, double scale) {
   using S = Storage<T>;
   const char* what = "mla_block";
-  TORCH_CHECK(weights.size() == 4 || weights.size() == 5, what, ": weights q_in, kv_a, kv_b, o (and q_b with a query LoRA)");
-  TORCH_CHECK(biases.empty() || biases.size() == weights.size(), what, ": one bias (or None) per weight");
+  DECODE_CHECK(weights.size() == 4 || weights.size() == 5, what, ": weights q_in, kv_a, kv_b, o (and q_b with a query LoRA)");
+  DECODE_CHECK(biases.empty() || biases.size() == weights.size(), what, ": one bias (or None) per weight");
   const bool lora = weights.size() == 5;
-  TORCH_CHECK(lora == (q_a_norm.has_value() && q_a_norm->defined()), what, ": q_a_norm goes with q_b");
+  DECODE_CHECK(lora == (q_a_norm.has_value() && q_a_norm->defined()), what, ": q_a_norm goes with q_b");
   for (const auto& w : weights) check_matrix<T>(w, what);
   std::vector<const torch::Tensor*> vectors = {&norm_weight, &kv_a_norm, &latent_cache, &k_pe_cache};
   if (lora) vectors.push_back(&*q_a_norm);
   for (const torch::Tensor* t : vectors)
-    TORCH_CHECK(t->scalar_type() == S::kType && t->device().is_cpu(), what, ": ", S::kType, " CPU tensors only");
-  TORCH_CHECK(norm_weight.is_contiguous() && kv_a_norm.is_contiguous() && (!lora || q_a_norm->is_contiguous()),
+    DECODE_CHECK(t->scalar_type() == S::kType && t->device().is_cpu(), what, ": ", S::kType, " CPU tensors only");
+  DECODE_CHECK(norm_weight.is_contiguous() && kv_a_norm.is_contiguous() && (!lora || q_a_norm->is_contiguous()),
               what, ": norm weights must be contiguous");
-  TORCH_CHECK(latent_cache.dim() == 2 && k_pe_cache.dim() == 2 && latent_cache.stride(1) == 1 && k_pe_cache.stride(1) == 1 &&
+  DECODE_CHECK(latent_cache.dim() == 2 && k_pe_cache.dim() == 2 && latent_cache.stride(1) == 1 && k_pe_cache.stride(1) == 1 &&
                   latent_cache.size(0) == k_pe_cache.size(0),
               what, ": caches must be [T, rank] and [T, rope] with contiguous rows");
   MlaSpec<T> s{};
@@ -435,7 +435,7 @@ MlaSpec<T> mla_spec(const torch::Tensor& norm_weight, double eps, const std::vec
   s.heads = heads, s.nope = nope, s.rope = rope, s.v = v;
   s.rank = latent_cache.size(1);
   s.q_rank = lora ? weights[0].size(0) : 0;
-  TORCH_CHECK(heads > 0 && nope >= 0 && rope > 0 && rope % 2 == 0 && v > 0 && k_pe_cache.size(1) == rope &&
+  DECODE_CHECK(heads > 0 && nope >= 0 && rope > 0 && rope % 2 == 0 && v > 0 && k_pe_cache.size(1) == rope &&
                   kv_a_norm.numel() == s.rank && weights[0].size(1) == s.hidden &&
                   (lora || weights[0].size(0) == heads * (nope + rope)) &&
                   weights[1].size(0) == s.rank + rope && weights[1].size(1) == s.hidden &&
@@ -456,7 +456,7 @@ MlaSpec<T> mla_spec(const torch::Tensor& norm_weight, double eps, const std::vec
   for (size_t i = 0; i < biases.size(); ++i) {
     torch::Tensor copy = fp32_bias(what, biases[i], weights[i].size(0));
     if (!copy.defined()) continue;
-    TORCH_CHECK(bias_copies[i] != nullptr, what, ": kv_b and q_b have no bias");
+    DECODE_CHECK(bias_copies[i] != nullptr, what, ": kv_b and q_b have no bias");
     *bias_copies[i] = copy;
   }
   s.kv_a_norm = data_of<T>(kv_a_norm);
@@ -505,7 +505,7 @@ template <typename T>
 void attend_latent_heads(const MlaSpec<T>& s, const T* q, const T* q_pe, int64_t length, int64_t begin, int64_t end, T* out) {
   using S = Storage<T>;
   const int64_t count = end - begin, rank = s.rank, rope = s.rope;
-  TORCH_CHECK(count <= kLatentHeadBlock, "attend_latent_heads: at most ", kLatentHeadBlock, " heads per call");
+  DECODE_CHECK(count <= kLatentHeadBlock, "attend_latent_heads: at most ", kLatentHeadBlock, " heads per call");
   std::vector<float> q_latent(count * rank, 0.0f), q_pe_f(count * rope), scores(count * length), context(count * rank, 0.0f);
   for (int64_t j = 0; j < count; ++j) {
     const int64_t h = begin + j;
@@ -682,10 +682,10 @@ template <typename T>
 SwigluWeights<T> swiglu_of(const torch::Tensor& gate, const torch::Tensor& up, const torch::Tensor& down, int64_t hidden) {
   for (const torch::Tensor* w : {&gate, &up, &down}) {
     check_matrix<T>(*w, "ffn_block");
-    TORCH_CHECK(w->is_contiguous(), "ffn_block: expert weights must be contiguous");
+    DECODE_CHECK(w->is_contiguous(), "ffn_block: expert weights must be contiguous");
   }
   const int64_t inter = gate.size(0);
-  TORCH_CHECK(gate.size(1) == hidden && up.sizes() == gate.sizes() && down.size(0) == hidden && down.size(1) == inter,
+  DECODE_CHECK(gate.size(1) == hidden && up.sizes() == gate.sizes() && down.size(0) == hidden && down.size(1) == inter,
               "ffn_block: SwiGLU weights do not fit a hidden size of ", hidden);
   return {data_of<T>(gate), data_of<T>(up), data_of<T>(down), inter};
 }
@@ -701,34 +701,34 @@ FfnSpec<T> ffn_spec(const torch::Tensor& norm_weight, double eps, const c10::opt
                  int64_t top_k, int64_t n_group, int64_t topk_group, bool norm_topk_prob, double scale,
                  const c10::optional<torch::Tensor>& expert_table, int64_t expert_inter, const std::vector<torch::Tensor>& shared) {
   using S = Storage<T>;
-  TORCH_CHECK(norm_weight.scalar_type() == S::kType && norm_weight.device().is_cpu() && norm_weight.is_contiguous(),
+  DECODE_CHECK(norm_weight.scalar_type() == S::kType && norm_weight.device().is_cpu() && norm_weight.is_contiguous(),
               "ffn_block: the norm weight must be contiguous ", S::kType, " on the CPU");
-  TORCH_CHECK(shared.empty() || shared.size() == 3, "ffn_block: shared = (gate, up, down) or nothing");
+  DECODE_CHECK(shared.empty() || shared.size() == 3, "ffn_block: shared = (gate, up, down) or nothing");
   FfnSpec<T> s{};
   s.norm = data_of<T>(norm_weight);
   s.eps = float(eps);
   s.hidden = norm_weight.numel();
   s.routed = router_weight.has_value() && router_weight->defined();
   if (s.routed) {
-    TORCH_CHECK(expert_table.has_value() && expert_table->defined(), "ffn_block: a router needs the expert table");
+    DECODE_CHECK(expert_table.has_value() && expert_table->defined(), "ffn_block: a router needs the expert table");
     const auto& w = *router_weight;
-    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(1) == s.hidden,
+    DECODE_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(1) == s.hidden,
                 "ffn_block: router weight must be contiguous fp32 [experts, ", s.hidden, "]");
     const auto& table = *expert_table;
-    TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 2 && table.size(0) == w.size(0) &&
+    DECODE_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 2 && table.size(0) == w.size(0) &&
                     table.size(1) == 3, "ffn_block: expert table must be int64 [experts, 3]");
-    TORCH_CHECK(method == "greedy" || method == "group_limited_greedy" || method == "noaux_tc", "ffn_block: method ", method);
-    TORCH_CHECK(scoring == "softmax" || scoring == "sigmoid", "ffn_block: scoring ", scoring);
+    DECODE_CHECK(method == "greedy" || method == "group_limited_greedy" || method == "noaux_tc", "ffn_block: method ", method);
+    DECODE_CHECK(scoring == "softmax" || scoring == "sigmoid", "ffn_block: scoring ", scoring);
     const int64_t n_experts = w.size(0);
-    TORCH_CHECK(top_k >= 1 && top_k <= n_experts && n_group >= 1 && n_experts % n_group == 0 && topk_group >= 1 &&
+    DECODE_CHECK(top_k >= 1 && top_k <= n_experts && n_group >= 1 && n_experts % n_group == 0 && topk_group >= 1 &&
                     topk_group <= n_group, "ffn_block: routing parameters");
-    TORCH_CHECK(method != "noaux_tc" || n_group == 1, "ffn_block: noaux_tc with several groups is left to the eager layers");
-    TORCH_CHECK(method != "group_limited_greedy" || top_k <= topk_group * (n_experts / n_group),
+    DECODE_CHECK(method != "noaux_tc" || n_group == 1, "ffn_block: noaux_tc with several groups is left to the eager layers");
+    DECODE_CHECK(method != "group_limited_greedy" || top_k <= topk_group * (n_experts / n_group),
                 "ffn_block: group-limited routing with more experts than the kept groups hold is left to the eager layers");
-    TORCH_CHECK(expert_inter > 0, "ffn_block: expert intermediate size");
+    DECODE_CHECK(expert_inter > 0, "ffn_block: expert intermediate size");
     const float* bias = nullptr;
     if (method == "noaux_tc") {
-      TORCH_CHECK(correction_bias.has_value() && correction_bias->defined() && correction_bias->scalar_type() == at::kFloat &&
+      DECODE_CHECK(correction_bias.has_value() && correction_bias->defined() && correction_bias->scalar_type() == at::kFloat &&
                       correction_bias->is_contiguous() && correction_bias->numel() == n_experts,
                   "ffn_block: noaux_tc needs an fp32 correction bias per expert");
       bias = correction_bias->data_ptr<float>();
@@ -744,7 +744,7 @@ FfnSpec<T> ffn_spec(const torch::Tensor& norm_weight, double eps, const c10::opt
     s.shared = swiglu_of<T>(shared[0], shared[1], shared[2], s.hidden);
     s.max_inter_total += s.shared.inter;
   }
-  TORCH_CHECK(s.routed || s.has_shared, "ffn_block: neither a router nor shared weights");
+  DECODE_CHECK(s.routed || s.has_shared, "ffn_block: neither a router nor shared weights");
   return s;
 }
 
@@ -853,7 +853,7 @@ template <typename T>
 torch::Tensor one_token(const torch::Tensor& x, int64_t hidden, const char* what) {
   using S = Storage<T>;
   const auto xc = x.reshape({-1}).contiguous();
-  TORCH_CHECK(xc.scalar_type() == S::kType && xc.device().is_cpu() && xc.numel() == hidden, what, ": x must be ",
+  DECODE_CHECK(xc.scalar_type() == S::kType && xc.device().is_cpu() && xc.numel() == hidden, what, ": x must be ",
               hidden, " ", S::kType, " values on the CPU");
   return xc;
 }
@@ -862,7 +862,7 @@ template <typename T>
 void check_rope(const torch::Tensor& cos, const torch::Tensor& sin, int64_t d, const char* what) {
   using S = Storage<T>;
   for (const torch::Tensor* t : {&cos, &sin})
-    TORCH_CHECK(t->scalar_type() == S::kType && t->device().is_cpu() && t->is_contiguous() && t->numel() == d, what,
+    DECODE_CHECK(t->scalar_type() == S::kType && t->device().is_cpu() && t->is_contiguous() && t->numel() == d, what,
                 ": cos/sin must be ", d, " contiguous ", S::kType, " values");
 }
 
@@ -881,7 +881,7 @@ torch::Tensor mha_block(const torch::Tensor& x, const torch::Tensor& norm_weight
   const auto xc = one_token<T>(x, spec.hidden, "mha_block");
   const auto cc = cos.contiguous(), sc = sin.contiguous();
   check_rope<T>(cc, sc, spec.d, "mha_block");
-  TORCH_CHECK(position >= 0 && position < spec.cache_len, "mha_block: position ", position, " outside the cache");
+  DECODE_CHECK(position >= 0 && position < spec.cache_len, "mha_block: position ", position, " outside the cache");
   auto out = torch::empty({spec.hidden}, xc.options());
   const int team_size = pool_threads();
   AttentionScratch<T> scratch(spec, team_size);
@@ -909,7 +909,7 @@ torch::Tensor mla_block(const torch::Tensor& x, const torch::Tensor& cos, const 
   const auto xc = one_token<T>(x, spec.hidden, "mla_block");
   const auto cc = cos.contiguous(), sc = sin.contiguous();
   check_rope<T>(cc, sc, spec.rope, "mla_block");
-  TORCH_CHECK(position >= 0 && position < spec.cache_len, "mla_block: position ", position, " outside the cache");
+  DECODE_CHECK(position >= 0 && position < spec.cache_len, "mla_block: position ", position, " outside the cache");
   auto out = torch::empty({spec.hidden}, xc.options());
   const int team_size = pool_threads();
   MlaScratch<T> scratch(spec, team_size);
@@ -991,9 +991,9 @@ class DecodeStep {
     check_matrix<T>(embedding_, "DecodeStep");
     check_matrix<T>(lm_head_, "DecodeStep");
     hidden_ = embedding_.size(1);
-    TORCH_CHECK(lm_head_.size(1) == hidden_ && final_norm_.numel() == hidden_ && final_norm_.scalar_type() == S::kType,
+    DECODE_CHECK(lm_head_.size(1) == hidden_ && final_norm_.numel() == hidden_ && final_norm_.scalar_type() == S::kType,
                 "DecodeStep: embedding, final norm and LM head disagree on the hidden size");
-    TORCH_CHECK(cos_.dim() == 2 && sin_.sizes() == cos_.sizes() && cos_.scalar_type() == S::kType &&
+    DECODE_CHECK(cos_.dim() == 2 && sin_.sizes() == cos_.sizes() && cos_.scalar_type() == S::kType &&
                     sin_.scalar_type() == S::kType, "DecodeStep: RoPE tables must be [positions, d] of the weights' dtype");
   }
 
@@ -1005,14 +1005,14 @@ class DecodeStep {
                  const std::string& method, const std::string& scoring, int64_t top_k, int64_t n_group, int64_t topk_group,
                  bool norm_topk_prob, double routed_scale, const c10::optional<torch::Tensor>& expert_table,
                  int64_t expert_inter, const std::vector<torch::Tensor>& shared) {
-    TORCH_CHECK(mla_.empty(), "DecodeStep: every layer must have the same kind of attention");
+    DECODE_CHECK(mla_.empty(), "DecodeStep: every layer must have the same kind of attention");
     keep_alive_.push_back(attn_norm.contiguous());
     const AttentionSpec<T> attention = attention_spec<T>(keep_alive_.back(), attn_eps, weights, biases, k_cache, v_cache, scale);
-    TORCH_CHECK(attention.hidden == hidden_, "DecodeStep: layer sizes disagree with the embedding");
-    TORCH_CHECK(attention_.empty() || (attention.heads == attention_[0].heads && attention.kv_heads == attention_[0].kv_heads &&
+    DECODE_CHECK(attention.hidden == hidden_, "DecodeStep: layer sizes disagree with the embedding");
+    DECODE_CHECK(attention_.empty() || (attention.heads == attention_[0].heads && attention.kv_heads == attention_[0].kv_heads &&
                                        attention.d == attention_[0].d),
                 "DecodeStep: every layer's attention must have the first one's heads and head size");
-    TORCH_CHECK(cos_.size(1) == attention.d, "DecodeStep: RoPE tables are for head size ", cos_.size(1));
+    DECODE_CHECK(cos_.size(1) == attention.d, "DecodeStep: RoPE tables are for head size ", cos_.size(1));
     for (const auto& t : weights) keep_alive_.push_back(t);
     for (const torch::Tensor* t : {&k_cache, &v_cache}) keep_alive_.push_back(*t);
     add_ffn(ffn_norm, ffn_eps, router_weight, correction_bias, method, scoring, top_k, n_group, topk_group, norm_topk_prob,
@@ -1031,17 +1031,17 @@ class DecodeStep {
                      const std::string& scoring, int64_t top_k, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
                      double routed_scale, const c10::optional<torch::Tensor>& expert_table, int64_t expert_inter,
                      const std::vector<torch::Tensor>& shared) {
-    TORCH_CHECK(attention_.empty(), "DecodeStep: every layer must have the same kind of attention");
+    DECODE_CHECK(attention_.empty(), "DecodeStep: every layer must have the same kind of attention");
     std::vector<torch::Tensor> norms = {attn_norm.contiguous(), kv_a_norm.contiguous()};
     if (q_a_norm.has_value() && q_a_norm->defined()) norms.push_back(q_a_norm->contiguous());
     const c10::optional<torch::Tensor> q_norm = norms.size() == 3 ? c10::optional<torch::Tensor>(norms[2]) : c10::nullopt;
     const MlaSpec<T> mla = mla_spec<T>(norms[0], attn_eps, weights, biases, norms[1], kv_a_eps, q_norm, q_a_eps, latent_cache,
                                        k_pe_cache, heads, nope, rope, v, scale);
-    TORCH_CHECK(mla.hidden == hidden_, "DecodeStep: layer sizes disagree with the embedding");
-    TORCH_CHECK(mla_.empty() || (mla.heads == mla_[0].heads && mla.nope == mla_[0].nope && mla.rope == mla_[0].rope &&
+    DECODE_CHECK(mla.hidden == hidden_, "DecodeStep: layer sizes disagree with the embedding");
+    DECODE_CHECK(mla_.empty() || (mla.heads == mla_[0].heads && mla.nope == mla_[0].nope && mla.rope == mla_[0].rope &&
                                  mla.v == mla_[0].v && mla.rank == mla_[0].rank && mla.q_rank == mla_[0].q_rank),
                 "DecodeStep: every layer's attention must have the first one's shape");
-    TORCH_CHECK(cos_.size(1) == mla.rope, "DecodeStep: RoPE tables are for ", cos_.size(1), " rotary dimensions");
+    DECODE_CHECK(cos_.size(1) == mla.rope, "DecodeStep: RoPE tables are for ", cos_.size(1), " rotary dimensions");
     for (const auto& t : norms) keep_alive_.push_back(t);
     for (const auto& t : weights) keep_alive_.push_back(t);
     for (const torch::Tensor* t : {&latent_cache, &k_pe_cache}) keep_alive_.push_back(*t);
@@ -1052,11 +1052,11 @@ class DecodeStep {
 
   // Logits [V] fp32 of `token` at `position` (its key and value are written to every layer's cache).
   torch::Tensor step(int64_t token, int64_t position) {
-    TORCH_CHECK(!ffn_.empty(), "DecodeStep: no layers");
-    TORCH_CHECK(token >= 0 && token < embedding_.size(0), "DecodeStep: token id ", token, " outside the vocabulary");
-    TORCH_CHECK(position >= 0 && position < cos_.size(0), "DecodeStep: position ", position, " outside the RoPE table");
-    for (const auto& a : attention_) TORCH_CHECK(position < a.cache_len, "DecodeStep: position ", position, " outside the cache");
-    for (const auto& a : mla_) TORCH_CHECK(position < a.cache_len, "DecodeStep: position ", position, " outside the cache");
+    DECODE_CHECK(!ffn_.empty(), "DecodeStep: no layers");
+    DECODE_CHECK(token >= 0 && token < embedding_.size(0), "DecodeStep: token id ", token, " outside the vocabulary");
+    DECODE_CHECK(position >= 0 && position < cos_.size(0), "DecodeStep: position ", position, " outside the RoPE table");
+    for (const auto& a : attention_) DECODE_CHECK(position < a.cache_len, "DecodeStep: position ", position, " outside the cache");
+    for (const auto& a : mla_) DECODE_CHECK(position < a.cache_len, "DecodeStep: position ", position, " outside the cache");
     const int team_size = pool_threads();
     if (!scratch_ready_ || team_size != scratch_team_) make_scratch(team_size);
     for (size_t layer = 0; layer < ffn_.size(); ++layer) {
@@ -1113,7 +1113,7 @@ class DecodeStep {
     keep_alive_.push_back(ffn_norm.contiguous());
     const FfnSpec<T> ffn = ffn_spec<T>(keep_alive_.back(), ffn_eps, router_weight, correction_bias, method, scoring, top_k, n_group,
                                        topk_group, norm_topk_prob, routed_scale, expert_table, expert_inter, shared);
-    TORCH_CHECK(ffn.hidden == hidden_, "DecodeStep: layer sizes disagree with the embedding");
+    DECODE_CHECK(ffn.hidden == hidden_, "DecodeStep: layer sizes disagree with the embedding");
     for (const auto* t : {&router_weight, &correction_bias, &expert_table})
       if (t->has_value() && (*t)->defined()) keep_alive_.push_back(**t);
     for (const auto& t : shared) keep_alive_.push_back(t);
@@ -1186,7 +1186,7 @@ torch::Tensor gemv(const char* name, const torch::Tensor& x, const torch::Tensor
 // steps, which stream the weights through every cache level, each of those ran from cold caches (greedy
 // sampling took 0.29 ms per token inside generation against 0.04 ms in a warm loop; now 0.165 ms).
 inline int64_t first_argmax(const torch::Tensor& values) {
-  TORCH_CHECK(values.scalar_type() == at::kFloat && values.device().is_cpu() && values.dim() == 1 && values.is_contiguous() &&
+  DECODE_CHECK(values.scalar_type() == at::kFloat && values.device().is_cpu() && values.dim() == 1 && values.is_contiguous() &&
                   values.numel() > 0, "first_argmax: a non-empty contiguous fp32 CPU vector");
   const float* v = values.data_ptr<float>();
   const int64_t n = values.numel();

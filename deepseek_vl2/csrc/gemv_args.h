@@ -2,12 +2,14 @@
 #pragma once
 #include <torch/extension.h>
 
+#include "check.h"
+
 // x: K values of `dtype` (any shape with K elements), flattened and contiguous; w: [N, K] of `dtype` with
 // contiguous rows (any row stride); bias: [N] values, as fp32 (undefined when there is none).
 // A linear's optional bias as an fp32 copy of its `rows` values (undefined when there is none).
 inline torch::Tensor fp32_bias(const char* name, const c10::optional<torch::Tensor>& bias, int64_t rows) {
   if (!bias.has_value() || !bias->defined()) return torch::Tensor();
-  TORCH_CHECK(bias->numel() == rows, name, ": bias has ", bias->numel(), " values, weight has ", rows, " rows");
+  DECODE_CHECK(bias->numel() == rows, name, ": bias has ", bias->numel(), " values, weight has ", rows, " rows");
   return bias->to(at::kFloat).contiguous();
 }
 
@@ -18,10 +20,10 @@ struct GemvArgs {
 
 inline GemvArgs gemv_args(const char* name, at::ScalarType dtype, const torch::Tensor& x, const torch::Tensor& w,
                           const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == dtype && w.scalar_type() == dtype, name, ": ", dtype, " tensors only");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors only");
-  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, name, ": weight must be 2-D with contiguous rows");
+  DECODE_CHECK(x.scalar_type() == dtype && w.scalar_type() == dtype, name, ": ", dtype, " tensors only");
+  DECODE_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors only");
+  DECODE_CHECK(w.dim() == 2 && w.stride(1) == 1, name, ": weight must be 2-D with contiguous rows");
   GemvArgs args{x.reshape({-1}).contiguous(), fp32_bias(name, bias, w.size(0)), w.size(0), w.size(1), w.stride(0)};
-  TORCH_CHECK(args.x.numel() == args.cols, name, ": x has ", args.x.numel(), " values, weight rows have ", args.cols);
+  DECODE_CHECK(args.x.numel() == args.cols, name, ": x has ", args.x.numel(), " values, weight rows have ", args.cols);
   return args;
 }

@@ -142,7 +142,7 @@ std::vector<torch::Tensor> gemv_bf16_many(const std::vector<torch::Tensor>& xs, 
     check_matrix<uint16_t>(ws[i], "gemv_bf16_many");
     inputs.push_back(xs[i].reshape({-1}).contiguous());
     DECODE_CHECK(inputs[i].scalar_type() == at::kBFloat16 && inputs[i].numel() == ws[i].size(1),
-                "gemv_bf16_many: input ", i, " must hold ", ws[i].size(1), " bf16 values");
+                 "gemv_bf16_many: input ", i, " must hold ", ws[i].size(1), " bf16 values");
     bias_f.push_back(biases.empty() ? torch::Tensor() : fp32_bias("gemv_bf16_many", biases[i], ws[i].size(0)));
     outs.push_back(torch::empty({ws[i].size(0)}, ws[i].options()));
   }

@@ -248,17 +248,17 @@ AttentionSpec<T> attention_spec(const torch::Tensor& norm_weight, double eps, co
     DECODE_CHECK(t->scalar_type() == S::kType && t->device().is_cpu(), "mha_block: ", S::kType, " CPU tensors only");
   DECODE_CHECK(norm_weight.is_contiguous(), "mha_block: the norm weight must be contiguous");
   DECODE_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
-              "mha_block: caches must be [kv_heads, T, d] with contiguous rows");
+               "mha_block: caches must be [kv_heads, T, d] with contiguous rows");
   AttentionSpec<T> s{};
   s.hidden = norm_weight.numel();
   s.kv_heads = k_cache.size(0);
   s.d = k_cache.size(2);
   s.heads = weights[0].size(0) / s.d;
   DECODE_CHECK(s.d % 2 == 0 && s.heads * s.d == weights[0].size(0) && s.heads % s.kv_heads == 0 &&
-                  weights[1].size(0) == s.kv_heads * s.d && weights[2].size(0) == s.kv_heads * s.d &&
-                  weights[0].size(1) == s.hidden && weights[1].size(1) == s.hidden && weights[2].size(1) == s.hidden &&
-                  weights[3].size(0) == s.hidden && weights[3].size(1) == s.heads * s.d,
-              "mha_block: sizes disagree");
+                   weights[1].size(0) == s.kv_heads * s.d && weights[2].size(0) == s.kv_heads * s.d &&
+                   weights[0].size(1) == s.hidden && weights[1].size(1) == s.hidden && weights[2].size(1) == s.hidden &&
+                   weights[3].size(0) == s.hidden && weights[3].size(1) == s.heads * s.d,
+               "mha_block: sizes disagree");
   s.norm = data_of<T>(norm_weight);
   s.eps = float(eps);
   for (int i = 0; i < 4; ++i) {
@@ -426,24 +426,24 @@ MlaSpec<T> mla_spec(const torch::Tensor& norm_weight, double eps, const std::vec
   for (const torch::Tensor* t : vectors)
     DECODE_CHECK(t->scalar_type() == S::kType && t->device().is_cpu(), what, ": ", S::kType, " CPU tensors only");
   DECODE_CHECK(norm_weight.is_contiguous() && kv_a_norm.is_contiguous() && (!lora || q_a_norm->is_contiguous()),
-              what, ": norm weights must be contiguous");
+               what, ": norm weights must be contiguous");
   DECODE_CHECK(latent_cache.dim() == 2 && k_pe_cache.dim() == 2 && latent_cache.stride(1) == 1 && k_pe_cache.stride(1) == 1 &&
-                  latent_cache.size(0) == k_pe_cache.size(0),
-              what, ": caches must be [T, rank] and [T, rope] with contiguous rows");
+                   latent_cache.size(0) == k_pe_cache.size(0),
+               what, ": caches must be [T, rank] and [T, rope] with contiguous rows");
   MlaSpec<T> s{};
   s.hidden = norm_weight.numel();
   s.heads = heads, s.nope = nope, s.rope = rope, s.v = v;
   s.rank = latent_cache.size(1);
   s.q_rank = lora ? weights[0].size(0) : 0;
   DECODE_CHECK(heads > 0 && nope >= 0 && rope > 0 && rope % 2 == 0 && v > 0 && k_pe_cache.size(1) == rope &&
-                  kv_a_norm.numel() == s.rank && weights[0].size(1) == s.hidden &&
-                  (lora || weights[0].size(0) == heads * (nope + rope)) &&
-                  weights[1].size(0) == s.rank + rope && weights[1].size(1) == s.hidden &&
-                  weights[2].size(0) == heads * (nope + v) && weights[2].size(1) == s.rank &&
-                  weights[3].size(0) == s.hidden && weights[3].size(1) == heads * v &&
-                  (!lora || (weights[4].size(0) == heads * (nope + rope) && weights[4].size(1) == s.q_rank &&
-                             q_a_norm->numel() == s.q_rank)),
-              what, ": sizes disagree");
+                   kv_a_norm.numel() == s.rank && weights[0].size(1) == s.hidden &&
+                   (lora || weights[0].size(0) == heads * (nope + rope)) &&
+                   weights[1].size(0) == s.rank + rope && weights[1].size(1) == s.hidden &&
+                   weights[2].size(0) == heads * (nope + v) && weights[2].size(1) == s.rank &&
+                   weights[3].size(0) == s.hidden && weights[3].size(1) == heads * v &&
+                   (!lora || (weights[4].size(0) == heads * (nope + rope) && weights[4].size(1) == s.q_rank &&
+                              q_a_norm->numel() == s.q_rank)),
+               what, ": sizes disagree");
   s.norm = data_of<T>(norm_weight);
   s.eps = float(eps);
   const T** pointers[5] = {&s.q_in, &s.kv_a, &s.kv_b, &s.o, &s.q_b};
@@ -686,7 +686,7 @@ SwigluWeights<T> swiglu_of(const torch::Tensor& gate, const torch::Tensor& up, c
   }
   const int64_t inter = gate.size(0);
   DECODE_CHECK(gate.size(1) == hidden && up.sizes() == gate.sizes() && down.size(0) == hidden && down.size(1) == inter,
-              "ffn_block: SwiGLU weights do not fit a hidden size of ", hidden);
+               "ffn_block: SwiGLU weights do not fit a hidden size of ", hidden);
   return {data_of<T>(gate), data_of<T>(up), data_of<T>(down), inter};
 }
 
@@ -702,7 +702,7 @@ FfnSpec<T> ffn_spec(const torch::Tensor& norm_weight, double eps, const c10::opt
                  const c10::optional<torch::Tensor>& expert_table, int64_t expert_inter, const std::vector<torch::Tensor>& shared) {
   using S = Storage<T>;
   DECODE_CHECK(norm_weight.scalar_type() == S::kType && norm_weight.device().is_cpu() && norm_weight.is_contiguous(),
-              "ffn_block: the norm weight must be contiguous ", S::kType, " on the CPU");
+               "ffn_block: the norm weight must be contiguous ", S::kType, " on the CPU");
   DECODE_CHECK(shared.empty() || shared.size() == 3, "ffn_block: shared = (gate, up, down) or nothing");
   FfnSpec<T> s{};
   s.norm = data_of<T>(norm_weight);
@@ -713,24 +713,24 @@ FfnSpec<T> ffn_spec(const torch::Tensor& norm_weight, double eps, const c10::opt
     DECODE_CHECK(expert_table.has_value() && expert_table->defined(), "ffn_block: a router needs the expert table");
     const auto& w = *router_weight;
     DECODE_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(1) == s.hidden,
-                "ffn_block: router weight must be contiguous fp32 [experts, ", s.hidden, "]");
+                 "ffn_block: router weight must be contiguous fp32 [experts, ", s.hidden, "]");
     const auto& table = *expert_table;
     DECODE_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 2 && table.size(0) == w.size(0) &&
-                    table.size(1) == 3, "ffn_block: expert table must be int64 [experts, 3]");
+                     table.size(1) == 3, "ffn_block: expert table must be int64 [experts, 3]");
     DECODE_CHECK(method == "greedy" || method == "group_limited_greedy" || method == "noaux_tc", "ffn_block: method ", method);
     DECODE_CHECK(scoring == "softmax" || scoring == "sigmoid", "ffn_block: scoring ", scoring);
     const int64_t n_experts = w.size(0);
     DECODE_CHECK(top_k >= 1 && top_k <= n_experts && n_group >= 1 && n_experts % n_group == 0 && topk_group >= 1 &&
-                    topk_group <= n_group, "ffn_block: routing parameters");
+                     topk_group <= n_group, "ffn_block: routing parameters");
     DECODE_CHECK(method != "noaux_tc" || n_group == 1, "ffn_block: noaux_tc with several groups is left to the eager layers");
     DECODE_CHECK(method != "group_limited_greedy" || top_k <= topk_group * (n_experts / n_group),
-                "ffn_block: group-limited routing with more experts than the kept groups hold is left to the eager layers");
+                 "ffn_block: group-limited routing with more experts than the kept groups hold is left to the eager layers");
     DECODE_CHECK(expert_inter > 0, "ffn_block: expert intermediate size");
     const float* bias = nullptr;
     if (method == "noaux_tc") {
       DECODE_CHECK(correction_bias.has_value() && correction_bias->defined() && correction_bias->scalar_type() == at::kFloat &&
-                      correction_bias->is_contiguous() && correction_bias->numel() == n_experts,
-                  "ffn_block: noaux_tc needs an fp32 correction bias per expert");
+                       correction_bias->is_contiguous() && correction_bias->numel() == n_experts,
+                   "ffn_block: noaux_tc needs an fp32 correction bias per expert");
       bias = correction_bias->data_ptr<float>();
     }
     s.router = RouterSpec{w.data_ptr<float>(), bias, n_experts, top_k, n_group, topk_group, scoring == "softmax",
@@ -854,7 +854,7 @@ torch::Tensor one_token(const torch::Tensor& x, int64_t hidden, const char* what
   using S = Storage<T>;
   const auto xc = x.reshape({-1}).contiguous();
   DECODE_CHECK(xc.scalar_type() == S::kType && xc.device().is_cpu() && xc.numel() == hidden, what, ": x must be ",
-              hidden, " ", S::kType, " values on the CPU");
+               hidden, " ", S::kType, " values on the CPU");
   return xc;
 }
 
@@ -863,7 +863,7 @@ void check_rope(const torch::Tensor& cos, const torch::Tensor& sin, int64_t d, c
   using S = Storage<T>;
   for (const torch::Tensor* t : {&cos, &sin})
     DECODE_CHECK(t->scalar_type() == S::kType && t->device().is_cpu() && t->is_contiguous() && t->numel() == d, what,
-                ": cos/sin must be ", d, " contiguous ", S::kType, " values");
+                 ": cos/sin must be ", d, " contiguous ", S::kType, " values");
 }
 
 
@@ -992,9 +992,9 @@ class DecodeStep {
     check_matrix<T>(lm_head_, "DecodeStep");
     hidden_ = embedding_.size(1);
     DECODE_CHECK(lm_head_.size(1) == hidden_ && final_norm_.numel() == hidden_ && final_norm_.scalar_type() == S::kType,
-                "DecodeStep: embedding, final norm and LM head disagree on the hidden size");
+                 "DecodeStep: embedding, final norm and LM head disagree on the hidden size");
     DECODE_CHECK(cos_.dim() == 2 && sin_.sizes() == cos_.sizes() && cos_.scalar_type() == S::kType &&
-                    sin_.scalar_type() == S::kType, "DecodeStep: RoPE tables must be [positions, d] of the weights' dtype");
+                     sin_.scalar_type() == S::kType, "DecodeStep: RoPE tables must be [positions, d] of the weights' dtype");
   }
 
   // A layer with plain multi-head attention (the arguments of mha_block, then those of ffn_block).
@@ -1010,8 +1010,8 @@ class DecodeStep {
     const AttentionSpec<T> attention = attention_spec<T>(keep_alive_.back(), attn_eps, weights, biases, k_cache, v_cache, scale);
     DECODE_CHECK(attention.hidden == hidden_, "DecodeStep: layer sizes disagree with the embedding");
     DECODE_CHECK(attention_.empty() || (attention.heads == attention_[0].heads && attention.kv_heads == attention_[0].kv_heads &&
-                                       attention.d == attention_[0].d),
-                "DecodeStep: every layer's attention must have the first one's heads and head size");
+                                        attention.d == attention_[0].d),
+                 "DecodeStep: every layer's attention must have the first one's heads and head size");
     DECODE_CHECK(cos_.size(1) == attention.d, "DecodeStep: RoPE tables are for head size ", cos_.size(1));
     for (const auto& t : weights) keep_alive_.push_back(t);
     for (const torch::Tensor* t : {&k_cache, &v_cache}) keep_alive_.push_back(*t);
@@ -1039,8 +1039,8 @@ class DecodeStep {
                                        k_pe_cache, heads, nope, rope, v, scale);
     DECODE_CHECK(mla.hidden == hidden_, "DecodeStep: layer sizes disagree with the embedding");
     DECODE_CHECK(mla_.empty() || (mla.heads == mla_[0].heads && mla.nope == mla_[0].nope && mla.rope == mla_[0].rope &&
-                                 mla.v == mla_[0].v && mla.rank == mla_[0].rank && mla.q_rank == mla_[0].q_rank),
-                "DecodeStep: every layer's attention must have the first one's shape");
+                                  mla.v == mla_[0].v && mla.rank == mla_[0].rank && mla.q_rank == mla_[0].q_rank),
+                 "DecodeStep: every layer's attention must have the first one's shape");
     DECODE_CHECK(cos_.size(1) == mla.rope, "DecodeStep: RoPE tables are for ", cos_.size(1), " rotary dimensions");
     for (const auto& t : norms) keep_alive_.push_back(t);
     for (const auto& t : weights) keep_alive_.push_back(t);
@@ -1187,7 +1187,7 @@ torch::Tensor gemv(const char* name, const torch::Tensor& x, const torch::Tensor
 // sampling took 0.29 ms per token inside generation against 0.04 ms in a warm loop; now 0.165 ms).
 inline int64_t first_argmax(const torch::Tensor& values) {
   DECODE_CHECK(values.scalar_type() == at::kFloat && values.device().is_cpu() && values.dim() == 1 && values.is_contiguous() &&
-                  values.numel() > 0, "first_argmax: a non-empty contiguous fp32 CPU vector");
+                   values.numel() > 0, "first_argmax: a non-empty contiguous fp32 CPU vector");
   const float* v = values.data_ptr<float>();
   const int64_t n = values.numel();
   float best = -INFINITY;

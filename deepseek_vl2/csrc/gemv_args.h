@@ -4,8 +4,6 @@
 
 #include "check.h"
 
-// x: K values of `dtype` (any shape with K elements), flattened and contiguous; w: [N, K] of `dtype` with
-// contiguous rows (any row stride); bias: [N] values, as fp32 (undefined when there is none).
 // A linear's optional bias as an fp32 copy of its `rows` values (undefined when there is none).
 inline torch::Tensor fp32_bias(const char* name, const c10::optional<torch::Tensor>& bias, int64_t rows) {
   if (!bias.has_value() || !bias->defined()) return torch::Tensor();
@@ -13,6 +11,8 @@ inline torch::Tensor fp32_bias(const char* name, const c10::optional<torch::Tens
   return bias->to(at::kFloat).contiguous();
 }
 
+// x: K values of `dtype` (any shape with K elements), flattened and contiguous; w: [N, K] of `dtype` with
+// contiguous rows (any row stride); bias: [N] values, as fp32 (undefined when there is none).
 struct GemvArgs {
   torch::Tensor x, bias_f32;
   int64_t rows, cols, row_stride;

@@ -62,10 +62,9 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     is a scalar loop there (~110 us for 129k logits) while ``amax`` is vectorised (~7 us), find the first
     row of 1024 that holds the maximum, then the first maximum in it (the same index: the first
     occurrence)."""
-    known = getattr(logits, "known_argmax", None)
-    if known is not None:
-        return torch.tensor(known)
-    index = first_argmax(logits)  # (one call where our CPU kernels are loaded)
+    index = getattr(logits, "known_argmax", None)
+    if index is None:
+        index = first_argmax(logits)  # (one call where our CPU kernels are loaded)
     if index is not None:
         return torch.tensor(index)
     width = 1024

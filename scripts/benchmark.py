@@ -498,7 +498,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"(read bandwidth around it: {' / '.join(f'{b:.1f}' for b in runs[-1]['window_bandwidth_samples_gbs'])} GB/s)")
     peak_rss = max([peak_rss_bytes() - probe_resident] + probe_peaks)
     huge = huge_page_bytes()
-    if huge is not None and device.type == "cpu":
+    if huge is not None:
         huge["anonymous"] = max(0, huge["anonymous"] - probe_resident)  # (the probe's buffer is not the model's)
     del window_probe
     other_cores = contention.stop()

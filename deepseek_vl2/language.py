@@ -199,13 +199,18 @@ def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> Optional[torc
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values, [B, kv_heads, max_seq_len, head_dim] (post-RoPE keys)."""
+    """Preallocated keys and values, [B, kv_heads, max_seq_len, head_dim] (post-RoPE keys), views of
+    ``storage`` (a 1-D tensor of ``numel`` values; see ``LanguageModel.setup_cache``)."""
 
-    def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype, device) -> None:
+    def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, storage: torch.Tensor) -> None:
         super().__init__()
-        shape = (batch, kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        k, v = storage.view(2, batch, kv_heads, max_seq_len, head_dim).unbind(0)
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+
+    @staticmethod
+    def numel(batch: int, kv_heads: int, max_seq_len: int, head_dim: int) -> int:
+        return 2 * batch * kv_heads * max_seq_len * head_dim
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
@@ -220,12 +225,18 @@ class KVCache(nn.Module):
 
 
 class MLACache(nn.Module):
-    """MLA's compressed cache: per token the normalised latent [kv_lora_rank] and the rotated shared key."""
+    """MLA's compressed cache: per token the normalised latent [kv_lora_rank] and the rotated shared key,
+    views of ``storage`` (a 1-D tensor of ``numel`` values)."""
 
-    def __init__(self, batch: int, max_seq_len: int, kv_lora_rank: int, rope_dim: int, dtype, device) -> None:
+    def __init__(self, batch: int, max_seq_len: int, kv_lora_rank: int, rope_dim: int, storage: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("latent", torch.zeros(batch, max_seq_len, kv_lora_rank, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("k_pe", torch.zeros(batch, max_seq_len, rope_dim, dtype=dtype, device=device), persistent=False)
+        latent, k_pe = storage.split([batch * max_seq_len * kv_lora_rank, batch * max_seq_len * rope_dim])
+        self.register_buffer("latent", latent.view(batch, max_seq_len, kv_lora_rank), persistent=False)
+        self.register_buffer("k_pe", k_pe.view(batch, max_seq_len, rope_dim), persistent=False)
+
+    @staticmethod
+    def numel(batch: int, max_seq_len: int, kv_lora_rank: int, rope_dim: int) -> int:
+        return batch * max_seq_len * (kv_lora_rank + rope_dim)
 
     def update(self, start: int, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + latent.shape[1]
@@ -252,8 +263,12 @@ class MultiHeadAttention(nn.Module):
         self.o_proj = Linear(self.heads * self.head_dim, config.hidden_size, bias=bias)
         self.cache: Optional[KVCache] = None
 
-    def make_cache(self, batch: int, max_seq_len: int, dtype, device) -> None:
-        self.cache = None if batch is None else KVCache(batch, self.kv_heads, max_seq_len, self.head_dim, dtype, device)
+    def cache_numel(self, batch: int, max_seq_len: int) -> int:
+        return KVCache.numel(batch, self.kv_heads, max_seq_len, self.head_dim)
+
+    def make_cache(self, batch: int, max_seq_len: int, storage: Optional[torch.Tensor]) -> None:
+        """A cache over ``storage`` (``cache_numel`` values), or none (None)."""
+        self.cache = None if storage is None else KVCache(batch, self.kv_heads, max_seq_len, self.head_dim, storage)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -333,8 +348,12 @@ class MultiHeadLatentAttention(nn.Module):
         self.cache: Optional[MLACache] = None
         self._absorbed_fp32: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
-    def make_cache(self, batch: int, max_seq_len: int, dtype, device) -> None:
-        self.cache = None if batch is None else MLACache(batch, max_seq_len, self.kv_lora_rank, self.rope_dim, dtype, device)
+    def cache_numel(self, batch: int, max_seq_len: int) -> int:
+        return MLACache.numel(batch, max_seq_len, self.kv_lora_rank, self.rope_dim)
+
+    def make_cache(self, batch: int, max_seq_len: int, storage: Optional[torch.Tensor]) -> None:
+        """A cache over ``storage`` (``cache_numel`` values), or none (None)."""
+        self.cache = None if storage is None else MLACache(batch, max_seq_len, self.kv_lora_rank, self.rope_dim, storage)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -729,9 +748,16 @@ class DeepseekV2ForCausalLM(nn.Module):
         if self.max_seq_len >= max_seq_len and self.cache_batch == batch:
             return  # stale contents are harmless: finite (zeros at allocation) and masked or overwritten
         param = self.lm_head.weight
-        for layer in self.model.layers:
-            layer.self_attn.make_cache(None, 0, None, None)  # free the old cache before allocating
-            layer.self_attn.make_cache(batch, max_seq_len, param.dtype, param.device)
+        attentions = [layer.self_attn for layer in self.model.layers]
+        for attention in attentions:
+            attention.make_cache(batch, max_seq_len, None)  # free the old cache before allocating
+        # Every layer's cache in one allocation: on the CPU one of 2 MiB or more gets 2 MiB pages (the package
+        # sets THP_MEM_ALLOC_ENABLE), where one layer's cache alone (tiny: 1.3 MB for 500 positions) got 4 KiB
+        # pages, whose TLB misses made the decode kernel's cold read of it ~1.5x slower.
+        sizes = [attention.cache_numel(batch, max_seq_len) for attention in attentions]
+        storage = torch.zeros(sum(sizes), dtype=param.dtype, device=param.device)
+        for attention, part in zip(attentions, storage.split(sizes)):
+            attention.make_cache(batch, max_seq_len, part)
         self.max_seq_len, self.cache_batch = max_seq_len, batch
         self.cache_version += 1  # captured CUDA graphs point at the old buffers
 

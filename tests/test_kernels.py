@@ -212,13 +212,18 @@ def test_rms_norm_equals_the_module() -> None:
 
 
 @needs_extension
-@pytest.mark.parametrize("heads, kv_heads, position, bias", [(10, 10, 0, False), (10, 10, 300, False), (8, 2, 41, True), (6, 1, 17, False)])
-def test_mha_block_is_the_attention_sub_layer(heads: int, kv_heads: int, position: int, bias: bool) -> None:
+@pytest.mark.parametrize(
+    "heads, kv_heads, d, position, bias",
+    # head sizes with a vector form in the bf16 kernel (64, 128, 192, 256) and one without (80)
+    [(10, 10, 128, 0, False), (10, 10, 128, 300, False), (8, 2, 128, 41, True), (6, 1, 128, 17, False),
+     (4, 2, 64, 77, False), (3, 3, 192, 16, False), (2, 1, 256, 33, False), (4, 4, 80, 20, False)],
+)
+def test_mha_block_is_the_attention_sub_layer(heads: int, kv_heads: int, d: int, position: int, bias: bool) -> None:
     """x + o(attention(rope(q(n)), rope(k(n)), v(n))), n = RMSNorm(x), with k/v written to the caches."""
     from deepseek_vl2.language import RMSNorm, apply_rope
 
     F = torch.nn.functional
-    d, hidden, length = 128, 640, 350
+    hidden, length = 640, 350
     x = _bf16(1, 1, hidden, seed=13)
     norm = RMSNorm(hidden).to(BF16)
     norm.weight.data = _bf16(hidden, seed=14)
@@ -274,7 +279,7 @@ def test_mla_block_is_the_latent_attention_sub_layer(case: str, dtype: torch.dty
     norm = RMSNorm(config.hidden_size).to(dtype)
     norm.weight.data = (1 + 0.2 * torch.randn(config.hidden_size, generator=generator)).to(dtype)
     length, rank, rope = 350, config.kv_lora_rank, config.qk_rope_head_dim
-    attention.make_cache(1, length, dtype, "cpu")
+    attention.make_cache(1, length, torch.zeros(attention.cache_numel(1, length), dtype=dtype))
     attention.cache.latent.copy_(torch.randn(1, length, rank, generator=generator))
     attention.cache.k_pe.copy_(torch.randn(1, length, rope, generator=generator))
     before_latent, before_k_pe = attention.cache.latent.clone(), attention.cache.k_pe.clone()

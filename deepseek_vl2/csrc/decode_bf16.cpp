@@ -102,6 +102,101 @@ void axpys_f32(const uint16_t* row, const float* a, int64_t count, int64_t n, fl
     for (int64_t j = 0; j < count; ++j) acc[j * acc_stride + i] += a[j] * bf16_to_float(row[i]);
 }
 
+// exp(x) of 16 fp32 values, for the softmax (x <= 0 there): Cephes' expf method, x = n ln2 + r with |r| <= ln2 / 2,
+// e^r = 1 + r + r^2 P(r), then 2^n applied by vscalefps, which also takes very negative x to 0. Within 1 ulp
+// of std::exp on every 7th float of [-110, 0]; std::exp itself, one value at a time, was a quarter of tiny's
+// attention arithmetic.
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts: r exact for |n| < 2^10
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// probs[t] = exp(scores[t] - best) / sum over t, in place, 16 at a time (the softmax of the official code, in fp32).
+inline void softmax_in_place(float* probs, int64_t length, float best) {
+  const __m512 shift = _mm512_set1_ps(best);
+  __m512 sums = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + 16 <= length; t += 16) {
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(probs + t), shift));
+    _mm512_storeu_ps(probs + t, e);
+    sums = _mm512_add_ps(sums, e);
+  }
+  const __mmask16 tail = __mmask16((1u << (length - t)) - 1);
+  const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, probs + t), shift));
+  _mm512_mask_storeu_ps(probs + t, tail, e);
+  sums = _mm512_add_ps(sums, _mm512_maskz_mov_ps(tail, e));
+  const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sums));
+  for (t = 0; t + 16 <= length; t += 16) _mm512_storeu_ps(probs + t, _mm512_div_ps(_mm512_loadu_ps(probs + t), total));
+  _mm512_mask_storeu_ps(probs + t, tail, _mm512_div_ps(_mm512_maskz_loadu_ps(tail, probs + t), total));
+}
+
+// One head's attention with d = 32 * kBlocks, its fp32 sums held in registers across all cached positions
+// (the plain loop loaded and stored them for every value row). Keys are summed as dot() sums them (two
+// accumulators over alternate 32-value blocks). A value row is widened by interleaving its bf16 bits
+// with zeros (unpacklo/hi: each 128-bit lane's first four values, then its last four), half the
+// instructions of an in-order widening; the sums are put back in order when stored.
+template <int kBlocks>
+void attend_head_vec(const uint16_t* q, const uint16_t* k, int64_t k_row_stride, const uint16_t* v, int64_t v_row_stride,
+                     int64_t length, float scale, float* probs, uint16_t* out) {
+  constexpr int64_t d = 32 * kBlocks;
+  __m512bh query[kBlocks];
+  for (int j = 0; j < kBlocks; ++j) query[j] = load_bf16x32(q + 32 * j);
+  float best = -INFINITY;
+  for (int64_t t = 0; t < length; ++t) {
+    const uint16_t* row = k + t * k_row_stride;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int j = 0; j + 1 < kBlocks; j += 2) {
+      acc0 = _mm512_dpbf16_ps(acc0, load_bf16x32(row + 32 * j), query[j]);
+      acc1 = _mm512_dpbf16_ps(acc1, load_bf16x32(row + 32 * j + 32), query[j + 1]);
+    }
+    if (kBlocks % 2) acc0 = _mm512_dpbf16_ps(acc0, load_bf16x32(row + d - 32), query[kBlocks - 1]);
+    probs[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) * scale;
+    best = std::max(best, probs[t]);
+  }
+  softmax_in_place(probs, length, best);
+  __m512 low[kBlocks], high[kBlocks];
+  for (int j = 0; j < kBlocks; ++j) low[j] = high[j] = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t t = 0; t < length; ++t) {
+    const __m512 p = _mm512_set1_ps(probs[t]);
+    const uint16_t* row = v + t * v_row_stride;
+    for (int j = 0; j < kBlocks; ++j) {
+      const __m512i bits = _mm512_loadu_si512(reinterpret_cast<const void*>(row + 32 * j));
+      low[j] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, bits)), low[j]);
+      high[j] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, bits)), high[j]);
+    }
+  }
+  alignas(64) float sums[2][16];
+  for (int j = 0; j < kBlocks; ++j) {
+    _mm512_store_ps(sums[0], low[j]);
+    _mm512_store_ps(sums[1], high[j]);
+    for (int lane = 0; lane < 4; ++lane)  // value 8 * lane + i of the block: low (i < 4) or high, lane's slot i % 4
+      for (int i = 0; i < 8; ++i) out[32 * j + 8 * lane + i] = float_to_bf16(sums[i / 4][4 * lane + i % 4]);
+  }
+}
+
+void attend_head(const uint16_t* q, const uint16_t* k, int64_t k_row_stride, const uint16_t* v, int64_t v_row_stride,
+                 int64_t length, int64_t d, float scale, float* scores, float* acc, uint16_t* out) {
+  switch (d) {
+    case 64: return attend_head_vec<2>(q, k, k_row_stride, v, v_row_stride, length, scale, scores, out);
+    case 128: return attend_head_vec<4>(q, k, k_row_stride, v, v_row_stride, length, scale, scores, out);
+    case 192: return attend_head_vec<6>(q, k, k_row_stride, v, v_row_stride, length, scale, scores, out);
+    case 256: return attend_head_vec<8>(q, k, k_row_stride, v, v_row_stride, length, scale, scores, out);
+    default: return attend_head_generic(q, k, k_row_stride, v, v_row_stride, length, d, scale, scores, acc, out);
+  }
+}
+
 float router_dot(const float* w, const float* x, int64_t n) {
   const int64_t n16 = n / 16 * 16;
   __m512 acc = _mm512_setzero_ps();

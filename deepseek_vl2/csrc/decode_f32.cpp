@@ -32,6 +32,11 @@ float dot(const float* w, const float* x, int64_t n) {
 
 float router_dot(const float* w, const float* x, int64_t n) { return dot(w, x, n); }
 
+void attend_head(const float* q, const float* k, int64_t k_row_stride, const float* v, int64_t v_row_stride,
+                 int64_t length, int64_t d, float scale, float* scores, float* acc, float* out) {
+  attend_head_generic(q, k, k_row_stride, v, v_row_stride, length, d, scale, scores, acc, out);
+}
+
 }  // namespace decode
 
 using namespace decode;

@@ -67,11 +67,25 @@ def test_cached_decoding_matches_full_forward(variant: str) -> None:
         prompt_len = embeds.shape[1]
         language.setup_cache(prompt_len + len(greedy))
         step_logits = [prefill(language, embeds)]
-        for i, token in enumerate(greedy[:-1]):
-            step_logits.append(decode_one_token(language, torch.tensor(token), prompt_len + i))
+        for i, token in enumerate(greedy[:-1]):  # (the token as a plain int or as a 0-d tensor, in turn)
+            step_logits.append(decode_one_token(language, token if i % 2 else torch.tensor(token), prompt_len + i))
         full_embeds = torch.cat([embeds, language.model.embed_tokens(torch.tensor([greedy[:-1]]))], dim=1)
         full = language(full_embeds)[0, prompt_len - 1 :]
     assert torch.allclose(torch.stack(step_logits), full, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_one_token_takes_an_int_without_the_step_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eager layers (no whole-step kernel) decode a plain int id as they decode a 0-d tensor."""
+    processor, model = _load("mha")
+    language = model.language
+    with torch.inference_mode():
+        embeds = model.prepare_inputs_embeds(_inputs(processor))
+        language.setup_cache(embeds.shape[1] + 1)
+        prefill(language, embeds)
+        monkeypatch.setattr(language, "decode_step_cpu", lambda token, position: None)
+        from_int = decode_one_token(language, 7, embeds.shape[1])
+        from_tensor = decode_one_token(language, torch.tensor(7), embeds.shape[1])
+    assert torch.equal(from_int, from_tensor)
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ() -> None:

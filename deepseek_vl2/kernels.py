@@ -179,6 +179,22 @@ def first_argmax(values: torch.Tensor) -> Optional[int]:
     return None
 
 
+def sampling_candidates(logits: torch.Tensor, seen: torch.Tensor, penalty: float, k: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids ascending, penalised logits) of every logit at or above the k-th largest after the repetition
+    penalty on the ids ``seen``, ties included: one call into a kernel extension that is already built
+    (never builds one). None where none is, for other tensors, or where a logit is NaN."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 1 or not logits.is_contiguous():
+        return None
+    if seen.device.type != "cpu" or seen.dtype != torch.long or seen.dim() != 1:
+        return None
+    for build in (avx512_bf16_extension, fp32_extension):
+        if build.cache_info().currsize:  # (built or found missing already)
+            extension = build()
+            if extension is not None:
+                return extension.sampling_candidates(logits, seen, penalty, k)
+    return None
+
+
 def _fused_extension(x: torch.Tensor) -> Optional[Any]:
     """The extension, when ``x`` is one bf16 or fp32 token on the CPU (the layer-level decode kernels apply)."""
     if x.device.type != "cpu" or x.numel() != x.shape[-1]:

@@ -426,12 +426,24 @@ def test_fast_argmax_returns_the_first_maximum(path: str, monkeypatch: pytest.Mo
         assert int(_argmax(values)) == int(values.argmax())
 
 
+def _candidates_from(kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``sample`` take its candidates from our kernels (built here) or from PyTorch."""
+    from deepseek_vl2 import generation, kernels
+
+    if not kernel:
+        monkeypatch.setattr(generation, "sampling_candidates", lambda *args: None)
+    elif kernels.fp32_extension() is None:
+        pytest.skip("no C++ compiler/ninja: no kernels")
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch"])
 @pytest.mark.parametrize("ties", [False, True])
-def test_top_k_sampling_draws_from_the_same_distribution(ties: bool) -> None:
+def test_top_k_sampling_draws_from_the_same_distribution(ties: bool, kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU shortcut (top-p and the draw over the top-k logits only) samples what the full path
     gives: the empirical distribution over many draws matches ``sampling_probs`` on the whole vocabulary."""
     from deepseek_vl2.generation import sample
 
+    _candidates_from(kernel, monkeypatch)
     logits = torch.randn(3000, generator=torch.Generator().manual_seed(2)) * 2
     if ties:
         logits[torch.topk(logits, 6).indices[-2:]] = logits.max() + 1  # equal 1st/2nd ...
@@ -465,3 +477,30 @@ def test_greedy_sampling_reads_the_argmax_the_step_kernel_found() -> None:
     assert int(sample(logits, torch.tensor([1]), GenerationConfig(), None)) == 0
     assert int(_argmax(logits.clone())) == 1  # a copy does not carry it: searched
     assert int(sample(logits, torch.tensor([1]), GenerationConfig(repetition_penalty=10.0), None)) == 2  # penalised copy: 5/10 < 1
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch"])
+def test_sampling_bf16_logits_never_sorts_the_vocabulary(kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 logits tie at the k-th value in most steps; the shortcut keeps the tied ones and still runs
+    top-p over the candidates only (the full path sorted all 129k logits: ~7 ms a token). Greedy with a
+    penalty takes the first of the largest penalised logits."""
+    from deepseek_vl2 import generation
+
+    _candidates_from(kernel, monkeypatch)
+    sizes = []
+    full_path = generation.sampling_probs
+    monkeypatch.setattr(generation, "sampling_probs", lambda logits, *args: sizes.append(logits.numel()) or full_path(logits, *args))
+    generator = torch.Generator().manual_seed(11)
+    config = GenerationConfig(temperature=0.1, top_p=0.9, repetition_penalty=1.1)  # the predictor's defaults
+    for _ in range(10):
+        logits = (torch.randn(129280, generator=generator) * 3).bfloat16().float()
+        seen = torch.randint(0, 129280, (400,), generator=generator)
+        drawn = int(sample(logits, seen, config, generator))
+        penalised = apply_repetition_penalty(logits, seen, 1.1)
+        assert penalised[drawn] >= torch.topk(penalised, 50).values[-1]  # among the candidates
+        greedy = int(sample(logits, seen, GenerationConfig(repetition_penalty=1.1), None))
+        assert greedy == int(penalised.argmax())
+    assert sizes and max(sizes) < 1000
+    tied = torch.zeros(129280)
+    tied[[5, 70, 900]] = 4.0
+    assert int(sample(tied, torch.tensor([5]), GenerationConfig(repetition_penalty=1.1), None)) == 70  # 5 is penalised

@@ -377,3 +377,40 @@ def test_kernel_error_messages_are_joined_without_iostreams() -> None:
         kernels.fp32_extension().gemv_f32(torch.zeros(3), torch.zeros(4, 5), None)
     with pytest.raises(RuntimeError, match=r"gemv_f32: Float tensors only"):
         kernels.fp32_extension().gemv_f32(torch.zeros(5, dtype=torch.float64), torch.zeros(4, 5, dtype=torch.float64), None)
+
+
+def _candidates_reference(logits: torch.Tensor, seen: torch.Tensor, penalty: float, k: int):
+    penalised = logits.clone()
+    picked = logits[seen]
+    penalised[seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    ids = (penalised >= torch.topk(penalised, k).values[-1]).nonzero().view(-1)
+    return ids, penalised[ids]
+
+
+@pytest.mark.parametrize("build", ["fp32_extension", "avx512_bf16_extension"])
+def test_sampling_candidates_are_the_top_k_after_the_penalty_with_ties(build: str) -> None:
+    """Ids (ascending) and penalised values of every logit >= the k-th largest, as PyTorch selects them."""
+    extension = getattr(kernels, build)()
+    if extension is None:
+        pytest.skip(f"{build}: not available here")
+    generator = torch.Generator().manual_seed(5)
+    vocab = 3000
+    for trial in range(40):
+        # bf16-rounded logits: ties everywhere, as the decode step's logits
+        logits = (torch.randn(vocab, generator=generator) * 3).bfloat16().float()
+        if trial % 5 == 0:
+            logits[torch.randint(0, vocab, (20,), generator=generator)] = float("-inf")
+        seen = torch.randint(0, vocab, (int(torch.randint(0, 60, (1,), generator=generator)),), generator=generator)
+        seen = torch.cat([seen, seen[:5]])  # repeats count once
+        penalty = [1.0, 1.1, 1.7, 0.6][trial % 4]  # below 1 the penalty raises positive logits
+        k = [1, 2, 7, 50, vocab][trial % 5]
+        ids, values = extension.sampling_candidates(logits, seen, penalty, k)
+        expected_ids, expected_values = _candidates_reference(logits, seen, penalty, k)
+        assert torch.equal(ids, expected_ids) and torch.equal(values, expected_values), (trial, penalty, k)
+    nan = torch.zeros(300)
+    nan[123] = float("nan")
+    assert extension.sampling_candidates(nan, torch.tensor([1]), 1.1, 5) is None  # NaN: left to PyTorch
+    with pytest.raises(RuntimeError, match="seen id 300 outside the vocabulary of 300"):
+        extension.sampling_candidates(torch.zeros(300), torch.tensor([300]), 1.1, 5)
+    with pytest.raises(RuntimeError, match=r"k must be in \[1, 300\]"):
+        extension.sampling_candidates(torch.zeros(300), torch.tensor([1]), 1.1, 0)

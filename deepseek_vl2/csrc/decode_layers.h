@@ -21,9 +21,11 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace decode {
@@ -1233,11 +1235,132 @@ inline int64_t first_argmax(const torch::Tensor& values) {
   return 0;  // (unreachable)
 }
 
+// What sampling may draw from, in one pass over fp32 logits [V] and a few blocks of them: the ids of every logit at or above the
+// k-th largest (ties with it included, as torch.topk's k-th value with >= selects them), in ascending order,
+// and those logits, after the repetition penalty on the ids in `seen` (Hugging Face's rule: a negative
+// logit times `penalty`, another divided by it; repeats in `seen` count once). Returns nothing where a
+// logit is NaN (left to PyTorch). In PyTorch this was a clone for the penalty, torch.topk and a
+// comparison over the whole vocabulary: ~1 ms per token right after a decode step, whose weight stream
+// leaves none of it in the caches.
+inline c10::optional<std::tuple<torch::Tensor, torch::Tensor>> sampling_candidates(const torch::Tensor& logits,
+                                                                                   const torch::Tensor& seen,
+                                                                                   double penalty, int64_t k) {
+  DECODE_CHECK(logits.scalar_type() == at::kFloat && logits.device().is_cpu() && logits.dim() == 1 && logits.is_contiguous(),
+               "sampling_candidates: logits must be a contiguous fp32 CPU vector");
+  DECODE_CHECK(seen.scalar_type() == at::kLong && seen.device().is_cpu() && seen.dim() == 1,
+               "sampling_candidates: seen must be a 1-D int64 CPU tensor of ids");
+  const int64_t n = logits.numel();
+  DECODE_CHECK(k >= 1 && k <= n, "sampling_candidates: k must be in [1, ", n, "]");
+  const float* v = logits.data_ptr<float>();
+  const float p = float(penalty);
+  // The penalised ids, once each and in order, with their new values.
+  std::vector<int64_t> seen_ids;
+  const auto seen_c = seen.contiguous();
+  const int64_t* sp = seen_c.data_ptr<int64_t>();
+  for (int64_t i = 0; i < seen_c.numel(); ++i) {
+    DECODE_CHECK(sp[i] >= 0 && sp[i] < n, "sampling_candidates: seen id ", sp[i], " outside the vocabulary of ", n);
+    seen_ids.push_back(sp[i]);
+  }
+  std::sort(seen_ids.begin(), seen_ids.end());
+  seen_ids.erase(std::unique(seen_ids.begin(), seen_ids.end()), seen_ids.end());
+  std::vector<uint64_t> is_seen((n + 63) / 64, 0);
+  std::vector<float> seen_values;
+  for (int64_t id : seen_ids) {
+    is_seen[id >> 6] |= uint64_t(1) << (id & 63);
+    seen_values.push_back(v[id] < 0 ? v[id] * p : v[id] / p);
+  }
+  auto unseen = [&](int64_t i) { return !((is_seen[i >> 6] >> (i & 63)) & 1); };
+  // The maxima of blocks of 64 raw logits, in one vectorised pass (the only one over the whole vector).
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<float> block_max(blocks);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t begin = b * kBlock, end = std::min(n, begin + kBlock);
+    float top = -INFINITY;
+    int nans = 0;
+#pragma omp simd reduction(max : top) reduction(+ : nans)
+    for (int64_t i = begin; i < end; ++i) {
+      top = v[i] > top ? v[i] : top;
+      nans += v[i] != v[i];
+    }
+    if (nans) return c10::nullopt;
+    block_max[b] = top;
+  }
+  // A floor under the k-th largest: the k-th largest block maximum (k blocks hold a value at least that
+  // large). The k-th largest value is then found among the values >= floor alone, in a min-heap of k,
+  // from the few blocks that reach it; the penalised values are offered apart from the scan (a raw
+  // block maximum says nothing about them). A penalty can lower values below the floor: if fewer than k
+  // values reach it, the floor is dropped and every block is scanned.
+  auto kth_from = [&](float floor) -> c10::optional<float> {
+    std::vector<float> heap;
+    heap.reserve(k);
+    int64_t reaching = 0;
+    auto offer = [&](float value) {
+      if (!(value >= floor)) return;
+      ++reaching;
+      if (int64_t(heap.size()) < k) {
+        heap.push_back(value);
+        std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+      } else if (value > heap.front()) {
+        std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
+        heap.back() = value;
+        std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+      }
+    };
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (!(block_max[b] >= floor)) continue;
+      for (int64_t i = b * kBlock, end = std::min(n, i + kBlock); i < end; ++i)
+        if (unseen(i)) offer(v[i]);
+    }
+    for (float value : seen_values) offer(value);
+    if (reaching < k) return c10::nullopt;
+    return heap.front();
+  };
+  float floor = -INFINITY;
+  if (k <= blocks) {
+    std::vector<float> maxima = block_max;
+    std::nth_element(maxima.begin(), maxima.begin() + (k - 1), maxima.end(), std::greater<float>());
+    floor = maxima[k - 1];
+  }
+  c10::optional<float> found = kth_from(floor);
+  if (!found) found = kth_from(-INFINITY);
+  const float kth = *found;
+  // Every value >= kth, ids ascending: the unseen ones from the blocks that reach kth, merged with the seen ones.
+  std::vector<int64_t> ids;
+  std::vector<float> values;
+  size_t next_seen = 0;
+  auto take_seen_below = [&](int64_t limit) {
+    for (; next_seen < seen_ids.size() && seen_ids[next_seen] < limit; ++next_seen)
+      if (seen_values[next_seen] >= kth) {
+        ids.push_back(seen_ids[next_seen]);
+        values.push_back(seen_values[next_seen]);
+      }
+  };
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (!(block_max[b] >= kth)) continue;
+    for (int64_t i = b * kBlock, end = std::min(n, i + kBlock); i < end; ++i) {
+      if (v[i] >= kth && unseen(i)) {
+        take_seen_below(i);
+        ids.push_back(i);
+        values.push_back(v[i]);
+      }
+    }
+  }
+  take_seen_below(n);
+  auto id_tensor = torch::empty({int64_t(ids.size())}, torch::kInt64);
+  auto value_tensor = torch::empty({int64_t(values.size())}, torch::kFloat32);
+  std::copy(ids.begin(), ids.end(), id_tensor.data_ptr<int64_t>());
+  std::copy(values.begin(), values.end(), value_tensor.data_ptr<float>());
+  return std::make_tuple(id_tensor, value_tensor);
+}
+
 // The Python names of the layer kernels for storage type T: ffn_block_<suffix>, mha_block_<suffix> and
 // the DecodeStep class.
 template <typename T>
 void bind_layer_kernels(pybind11::module_& m, const std::string& suffix) {
   m.def("first_argmax", &first_argmax, "index of the first maximum of an fp32 vector (as torch.argmax)");
+  m.def("sampling_candidates", &sampling_candidates,
+        "ids (ascending) and penalised values of the logits at or above the k-th largest, ties included");
   m.def(("ffn_block_" + suffix).c_str(), &ffn_block<T>,
         "RMSNorm + router + chosen and shared experts (or a dense MLP) + residual, one token");
   m.def(("mha_block_" + suffix).c_str(), &mha_block<T>,

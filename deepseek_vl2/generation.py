@@ -109,18 +109,22 @@ def sample(logits: torch.Tensor, seen: torch.Tensor, config: GenerationConfig, g
         found = sampling_candidates(logits, ids_seen, config.penalty or 1.0, top_k)
         if found is not None:
             ids, values = found
-            if not config.do_sample:
-                return ids[0]
-            return ids[torch.multinomial(sampling_probs(values, config.temperature, config.top_p, 0), 1, generator=generator)[0]]
+            return _draw_among(ids, values, config, generator) if config.do_sample else ids[0]
     if config.penalty is not None:
         logits = apply_repetition_penalty(logits, seen, config.penalty)
     if not config.do_sample:
         return _argmax(logits)
     if shortcut and not bool(logits.isnan().any()):  # (the same shortcut in PyTorch)
         ids = (logits >= torch.topk(logits, top_k).values[-1]).nonzero().view(-1)
-        return ids[torch.multinomial(sampling_probs(logits[ids], config.temperature, config.top_p, 0), 1, generator=generator)[0]]
+        return _draw_among(ids, logits[ids], config, generator)
     probs = sampling_probs(logits, config.temperature, config.top_p, top_k)
     return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def _draw_among(ids: torch.Tensor, logits: torch.Tensor, config: GenerationConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One of the candidate ``ids`` [N], drawn after temperature and top-p over their ``logits`` [N]."""
+    probs = sampling_probs(logits, config.temperature, config.top_p, top_k=0)
+    return ids[torch.multinomial(probs, 1, generator=generator)[0]]
 
 
 def prefill(language: DeepseekV2ForCausalLM, inputs_embeds: torch.Tensor, start_pos: int = 0) -> torch.Tensor:

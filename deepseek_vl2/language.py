@@ -200,7 +200,7 @@ def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> Optional[torc
 
 class KVCache(nn.Module):
     """Preallocated keys and values, [B, kv_heads, max_seq_len, head_dim] (post-RoPE keys), views of
-    ``storage`` (a 1-D tensor of ``numel`` values; see ``LanguageModel.setup_cache``)."""
+    ``storage`` (a 1-D tensor of ``numel`` values; see ``DeepseekV2ForCausalLM.setup_cache``)."""
 
     def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, storage: torch.Tensor) -> None:
         super().__init__()

@@ -489,7 +489,8 @@ def test_sampling_bf16_logits_never_sorts_the_vocabulary(kernel: bool, monkeypat
     _candidates_from(kernel, monkeypatch)
     sizes = []
     full_path = generation.sampling_probs
-    monkeypatch.setattr(generation, "sampling_probs", lambda logits, *args: sizes.append(logits.numel()) or full_path(logits, *args))
+    monkeypatch.setattr(generation, "sampling_probs",
+                        lambda logits, *args, **kwargs: sizes.append(logits.numel()) or full_path(logits, *args, **kwargs))
     generator = torch.Generator().manual_seed(11)
     config = GenerationConfig(temperature=0.1, top_p=0.9, repetition_penalty=1.1)  # the predictor's defaults
     for _ in range(10):

@@ -179,20 +179,41 @@ def first_argmax(values: torch.Tensor) -> Optional[int]:
     return None
 
 
-def sampling_candidates(logits: torch.Tensor, seen: torch.Tensor, penalty: float, k: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """(ids ascending, penalised logits) of every logit at or above the k-th largest after the repetition
-    penalty on the ids ``seen``, ties included: one call into a kernel extension that is already built
-    (never builds one). None where none is, for other tensors, or where a logit is NaN."""
-    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 1 or not logits.is_contiguous():
-        return None
-    if seen.device.type != "cpu" or seen.dtype != torch.long or seen.dim() != 1:
-        return None
+_BUILT: list[Any] = []  # the extension sampling calls, once one is found built
+
+
+def _built_extension() -> Optional[Any]:
+    """A kernel extension that is already built (or None: this never builds one)."""
+    if _BUILT:
+        return _BUILT[0]
     for build in (avx512_bf16_extension, fp32_extension):
         if build.cache_info().currsize:  # (built or found missing already)
             extension = build()
             if extension is not None:
-                return extension.sampling_candidates(logits, seen, penalty, k)
+                _BUILT.append(extension)
+                return extension
     return None
+
+
+def sampling_candidates(logits: torch.Tensor, seen: torch.Tensor, penalty: float, k: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids ascending, penalised logits) of every logit at or above the k-th largest after the repetition
+    penalty on the ids ``seen``, ties included: one call into a kernel extension that is already built
+    (never builds one). None where none is, for tensors other than contiguous fp32 logits [V] and int64
+    ids on the CPU, or where a logit is NaN."""
+    extension = _built_extension()
+    return None if extension is None else extension.sampling_candidates(logits, seen, penalty, k)
+
+
+def draw_top_k(logits: torch.Tensor, seen: torch.Tensor, penalty: float, k: int, temperature: float, top_p: float,
+               generator: Optional[torch.Generator]) -> Optional[int]:
+    """One token id drawn from the logits at or above the k-th largest after the penalty (as
+    ``sampling_candidates``), after temperature and top-p, with a uniform from ``generator`` (the default
+    CPU generator when None): one call into a kernel extension that is already built. None where none is,
+    for other tensors (as ``sampling_candidates``) or a generator off the CPU, or where a logit is NaN."""
+    if generator is not None and generator.device.type != "cpu":
+        return None
+    extension = _built_extension()
+    return None if extension is None else extension.draw_top_k(logits, seen, penalty, k, temperature, top_p, generator)
 
 
 def _fused_extension(x: torch.Tensor) -> Optional[Any]:

@@ -505,3 +505,31 @@ def test_sampling_bf16_logits_never_sorts_the_vocabulary(kernel: bool, monkeypat
     tied = torch.zeros(129280)
     tied[[5, 70, 900]] = 4.0
     assert int(sample(tied, torch.tensor([5]), GenerationConfig(repetition_penalty=1.1), None)) == 70  # 5 is penalised
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8, 0.3])
+def test_the_kernel_draw_samples_the_same_distribution_reproducibly(top_p: float) -> None:
+    """``next_token_id`` with our kernels (penalty, candidates, temperature, top-p and the draw in one call)
+    draws from ``sampling_probs``' distribution over the whole penalised vocabulary, ties at the k-th
+    logit included; a seed repeats its draws."""
+    from deepseek_vl2 import kernels
+    from deepseek_vl2.generation import next_token_id
+
+    if kernels.fp32_extension() is None:
+        pytest.skip("no C++ compiler/ninja: no kernels")
+    logits = (torch.randn(3000, generator=torch.Generator().manual_seed(4)) * 2).bfloat16().float()
+    logits[torch.topk(logits, 8).indices[-3:]] = torch.topk(logits, 8).values[-3]  # a tie at the 6th..8th values
+    seen = torch.topk(logits, 3).indices  # the penalty lowers the three largest
+    config = GenerationConfig(temperature=0.7, top_p=top_p, top_k=6, repetition_penalty=1.3)
+    expected = sampling_probs(apply_repetition_penalty(logits, seen, 1.3), 0.7, top_p, 6)
+    generator = torch.Generator().manual_seed(9)
+    draws = [next_token_id(logits, seen, config, generator) for _ in range(4000)]
+    counts = torch.bincount(torch.tensor(draws), minlength=3000)
+    assert set(counts.nonzero().view(-1).tolist()) <= set(expected.nonzero().view(-1).tolist())
+    assert (counts / 4000 - expected).abs().max().item() < 0.03
+    again = [next_token_id(logits, seen, config, torch.Generator().manual_seed(9)) for _ in range(1)]
+    assert again == draws[:1]
+    other_seeds = {tuple(next_token_id(logits, seen, config, g) for _ in range(20))
+                   for g in (torch.Generator().manual_seed(s) for s in range(3))}
+    assert len(other_seeds) == 3
+    assert 0 <= next_token_id(logits, seen, config, None) < 3000  # (the default generator)

@@ -410,6 +410,9 @@ def test_sampling_candidates_are_the_top_k_after_the_penalty_with_ties(build: st
     nan = torch.zeros(300)
     nan[123] = float("nan")
     assert extension.sampling_candidates(nan, torch.tensor([1]), 1.1, 5) is None  # NaN: left to PyTorch
+    assert extension.sampling_candidates(torch.zeros(300, dtype=torch.float64), torch.tensor([1]), 1.1, 5) is None  # other tensors
+    assert extension.sampling_candidates(torch.zeros(600)[::2], torch.tensor([1]), 1.1, 5) is None
+    assert extension.sampling_candidates(torch.zeros(300), torch.tensor([1], dtype=torch.int32), 1.1, 5) is None
     with pytest.raises(RuntimeError, match="seen id 300 outside the vocabulary of 300"):
         extension.sampling_candidates(torch.zeros(300), torch.tensor([300]), 1.1, 5)
     with pytest.raises(RuntimeError, match=r"k must be in \[1, 300\]"):

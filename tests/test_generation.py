@@ -533,3 +533,23 @@ def test_the_kernel_draw_samples_the_same_distribution_reproducibly(top_p: float
                    for g in (torch.Generator().manual_seed(s) for s in range(3))}
     assert len(other_seeds) == 3
     assert 0 <= next_token_id(logits, seen, config, None) < 3000  # (the default generator)
+
+
+def test_graph_decoder_takes_the_token_as_an_int_or_a_tensor() -> None:
+    """The generation loop hands the CUDA-graph decoder a plain int id; other callers a 0-d tensor. Both
+    land in the graph's input buffer before the replay (the replay itself needs a GPU: a stand-in here)."""
+    from types import SimpleNamespace
+
+    from deepseek_vl2.generation import CudaGraphDecoder
+
+    replays = []
+    decoder = CudaGraphDecoder.__new__(CudaGraphDecoder)
+    decoder.language = SimpleNamespace(cache_version=0, max_seq_len=4096)
+    decoder.cache_version = 0
+    decoder.token, decoder.position = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    logits = torch.zeros(5)
+    graph = SimpleNamespace(replay=lambda: replays.append((int(decoder.token), int(decoder.position))))
+    decoder.graphs = {CudaGraphDecoder.window_for(300): (graph, logits)}
+    assert decoder(17, 300) is logits
+    assert decoder(torch.tensor(23), 301) is logits
+    assert replays == [(17, 300), (23, 301)]

@@ -45,10 +45,15 @@ class GenerationConfig:
         return None if self.repetition_penalty in (0.0, 1.0) else self.repetition_penalty
 
 
+def _seen_ids(seen: torch.Tensor) -> torch.Tensor:
+    """The ids seen so far (repeats allowed) from ``seen``: those ids, or a [V] bool mask of them."""
+    return seen.nonzero().view(-1) if seen.dtype == torch.bool else seen
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """logits [V] fp32; seen: [V] bool, or the ids seen so far (repeats allowed) -> penalised logits
     (Hugging Face's rule). With ids only those logits are touched, not the whole vocabulary."""
-    ids = seen.nonzero().view(-1) if seen.dtype == torch.bool else seen
+    ids = _seen_ids(seen)
     picked = logits.index_select(0, ids)
     out = logits.clone()
     out[ids] = torch.where(picked < 0, picked * penalty, picked / penalty)
@@ -105,8 +110,7 @@ def sample(logits: torch.Tensor, seen: torch.Tensor, config: GenerationConfig, g
     # vocabulary (~7 ms per token for 129k logits). On the CPU, with the penalty, in one call into our kernels.
     shortcut = 0 < top_k < vocab and not logits.is_cuda
     if shortcut and (config.do_sample or config.penalty is not None):
-        ids_seen = seen.nonzero().view(-1) if seen.dtype == torch.bool else seen
-        found = sampling_candidates(logits, ids_seen, config.penalty or 1.0, top_k)
+        found = sampling_candidates(logits, _seen_ids(seen), config.penalty or 1.0, top_k)
         if found is not None:
             ids, values = found
             return _draw_among(ids, values, config, generator) if config.do_sample else ids[0]
@@ -127,8 +131,8 @@ def next_token_id(logits: torch.Tensor, seen: torch.Tensor, config: GenerationCo
     PyTorch's path), where the ~10 small PyTorch ops of ``sample`` took ~0.5 ms a token right after a
     decode step, from cold caches."""
     if config.do_sample and 0 < config.top_k < logits.shape[-1] and not logits.is_cuda:
-        ids_seen = seen.nonzero().view(-1) if seen.dtype == torch.bool else seen
-        drawn = draw_top_k(logits, ids_seen, config.penalty or 1.0, config.top_k, config.temperature, config.top_p, generator)
+        drawn = draw_top_k(logits, _seen_ids(seen), config.penalty or 1.0, config.top_k, config.temperature, config.top_p,
+                           generator)
         if drawn is not None:
             return drawn
     return int(sample(logits, seen, config, generator))

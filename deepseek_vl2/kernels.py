@@ -166,20 +166,7 @@ def _layer_extension(dtype: torch.dtype) -> Optional[Any]:
     return None
 
 
-def first_argmax(values: torch.Tensor) -> Optional[int]:
-    """``int(values.argmax())`` for a contiguous fp32 CPU vector in one call into a kernel extension that
-    is already built (never builds one: None then, and elsewhere)."""
-    if values.device.type != "cpu" or values.dtype != torch.float32 or values.dim() != 1 or not values.is_contiguous():
-        return None
-    for build in (avx512_bf16_extension, fp32_extension):
-        if build.cache_info().currsize:  # (built or found missing already)
-            extension = build()
-            if extension is not None:
-                return extension.first_argmax(values)
-    return None
-
-
-_BUILT: list[Any] = []  # the extension sampling calls, once one is found built
+_BUILT: list[Any] = []  # the extension that argmax and sampling call, once one is found built
 
 
 def _built_extension() -> Optional[Any]:
@@ -193,6 +180,15 @@ def _built_extension() -> Optional[Any]:
                 _BUILT.append(extension)
                 return extension
     return None
+
+
+def first_argmax(values: torch.Tensor) -> Optional[int]:
+    """``int(values.argmax())`` for a contiguous fp32 CPU vector in one call into a kernel extension that
+    is already built (never builds one: None then, and elsewhere)."""
+    if values.device.type != "cpu" or values.dtype != torch.float32 or values.dim() != 1 or not values.is_contiguous():
+        return None
+    extension = _built_extension()
+    return None if extension is None else extension.first_argmax(values)
 
 
 def sampling_candidates(logits: torch.Tensor, seen: torch.Tensor, penalty: float, k: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

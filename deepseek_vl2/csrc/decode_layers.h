@@ -1201,6 +1201,19 @@ torch::Tensor gemv(const char* name, const torch::Tensor& x, const torch::Tensor
   return out;
 }
 
+// The largest of v[begin, end) (NaNs aside), vectorised; `nans` counts the NaNs among them.
+inline float max_counting_nans(const float* v, int64_t begin, int64_t end, int& nans) {
+  float best = -INFINITY;
+  int count = 0;
+#pragma omp simd reduction(max : best) reduction(+ : count)
+  for (int64_t i = begin; i < end; ++i) {
+    best = v[i] > best ? v[i] : best;
+    count += v[i] != v[i];
+  }
+  nans = count;
+  return best;
+}
+
 // The index of the first maximum of an fp32 vector, as torch.argmax (a NaN counts as the maximum: the
 // first NaN). One call instead of the ~10 small PyTorch ops of generation._argmax: between two decode
 // steps, which stream the weights through every cache level, each of those ran from cold caches (greedy
@@ -1210,13 +1223,8 @@ inline int64_t first_argmax(const torch::Tensor& values) {
                    values.numel() > 0, "first_argmax: a non-empty contiguous fp32 CPU vector");
   const float* v = values.data_ptr<float>();
   const int64_t n = values.numel();
-  float best = -INFINITY;
   int nans = 0;
-#pragma omp simd reduction(max : best) reduction(+ : nans)
-  for (int64_t i = 0; i < n; ++i) {
-    best = v[i] > best ? v[i] : best;
-    nans += v[i] != v[i];
-  }
+  const float best = max_counting_nans(v, 0, n, nans);
   if (nans) {  // torch.argmax: the first NaN
     for (int64_t i = 0; i < n; ++i)
       if (std::isnan(v[i])) return i;
@@ -1237,14 +1245,14 @@ inline int64_t first_argmax(const torch::Tensor& values) {
   return 0;  // (unreachable)
 }
 
-// What sampling may draw from, in one pass over fp32 logits [V] and a few blocks of them: the ids of every logit at or above the
-// k-th largest (ties with it included, as torch.topk's k-th value with >= selects them), in ascending order,
-// and those logits, after the repetition penalty on the ids in `seen` (Hugging Face's rule: a negative
-// logit times `penalty`, another divided by it; repeats in `seen` count once). Returns nothing where a
-// logit is NaN, or for tensors other than contiguous fp32 logits and int64 ids on the CPU (left to PyTorch). In
-// PyTorch this was a clone for the penalty, torch.topk and a
-// comparison over the whole vocabulary: ~1 ms per token right after a decode step, whose weight stream
-// leaves none of it in the caches.
+// What sampling may draw from, in one pass over fp32 logits [V] and a few blocks of them: the ids of every
+// logit at or above the k-th largest (ties with it included, as torch.topk's k-th value with >= selects
+// them), in ascending order, and those logits, after the repetition penalty on the ids in `seen` (Hugging
+// Face's rule: a negative logit times `penalty`, another divided by it; repeats in `seen` count once).
+// Returns nothing where a logit is NaN, or for tensors other than contiguous fp32 logits and int64 ids on
+// the CPU (left to PyTorch). In PyTorch this was a clone for the penalty, torch.topk and a comparison over
+// the whole vocabulary: ~1 ms per token right after a decode step, whose weight stream leaves none of it
+// in the caches.
 inline c10::optional<std::tuple<torch::Tensor, torch::Tensor>> sampling_candidates(const torch::Tensor& logits,
                                                                                    const torch::Tensor& seen,
                                                                                    double penalty, int64_t k) {
@@ -1279,16 +1287,9 @@ inline c10::optional<std::tuple<torch::Tensor, torch::Tensor>> sampling_candidat
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   std::vector<float> block_max(blocks);
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t begin = b * kBlock, end = std::min(n, begin + kBlock);
-    float top = -INFINITY;
     int nans = 0;
-#pragma omp simd reduction(max : top) reduction(+ : nans)
-    for (int64_t i = begin; i < end; ++i) {
-      top = v[i] > top ? v[i] : top;
-      nans += v[i] != v[i];
-    }
+    block_max[b] = max_counting_nans(v, b * kBlock, std::min(n, (b + 1) * kBlock), nans);
     if (nans) return c10::nullopt;
-    block_max[b] = top;
   }
   // A floor under the k-th largest: the k-th largest block maximum (k blocks hold a value at least that
   // large). The k-th largest value is then found among the values >= floor alone, in a min-heap of k,

@@ -380,9 +380,9 @@ def test_kernel_error_messages_are_joined_without_iostreams() -> None:
 
 
 def _candidates_reference(logits: torch.Tensor, seen: torch.Tensor, penalty: float, k: int):
-    penalised = logits.clone()
-    picked = logits[seen]
-    penalised[seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    from deepseek_vl2.generation import apply_repetition_penalty
+
+    penalised = apply_repetition_penalty(logits, seen, penalty)
     ids = (penalised >= torch.topk(penalised, k).values[-1]).nonzero().view(-1)
     return ids, penalised[ids]
 

@@ -39,9 +39,12 @@ predict: venv
 schema: venv
 	$(PY) scripts/write_openapi_schema.py
 
-# Cog's own HTTP server (coglet), as in the container. Its worker runs `python` from PATH.
+# Cog's own HTTP server (coglet), as in the container. Its worker runs `python` from PATH. Cog's server
+# takes the number of predictions at once from COG_MAX_CONCURRENCY: predict.py's (DEEPSEEK_VL2_MAX_CONCURRENCY,
+# else 16 on a GPU and 8 on a CPU).
 serve: schema
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PORT=$(PORT) COG_PREDICT_TYPE_STUB=predict.py:Predictor \
+		COG_MAX_CONCURRENCY=$$($(PY) -c 'import predict; print(predict.MAX_CONCURRENCY)') \
 		$(PY) -m cog.server.http --host $(HOST)
 
 bench: venv

@@ -5,15 +5,21 @@ Weights: ``DEEPSEEK_VL2_WEIGHTS`` = a model directory or a Hugging Face repo id 
 ``deepseek-ai/deepseek-vl2``), resolved by ``deepseek_vl2.weights.resolve_weights``.
 ``DEEPSEEK_VL2_DTYPE`` (bfloat16 / float16 / float32) overrides the automatic dtype.
 
+Concurrency: ``predict`` is async and serves up to ``MAX_CONCURRENCY`` predictions at once
+(``DEEPSEEK_VL2_MAX_CONCURRENCY``, default 16 on a GPU and 8 on a CPU); they share decode steps in the
+model's batching engine (``deepseek_vl2/engine.py``). Cog's server must be told the same number
+(``COG_MAX_CONCURRENCY``: ``make serve`` sets it; ``cog.yaml``'s ``concurrency.max`` for an image).
+
 Run it without Cog's CLI:  python predict.py --image examples/stages.png --prompt "Describe this image."
 """
 
+import asyncio
 import os
 import sys
 import time
 from pathlib import Path as _FsPath
 
-from cog import BasePredictor, Input, Path
+from cog import BasePredictor, Input, Path, concurrent
 
 from deepseek_vl2.pipeline import InputError, VL2Pipeline
 from deepseek_vl2.weights import resolve_weights
@@ -55,10 +61,31 @@ def _explain_download_errors() -> None:
 _explain_download_errors()
 
 
+def max_concurrency() -> int:
+    """Predictions served at once: ``DEEPSEEK_VL2_MAX_CONCURRENCY`` (a whole number >= 1), else 16 on a GPU
+    and 8 on a CPU. Read when this module is imported: Cog takes it from ``@concurrent`` (and the server
+    from ``COG_MAX_CONCURRENCY``, which it follows when only that is set). Memory may give the engine fewer cache slots than this (see
+    ``deepseek_vl2.engine.default_slots``); predictions beyond them wait their turn inside the engine
+    instead of being refused."""
+    for name in ("DEEPSEEK_VL2_MAX_CONCURRENCY", "COG_MAX_CONCURRENCY"):  # (an operator may set Cog's alone)
+        value = os.environ.get(name, "").strip()
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise SystemExit(f"{name} must be a whole number >= 1, got {value!r}")
+            return int(value)
+    import torch
+
+    return 16 if torch.cuda.is_available() else 8
+
+
+MAX_CONCURRENCY = max_concurrency()
+
+
 class Predictor(BasePredictor):
     def setup(self) -> None:
         """Find (or download) the weights, load the model once (GPU in bf16, else the CPU in its fastest
-        dtype) and run one short warm-up request."""
+        dtype), allocate the engine's cache and run a short warm-up."""
+        from deepseek_vl2.engine import cache_bytes_per_slot, default_slots
         from deepseek_vl2.hardware import parse_dtype
 
         started = time.perf_counter()
@@ -66,14 +93,21 @@ class Predictor(BasePredictor):
         dtype_name = os.environ.get("DEEPSEEK_VL2_DTYPE", "").strip()
         dtype = parse_dtype(dtype_name) if dtype_name else None
         self.pipeline = VL2Pipeline.load(model_dir, dtype=dtype)
+        language = self.pipeline.model.language
+        slots = MAX_CONCURRENCY
+        if not {"DEEPSEEK_VL2_MAX_CONCURRENCY", "COG_MAX_CONCURRENCY"} & set(os.environ):  # the default: what memory allows
+            slots = min(slots, default_slots(self.pipeline.device, cache_bytes_per_slot(language)))
+        self.pipeline.start(slots)
         self.pipeline.warm_up()
         print(
             f"DeepSeek-VL2 loaded from {model_dir} on {self.pipeline.device} ({self.pipeline.dtype}) "
-            f"in {time.perf_counter() - started:.1f} s",
+            f"in {time.perf_counter() - started:.1f} s; {MAX_CONCURRENCY} predictions at once, "
+            f"{self.pipeline.engine.slots} decoding together",
             flush=True,
         )
 
-    def predict(
+    @concurrent(max=MAX_CONCURRENCY)
+    async def predict(
         self,
         image: Path = Input(description="Input image file"),
         prompt: str = Input(description="Text prompt to guide the model"),
@@ -82,18 +116,21 @@ class Predictor(BasePredictor):
         max_length_tokens: int = Input(default=2048, ge=0, le=4096, description="Maximum number of tokens to generate"),
         repetition_penalty: float = Input(default=1.1, ge=0, le=2, description="Repetition penalty"),
     ) -> str:
-        """Answer ``prompt`` about ``image``. Bad input raises ``InputError`` with a readable message."""
-        answer = self.pipeline.run(
+        """Answer ``prompt`` about ``image``. Bad input raises ``InputError`` with a readable message (this
+        prediction fails alone); cancelling the prediction frees its place in the engine within one step."""
+        stats: list = []
+        pieces = [piece async for piece in self.pipeline.astream(
             image=str(image),
             prompt=prompt,
             temperature=temperature,
             top_p=top_p,
             max_length_tokens=max_length_tokens,
             repetition_penalty=repetition_penalty,
-        )
-        if self.pipeline.last_stats is not None:
-            print(self.pipeline.last_stats, flush=True)  # shows up in the prediction's logs
-        return answer
+            stats=stats,
+        )]
+        if stats:
+            print(stats[0], flush=True)  # shows up in the prediction's logs
+        return "".join(pieces)
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -117,14 +154,14 @@ def _main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     try:
         # Called directly, predict() gets no Input() defaults resolved: pass every input.
-        answer = predictor.predict(
+        answer = asyncio.run(predictor.predict(
             image=Path(_FsPath(args.image)),
             prompt=args.prompt,
             top_p=args.top_p,
             temperature=args.temperature,
             max_length_tokens=args.max_length_tokens,
             repetition_penalty=args.repetition_penalty,
-        )
+        ))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

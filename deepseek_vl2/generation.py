@@ -1,4 +1,5 @@
-"""Token generation: ``prefill``, ``decode_one_token`` and ``sample`` as plain functions (gpt-fast style).
+"""Token generation: ``prefill``, ``decode_step`` and ``sample`` as plain functions (gpt-fast style); the
+batching engine (``engine.py``) drives them for every request.
 
 Semantics follow what the official demo gets from Hugging Face ``generate``:
 
@@ -15,7 +16,6 @@ step then runs one token. The only host synchronisation per step is reading the 
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
@@ -144,43 +144,73 @@ def _draw_among(ids: torch.Tensor, logits: torch.Tensor, config: GenerationConfi
     return ids[torch.multinomial(probs, 1, generator=generator)[0]]
 
 
-def prefill(language: DeepseekV2ForCausalLM, inputs_embeds: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-    """Run the whole prompt [1, T, D] through the decoder, filling the cache; logits of its last token [V]."""
-    return language(inputs_embeds, start_pos=start_pos, use_cache=True, last_only=True)[0, -1]
+def prefill(language: DeepseekV2ForCausalLM, inputs_embeds: torch.Tensor, start_pos: int = 0, slot: int = 0) -> torch.Tensor:
+    """Run prompt embeddings [1, S, D] at positions start_pos.. through the decoder, filling cache slot
+    ``slot``; logits of the last one [V]. A prompt goes in whole or in chunks, each after the ones before."""
+    return language(inputs_embeds, start_pos=start_pos, use_cache=True, last_only=True, slot=slot)[0, -1]
 
 
-def decode_one_token(language: DeepseekV2ForCausalLM, token: Union[int, torch.Tensor], pos: int) -> torch.Tensor:
-    """One step: token id (an int or a 0-d tensor) at position ``pos`` -> logits [V]."""
-    if isinstance(token, int) or not token.is_cuda:  # on the CPU: the whole step in one kernel call where it applies
-        logits = language.decode_step_cpu(int(token), pos)
+def decode_step(language: DeepseekV2ForCausalLM, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+    """One decode step of B sequences: token ``tokens[b]`` at position ``positions[b]`` of cache slot
+    ``slots[b]`` -> logits [B, V] fp32. On the CPU one call into our kernels where they apply (the logits
+    then carry ``known_argmaxes``, the argmax of each row found as they were written); else
+    ``decode_rows`` in PyTorch. (On CUDA the engine replays ``CudaGraphDecoder`` instead.)"""
+    device = language.lm_head.weight.device
+    if device.type == "cpu":
+        rows_kernel = getattr(language, "decode_rows_cpu", None)
+        logits = rows_kernel(tokens, positions, slots) if rows_kernel is not None else None
         if logits is not None:
             return logits
-    if isinstance(token, int):
-        token = torch.tensor(token, device=language.lm_head.weight.device)
-    embeds = language.model.embed_tokens(token.view(1, 1))
-    return language(embeds, start_pos=pos, use_cache=True)[0, -1]
+        if len(tokens) == 1:
+            single = _decode_one_sequence(language, tokens[0], positions[0], slots[0])
+            logits = single.view(1, -1)
+            if hasattr(single, "known_argmax"):
+                logits.known_argmaxes = [single.known_argmax]
+            return logits
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return language.decode_rows(as_tensor(tokens), as_tensor(positions), as_tensor(slots), window=max(positions) + 1)
+
+
+def _decode_one_sequence(language: DeepseekV2ForCausalLM, token: int, position: int, slot: int) -> torch.Tensor:
+    """One CPU row where the rows kernel does not apply: the whole-step kernel of a batch-1 cache, else the
+    layers one by one (each sub-layer one kernel call where they apply) -> logits [V]."""
+    if language.cache_batch == 1:
+        logits = language.decode_step_cpu(token, position)
+        if logits is not None:
+            return logits
+    embeds = language.model.embed_tokens(torch.tensor([[token]]))
+    return language(embeds, start_pos=position, use_cache=True, slot=slot)[0, -1]
+
+
+def decode_one_token(language: DeepseekV2ForCausalLM, token: Union[int, torch.Tensor], pos: int, slot: int = 0) -> torch.Tensor:
+    """``decode_step`` of one sequence: token id (an int or a 0-d tensor) at position ``pos`` -> logits [V]."""
+    return decode_step(language, [int(token)], [pos], [slot])[0]
 
 
 class CudaGraphDecoder:
-    """``decode_one_token`` as CUDA-graph replays: one launch per step instead of hundreds.
+    """``DeepseekV2ForCausalLM.decode_rows`` as CUDA-graph replays: one launch per step instead of hundreds.
 
-    A graph needs fixed shapes, so attention covers a fixed window of cache slots (masked after the
-    current position); one graph is captured per power-of-two window, on first use. Graphs are dropped
-    when the cache is reallocated.
+    A graph needs fixed shapes, so a step of B rows runs in the graph of the smallest bucket (a power of two)
+    holding B, the extra rows decoding a dummy token into ``spare_slot`` (a cache slot no request owns), and
+    attention covers a fixed window of cache positions (a power of two, at least MIN_WINDOW) masked after each
+    row's position. One graph per (bucket, window), captured on first use. Graphs are dropped when the cache
+    is reallocated.
     """
 
     MIN_WINDOW = 256
 
-    def __init__(self, language: DeepseekV2ForCausalLM, compile: bool = False) -> None:
+    def __init__(self, language: DeepseekV2ForCausalLM, max_rows: int, spare_slot: int, compile: bool = False) -> None:
         self.language = language
+        self.spare_slot = spare_slot
         # Optionally let torch.compile fuse the step's elementwise work first (fewer kernels per graph).
         self.compiled = self.wants_compile = compile
-        # dynamic=None: the window is specialised once, then compiled as a symbolic size on its first change.
-        self.step = torch.compile(language.decode_static, dynamic=None) if compile else language.decode_static
+        # dynamic=None: shapes are specialised once, then compiled as symbolic sizes on their first change.
+        self.step = torch.compile(language.decode_rows, dynamic=None) if compile else language.decode_rows
         device = language.lm_head.weight.device
-        self.token = torch.zeros(1, dtype=torch.long, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.max_bucket = self.bucket_for(max_rows)
+        # Rows' tokens, positions and slots: one host-to-device copy per step into these static buffers.
+        self.rows = torch.zeros(3, self.max_bucket, dtype=torch.long, device=device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.cache_version = language.cache_version
 
     @staticmethod
@@ -194,6 +224,14 @@ class CudaGraphDecoder:
             and language.model.rotary.kind != "dynamic"  # its base depends on the length, read on the host
         )
 
+    @staticmethod
+    def bucket_for(rows: int) -> int:
+        """The power of two that holds ``rows`` rows."""
+        bucket = 1
+        while bucket < rows:
+            bucket *= 2
+        return bucket
+
     @classmethod
     def window_for(cls, pos: int) -> int:
         """The power-of-two attention window (at least MIN_WINDOW) that covers position ``pos``."""
@@ -202,132 +240,69 @@ class CudaGraphDecoder:
             window *= 2
         return window
 
-    def __call__(self, token: Union[int, torch.Tensor], pos: int) -> torch.Tensor:
+    def __call__(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """Logits [B, V] of one step of B rows (a view of the graph's output: read it before the next step)."""
         if self.cache_version != self.language.cache_version:
             self.graphs.clear()
             self.cache_version = self.language.cache_version
-        window = min(self.window_for(pos), self.language.max_seq_len)
-        if isinstance(token, int):
-            self.token.fill_(token)
-        else:
-            self.token.copy_(token.view(1))
-        self.position.fill_(pos)
-        if window not in self.graphs:
-            self.graphs[window] = self._capture(window)
-        graph, logits = self.graphs[window]
+        count = len(tokens)
+        bucket = self.bucket_for(count)
+        if bucket > self.max_bucket:
+            raise ValueError(f"{count} rows exceed the {self.max_bucket} this decoder was made for")
+        window = min(self.window_for(max(positions)), self.language.max_seq_len)
+        pad = bucket - count
+        rows = torch.tensor([tokens + [0] * pad, positions + [0] * pad, slots + [self.spare_slot] * pad], dtype=torch.long)
+        self.rows[:, :bucket].copy_(rows, non_blocking=False)
+        key = (bucket, window)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(bucket, window)
+        graph, logits = self.graphs[key]
         graph.replay()
-        return logits
+        return logits[:count]
 
-    def _capture(self, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bucket: int, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         try:
-            return self._capture_with(self.step, window)
+            return self._capture_with(self.step, bucket, window)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back to the plain step
             if not self.compiled:
                 raise
             warnings.warn(f"torch.compile of the decode step failed ({exc!r:.200}); using uncompiled CUDA graphs")
-            self.step, self.compiled = self.language.decode_static, False
-            return self._capture_with(self.step, window)
+            self.step, self.compiled = self.language.decode_rows, False
+            return self._capture_with(self.step, bucket, window)
 
-    def _capture_with(self, step, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm-up runs (required before capture) write this step's own keys/values: harmless.
+    def _capture_with(self, step, bucket: int, window: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        tokens, positions, slots = self.rows[:, :bucket]
+        # Warm-up runs (required before capture) write the rows' own keys/values again: harmless.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                step(self.token, self.position, window)
+                step(tokens, positions, slots, window)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = step(self.token, self.position, window)
+            logits = step(tokens, positions, slots, window)
         return graph, logits
 
 
-def _step_function(language: DeepseekV2ForCausalLM, cuda_graphs: Optional[bool]):
-    """decode_one_token, or its CUDA-graph version where supported.
-
-    ``DEEPSEEK_VL2_CUDA_GRAPHS=0`` disables the graphs; ``DEEPSEEK_VL2_COMPILE=0`` skips torch.compile of
-    the step (which fuses its elementwise work: ~1.6x faster decode on an H200, ~30-45 s once per process).
-    """
-    if cuda_graphs is None:
-        cuda_graphs = os.environ.get("DEEPSEEK_VL2_CUDA_GRAPHS", "1") != "0"
-    if not (cuda_graphs and CudaGraphDecoder.supported(language)):
-        return lambda token, pos: decode_one_token(language, token, pos)
-    compile = os.environ.get("DEEPSEEK_VL2_COMPILE", "1") == "1"
-    decoder = getattr(language, "graph_decoder", None)
-    if decoder is None or decoder.wants_compile != compile:
-        decoder = language.graph_decoder = CudaGraphDecoder(language, compile)
-    return decoder
-
-
-@torch.inference_mode()
-def generate_stream(
-    model: DeepseekVL2, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int, cuda_graphs: Optional[bool] = None
-) -> Iterator[int]:
-    """Yield new token ids one by one until eos (not yielded) or ``max_new_tokens``.
+def generate_stream(model: DeepseekVL2, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int) -> Iterator[int]:
+    """Yield new token ids one by one until eos (not yielded) or ``max_new_tokens``, through the model's
+    batching engine (``engine.engine_for``: requests from other threads share its steps).
 
     ``max_new_tokens`` is clamped to the context left after the prompt; a prompt that alone fills the
     context raises ``ValueError``.
     """
-    embeds = model.prepare_inputs_embeds(inputs)
-    yield from generate_from_embeds(model.language, embeds, inputs.input_ids, config, eos_token_id, cuda_graphs)
+    from .engine import engine_for
 
-
-@torch.inference_mode()
-def generate_from_embeds(
-    language: DeepseekV2ForCausalLM,
-    embeds: torch.Tensor,
-    prompt_ids: torch.Tensor,
-    config: GenerationConfig,
-    eos_token_id: int,
-    cuda_graphs: Optional[bool] = None,
-) -> Iterator[int]:
-    """Generation once the prompt is embedded: embeds [1, T, D], prompt_ids [T] (for the penalty)."""
-    prompt_len = embeds.shape[1]
-    limit = language.config.max_position_embeddings
+    limit = model.language.config.max_position_embeddings
+    prompt_len = int(inputs.input_ids.shape[-1])
     if prompt_len >= limit:
         raise ValueError(f"the prompt is {prompt_len} tokens; the model's context is {limit}")
-    max_new = min(config.max_new_tokens, limit - prompt_len)
-    if max_new <= 0:
-        return
-    device = embeds.device
-    # On CUDA the cache always spans the whole context: its shape then never changes, so the compiled
-    # decode step is never recompiled for a new cache size (and nothing is reallocated between requests).
-    language.setup_cache(limit if device.type == "cuda" else prompt_len + max_new)
-    generator = None
-    if config.do_sample:
-        generator = torch.Generator(device=device)
-        if config.seed is not None:
-            generator.manual_seed(config.seed)
-        else:
-            generator.seed()
-    # Every id seen so far, repeats included (the penalty touches only these logits).
-    seen = torch.empty(prompt_len + max_new, dtype=torch.long, device=device)
-    seen[:prompt_len] = prompt_ids.to(device).view(-1)
-    n_seen = prompt_len
-    # Greedy without a penalty takes the argmax that the CPU step kernel found (``known_argmax``) as a plain
-    # int: each step streams the weights through every cache, so every tensor op between two steps runs
-    # from cold caches (tiny, bf16: the loop's time between two steps 260 -> 140 us; 30 us in a bare loop of steps).
-    plain_greedy = not config.do_sample and config.penalty is None
-
-    step_fn = _step_function(language, cuda_graphs)
-    logits = prefill(language, embeds)
-    for step in range(max_new):
-        token_id = getattr(logits, "known_argmax", None) if plain_greedy else None
-        if token_id is None:
-            token_id = next_token_id(logits, seen[:n_seen], config, generator)  # the one host sync per step
-        if token_id == eos_token_id:
-            return
-        yield token_id
-        if step == max_new - 1:
-            return
-        if config.penalty is not None:
-            seen[n_seen] = token_id
-            n_seen += 1
-        logits = step_fn(token_id, prompt_len + step)
+    if config.max_new_tokens <= 0:
+        return iter(())
+    return iter(engine_for(model).submit(inputs, config, eos_token_id))
 
 
-def generate(
-    model: DeepseekVL2, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int, cuda_graphs: Optional[bool] = None
-) -> list[int]:
+def generate(model: DeepseekVL2, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int) -> list[int]:
     """All new token ids (without the end-of-sentence id)."""
-    return list(generate_stream(model, inputs, config, eos_token_id, cuda_graphs))
+    return list(generate_stream(model, inputs, config, eos_token_id))

@@ -120,9 +120,17 @@ class RotaryEmbedding(nn.Module):
         if positions.numel() == 1 and not positions.is_cuda and self.kind != "dynamic":
             # CPU decode: look the position up in a table of every position (computed once by the same
             # code, so the same values) instead of ~10 small ops per step.
-            cos, sin = self.table(dtype, positions.device)
-            return cos[positions], sin[positions]
+            return self.lookup(positions, dtype)
         return self._compute(positions, dtype)
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, dim] of N positions from the table: each row the same values whatever the other
+        positions (a vectorised cos over a batch of positions may round its tail elements differently). The
+        dynamic-NTK kind depends on the longest length, read on the host, so it computes instead."""
+        if self.kind == "dynamic":
+            return self._compute(positions, dtype)
+        cos, sin = self.table(dtype, positions.device)
+        return cos[positions], sin[positions]
 
     def table(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of every position [max_positions, dim] (computed once per dtype and device)."""
@@ -173,22 +181,33 @@ def deinterleave(x: torch.Tensor) -> torch.Tensor:
 class AttentionContext:
     """What every layer needs to know about the current forward pass."""
 
-    cos: torch.Tensor  # [S, rope_dim]
+    cos: torch.Tensor  # [S, rope_dim]; decoding rows: [B, rope_dim], one position per row
     sin: torch.Tensor
     start_pos: int  # position of the first token of this chunk
     use_cache: bool  # write to / read from the layer caches
-    # Static-shape decoding (CUDA graphs): the position lives on the device and attention covers a fixed
-    # window of ``window`` cache slots, masking the ones after ``position``.
-    position: Optional[torch.Tensor] = None  # [1] long
+    slot: int = 0  # the cache slot (sequence) a chunk of one sequence belongs to
+    # Decoding rows (the batching engine; static shapes for CUDA graphs): row b is one token of the sequence in
+    # cache slot ``slots[b]`` at position ``positions[b]``, both on the device (no host sync), and attention
+    # covers a fixed window of ``window`` cache positions, masking those after each row's own position.
+    positions: Optional[torch.Tensor] = None  # [B] long
+    slots: Optional[torch.Tensor] = None  # [B] long
     window: int = 0
 
     @property
-    def static(self) -> bool:
-        return self.position is not None
+    def rows(self) -> bool:
+        return self.positions is not None
 
     def window_mask(self) -> torch.Tensor:
-        """[1, window] bool: cache slots at or before the current position."""
-        return (torch.arange(self.window, device=self.position.device) <= self.position).view(1, -1)
+        """[B, 1, 1, window] bool: each row's cache positions at or before its own position."""
+        reach = torch.arange(self.window, device=self.positions.device).view(1, -1) <= self.positions.view(-1, 1)
+        return reach.view(-1, 1, 1, self.window)
+
+    def rope(self, x: torch.Tensor) -> torch.Tensor:
+        """RoPE on x [B, H, S, d] or [B, S, d]: the chunk's positions, or one position per row."""
+        if not self.rows:
+            return apply_rope(x, self.cos, self.sin)
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (self.cos.shape[-1],)
+        return apply_rope(x, self.cos.view(shape), self.sin.view(shape))
 
 
 def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> Optional[torch.Tensor]:
@@ -212,16 +231,20 @@ class KVCache(nn.Module):
     def numel(batch: int, kv_heads: int, max_seq_len: int, head_dim: int) -> int:
         return 2 * batch * kv_heads * max_seq_len * head_dim
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a chunk k/v [b, kv_heads, S, d] of the sequences in slots slot.. at start..; return their
+        keys/values so far [b, kv_heads, start + S, d] (views)."""
+        end, slots = start + k.shape[2], slice(slot, slot + k.shape[0])
+        self.k[slots, :, start:end] = k
+        self.v[slots, :, start:end] = v
+        return self.k[slots, :, :end], self.v[slots, :, :end]
 
-    def update_static(self, position: torch.Tensor, window: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k.index_copy_(2, position, k)
-        self.v.index_copy_(2, position, v)
-        return self.k[:, :, :window], self.v[:, :, :window]
+    def update_rows(self, ctx: AttentionContext, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoding rows: write k/v [B, kv_heads, 1, d] at each row's slot and position; return each row's
+        window of keys/values [B, kv_heads, window, d] (gathered)."""
+        self.k[ctx.slots, :, ctx.positions] = k[:, :, 0]
+        self.v[ctx.slots, :, ctx.positions] = v[:, :, 0]
+        return self.k[ctx.slots, :, : ctx.window], self.v[ctx.slots, :, : ctx.window]
 
 
 class MLACache(nn.Module):
@@ -238,16 +261,20 @@ class MLACache(nn.Module):
     def numel(batch: int, max_seq_len: int, kv_lora_rank: int, rope_dim: int) -> int:
         return batch * max_seq_len * (kv_lora_rank + rope_dim)
 
-    def update(self, start: int, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + latent.shape[1]
-        self.latent[:, start:end] = latent
-        self.k_pe[:, start:end] = k_pe
-        return self.latent[:, :end], self.k_pe[:, :end]
+    def update(self, start: int, latent: torch.Tensor, k_pe: torch.Tensor, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a chunk latent [b, S, r] / k_pe [b, S, rope] of the sequences in slots slot.. at start..;
+        return theirs so far (views)."""
+        end, slots = start + latent.shape[1], slice(slot, slot + latent.shape[0])
+        self.latent[slots, start:end] = latent
+        self.k_pe[slots, start:end] = k_pe
+        return self.latent[slots, :end], self.k_pe[slots, :end]
 
-    def update_static(self, position: torch.Tensor, window: int, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.latent.index_copy_(1, position, latent)
-        self.k_pe.index_copy_(1, position, k_pe)
-        return self.latent[:, :window], self.k_pe[:, :window]
+    def update_rows(self, ctx: AttentionContext, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoding rows: write latent [B, 1, r] / k_pe [B, 1, rope] at each row's slot and position; return
+        each row's window [B, window, r] / [B, window, rope] (gathered)."""
+        self.latent[ctx.slots, ctx.positions] = latent[:, 0]
+        self.k_pe[ctx.slots, ctx.positions] = k_pe[:, 0]
+        return self.latent[ctx.slots, : ctx.window], self.k_pe[ctx.slots, : ctx.window]
 
 
 class MultiHeadAttention(nn.Module):
@@ -275,15 +302,15 @@ class MultiHeadAttention(nn.Module):
         q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        if ctx.static:
-            k, v = self.cache.update_static(ctx.position, ctx.window, k, v)
+        q, k = ctx.rope(q), ctx.rope(k)
+        if ctx.rows:
+            k, v = self.cache.update_rows(ctx, k, v)
             mask = ctx.window_mask()
         else:
             if ctx.use_cache:
-                k, v = self.cache.update(ctx.start_pos, k, v)
+                k, v = self.cache.update(ctx.start_pos, k, v, ctx.slot)
             mask = _causal_mask(seq, k.shape[2], x.device)
-        if seq == 1 and batch == 1 and not x.is_cuda and not ctx.static:
+        if seq == 1 and batch == 1 and not x.is_cuda and not ctx.rows:
             out = self._attend_one_query(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.kv_heads != self.heads)
@@ -292,10 +319,10 @@ class MultiHeadAttention(nn.Module):
     def residual_block(self, x: torch.Tensor, norm: RMSNorm, ctx: AttentionContext) -> Optional[torch.Tensor]:
         """``x + self(norm(x), ctx)`` for one bf16 token decoding on the CPU, in one kernel call (norm,
         projections, RoPE, cache write, attention, output projection, residual); None elsewhere."""
-        if x.shape[:2] != (1, 1) or not ctx.use_cache or ctx.static or self.cache is None:
+        if x.shape[:2] != (1, 1) or not ctx.use_cache or ctx.rows or self.cache is None:
             return None
         projections = [self.q_proj, self.k_proj, self.v_proj, self.o_proj]
-        return mha_block(x, norm.weight, norm.eps, projections, ctx.cos, ctx.sin, self.cache.k[0], self.cache.v[0],
+        return mha_block(x, norm.weight, norm.eps, projections, ctx.cos, ctx.sin, self.cache.k[ctx.slot], self.cache.v[ctx.slot],
                          ctx.start_pos, self.head_dim**-0.5)
 
     def kernel_args(self, norm: RMSNorm) -> Optional[list]:
@@ -366,14 +393,14 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)  # [B, H, S, nope], [B, H, S, rope]
         latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [B, S, r]
-        q_pe = apply_rope(deinterleave(q_pe), ctx.cos, ctx.sin)
-        k_pe = apply_rope(deinterleave(k_pe), ctx.cos, ctx.sin)  # [B, S, rope], one key shared by all heads
-        if ctx.static:
-            latent, k_pe = self.cache.update_static(ctx.position, ctx.window, latent, k_pe)
+        q_pe = ctx.rope(deinterleave(q_pe))
+        k_pe = ctx.rope(deinterleave(k_pe))  # [B, S, rope], one key shared by all heads
+        if ctx.rows:
+            latent, k_pe = self.cache.update_rows(ctx, latent, k_pe)
             out = self._attend_absorbed(q_nope, q_pe, latent, k_pe, ctx.window_mask())
         else:
             if ctx.use_cache:
-                latent, k_pe = self.cache.update(ctx.start_pos, latent, k_pe)
+                latent, k_pe = self.cache.update(ctx.start_pos, latent, k_pe, ctx.slot)
             if seq > 1:
                 out = self._attend_expanded(q_nope, q_pe, latent, k_pe)
             elif batch == 1 and not x.is_cuda:
@@ -386,7 +413,7 @@ class MultiHeadLatentAttention(nn.Module):
         """``x + self(norm(x), ctx)`` for one bf16 or fp32 token decoding on the CPU, in one kernel call
         (norm, projections, latent cache write, absorbed attention, output projection, residual); None
         elsewhere."""
-        if x.shape[:2] != (1, 1) or not ctx.use_cache or ctx.static or self.cache is None:
+        if x.shape[:2] != (1, 1) or not ctx.use_cache or ctx.rows or self.cache is None or ctx.slot != 0:
             return None
         return mla_block(x, ctx.cos, ctx.sin, ctx.start_pos, self.kernel_args(norm))
 
@@ -767,19 +794,23 @@ class DeepseekV2ForCausalLM(nn.Module):
         start_pos: int = 0,
         use_cache: bool = False,
         last_only: bool = False,
+        slot: int = 0,
     ) -> torch.Tensor:
         """inputs_embeds [B, S, D] at positions start_pos.. -> logits [B, S, V] (or [B, 1, V]) in fp32.
 
         ``use_cache=False``: a full causal forward over the given tokens (what the parity tests compare).
-        ``use_cache=True``: keys/values of these tokens are written to the preallocated caches and attention
-        covers every cached position before them.
+        ``use_cache=True``: keys/values of these tokens are written to the preallocated caches (slots
+        ``slot``..``slot + B - 1``) and attention covers every cached position before them: a whole prompt, or
+        one chunk of it after the others.
         """
-        seq = inputs_embeds.shape[1]
+        batch, seq = inputs_embeds.shape[:2]
         if use_cache and start_pos + seq > self.max_seq_len:
             raise ValueError(f"positions {start_pos}..{start_pos + seq} exceed the cache ({self.max_seq_len}); call setup_cache")
+        if use_cache and not 0 <= slot <= self.cache_batch - batch:
+            raise ValueError(f"cache slots {slot}..{slot + batch - 1} do not exist (the cache has {self.cache_batch})")
         positions = torch.arange(start_pos, start_pos + seq, device=inputs_embeds.device)
         cos, sin = self.model.rotary(positions, inputs_embeds.dtype)
-        ctx = AttentionContext(cos=cos, sin=sin, start_pos=start_pos, use_cache=use_cache)
+        ctx = AttentionContext(cos=cos, sin=sin, start_pos=start_pos, use_cache=use_cache, slot=slot)
         return self._decoder(inputs_embeds, ctx, last_only)
 
     def decode_step_cpu(self, token: int, position: int) -> Optional[torch.Tensor]:
@@ -820,16 +851,20 @@ class DeepseekV2ForCausalLM(nn.Module):
         return decode_step(self.model.embed_tokens.weight, cos, sin, self.model.norm.weight, self.model.norm.eps,
                            self.lm_head.weight, layers)
 
-    def decode_static(self, token: torch.Tensor, position: torch.Tensor, window: int) -> torch.Tensor:
-        """One decode step with static shapes and no host sync, for CUDA-graph capture.
+    def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, window: int) -> torch.Tensor:
+        """One decode step of several sequences, with static shapes and no host sync (CUDA-graph capture).
 
-        token, position: [1] long on the device; attention covers cache slots [0, window), masked after
-        ``position``. Returns logits [V] in fp32.
+        tokens, positions, slots: [B] long on the device, row b being token ``tokens[b]`` of the sequence in
+        cache slot ``slots[b]`` at position ``positions[b]``; attention covers cache positions [0, window),
+        masked after each row's position (so ``window`` > every position). Returns logits [B, V] in fp32.
+        Every matrix runs once on all B rows; in MoE layers each chosen expert runs once on the rows routed
+        to it.
         """
-        embeds = self.model.embed_tokens(token.view(1, 1))
-        cos, sin = self.model.rotary(position, embeds.dtype)
-        ctx = AttentionContext(cos=cos, sin=sin, start_pos=0, use_cache=True, position=position, window=window)
-        return self._decoder(embeds, ctx, last_only=True)[0, -1]
+        embeds = self.model.embed_tokens(tokens.view(-1, 1))
+        cos, sin = self.model.rotary.lookup(positions, embeds.dtype)
+        ctx = AttentionContext(cos=cos, sin=sin, start_pos=0, use_cache=True, positions=positions.view(-1),
+                               slots=slots.view(-1), window=window)
+        return self._decoder(embeds, ctx, last_only=True)[:, -1]
 
     def _decoder(self, x: torch.Tensor, ctx: AttentionContext, last_only: bool) -> torch.Tensor:
         for layer in self.model.layers:

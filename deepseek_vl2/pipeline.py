@@ -14,20 +14,24 @@ This is the single-image chat turn behind ``predict.py`` (the Replicate API):
 
 Every problem with the request raises ``InputError`` (from the processor) with a message for the
 person who sent it.
+
+Requests go through the model's batching engine (``engine.py``): ``stream``/``run`` from any thread and
+``astream`` from an event loop may overlap, and then share decode steps.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, AsyncIterator, Iterator, Optional, Union
 
 import torch
 from PIL import Image
 
 from .config import DeepseekVL2Config
+from .engine import BatchEngine, Request, RequestStats, engine_for
+from .generation import GenerationConfig
 from .processor import DeepseekVL2Processor, InputError, ProcessedInputs, load_image
 
 __all__ = ["VL2Pipeline", "InputError", "GenerationSettings"]
@@ -54,9 +58,7 @@ class GenerationSettings:
         self.max_length_tokens = max_length_tokens
         self.seed = seed
 
-    def generation_config(self, max_new_tokens: int):
-        from .generation import GenerationConfig
-
+    def generation_config(self, max_new_tokens: int) -> GenerationConfig:
         return GenerationConfig(
             max_new_tokens=max_new_tokens,
             temperature=self.temperature,
@@ -89,7 +91,17 @@ class VL2Pipeline:
         self.dtype = dtype
         self.context_length = int(context_length)
         self.model_dir = model_dir
-        self.last_stats: Optional[GenerationStats] = None
+        self.last_stats: Optional[RequestStats] = None  # of the last ``stream``/``run`` of this thread's caller
+
+    @property
+    def engine(self) -> BatchEngine:
+        """The model's batching engine (made on first use: ``engine.engine_for``)."""
+        return engine_for(self.model)
+
+    def start(self, slots: Optional[int] = None) -> BatchEngine:
+        """Make the engine with ``slots`` cache slots now (default: ``DEEPSEEK_VL2_MAX_CONCURRENCY``, else
+        per device and memory): its cache is allocated here, once."""
+        return engine_for(self.model, slots)
 
     @classmethod
     def load(cls, model_dir: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
@@ -109,23 +121,26 @@ class VL2Pipeline:
                    context_length=config.language.max_position_embeddings, model_dir=model_dir)
 
     def warm_up(self) -> None:
-        """One short request on a blank image, so that one-time costs are paid here and not by the first
-        user: the CPU's GEMV-path probe and oneDNN kernel setup; on a GPU, torch.compile of the decode
-        step and its CUDA-graph capture. On a GPU it decodes across one attention-window boundary, so the
-        step is also compiled for varying windows (later windows then only need a graph capture, ~1 s).
+        """Two short requests at once on a blank image through the engine, so that one-time costs are paid
+        here and not by the first users: the CPU's GEMV-path probe and oneDNN kernel setup, the decode step
+        of one row and of several; on a GPU, torch.compile of the decode step and its CUDA-graph capture. On
+        a GPU it decodes across one attention-window boundary, so the step is also compiled for varying
+        windows (later windows and batch buckets then only need a graph capture, ~1 s).
         """
-        from .generation import CudaGraphDecoder, GenerationConfig, generate_stream
+        from .generation import CudaGraphDecoder
 
         image = Image.new("RGB", (384, 384), (127, 127, 127))
         inputs = self.processor.process_prompt(f"{self.processor.image_token}\nDescribe.", [image])
         prompt_len = int(inputs.input_ids.shape[-1])
-        steps = 2
+        steps = 3
         if self.device.type == "cuda":
             steps = CudaGraphDecoder.window_for(prompt_len) - prompt_len + 2
         steps = min(steps, self.context_length - prompt_len)
-        with torch.inference_mode():
-            for _ in generate_stream(self.model, inputs.to(self.device, dtype=self.dtype),
-                                     GenerationConfig(max_new_tokens=steps), eos_token_id=-1):
+        inputs = inputs.to(self.device, dtype=self.dtype)
+        config = GenerationConfig(max_new_tokens=steps)
+        requests = [self.engine.submit(inputs, config, eos_token_id=-1) for _ in range(min(2, self.engine.slots))]
+        for request in requests:
+            for _ in request:
                 pass
 
     # ------------------------------------------------------------------------------------------
@@ -171,6 +186,19 @@ class VL2Pipeline:
             )
         return min(requested, room)
 
+    def request(self, image: ImageArg, prompt: str, temperature: float = 0.1, top_p: float = 0.9,
+                max_length_tokens: int = 2048, repetition_penalty: float = 1.1,
+                seed: Optional[int] = None) -> Optional[tuple[ProcessedInputs, GenerationConfig]]:
+        """Validate and process one request: (model inputs on the device, generation settings), or None when
+        there is nothing to generate (``max_length_tokens`` 0). Raises ``InputError`` for bad input."""
+        settings = GenerationSettings(temperature, top_p, max_length_tokens, repetition_penalty, seed)
+        text = self.build_prompt(prompt)
+        if settings.max_length_tokens == 0:
+            return None
+        inputs = self._process(image, text)
+        config = settings.generation_config(self.max_new_tokens(inputs, settings.max_length_tokens))
+        return inputs.to(self.device, dtype=self.dtype), config
+
     def run(self, image: ImageArg, prompt: str, temperature: float = 0.1, top_p: float = 0.9,
             max_length_tokens: int = 2048, repetition_penalty: float = 1.1, seed: Optional[int] = None) -> str:
         """The whole answer as one string."""
@@ -181,47 +209,41 @@ class VL2Pipeline:
                seed: Optional[int] = None) -> Iterator[str]:
         """The answer in pieces as it is generated. Bad input raises here, before the first piece."""
         self.last_stats = None
-        settings = GenerationSettings(temperature, top_p, max_length_tokens, repetition_penalty, seed)
-        text = self.build_prompt(prompt)
-        if settings.max_length_tokens == 0:
+        prepared = self.request(image, prompt, temperature, top_p, max_length_tokens, repetition_penalty, seed)
+        if prepared is None:
             return iter(())
-        inputs = self._process(image, text)
-        cfg = settings.generation_config(self.max_new_tokens(inputs, settings.max_length_tokens))
-        return self._stream(inputs.to(self.device, dtype=self.dtype), cfg)
+        request = self.engine.submit(*prepared, eos_token_id=self.processor.eos_id)
+        self.last_stats = request.stats
+        return self._pieces(request)
 
-    def _stream(self, inputs: ProcessedInputs, cfg: Any) -> Iterator[str]:
-        from .generation import generate_stream
-
-        eos_id = self.processor.eos_id
+    async def astream(self, image: ImageArg, prompt: str, temperature: float = 0.1, top_p: float = 0.9,
+                      max_length_tokens: int = 2048, repetition_penalty: float = 1.1,
+                      seed: Optional[int] = None, stats: Optional[list[RequestStats]] = None) -> AsyncIterator[str]:
+        """``stream`` on an event loop: the image and prompt are processed in a worker thread, the pieces
+        arrive from the engine without blocking the loop, and cancelling the task (or closing the iterator)
+        cancels the request within one engine step. ``stats``: a list that receives the request's timing."""
+        prepared = await asyncio.to_thread(self.request, image, prompt, temperature, top_p, max_length_tokens,
+                                           repetition_penalty, seed)
+        if prepared is None:
+            return
+        request = self.engine.submit(*prepared, eos_token_id=self.processor.eos_id, loop=asyncio.get_running_loop())
+        if stats is not None:
+            stats.append(request.stats)
         decoder = self.processor.stream_decoder()
-        started = time.perf_counter()
-        stats = self.last_stats = GenerationStats(prompt_tokens=int(inputs.input_ids.shape[-1]))
-        with torch.inference_mode():
-            for token_id in generate_stream(self.model, inputs, cfg, eos_token_id=eos_id):
-                if int(token_id) == eos_id:  # generate_stream stops before it; never let it into the text
-                    break
-                if stats.new_tokens == 0:
-                    stats.first_token_s = time.perf_counter() - started
-                stats.new_tokens += 1
-                stats.total_s = time.perf_counter() - started
-                piece = decoder.push(int(token_id))
-                if piece:
-                    yield piece
+        async for token_id in request:
+            piece = decoder.push(token_id)
+            if piece:
+                yield piece
         tail = decoder.flush()
         if tail:
             yield tail
 
-
-@dataclass
-class GenerationStats:
-    """Timing of the last request (``VL2Pipeline.last_stats``), for logs."""
-
-    prompt_tokens: int
-    new_tokens: int = 0
-    first_token_s: float = 0.0  # image + prompt in, first new token out
-    total_s: float = 0.0
-
-    def __str__(self) -> str:
-        decode = (self.new_tokens - 1) / (self.total_s - self.first_token_s) if self.new_tokens > 1 and self.total_s > self.first_token_s else 0.0
-        return (f"{self.prompt_tokens} prompt tokens, {self.new_tokens} new tokens; first token after "
-                f"{self.first_token_s:.2f} s, {decode:.1f} tokens/s after it, {self.total_s:.2f} s in all")
+    def _pieces(self, request: Request) -> Iterator[str]:
+        decoder = self.processor.stream_decoder()
+        for token_id in request:
+            piece = decoder.push(token_id)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail

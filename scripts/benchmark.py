@@ -270,38 +270,36 @@ def _sync(device: torch.device) -> None:
 
 def run_once(model, make_inputs, new_tokens: int, device: torch.device,
              probe_bandwidth: Optional[Any] = None) -> dict[str, Any]:
-    """One request through the production path: preprocess -> prepare_inputs_embeds -> generation's
-    prefill/decode loop (``generate_from_embeds``, eos disabled so every run makes ``new_tokens``).
-    ``probe_bandwidth()`` (GB/s), when given, runs right before and right after the decode steps."""
-    from deepseek_vl2.generation import GenerationConfig, generate_from_embeds
+    """One request through the production path: preprocess -> the model's batching engine (vision tower,
+    prefill, decode steps; eos disabled so every run makes ``new_tokens``). ``probe_bandwidth()`` (GB/s),
+    when given, runs right before the request and right after it (the engine decodes in its own thread, so
+    a probe between its steps would compete with them)."""
+    from deepseek_vl2.engine import engine_for
+    from deepseek_vl2.generation import GenerationConfig
 
+    window = [probe_bandwidth()] if probe_bandwidth else []
     t0 = time.perf_counter()
     inputs = make_inputs()
     t1 = time.perf_counter()
-    with torch.inference_mode():
-        embeds = model.prepare_inputs_embeds(inputs)
-        _sync(device)
-    t2 = time.perf_counter()
-    stream = generate_from_embeds(
-        model.language, embeds, inputs.input_ids, GenerationConfig(max_new_tokens=new_tokens), eos_token_id=-1
-    )
+    request = engine_for(model).submit(inputs, GenerationConfig(max_new_tokens=new_tokens), eos_token_id=-1)
+    stream = iter(request)
     next(stream)
     t3 = time.perf_counter()
-    window = [probe_bandwidth()] if probe_bandwidth else []  # (the generator waits: nothing runs meanwhile)
-    stamps = [time.perf_counter()]
+    stamps = [t3]
     for _ in stream:
         stamps.append(time.perf_counter())
     if probe_bandwidth:
         window.append(probe_bandwidth())
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
     decode_s = stamps[-1] - stamps[0]
+    vision_s = request.stats.embedded_s  # (from submit: the hand-over to the engine's thread counts here)
     return {
         "prompt_tokens": int(inputs.input_ids.numel()),
         "n_tiles": int(inputs.pixel_values.shape[0]),
         "generated": len(stamps),
         "preprocess_s": t1 - t0,
-        "vision_s": t2 - t1,
-        "prefill_s": t3 - t2,
+        "vision_s": vision_s,
+        "prefill_s": t3 - t1 - request.stats.embedded_s,
         "ttft_s": t3 - t0,
         "decode_s": decode_s,
         "decode_tok_s": len(steps) / decode_s if steps and decode_s > 0 else float("nan"),
@@ -311,32 +309,82 @@ def run_once(model, make_inputs, new_tokens: int, device: torch.device,
     }
 
 
+def _percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of values, linearly interpolated (nan when empty)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def run_concurrent(model, make_inputs, in_flight: int, new_tokens: int, device: torch.device) -> dict[str, Any]:
+    """``in_flight`` copies of the workload submitted at once to the engine (eos disabled), each read by its
+    own thread that stamps every token as it arrives.
+
+    decode_tok_s_total: tokens per second of the engine's decode steps that carried all ``in_flight`` rows
+    (the steady state, between the joins and the first finish), from the engine's own timeline. itl: the
+    time between two tokens of one request, prefill stalls included (``itl_ms_max``: the longest decode
+    stall, which another request's prefill causes). ttft: from submit to the first token, queueing behind
+    the others' prefill included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deepseek_vl2.engine import engine_for
+    from deepseek_vl2.generation import GenerationConfig
+
+    engine = engine_for(model)
+    inputs = [make_inputs() for _ in range(in_flight)]
+    engine.timeline.clear()
+    rss_reset = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def consume(request) -> list[float]:
+        return [time.perf_counter() for _ in request]
+
+    started = time.perf_counter()
+    requests = [engine.submit(x, GenerationConfig(max_new_tokens=new_tokens), eos_token_id=-1) for x in inputs]
+    with ThreadPoolExecutor(in_flight) as pool:
+        stamps = list(pool.map(consume, requests))
+    wall_s = time.perf_counter() - started
+    steps = [(rows, seconds) for kind, rows, seconds in engine.timeline if kind == "decode"]
+    full = [(rows, seconds) for rows, seconds in steps if rows == in_flight] or steps
+    gaps = [b - a for s in stamps for a, b in zip(s, s[1:])]
+    ttfts = [s[0] - started for s in stamps if s]
+    prefill_units = [seconds for kind, _, seconds in engine.timeline if kind == "prefill"]
+    return {
+        "decode_tok_s_total": sum(r for r, _ in full) / sum(t for _, t in full) if full else float("nan"),
+        "steady_steps": len(full),
+        "ttft_s_p50": _percentile(ttfts, 50),
+        "ttft_s_p95": _percentile(ttfts, 95),
+        "itl_ms_p50": 1e3 * _percentile(gaps, 50),
+        "itl_ms_p95": 1e3 * _percentile(gaps, 95),
+        "itl_ms_max": 1e3 * max(gaps) if gaps else float("nan"),
+        "prefill_unit_s_max": max(prefill_units) if prefill_units else float("nan"),
+        "tokens": sum(len(s) for s in stamps),
+        "wall_s": wall_s,
+        "peak_memory_gb": (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()) / 1e9,
+        "peak_memory_is_since_level_start": device.type == "cuda" or rss_reset,
+    }
+
+
 def profile_request(model, make_inputs, new_tokens: int, device: torch.device, top: int = 20) -> dict[str, str]:
-    """torch.profiler tables (self time, top ops) of one request's three phases, profiled separately:
-    vision + projector, language prefill, decode steps."""
+    """torch.profiler tables (self time, top ops) of one whole request through the engine (vision tower,
+    prefill and decode steps run in the engine's thread; the profiler follows it)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from deepseek_vl2.generation import GenerationConfig, generate_from_embeds
+    from deepseek_vl2.engine import engine_for
+    from deepseek_vl2.generation import GenerationConfig
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    tables = {}
     inputs = make_inputs()
-    with profile(activities=activities) as prof, torch.inference_mode():
-        embeds = model.prepare_inputs_embeds(inputs)
-        _sync(device)
-    tables["vision + projector"] = prof.key_averages().table(sort_by=sort, row_limit=top)
-    stream = generate_from_embeds(
-        model.language, embeds, inputs.input_ids, GenerationConfig(max_new_tokens=new_tokens), eos_token_id=-1
-    )
     with profile(activities=activities) as prof:
-        next(stream)
-    tables["language prefill"] = prof.key_averages().table(sort_by=sort, row_limit=top)
-    with profile(activities=activities) as prof:
-        for _ in stream:
+        for _ in engine_for(model).submit(inputs, GenerationConfig(max_new_tokens=new_tokens), eos_token_id=-1):
             pass
-    tables[f"decode ({new_tokens - 1} steps)"] = prof.key_averages().table(sort_by=sort, row_limit=top)
-    return tables
+    return {f"one request ({new_tokens} new tokens)": prof.key_averages().table(sort_by=sort, row_limit=top)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,12 +416,27 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--mallopt", action="store_true",
                    help="glibc: no mmap/trim for big temporaries (see tune_malloc); to measure its effect")
     p.add_argument("--json", action="store_true", help="last stdout line: one JSON object with every figure")
+    p.add_argument("--concurrency", type=_levels, default=[],
+                   help="e.g. 1,2,4,8,16: after the single-stream runs, that many requests in flight at each level "
+                        "(the engine gets as many slots as the largest level)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="engine slots (default: the largest --concurrency level, else what the server would use)")
     args = p.parse_args(argv)
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (one to time the prefill, one decode step)")
     if (args.layers is not None or args.vision_layers is not None) and args.config is None:
         p.error("--layers/--vision-layers need --config")
     return args
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"levels must be whole numbers >= 1, got {text!r}")
+    return levels
 
 
 def _fmt_pct(measured: float, bound: float, higher_is_better: bool) -> str:
@@ -468,6 +531,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         make_inputs = lambda: synthetic_inputs(processor, config, image, args.text_tokens)  # noqa: E731
         workload = f"synthetic prompt ids ({args.text_tokens} text tokens)"
 
+    # --- the engine: as the server makes it, with slots for the largest level, each slot as long as a request ---
+    from deepseek_vl2.engine import configured_slots, engine_for
+
+    slots = args.slots or (max(args.concurrency) if args.concurrency else configured_slots(model))
+    sample = make_inputs()
+    engine = engine_for(model, slots, context=int(sample.input_ids.numel()) + args.new_tokens + 1)
+    log(f"engine: {engine.slots} slots of {engine.context} positions, prefill chunks of {engine.prefill_chunk} tokens")
+
     # --- runs ---
     contention = CpuContention()
     contention.start()
@@ -503,6 +574,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     del window_probe
     other_cores = contention.stop()
     peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+    concurrency: dict[str, dict[str, Any]] = {}
+    for level in args.concurrency:
+        if device.type == "cuda":  # (each batch bucket's graph is captured on first use: not in the timing)
+            run_concurrent(model, make_inputs, level, args.new_tokens, device)
+        log(f"{level} request(s) in flight, {args.new_tokens} new tokens each ...")
+        concurrency[str(level)] = run_concurrent(model, make_inputs, level, args.new_tokens, device)
+        c = concurrency[str(level)]
+        log(f"  decode {c['decode_tok_s_total']:.1f} tok/s in all; ttft p50 {c['ttft_s_p50']:.2f} s; "
+            f"itl p50 {c['itl_ms_p50']:.1f} ms, p95 {c['itl_ms_p95']:.1f} ms, max {c['itl_ms_max']:.0f} ms")
 
     profile_tables = {}
     if args.profile:
@@ -584,6 +665,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "load_over_read": (load_s / file_read_s) if file_read_s else None,
         "rss_over_weights": peak_rss / weights,
         "huge_pages_gb": {k: v / 1e9 for k, v in huge.items()} if huge is not None else None,
+        "engine_slots": engine.slots,
+        "prefill_chunk": engine.prefill_chunk,
+        "concurrency": concurrency,
     }
 
     # --- report ---
@@ -622,6 +706,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                      "of allocated memory; the rest in 4 KiB pages)")
     if cold:
         lines.append(f"(first, cold request: time to first token {cold['ttft_s']:.3f} s)")
+    if concurrency:
+        single = concurrency.get("1", {}).get("decode_tok_s_total")
+        lines += ["", f"{'in flight':>9}{'decode tok/s':>14}{'x one':>7}{'ttft p50':>10}{'ttft p95':>10}{'itl p50':>10}"
+                      f"{'itl p95':>10}{'itl max':>10}{'peak mem':>10}"]
+        for level, c in concurrency.items():
+            ratio = f"{c['decode_tok_s_total'] / single:.2f}" if single else "-"
+            lines.append(f"{level:>9}{c['decode_tok_s_total']:>14.1f}{ratio:>7}{c['ttft_s_p50']:>9.2f}s{c['ttft_s_p95']:>9.2f}s"
+                         f"{c['itl_ms_p50']:>8.1f}ms{c['itl_ms_p95']:>8.1f}ms{c['itl_ms_max']:>8.0f}ms{c['peak_memory_gb']:>8.2f}GB")
+        lines.append("(decode tok/s: the engine's steps that carried every request in flight; itl: time between two "
+                     "tokens of one request, others' prefill included; ttft from submit)")
     print("\n".join(lines), flush=True)
     for phase, table in profile_tables.items():
         print(f"\nprofile of {phase} (self time, top ops):\n{table}", flush=True)

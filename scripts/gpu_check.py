@@ -1,4 +1,5 @@
-"""CUDA checks and timings in one run (for a lent GPU): parity on the golden cases, graphs vs eager, speed.
+"""CUDA checks and timings in one run (for a lent GPU): parity on the golden cases, graphs vs eager, speed
+alone and with 16 requests in flight (the batching engine).
 
     python scripts/gpu_check.py [--fixtures DIR] [--sections tiny,small,parity]
 
@@ -19,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deepseek_vl2.config import DeepseekVL2Config  # noqa: E402
-from deepseek_vl2.generation import GenerationConfig, generate, generate_from_embeds  # noqa: E402
+from deepseek_vl2.engine import BatchEngine  # noqa: E402
+from deepseek_vl2.generation import GenerationConfig, generate  # noqa: E402
 from deepseek_vl2.model import build_model, load_model, random_init  # noqa: E402
 
 RESULTS: dict = {}
@@ -37,9 +39,20 @@ def cuda_time(fn) -> float:
     return time.perf_counter() - start, out
 
 
+def fresh_engine(model, graphs: bool, compile: bool, slots: int = 16) -> BatchEngine:
+    """Replace the model's engine by one made under these switches (read when an engine is made)."""
+    os.environ["DEEPSEEK_VL2_CUDA_GRAPHS"] = "1" if graphs else "0"
+    os.environ["DEEPSEEK_VL2_COMPILE"] = "1" if compile else "0"
+    old = model.__dict__.pop("_engine", None)
+    if old is not None:
+        old.stop()
+    model._engine = BatchEngine(model, slots)
+    return model._engine
+
+
 def step_checks(model, inputs) -> dict[str, float]:
     """The first decode step after the prompt, three ways, on the same cache: eager (dynamic shapes), the
-    static-window step that graphs capture (``decode_static``), and its graph replay where the model has
+    static-window rows step that graphs capture (``decode_rows``), and its graph replay where the model has
     graphs (bf16 on Hopper). Relative differences of the logits:
 
     - ``static_vs_eager``: the window and mask logic. Rounding-level in fp32; in bf16 a near-tie in a
@@ -48,7 +61,7 @@ def step_checks(model, inputs) -> dict[str, float]:
     - ``graph_vs_static``: the capture itself (static buffers for token and position). The same kernels
       without torch.compile: ~0; compiled kernels round differently.
     """
-    from deepseek_vl2.generation import CudaGraphDecoder, _step_function
+    from deepseek_vl2.generation import CudaGraphDecoder
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -57,14 +70,16 @@ def step_checks(model, inputs) -> dict[str, float]:
         lm = model.language
         embeds = model.prepare_inputs_embeds(inputs)
         n = embeds.shape[1]
-        lm.setup_cache(n + 16)
+        lm.setup_cache(n + 16, batch=2)  # (slot 1: the graphs' spare slot)
         token = lm(embeds, use_cache=True, last_only=True)[0, -1].argmax()
         eager = lm(lm.model.embed_tokens(token.view(1, 1)), start_pos=n, use_cache=True)[0, -1].clone()
         window = min(CudaGraphDecoder.window_for(n), lm.max_seq_len)
-        static = lm.decode_static(token.view(1), torch.tensor([n], device=token.device), window).clone()
+        rows = lambda *values: torch.tensor(values, device=token.device)  # noqa: E731
+        static = lm.decode_rows(token.view(1), rows(n), rows(0), window)[0].clone()
         out = {"static_vs_eager": rel(static, eager)}
         if CudaGraphDecoder.supported(lm):
-            out["graph_vs_static"] = rel(_step_function(lm, True)(token, n), static)
+            graphs = CudaGraphDecoder(lm, max_rows=1, spare_slot=1, compile=os.environ.get("DEEPSEEK_VL2_COMPILE", "1") == "1")
+            out["graph_vs_static"] = rel(graphs([int(token)], [n], [0])[0], static)
         return out
 
 
@@ -106,8 +121,10 @@ def parity(fixtures: Path) -> None:
         g = case["generation"]
         cfg = GenerationConfig(max_new_tokens=g["max_new_tokens"], repetition_penalty=g["repetition_penalty"])
         ids32 = generate(model32, inputs, cfg, proc.eos_id)
-        eager16 = generate(model16, inputs, cfg, proc.eos_id, cuda_graphs=False)
-        graph16 = generate(model16, inputs, cfg, proc.eos_id, cuda_graphs=True)
+        fresh_engine(model16, graphs=False, compile=False)
+        eager16 = generate(model16, inputs, cfg, proc.eos_id)
+        fresh_engine(model16, graphs=True, compile=os.environ.get("DEEPSEEK_GPU_CHECK_COMPILE", "1") == "1")
+        graph16 = generate(model16, inputs, cfg, proc.eos_id)
         steps = {"fp32": step_checks(model32, inputs), "bf16": step_checks(model16, inputs)}
         for dtype_name, figures in steps.items():
             for name, value in figures.items():
@@ -129,40 +146,55 @@ def parity(fixtures: Path) -> None:
 
 
 def speed(name: str, config_path: Path, prompt_tokens: int, tiles: int, new_tokens: int) -> None:
+    """Single-stream decode (eager, graphs, compiled graphs) and 16 requests in flight, through the engine,
+    on a text-only prompt of ``prompt_tokens`` random ids (the vision tower is timed apart on ``tiles``)."""
+    from types import SimpleNamespace
+
     config = DeepseekVL2Config.from_json_file(config_path)
     torch.cuda.reset_peak_memory_stats()
     t_build, model = cuda_time(lambda: build_model(config, "cuda", torch.bfloat16, random_init()))
-    lm = model.language
     res = {"build_s": round(t_build, 2)}
     with torch.inference_mode():
         pixels = torch.randn(tiles, 3, 384, 384, device="cuda", dtype=torch.bfloat16)
         for _ in range(2):
             t_vis, feats = cuda_time(lambda: model.projector(model.vision(pixels)))
         res["vision_s"] = round(t_vis, 4)
-        ids = torch.randint(100, 1000, (prompt_tokens,), device="cuda")
-        embeds = lm.model.embed_tokens(ids)[None]
-        lm.setup_cache(config.language.max_position_embeddings)
-        for _ in range(2):
-            t_pre, _ = cuda_time(lambda: lm(embeds, use_cache=True, last_only=True))
-        res["prefill_s"] = round(t_pre, 4)
-        for mode in ("eager", "graphs", "compiled"):
-            os.environ["DEEPSEEK_VL2_COMPILE"] = "1" if mode == "compiled" else "0"
-            cfg = GenerationConfig(max_new_tokens=new_tokens, repetition_penalty=1.1)
-            run = lambda: list(generate_from_embeds(lm, embeds, ids, cfg, eos_token_id=-1, cuda_graphs=mode != "eager"))
-            t_warm, _ = cuda_time(run)  # warm-up (captures graphs, compiles)
-            res[f"warmup_s_{mode}"] = round(t_warm, 1)
-            t_gen, out = cuda_time(run)
-            assert len(out) == new_tokens
-            decode_s = t_gen - t_pre
-            res[f"decode_tok_s_{mode}"] = round((new_tokens - 1) / decode_s, 1)
-            res[f"generate_s_{mode}"] = round(t_gen, 3)
-            log(f"  {name} {mode}: {res[f'decode_tok_s_{mode}']} tok/s, warm-up {t_warm:.1f} s", flush=True)
-        res["e2e_s"] = round(res["vision_s"] + min(res["generate_s_graphs"], res["generate_s_compiled"]), 3)
+    inputs = SimpleNamespace(
+        input_ids=torch.randint(100, 1000, (prompt_tokens,), device="cuda"),
+        images_seq_mask=torch.zeros(prompt_tokens, dtype=torch.bool, device="cuda"),
+        pixel_values=torch.zeros(0, 3, 384, 384, device="cuda", dtype=torch.bfloat16),
+        images_spatial_crop=torch.zeros(1, 2, dtype=torch.long, device="cuda"),
+    )
+    cfg = GenerationConfig(max_new_tokens=new_tokens, repetition_penalty=1.1)
+
+    def timed_rows(engine: BatchEngine, rows: int) -> tuple[float, float]:
+        """(seconds, decode tok/s over the steps that carried every row) of ``rows`` requests at once."""
+        engine.timeline.clear()
+        t, outs = cuda_time(lambda: [list(r) for r in [engine.submit(inputs, cfg, -1) for _ in range(rows)]])
+        assert all(len(o) == new_tokens for o in outs)
+        steps = [(n, s) for kind, n, s in engine.timeline if kind == "decode" and n == rows]
+        return t, sum(n for n, _ in steps) / sum(s for _, s in steps)
+
+    for mode in ("eager", "graphs", "compiled"):
+        engine = fresh_engine(model, graphs=mode != "eager", compile=mode == "compiled")
+        t_warm, _ = timed_rows(engine, 1)  # warm-up (captures graphs, compiles)
+        res[f"warmup_s_{mode}"] = round(t_warm, 1)
+        t_gen, rate = timed_rows(engine, 1)
+        res[f"decode_tok_s_{mode}"] = round(rate, 1)
+        res[f"generate_s_{mode}"] = round(t_gen, 3)
+        log(f"  {name} {mode}: {rate:.1f} tok/s, warm-up {t_warm:.1f} s", flush=True)
+        if mode != "eager":
+            timed_rows(engine, 16)  # (the 16-row bucket's graphs)
+            t16, rate16 = timed_rows(engine, 16)
+            res[f"decode_tok_s_16_{mode}"] = round(rate16, 1)
+            res[f"x16_over_single_{mode}"] = round(rate16 / rate, 2)
+            log(f"  {name} {mode}, 16 in flight: {rate16:.1f} tok/s in all ({rate16 / rate:.1f}x)", flush=True)
     res["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     res["weights_gb"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9, 2)
     log(f"speed {name}: {res}")
     RESULTS[name] = res
-    del model, lm
+    model.__dict__.pop("_engine").stop()
+    del model
     torch.cuda.empty_cache()
 
 

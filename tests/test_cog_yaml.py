@@ -54,3 +54,21 @@ def test_every_package_is_pinned_and_matches_requirements(cog_yaml, project_dir)
 def test_dev_requirements_pinned(project_dir):
     pins = _pins((project_dir / "requirements-dev.txt").read_text().splitlines())
     assert {"pytest", "pyyaml", "jsonschema"} <= set(pins)
+
+
+def test_the_image_serves_as_many_at_once_as_the_engine_decodes(cog_yaml, project_dir):
+    """Cog's server (concurrency.max) and the predictor (DEEPSEEK_VL2_MAX_CONCURRENCY) agree on the GPU
+    image's number of predictions at once; with fewer server slots the engine would idle, with more the
+    server would queue where it could answer 409."""
+    import subprocess
+    import sys
+
+    env = dict(item.split("=", 1) for item in cog_yaml["environment"])
+    assert int(env["DEEPSEEK_VL2_MAX_CONCURRENCY"]) == cog_yaml["concurrency"]["max"] >= 2
+    # predict.py reads it as the image will (its module-level @concurrent value)
+    out = subprocess.run([sys.executable, "-c", "import predict; print(predict.MAX_CONCURRENCY, "
+                          "predict.Predictor.predict.__cog_concurrent_max__)"],
+                         cwd=project_dir, capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "DEEPSEEK_VL2_MAX_CONCURRENCY": env["DEEPSEEK_VL2_MAX_CONCURRENCY"]})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [env["DEEPSEEK_VL2_MAX_CONCURRENCY"]] * 2

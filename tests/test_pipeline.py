@@ -152,25 +152,23 @@ def test_settings_normalisation():
 
 
 def test_new_tokens_are_clamped_to_the_context(mha, image_path, monkeypatch):
-    import deepseek_vl2.generation as generation
-
     inputs = mha.prepare(image_path, "Describe.")
     prompt_len = int(inputs.input_ids.shape[0])
     assert mha.max_new_tokens(inputs, 4096) == 4096 - prompt_len
     assert mha.max_new_tokens(inputs, 10) == 10
-    real_stream, produced = generation.generate_stream, []
+    engine, produced = mha.engine, []
+    real_submit = engine.submit
 
-    def counting_stream(model, inputs, cfg, eos_token_id):
-        ids = list(real_stream(model, inputs, cfg, eos_token_id))
-        produced.append((cfg.max_new_tokens, len(ids)))
-        return iter(ids)
+    def spying_submit(inputs, config, eos_token_id, loop=None):
+        produced.append(config.max_new_tokens)
+        return real_submit(inputs, config, eos_token_id, loop)
 
-    monkeypatch.setattr(generation, "generate_stream", counting_stream)
+    monkeypatch.setattr(engine, "submit", spying_submit)
     saved = mha.context_length
     try:
         mha.context_length = prompt_len + 3
         mha.run(image_path, "Describe.", temperature=0, top_p=1, max_length_tokens=50, repetition_penalty=1)
-        assert produced[-1][0] == 3 and 0 < produced[-1][1] <= 3
+        assert produced == [3] and 0 < mha.last_stats.new_tokens <= 3
         mha.context_length = prompt_len
         with pytest.raises(InputError, match="prompt is too long"):
             mha.run(image_path, "Describe.", temperature=0, top_p=1, max_length_tokens=5, repetition_penalty=1)
@@ -203,17 +201,24 @@ def test_unusual_images_work(mha, unusual_images, tmp_path):
 
 
 def test_answer_keeps_special_tokens_but_not_eos(mha, image_path, monkeypatch):
-    """Grounding markup survives decoding; the end-of-sentence marker does not."""
-    import deepseek_vl2.generation as generation
-
+    """Grounding markup survives decoding; the end-of-sentence marker does not (the engine stops before it)."""
     proc = mha.processor
     wanted = proc.encode("<|ref|>box<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>")
-    monkeypatch.setattr(generation, "generate_stream", lambda *a, **k: iter(wanted))
+    forced = iter([*wanted, proc.eos_id, 5])
+
+    def scripted_logits(language, tokens, positions, slots):  # every step "chooses" the next scripted id
+        logits = torch.full((len(tokens), language.config.vocab_size), -1e4)
+        logits[:, next(forced)] = 0.0
+        return logits
+
+    import deepseek_vl2.engine as engine
+
+    monkeypatch.setattr(mha.engine, "prefill_chunk", 10**6)  # (one prefill call: it "chooses" the first id)
+    monkeypatch.setattr(engine, "decode_step", scripted_logits)
+    monkeypatch.setattr(engine, "prefill", lambda language, embeds, start_pos, slot: scripted_logits(language, [0], [0], [0])[0])
     text = mha.run(image_path, "Find the box.", temperature=0, top_p=1, max_length_tokens=50, repetition_penalty=1)
     assert text == "<|ref|>box<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>"
-    monkeypatch.setattr(generation, "generate_stream", lambda *a, **k: iter(list(wanted) + [proc.eos_id, 5]))
-    assert EOS not in mha.run(image_path, "Find the box.", temperature=0, top_p=1, max_length_tokens=50,
-                              repetition_penalty=1)
+    assert EOS not in text
 
 
 def test_last_stats_describe_the_last_request(mha, image_path):

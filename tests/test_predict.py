@@ -1,6 +1,7 @@
 """predict.py: the Predictor in-process (setup from DEEPSEEK_VL2_WEIGHTS, the six inputs), its CLI, make demo."""
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import os
@@ -83,14 +84,14 @@ def test_golden_answer_through_the_predictor(predictor, fixtures_dir):
 
     case = json.loads((fixtures_dir / "cases" / "mla" / "grounding_task" / "case.json").read_text())
     user = case["conversation"][0]
-    answer = predictor.predict(
+    answer = asyncio.run(predictor.predict(
         image=CogPath(fixtures_dir / "images" / user["images"][0]),
         prompt=user["content"],
         top_p=0.9,
         temperature=0,
         max_length_tokens=len(case["generated_ids"]),
         repetition_penalty=case["generation"]["repetition_penalty"],
-    )
+    ))
     assert answer == case["generated_text"].replace(EOS, "")
 
 
@@ -100,8 +101,8 @@ def test_bad_input_raises_a_plain_error(predictor, fixtures_dir):
     from deepseek_vl2.pipeline import InputError
 
     with pytest.raises(InputError, match="prompt is empty"):
-        predictor.predict(image=CogPath(fixtures_dir / "images" / "gray_500x300.png"), prompt=" ", top_p=0.9,
-                          temperature=0.1, max_length_tokens=8, repetition_penalty=1.1)
+        asyncio.run(predictor.predict(image=CogPath(fixtures_dir / "images" / "gray_500x300.png"), prompt=" ", top_p=0.9,
+                                      temperature=0.1, max_length_tokens=8, repetition_penalty=1.1))
 
 
 def test_setup_reports_missing_weights_clearly(monkeypatch, tmp_path):

@@ -1,0 +1,300 @@
+"""The batching engine: answers independent of company, cancel, bounded cache, failures that stay alone."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import FIXTURES_DIR
+from deepseek_vl2.engine import BatchEngine, RequestCancelled, cache_bytes_per_slot, default_slots
+from deepseek_vl2.generation import GenerationConfig
+from deepseek_vl2.model import load_model
+from deepseek_vl2.processor import DeepseekVL2Processor
+
+
+@functools.lru_cache(maxsize=None)
+def _load(variant: str):
+    path = FIXTURES_DIR / "checkpoints" / variant
+    return DeepseekVL2Processor.from_pretrained(path), load_model(path)
+
+
+def _engine(variant: str, slots: int, **kwargs) -> tuple[DeepseekVL2Processor, BatchEngine]:
+    """A fresh engine over the variant's model (it takes the model's cache over from the one before)."""
+    processor, model = _load(variant)
+    old = model.__dict__.pop("_engine", None)
+    if old is not None:
+        old.stop()
+    model._engine = BatchEngine(model, slots, **kwargs)
+    return processor, model._engine
+
+
+def _golden_cases(variant: str) -> list[tuple[str, object, GenerationConfig, list[int]]]:
+    """(name, inputs, greedy settings, expected ids) of every golden case of the variant."""
+    processor, _ = _load(variant)
+    cases = []
+    for case_dir in sorted((FIXTURES_DIR / "cases" / variant).iterdir()):
+        case = json.loads((case_dir / "case.json").read_text())
+        conversation = [
+            {**m, "images": [Image.open(FIXTURES_DIR / "images" / name).convert("RGB") for name in m["images"]]}
+            for m in case["conversation"]
+        ]
+        ids = [i for i in case["generated_ids"] if i != processor.eos_id]
+        config = GenerationConfig(max_new_tokens=len(case["generated_ids"]),
+                                  repetition_penalty=case["generation"]["repetition_penalty"])
+        cases.append((case_dir.name, processor(conversation), config, ids))
+    return cases
+
+
+def _prompt(processor: DeepseekVL2Processor, text: str = "<image>\nDescribe this image.", size=(500, 300),
+            color=(200, 40, 40)):
+    return processor.process_prompt(text, [Image.new("RGB", size, color)])
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla-noaux"])
+def test_greedy_answers_do_not_depend_on_company(variant: str) -> None:
+    """fp32: every golden case, run with up to 3 others in flight (sampling, other penalties, other prompts
+    and images, joining at other times), returns exactly its golden ids, as it does alone."""
+    processor, engine = _engine(variant, slots=4, prefill_chunk=256)
+    cases = _golden_cases(variant)
+    companions = [
+        (_prompt(processor), GenerationConfig(max_new_tokens=30, temperature=0.9, top_p=0.9, repetition_penalty=1.3, seed=1)),
+        (_prompt(processor, "Hi <image> there, what is it?", (300, 800), (10, 200, 90)),
+         GenerationConfig(max_new_tokens=12, repetition_penalty=1.1)),
+        (_prompt(processor, "<image>", (900, 900)), GenerationConfig(max_new_tokens=50, temperature=0.5, top_p=0.5)),
+    ]
+    results = {}
+    for i, (name, inputs, config, expected) in enumerate(cases):
+        company = [engine.submit(x, c, processor.eos_id) for x, c in companions[: 1 + i % 3]]
+        if i % 2:  # (joins while the company already decodes)
+            first = iter(company[0])
+            next(first)
+        request = engine.submit(inputs, config, processor.eos_id)
+        results[name] = (list(request), expected)
+        for other in company:
+            other.cancel()
+    assert engine.max_rows_seen >= 3
+    assert {name: got == want for name, (got, want) in results.items()} == {name: True for name in results}
+
+
+def test_seeded_sampling_does_not_depend_on_company() -> None:
+    processor, engine = _engine("mha", slots=3)
+    inputs = _prompt(processor)
+    config = GenerationConfig(max_new_tokens=20, temperature=1.0, top_p=0.95, repetition_penalty=1.2, seed=42)
+    alone = list(engine.submit(inputs, config, processor.eos_id))
+    other = engine.submit(_prompt(processor, size=(200, 700)), GenerationConfig(max_new_tokens=40), processor.eos_id)
+    together = engine.submit(inputs, config, processor.eos_id)
+    assert list(together) == alone
+    assert list(other)
+    reseeded = GenerationConfig(max_new_tokens=20, temperature=1.0, top_p=0.95, repetition_penalty=1.2, seed=43)
+    assert list(engine.submit(inputs, reseeded, processor.eos_id)) != alone
+
+
+def test_cancel_stops_within_one_step_and_frees_the_slot() -> None:
+    processor, engine = _engine("mha", slots=2)
+    inputs = _prompt(processor)
+    long = GenerationConfig(max_new_tokens=400, repetition_penalty=1.0)
+    reference = list(engine.submit(inputs, GenerationConfig(max_new_tokens=60), processor.eos_id))
+    keeper = engine.submit(inputs, GenerationConfig(max_new_tokens=60), processor.eos_id)
+    victim = engine.submit(inputs, long, processor.eos_id)
+    stream = iter(victim)
+    got = [next(stream) for _ in range(5)]
+    steps_at_cancel = engine.steps
+    victim.cancel()
+    with pytest.raises(RequestCancelled):
+        for token in stream:
+            got.append(token)
+    assert len(got) <= 5 + 2  # (tokens already delivered, and at most one step's)
+    # Its slot is free again: with the keeper still decoding, a new request gets the slot and finishes.
+    late = engine.submit(inputs, GenerationConfig(max_new_tokens=3), processor.eos_id)
+    assert len(list(late)) == 3
+    assert list(keeper) == reference  # the others finish unchanged
+    assert engine.steps - steps_at_cancel < 400
+    assert engine.in_flight == 0
+
+
+def test_closing_the_stream_early_cancels_the_request() -> None:
+    processor, engine = _engine("mha", slots=1)
+    inputs = _prompt(processor)
+    request = engine.submit(inputs, GenerationConfig(max_new_tokens=500, repetition_penalty=1.0), processor.eos_id)
+    stream = iter(request)
+    next(stream)
+    stream.close()
+    assert request.cancelled
+    # The only slot is freed: the next request runs.
+    assert len(list(engine.submit(inputs, GenerationConfig(max_new_tokens=2), processor.eos_id))) == 2
+
+
+def test_requests_beyond_the_slots_wait_their_turn() -> None:
+    processor, engine = _engine("mha", slots=2)
+    inputs = _prompt(processor)
+    requests = [engine.submit(inputs, GenerationConfig(max_new_tokens=8), processor.eos_id) for _ in range(5)]
+    answers = [list(r) for r in requests]
+    assert all(a == answers[0] for a in answers) and len(answers[0]) == 8
+    assert engine.max_rows_seen == 2
+    assert max(r.stats.queued_s for r in requests) > 0
+
+
+def test_the_cache_is_allocated_once_and_never_grows() -> None:
+    processor, engine = _engine("mla", slots=3)
+    language = engine.language
+    storage = [layer.self_attn.cache.latent.data_ptr() for layer in language.model.layers]
+    assert language.cache_batch == 3 and language.max_seq_len == language.config.max_position_embeddings
+    for size in [(100, 100), (1500, 300), (400, 1200)]:  # (1, 3x1 and 1x3 tiles: prompts of other lengths)
+        for r in [engine.submit(_prompt(processor, size=size), GenerationConfig(max_new_tokens=5), processor.eos_id)
+                  for _ in range(4)]:
+            list(r)
+    assert [layer.self_attn.cache.latent.data_ptr() for layer in language.model.layers] == storage
+    assert language.cache_batch == 3
+
+
+def test_a_failing_request_fails_alone() -> None:
+    processor, engine = _engine("mha", slots=3, context=700)
+    fits = _prompt(processor)  # 600-odd tokens
+    too_long = _prompt(processor, size=(1500, 400))  # tiled: over 700 tokens
+    expected = list(engine.submit(fits, GenerationConfig(max_new_tokens=30), processor.eos_id))
+    ok = engine.submit(fits, GenerationConfig(max_new_tokens=30), processor.eos_id)
+    bad = engine.submit(too_long, GenerationConfig(max_new_tokens=5), processor.eos_id)
+    with pytest.raises(ValueError, match="context is 700"):
+        list(bad)
+    assert list(ok) == expected
+    # New tokens are clamped to the slot's length.
+    assert len(list(engine.submit(fits, GenerationConfig(max_new_tokens=500), processor.eos_id))) == 700 - int(
+        fits.input_ids.shape[0])
+
+
+def test_prompts_are_prefilled_in_chunks_between_the_others_steps() -> None:
+    processor, engine = _engine("mha", slots=2, prefill_chunk=128)
+    decoding = engine.submit(_prompt(processor), GenerationConfig(max_new_tokens=60, repetition_penalty=1.0), processor.eos_id)
+    stream = iter(decoding)
+    next(stream)
+    engine.timeline.clear()
+    joining = _prompt(processor, size=(900, 600))  # tiled: 4-5 chunks of 128
+    length = int(joining.input_ids.shape[0])
+    list(engine.submit(joining, GenerationConfig(max_new_tokens=2), processor.eos_id))
+    kinds = [kind for kind, _, _ in engine.timeline]
+    chunks = [tokens for kind, tokens, _ in engine.timeline if kind == "prefill" and tokens]
+    assert sum(chunks) == length and max(chunks) == 128 and len(chunks) == -(-length // 128)
+    first, last = kinds.index("prefill"), len(kinds) - 1 - kinds[::-1].index("prefill")
+    # Between the joining request's first and last prefill unit, the decoding one advanced after each unit.
+    between = kinds[first: last + 1]
+    assert between.count("decode") >= between.count("prefill") - 1
+    list(stream)
+
+
+def test_each_chosen_expert_runs_once_per_step_on_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batched MoE (the PyTorch rows path): in one decode step of several rows, each expert that any row
+    chose runs once, on all the rows routed to it."""
+    from deepseek_vl2.language import Experts
+
+    processor, engine = _engine("mha", slots=4)
+    monkeypatch.setattr(type(engine.language), "decode_rows_cpu", lambda *a: None, raising=False)
+    layer_calls: list[tuple[int, list[int], list[int]]] = []  # rows in, experts run, rows each expert got
+    real_forward, real_expert = Experts.forward, Experts._expert
+
+    def forward(self, x, weights, ids):
+        layer_calls.append((x.shape[0], [], []))
+        return real_forward(self, x, weights, ids)
+
+    def expert(self, x, index):
+        layer_calls[-1][1].append(index)
+        layer_calls[-1][2].append(x.shape[0])
+        return real_expert(self, x, index)
+
+    monkeypatch.setattr(Experts, "forward", forward)
+    monkeypatch.setattr(Experts, "_expert", expert)
+    requests = [engine.submit(_prompt(processor, color=(i * 60, 10, 10)), GenerationConfig(max_new_tokens=24),
+                              processor.eos_id) for i in range(4)]
+    for r in requests:
+        list(r)
+    assert engine.max_rows_seen == 4
+    batched = [(rows, experts, sizes) for rows, experts, sizes in layer_calls if rows == 4]
+    assert batched
+    top_k = engine.language.config.num_experts_per_tok
+    for rows, experts, sizes in batched:
+        assert len(experts) == len(set(experts))  # each chosen expert once
+        assert sum(sizes) == rows * top_k  # on every (row, choice) routed to it
+
+
+def test_async_delivery_on_an_event_loop() -> None:
+    processor, engine = _engine("mha", slots=2)
+    inputs = _prompt(processor)
+    expected = list(engine.submit(inputs, GenerationConfig(max_new_tokens=10), processor.eos_id))
+
+    async def main() -> tuple[list[int], bool]:
+        loop = asyncio.get_running_loop()
+        got = [t async for t in engine.submit(inputs, GenerationConfig(max_new_tokens=10), processor.eos_id, loop=loop)]
+        long = engine.submit(inputs, GenerationConfig(max_new_tokens=500), processor.eos_id, loop=loop)
+
+        async def consume() -> None:
+            async for _ in long:
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.2)
+        task.cancel()  # what Cog does to cancel a prediction
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return got, long.cancelled
+
+    got, cancelled = asyncio.run(main())
+    assert got == expected and cancelled
+
+
+def test_stopping_the_engine_fails_what_is_in_flight() -> None:
+    processor, engine = _engine("mha", slots=1)
+    inputs = _prompt(processor)
+    running = engine.submit(inputs, GenerationConfig(max_new_tokens=2000, repetition_penalty=1.0), processor.eos_id)
+    stream = iter(running)
+    next(stream)
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    with pytest.raises(RuntimeError, match="stopped"):
+        list(stream)
+    stopper.join(timeout=30)
+    with pytest.raises(RuntimeError, match="stopped"):
+        engine.submit(inputs, GenerationConfig(max_new_tokens=2), processor.eos_id)
+
+
+def test_default_slots_follow_the_device_and_the_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import deepseek_vl2.engine as engine_module
+
+    _, model = _load("mla")
+    per_slot = cache_bytes_per_slot(model.language)
+    layers = model.config.language.num_hidden_layers
+    assert per_slot == layers * 4096 * (model.config.language.kv_lora_rank + model.config.language.qk_rope_head_dim) * 4
+    monkeypatch.setattr(engine_module, "_available_memory_bytes", lambda: 64 * 2**30)
+    assert default_slots(torch.device("cpu"), per_slot) == 8
+    monkeypatch.setattr(engine_module, "_available_memory_bytes", lambda: 4 * 3 * per_slot)  # room for 3
+    assert default_slots(torch.device("cpu"), per_slot) == 3
+    monkeypatch.setattr(engine_module, "_available_memory_bytes", lambda: per_slot)
+    assert default_slots(torch.device("cpu"), per_slot) == 1
+
+
+def test_configured_slots_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepseek_vl2.engine import configured_slots
+
+    _, model = _load("mha")
+    monkeypatch.setenv("DEEPSEEK_VL2_MAX_CONCURRENCY", "5")
+    assert configured_slots(model) == 5
+    for bad in ("0", "-2", "many"):
+        monkeypatch.setenv("DEEPSEEK_VL2_MAX_CONCURRENCY", bad)
+        with pytest.raises(ValueError, match="DEEPSEEK_VL2_MAX_CONCURRENCY"):
+            configured_slots(model)
+
+
+def test_timing_stats_describe_each_request() -> None:
+    processor, engine = _engine("mha", slots=2)
+    request = engine.submit(_prompt(processor), GenerationConfig(max_new_tokens=4), processor.eos_id)
+    list(request)
+    stats = request.stats
+    assert stats.prompt_tokens > 400 and stats.new_tokens == 4
+    assert 0 <= stats.queued_s <= stats.embedded_s <= stats.first_token_s <= stats.total_s
+    assert "prompt tokens" in str(stats)
+    time.sleep(0)  # (nothing left running)
+    assert engine.in_flight == 0

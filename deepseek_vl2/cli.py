@@ -339,8 +339,8 @@ def main(argv: Optional[Sequence[str]] = None, *, stdin: Optional[TextIO] = None
     ``load_pipeline(model_dir, device=, dtype=)`` builds the pipeline (tests pass a cached one).
     """
     stdin = stdin if stdin is not None else sys.stdin
-    stdout = stdout if stdout is not None else _utf8(sys.stdout)
-    stderr = stderr if stderr is not None else _utf8(sys.stderr)
+    stdout = stdout if stdout is not None else _never_fails(sys.stdout)
+    stderr = stderr if stderr is not None else _never_fails(sys.stderr)
     try:
         args = build_parser().parse_args(argv)
         quiet = args.quiet
@@ -394,6 +394,12 @@ def _check_settings(args: argparse.Namespace) -> None:
 
     from .pipeline import GenerationSettings
 
+    for option, value in (("--temperature", args.temperature), ("--repetition-penalty", args.repetition_penalty),
+                          ("--top-p", args.top_p), ("--max-new-tokens", args.max_new_tokens)):
+        if not value >= 0:  # NaN too
+            raise UsageError(f"{option} must be >= 0, got {value}")
+    if args.top_p > 1:
+        raise UsageError(f"--top-p must be between 0 and 1, got {args.top_p}")
     GenerationSettings(args.temperature, args.top_p, args.max_new_tokens, args.repetition_penalty, args.seed)
     if args.device is not None:
         try:
@@ -406,8 +412,10 @@ def _check_settings(args: argparse.Namespace) -> None:
             raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
 
 
-def _utf8(stream: TextIO) -> TextIO:
-    """Answers hold any character (and the model's own U+FFFD): never fail on a narrow console encoding."""
+def _never_fails(stream: TextIO) -> TextIO:
+    """Answers hold any character (and the model's own U+FFFD). The stream keeps its encoding (UTF-8
+    wherever Python runs under a UTF-8 or a bare C locale); a narrower one the user chose shows "?" for
+    what it cannot encode instead of failing mid-answer."""
     if (getattr(stream, "encoding", "") or "").lower().replace("-", "") != "utf8" and hasattr(stream, "reconfigure"):
-        stream.reconfigure(encoding="utf-8", errors="replace")
+        stream.reconfigure(errors="replace")
     return stream

@@ -353,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None, *, stdin: Optional[TextIO] = None
         conversation, images = _request(args)
         if args.draw:
             _check_draw_target(args.draw)
-            if _last_image(conversation) is None and not (args.chat and images):
+            if _last_image(conversation) is None and not args.chat:  # a chat may attach one later
                 raise UsageError("--draw needs an image to draw on: give --image or a conversation with images")
         _check_settings(args)
         session = _Session(_load(args, log, load_pipeline), args, stdout, log)

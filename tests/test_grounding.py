@@ -144,3 +144,23 @@ def test_long_labels_are_cut_to_the_image_and_stay_inside_it():
     # Cut short to fit: the text (white on red) ends inside its background, which ends at the right edge.
     ink = (pixels == (255, 255, 255)).all(axis=-1)
     assert ink[:95].any() and not ink[:95, 197:].any()
+
+
+def test_readme_picture_is_the_drawing_of_its_hand_written_answer(project_dir):
+    """examples/stages_grounding.png (in the README) is what examples/make_grounding_example.py draws."""
+    import importlib.util
+
+    script = project_dir / "examples" / "make_grounding_example.py"
+    spec = importlib.util.spec_from_file_location("make_grounding_example", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    stages = Image.open(project_dir / "examples" / "stages.png").convert("RGB")
+    committed = Image.open(project_dir / "examples" / "stages_grounding.png").convert("RGB")
+    assert committed.size == stages.size
+    refs = parse_grounding(example.ANSWER)
+    assert len(refs) == 4 and len(refs[0].boxes) == 3  # several labels, one with several boxes
+    drawn = np.asarray(draw_grounding(stages, example.ANSWER)).astype(int)
+    # Font rasterisation may differ by a few levels across builds; boxes and labels may not move.
+    assert np.abs(drawn - np.asarray(committed).astype(int)).max() <= 48
+    assert (np.abs(drawn - np.asarray(committed).astype(int)) > 0).mean() < 0.002
+    assert "examples/stages_grounding.png" in (project_dir / "README.md").read_text()

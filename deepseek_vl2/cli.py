@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence, TextIO
 from PIL import Image
 
 from .grounding import draw_grounding, grounding_boxes
-from .processor import ASSISTANT_ROLE, USER_ROLE, InputError, load_image
+from .processor import _ASSISTANT_ROLES, _USER_ROLES, ASSISTANT_ROLE, USER_ROLE, InputError, load_image
 
 __all__ = ["main", "build_parser", "read_conversation", "UsageError", "EXIT_BAD_INPUT"]
 
@@ -269,18 +269,24 @@ def _chat(session: _Session, conversation: list[dict[str, Any]], images: list[Im
     A question the model refuses (e.g. too long) is reported and dropped from the history; the chat goes on.
     """
     pending = list(images)  # attached to the next question
+    interactive = hasattr(stdin, "isatty") and stdin.isatty()
+    if conversation and conversation[-1].get("role") in _USER_ROLES:
+        conversation.append(_answer_turn())  # the file asks a question: answer it, and keep the answer
     while True:
-        if conversation and conversation[-1]["role"] == ASSISTANT_ROLE and not conversation[-1]["content"]:
+        last = conversation[-1] if conversation else {}
+        if last.get("role") in _ASSISTANT_ROLES and not str(last.get("content") or "").strip():
             try:
-                conversation[-1]["content"] = session.answer(conversation)
+                last["content"] = session.answer(conversation)
             except InputError as exc:
                 _error(stderr, exc)
                 del conversation[-2:]  # the refused question and its empty answer
-        stderr.write("you> ")
-        stderr.flush()
+        if interactive:
+            stderr.write("you> ")
+            stderr.flush()
         line = stdin.readline()
         if not line:  # end of input
-            stderr.write("\n")
+            if interactive:
+                stderr.write("\n")
             return
         line = line.strip()
         if line in ("/exit", "/quit"):
@@ -289,7 +295,7 @@ def _chat(session: _Session, conversation: list[dict[str, Any]], images: list[Im
             name = line[len("/image"):].strip()
             try:
                 pending.append(_open_image(Path(name).expanduser()))
-                stderr.write(f"image {name} attached to your next question\n")
+                session.log(f"image {name} attached to your next question")
             except UsageError as exc:
                 _error(stderr, exc)
             continue

@@ -164,6 +164,20 @@ def test_chat_keeps_the_history(fixtures_dir, tmp_path):
     assert run.out == _golden_text(case) + "\n"
 
 
+def test_chat_answers_a_file_that_ends_with_the_question(fixtures_dir, tmp_path):
+    case = _case(fixtures_dir / "cases" / "mha" / "multi_turn")
+    *asked, pending = case["conversation"]
+    roles = {"<|User|>": "user", "<|Assistant|>": "assistant"}  # the short role names work too
+    asked = [{**m, "role": roles[m["role"]]} for m in asked]
+    conversation = _write_conversation({**case, "conversation": asked}, fixtures_dir, tmp_path, relative=False)
+    run = run_cli(*_golden_args(case, fixtures_dir), "--conversation", conversation, "--chat", "--json",
+                  stdin="Thanks.\n")
+    assert run.code == 0, run.err
+    first, second = (json.loads(line) for line in run.out.splitlines())
+    assert first["text"] == _golden_text(case)
+    assert second["prompt_tokens"] > first["prompt_tokens"] + first["new_tokens"]  # its answer stayed in the history
+
+
 def test_chat_attaches_images_and_answers_each_question(fixtures_dir):
     case = _case(fixtures_dir / "cases" / "mha" / "single_tiled")
     user = case["conversation"][0]

@@ -92,15 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(/image FILE attaches an image to the next question; /exit or end of input ends)")
 
     sampling = parser.add_argument_group("decoding")
-    sampling.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+    sampling.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
                           help=f"0 means greedy (default {DEFAULT_TEMPERATURE})")
-    sampling.add_argument("--top-p", type=float, default=DEFAULT_TOP_P,
+    sampling.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, metavar="P",
                           help=f"nucleus sampling, 0 means greedy (default {DEFAULT_TOP_P})")
-    sampling.add_argument("--repetition-penalty", type=float, default=DEFAULT_REPETITION_PENALTY,
+    sampling.add_argument("--repetition-penalty", type=float, default=DEFAULT_REPETITION_PENALTY, metavar="R",
                           help=f"1 or 0 means none (default {DEFAULT_REPETITION_PENALTY})")
-    sampling.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                          help=f"at most this many new tokens, clamped to the context (default {DEFAULT_MAX_NEW_TOKENS})")
-    sampling.add_argument("--seed", type=_seed,
+    sampling.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                          help="at most this many new tokens, clamped to the context "
+                          f"(default {DEFAULT_MAX_NEW_TOKENS})")
+    sampling.add_argument("--seed", type=_seed, metavar="N",
                           help="seed of the sampler: the same seed and settings give the same text on the same "
                           "device (default: a random seed, shown on stderr and in --json)")
 

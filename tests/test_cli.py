@@ -268,8 +268,8 @@ def test_draw_writes_every_box_in_pixels_of_the_last_image(fixtures_dir, project
     stages = project_dir / "examples" / "stages.png"
     fake = _GroundedAnswer(_cached_loader(fixtures_dir / "checkpoints" / "mha"))
     drawn = tmp_path / "out.png"
-    run = run_cli("--model", fixtures_dir / "checkpoints" / "mha", "--image", fixtures_dir / "images" / "gray_500x300.png",
-                  "--image", stages, "--prompt", "<|grounding|>Where?", "--json", "--draw", drawn,
+    run = run_cli("--model", fixtures_dir / "checkpoints" / "mha",
+                  "--image", fixtures_dir / "images" / "gray_500x300.png", "--image", stages, "--prompt", "<|grounding|>Where?", "--json", "--draw", drawn,
                   loader=lambda *a, **k: fake)
     assert run.code == 0, run.err
     record = json.loads(run.out)

@@ -52,3 +52,19 @@ bench: venv
 
 clean:
 	rm -rf $(DEMO_MODEL) .cog .pytest_cache
+
+# The command line (python -m deepseek_vl2, see the README): one question about IMAGE, or a chat.
+# MODEL is a model directory or a Hugging Face repo id (default: $DEEPSEEK_VL2_WEIGHTS); CLI_ARGS takes
+# any other option, e.g. CLI_ARGS="--temperature 0 --json --draw boxes.png --seed 7".
+#   make ask MODEL=deepseek-ai/deepseek-vl2-tiny IMAGE=photo.jpg PROMPT="<|grounding|>Find the cat."
+#   make chat MODEL=deepseek-ai/deepseek-vl2-tiny IMAGE=photo.jpg
+MODEL    ?=
+CLI_ARGS ?=
+CLI      = $(PY) -m deepseek_vl2 $(if $(MODEL),--model "$(MODEL)")
+.PHONY: ask chat
+
+ask: venv
+	$(CLI) --image "$(IMAGE)" --prompt "$(PROMPT)" $(CLI_ARGS)
+
+chat: venv
+	$(CLI) --image "$(IMAGE)" --chat $(CLI_ARGS)

@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["GroundedRef", "parse_grounding", "boxes_to_pixels", "draw_boxes", "draw_grounding", "BOX_COLORS"]
+__all__ = [
+    "GroundedRef",
+    "parse_grounding",
+    "boxes_to_pixels",
+    "grounding_boxes",
+    "draw_boxes",
+    "draw_grounding",
+    "BOX_COLORS",
+]
 
 REF_OPEN, REF_CLOSE = "<|ref|>", "<|/ref|>"
 DET_OPEN, DET_CLOSE = "<|det|>", "<|/det|>"
@@ -90,6 +99,33 @@ def boxes_to_pixels(box: Box, width: int, height: int) -> Box:
     )
 
 
+def grounding_boxes(text: str, image_size: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+    """Every box of a model answer, one entry per box, ready for JSON.
+
+    Each entry: ``{"label", "box": [x1, y1, x2, y2]}`` in the model's 0..999 scale, plus ``"pixels"``
+    when ``image_size`` (width, height of the original image the answer describes) is given: the box in
+    that image's pixels by ``boxes_to_pixels`` (the official demo's mapping; 999 maps to the width or
+    height itself, one past the last pixel). A label with several boxes gives several entries.
+    """
+    entries: list[dict[str, Any]] = []
+    for ref in parse_grounding(text):
+        for box in ref.boxes:
+            entry: dict[str, Any] = {"label": ref.label, "box": list(box)}
+            if image_size is not None:
+                entry["pixels"] = list(boxes_to_pixels(box, *image_size))
+            entries.append(entry)
+    return entries
+
+
+def _fit_label(draw: ImageDraw.ImageDraw, label: str, font: Any, max_width: int) -> str:
+    """``label``, cut short with "..." if it is wider than ``max_width`` pixels (so it stays readable)."""
+    if draw.textlength(label, font=font) <= max_width:
+        return label
+    while label and draw.textlength(label + "...", font=font) > max_width:
+        label = label[:-1]
+    return label.rstrip() + "..." if label else ""
+
+
 def _load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
@@ -113,17 +149,20 @@ def draw_boxes(image: Image.Image, refs: list[GroundedRef]) -> Image.Image:
             x1, x2 = min(x1, width - 1), min(x2, width - 1)
             y1, y2 = min(y1, height - 1), min(y2, height - 1)
             draw.rectangle((x1, y1, x2, y2), outline=color, width=line)
-            if not ref.label:
+            label = _fit_label(draw, ref.label, font, width - 4)
+            if not label:
                 continue
-            left, top, right, bottom = draw.textbbox((0, 0), ref.label, font=font)
+            left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
             text_w, text_h = right - left, bottom - top
-            # Above the box like upstream's (x1, y1 - 20); inside the top edge when there is no room.
+            # Above the box like upstream's (x1, y1 - 20); inside the top edge when there is no room, and
+            # never below the image's bottom edge.
             ty = y1 - text_h - 4 if y1 - text_h - 4 >= 0 else y1 + line
+            ty = max(0, min(ty, height - text_h - 4))
             tx = max(0, min(x1, width - text_w - 4))
             draw.rectangle((tx, ty, tx + text_w + 4, ty + text_h + 4), fill=color)
             # Dark text on light colours, white on dark ones.
             ink = (0, 0, 0) if sum(color) > 380 else (255, 255, 255)
-            draw.text((tx + 2 - left, ty + 2 - top), ref.label, fill=ink, font=font)
+            draw.text((tx + 2 - left, ty + 2 - top), label, fill=ink, font=font)
     return canvas
 
 

@@ -32,7 +32,7 @@ from PIL import Image
 from .config import DeepseekVL2Config
 from .engine import BatchEngine, Request, RequestStats, engine_for
 from .generation import GenerationConfig
-from .processor import DeepseekVL2Processor, InputError, ProcessedInputs, load_image
+from .processor import _USER_ROLES, DeepseekVL2Processor, InputError, ProcessedInputs, load_image
 
 __all__ = ["VL2Pipeline", "InputError", "GenerationSettings"]
 
@@ -215,6 +215,57 @@ class VL2Pipeline:
         request = self.engine.submit(*prepared, eos_token_id=self.processor.eos_id)
         self.last_stats = request.stats
         return self._pieces(request)
+
+    def stream_conversation(self, conversation: Any, temperature: float = 0.1, top_p: float = 0.9,
+                            max_new_tokens: int = 2048, repetition_penalty: float = 1.1,
+                            seed: Optional[int] = None) -> Iterator[str]:
+        """The next assistant answer of a whole conversation, in pieces as it is generated.
+
+        ``conversation`` is a list of ``{"role", "content", "images"}`` messages in the processor's
+        format (roles ``<|User|>`` / ``<|Assistant|>``, optionally a first ``system`` message; the last
+        message is the empty assistant turn to generate). ``images`` are paths, bytes or PIL images,
+        placed by the ``<image>`` tags of their message; a user message with fewer tags than images gets
+        the missing ones at its start (the images then come first). Up to two images in the whole
+        conversation are tiled dynamically, three or more get one tile each, as the official processor.
+        Settings as in ``stream``; the same ``seed`` and settings give the same text on the same device.
+        Bad input raises ``InputError`` here, before the first piece.
+        """
+        self.last_stats = None
+        settings = GenerationSettings(temperature, top_p, max_new_tokens, repetition_penalty, seed)
+        inputs = self.processor(self._tag_images(conversation))
+        if settings.max_length_tokens == 0:
+            return iter(())
+        cfg = settings.generation_config(self.max_new_tokens(inputs, settings.max_length_tokens))
+        request = self.engine.submit(inputs.to(self.device, dtype=self.dtype), cfg, eos_token_id=self.processor.eos_id)
+        self.last_stats = request.stats
+        return self._pieces(request)
+
+    def _tag_images(self, conversation: Any) -> list[dict[str, Any]]:
+        """Check the conversation's shape; put images without an ``<image>`` tag first in their message."""
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise InputError("The conversation must be a non-empty list of messages.")
+        tag = self.processor.image_token
+        tagged = []
+        for number, message in enumerate(conversation, start=1):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise InputError(f"Message {number} of the conversation needs a 'role' (and a 'content').")
+            content = message.get("content", "")
+            if content is None:
+                content = ""
+            if not isinstance(content, str):
+                raise InputError(f"The content of message {number} must be text.")
+            images = message.get("images") or []
+            if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
+                images = [images]
+            if not isinstance(images, (list, tuple)):
+                raise InputError(f"The images of message {number} must be a list.")
+            if images and message["role"] not in _USER_ROLES:
+                raise InputError(f"Message {number} carries images, but only user messages can.")
+            missing = len(images) - content.count(tag)
+            if missing > 0:
+                content = f"{tag}\n" * missing + content
+            tagged.append({**message, "content": content, "images": list(images)})
+        return tagged
 
     async def astream(self, image: ImageArg, prompt: str, temperature: float = 0.1, top_p: float = 0.9,
                       max_length_tokens: int = 2048, repetition_penalty: float = 1.1,

@@ -12,6 +12,7 @@ from deepseek_vl2.grounding import (
     boxes_to_pixels,
     draw_boxes,
     draw_grounding,
+    grounding_boxes,
     parse_grounding,
 )
 
@@ -111,3 +112,55 @@ def test_draw_without_boxes_returns_unchanged_copy(text):
     image = Image.new("RGB", (32, 16), (1, 2, 3))
     out = draw_grounding(image, text)
     assert out.tobytes() == image.tobytes()
+
+
+def test_grounding_boxes_one_entry_per_box_with_pixels():
+    text = ("<|ref|>cats<|/ref|><|det|>[[0, 0, 499, 999], [500, 10, 999, 20]]<|/det|> and "
+            "<|ref|>a dog<|/ref|><|det|>[[100, 200, 300, 400]]<|/det|><|det|>[[7, 7, 9]]<|/det|>")
+    assert grounding_boxes(text) == [
+        {"label": "cats", "box": [0, 0, 499, 999]},
+        {"label": "cats", "box": [500, 10, 999, 20]},
+        {"label": "a dog", "box": [100, 200, 300, 400]},
+    ]  # the det without a valid box gives no entry
+    with_pixels = grounding_boxes(text, (640, 480))
+    assert [entry["pixels"] for entry in with_pixels] == [
+        list(boxes_to_pixels(tuple(entry["box"]), 640, 480)) for entry in with_pixels
+    ]
+    assert with_pixels[0]["pixels"] == [0, 0, 319, 480]
+    assert grounding_boxes("no boxes here", (10, 10)) == []
+
+
+def test_long_labels_are_cut_to_the_image_and_stay_inside_it():
+    label = "a very long referring expression that is much wider than the image it describes"
+    out = draw_grounding(Image.new("RGB", (200, 100), (0, 0, 0)), f"<|ref|>{label}<|/ref|><|det|>[[500, 990, 999, 999]]<|/det|>")
+    pixels = np.asarray(out)
+    background = (pixels == BOX_COLORS[0]).all(axis=-1)
+    rows, cols = background.nonzero()
+    # The label's background (the box's outline starts at x = 100) moved left to fit, most of the image
+    # wide, and sits inside the image above the box although the box is at the image's bottom.
+    label_rows = rows < 95
+    assert cols[label_rows].min() < 100 and cols[label_rows].max() - cols[label_rows].min() > 150
+    assert rows.min() >= 0 and rows[label_rows].max() < 95
+    # Cut short to fit: the text (white on red) ends inside its background, which ends at the right edge.
+    ink = (pixels == (255, 255, 255)).all(axis=-1)
+    assert ink[:95].any() and not ink[:95, 197:].any()
+
+
+def test_readme_picture_is_the_drawing_of_its_hand_written_answer(project_dir):
+    """examples/stages_grounding.png (in the README) is what examples/make_grounding_example.py draws."""
+    import importlib.util
+
+    script = project_dir / "examples" / "make_grounding_example.py"
+    spec = importlib.util.spec_from_file_location("make_grounding_example", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    stages = Image.open(project_dir / "examples" / "stages.png").convert("RGB")
+    committed = Image.open(project_dir / "examples" / "stages_grounding.png").convert("RGB")
+    assert committed.size == stages.size
+    refs = parse_grounding(example.ANSWER)
+    assert len(refs) == 4 and len(refs[0].boxes) == 3  # several labels, one with several boxes
+    drawn = np.asarray(draw_grounding(stages, example.ANSWER)).astype(int)
+    # Font rasterisation may differ by a few levels across builds; boxes and labels may not move.
+    assert np.abs(drawn - np.asarray(committed).astype(int)).max() <= 48
+    assert (np.abs(drawn - np.asarray(committed).astype(int)) > 0).mean() < 0.002
+    assert "examples/stages_grounding.png" in (project_dir / "README.md").read_text()

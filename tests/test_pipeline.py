@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from deepseek_vl2.pipeline import GenerationSettings, InputError, VL2Pipeline
 
@@ -229,3 +230,88 @@ def test_last_stats_describe_the_last_request(mha, image_path):
     assert "prompt tokens" in str(stats)
     mha.run(image_path, "Describe this image.", max_length_tokens=0)
     assert mha.last_stats is None  # nothing generated: no stale figures from the request before
+
+
+# ------------------------------------------------------------------------------------------------
+# stream_conversation: whole conversations (several images, several turns)
+
+
+@pytest.mark.parametrize("name", ["two_images", "three_images", "text_only", "multi_turn"])
+@pytest.mark.parametrize("variant", ["mha", "mla-noaux"])
+def test_golden_conversation_answer(fixtures_dir, variant, name):
+    case = json.loads((fixtures_dir / "cases" / variant / name / "case.json").read_text())
+    # Images as a path, as bytes and as a PIL image: every form the processor takes.
+    forms = [lambda p: p, lambda p: p.read_bytes(), lambda p: Image.open(p)]
+    conversation = [
+        {**m, "images": [forms[i % 3](fixtures_dir / "images" / n) for i, n in enumerate(m["images"])]}
+        for m in case["conversation"]
+    ]
+    pipe = _pipeline(fixtures_dir, variant)
+    pieces = list(pipe.stream_conversation(conversation, temperature=0, max_new_tokens=len(case["generated_ids"]),
+                                           repetition_penalty=case["generation"]["repetition_penalty"]))
+    assert "".join(pieces) == case["generated_text"].replace(EOS, "")
+    assert pipe.last_stats.new_tokens == len(case["generated_ids"])
+
+
+def test_conversation_of_one_turn_answers_as_stream(mha, image_path):
+    kwargs = dict(temperature=0, top_p=0.9, repetition_penalty=1.1)
+    conversation = [{"role": "<|User|>", "content": "Describe this image.", "images": [image_path]},
+                    {"role": "<|Assistant|>", "content": ""}]
+    assert ("".join(mha.stream_conversation(conversation, max_new_tokens=10, **kwargs))
+            == mha.run(image_path, "Describe this image.", max_length_tokens=10, **kwargs))
+
+
+def test_images_without_tags_come_first_in_their_message(mha, fixtures_dir):
+    images = [fixtures_dir / "images" / "gray_500x300.png", fixtures_dir / "images" / "tall_300x1000.png"]
+    kwargs = dict(temperature=0, max_new_tokens=6, repetition_penalty=1.0)
+
+    def answer(first: str, second: str) -> str:
+        conversation = [{"role": "<|User|>", "content": first, "images": images[:1]},
+                        {"role": "<|Assistant|>", "content": "Grey."},
+                        {"role": "<|User|>", "content": second, "images": images[1:]},
+                        {"role": "<|Assistant|>", "content": ""}]
+        return "".join(mha.stream_conversation(conversation, **kwargs))
+
+    assert answer("What is this?", "And this?") == answer("<image>\nWhat is this?", "<image>\nAnd this?")
+    # The golden case whose tags only put its two images first, without them.
+    case = json.loads((fixtures_dir / "cases" / "mha" / "two_images" / "case.json").read_text())
+    user = case["conversation"][0]
+    untagged = {**user, "content": user["content"].replace("<image>\n", ""),
+                "images": [fixtures_dir / "images" / n for n in user["images"]]}
+    assert "<image>" not in untagged["content"]
+    got = "".join(mha.stream_conversation([untagged, {"role": "<|Assistant|>", "content": ""}], temperature=0,
+                                          max_new_tokens=len(case["generated_ids"]), repetition_penalty=1.0))
+    assert got == case["generated_text"].replace(EOS, "")
+
+
+def test_conversation_seed_gives_the_same_text(mha, image_path):
+    conversation = [{"role": "<|User|>", "content": "Describe.", "images": [image_path]},
+                    {"role": "<|Assistant|>", "content": ""}]
+    kwargs = dict(temperature=1.0, top_p=1.0, max_new_tokens=16, repetition_penalty=1.0)
+    seven, again, eight = ("".join(mha.stream_conversation(conversation, seed=s, **kwargs)) for s in (7, 7, 8))
+    assert seven == again != eight
+
+
+@pytest.mark.parametrize("conversation, message", [
+    ([], "non-empty list"),
+    ("Hello", "non-empty list"),
+    ([{"content": "hi"}], "Message 1 .* 'role'"),
+    ([{"role": "<|User|>", "content": ["hi"]}], "content of message 1 must be text"),
+    ([{"role": "<|User|>", "content": "hi", "images": 3}], "images of message 1 must be a list"),
+    ([{"role": "<|User|>", "content": "hi"}, {"role": "<|Assistant|>", "content": "", "images": [b"x"]}],
+     "Message 2 carries images"),
+    ([{"role": "<|User|>", "content": "<image> and <image>", "images": [Image.new("RGB", (8, 8))]}],
+     "2 <image> tag"),
+    ([{"role": "robot", "content": "hi"}], "Unknown role"),
+    ([{"role": "<|User|>", "content": "hi", "images": ["/no/such/image.png"]}], "no such file"),
+])
+def test_bad_conversations_raise_before_the_first_piece(mha, conversation, message):
+    with pytest.raises(InputError, match=message):
+        mha.stream_conversation(conversation, temperature=0, max_new_tokens=4)  # no iteration needed
+
+
+def test_conversation_zero_new_tokens_is_empty(mha):
+    mha.run(Image.new("RGB", (32, 32)), "Hi", max_length_tokens=1)
+    conversation = [{"role": "<|User|>", "content": "Hello"}, {"role": "<|Assistant|>", "content": ""}]
+    assert list(mha.stream_conversation(conversation, max_new_tokens=0)) == []
+    assert mha.last_stats is None

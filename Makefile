@@ -12,7 +12,7 @@ DEMO_MODEL := demo-model
 # make bench BENCH_ARGS="--checkpoint weights/deepseek-vl2-tiny"  (default: random weights, real tiny shape)
 BENCH_ARGS ?= --config ../shared/fixtures/real-configs/deepseek-vl2-tiny.json
 
-.PHONY: venv demo test predict schema serve bench clean
+.PHONY: venv demo test predict schema serve serve-stream bench clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,13 @@ schema: venv
 # else 16 on a GPU and 8 on a CPU).
 serve: schema
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PORT=$(PORT) COG_PREDICT_TYPE_STUB=predict.py:Predictor \
+		COG_MAX_CONCURRENCY=$$($(PY) -c 'import predict; print(predict.MAX_CONCURRENCY)') \
+		$(PY) -m cog.server.http --host $(HOST)
+
+# The streaming predictor (predict.py:StreamingPredictor: the same inputs plus seed, the answer as pieces).
+serve-stream: venv
+	$(PY) scripts/write_openapi_schema.py --predictor predict.py:StreamingPredictor
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PORT=$(PORT) COG_PREDICT_TYPE_STUB=predict.py:StreamingPredictor \
 		COG_MAX_CONCURRENCY=$$($(PY) -c 'import predict; print(predict.MAX_CONCURRENCY)') \
 		$(PY) -m cog.server.http --host $(HOST)
 

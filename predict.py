@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path as _FsPath
 
-from cog import BasePredictor, Input, Path, concurrent
+from typing import Optional
+
+from cog import AsyncConcatenateIterator, BasePredictor, Input, Path, concurrent, streaming
 
 from deepseek_vl2.pipeline import InputError, VL2Pipeline
 from deepseek_vl2.weights import resolve_weights
@@ -80,6 +82,14 @@ def max_concurrency() -> int:
 
 MAX_CONCURRENCY = max_concurrency()
 
+# The documented inputs (the Replicate API), shared by both predictors.
+IMAGE = Input(description="Input image file")
+PROMPT = Input(description="Text prompt to guide the model")
+TOP_P = Input(default=0.9, ge=0, le=1, description="Top-p sampling parameter")
+TEMPERATURE = Input(default=0.1, ge=0, le=1, description="Temperature for sampling")
+MAX_LENGTH_TOKENS = Input(default=2048, ge=0, le=4096, description="Maximum number of tokens to generate")
+REPETITION_PENALTY = Input(default=1.1, ge=0, le=2, description="Repetition penalty")
+
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
@@ -109,12 +119,12 @@ class Predictor(BasePredictor):
     @concurrent(max=MAX_CONCURRENCY)
     async def predict(
         self,
-        image: Path = Input(description="Input image file"),
-        prompt: str = Input(description="Text prompt to guide the model"),
-        top_p: float = Input(default=0.9, ge=0, le=1, description="Top-p sampling parameter"),
-        temperature: float = Input(default=0.1, ge=0, le=1, description="Temperature for sampling"),
-        max_length_tokens: int = Input(default=2048, ge=0, le=4096, description="Maximum number of tokens to generate"),
-        repetition_penalty: float = Input(default=1.1, ge=0, le=2, description="Repetition penalty"),
+        image: Path = IMAGE,
+        prompt: str = PROMPT,
+        top_p: float = TOP_P,
+        temperature: float = TEMPERATURE,
+        max_length_tokens: int = MAX_LENGTH_TOKENS,
+        repetition_penalty: float = REPETITION_PENALTY,
     ) -> str:
         """Answer ``prompt`` about ``image``. Bad input raises ``InputError`` with a readable message (this
         prediction fails alone); cancelling the prediction frees its place in the engine within one step."""
@@ -131,6 +141,41 @@ class Predictor(BasePredictor):
         if stats:
             print(stats[0], flush=True)  # shows up in the prediction's logs
         return "".join(pieces)
+
+
+class StreamingPredictor(Predictor):
+    """The same model and inputs, plus ``seed``; the answer streams as it is generated (Replicate's token
+    streaming: pieces to concatenate, none splitting a character). Deploy it with
+    ``predict: "predict.py:StreamingPredictor"`` in cog.yaml; ``make serve-stream`` serves it locally."""
+
+    @streaming  # (Server-Sent Events: `Accept: text/event-stream`)
+    @concurrent(max=MAX_CONCURRENCY)
+    async def predict(  # type: ignore[override]
+        self,
+        image: Path = IMAGE,
+        prompt: str = PROMPT,
+        top_p: float = TOP_P,
+        temperature: float = TEMPERATURE,
+        max_length_tokens: int = MAX_LENGTH_TOKENS,
+        repetition_penalty: float = REPETITION_PENALTY,
+        seed: Optional[int] = Input(default=None, description="Random seed: the same seed and settings give the same "
+                                    "text on the same device. Leave empty for a random one"),
+    ) -> AsyncConcatenateIterator[str]:
+        """Stream the answer to ``prompt`` about ``image``. Bad input fails before the first piece."""
+        stats: list = []
+        async for piece in self.pipeline.astream(
+            image=str(image),
+            prompt=prompt,
+            temperature=temperature,
+            top_p=top_p,
+            max_length_tokens=max_length_tokens,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stats=stats,
+        ):
+            yield piece
+        if stats:
+            print(stats[0], flush=True)
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,28 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
+def declares_streaming(module_name: str, class_name: str) -> bool:
+    """Whether the predictor's predict (or run) carries ``@cog.streaming``. The decorator does nothing at run
+    time; Cog's CLI finds it in the source and marks the schema (``x-cog-streaming``), which coglet needs to
+    answer ``Accept: text/event-stream`` (Server-Sent Events). So do we."""
+    import importlib
+    import inspect
+
+    cls = getattr(importlib.import_module(module_name), class_name)
+    method = getattr(cls, "run", None) if "run" in cls.__dict__ else getattr(cls, "predict", None)
+    try:
+        source = inspect.getsource(method)
+    except (OSError, TypeError):
+        return False
+    decorators = []
+    for line in source.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("def ", "async def ")):
+            break
+        decorators.append(stripped)
+    return any(d.split("#")[0].split("(")[0].strip() in ("@streaming", "@cog.streaming") for d in decorators)
+
+
 def build_schema(predictor_ref: str, project_dir: Path = ROOT) -> dict[str, Any]:
     module_file, _, class_name = predictor_ref.partition(":")
     module_path = (project_dir / module_file).resolve()
@@ -75,6 +97,7 @@ def build_schema(predictor_ref: str, project_dir: Path = ROOT) -> dict[str, Any]
         from cog import _inspector
 
         info = _inspector.create_predictor(module_path.stem, class_name)
+        streaming = declares_streaming(module_path.stem, class_name)
 
     fields = sorted(info.inputs.values(), key=lambda f: f.order)
     properties = {f.name: _input_property(f) for f in fields}
@@ -159,6 +182,8 @@ def build_schema(predictor_ref: str, project_dir: Path = ROOT) -> dict[str, Any]
             "422": {"description": "Validation Error", **json_body("HTTPValidationError")},
         },
     }
+    if streaming:
+        predict_op["x-cog-streaming"] = True
     ok_any = {"200": {"description": "Successful Response", "content": {"application/json": {"schema": {}}}}}
     return {
         "openapi": "3.0.2",

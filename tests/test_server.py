@@ -6,101 +6,32 @@ runs ``python -m cog.server.http``) with ``DEEPSEEK_VL2_WEIGHTS`` pointing at a 
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 
+from cog_server import data_uri as _data_uri
+from cog_server import free_port as _free_port
+from cog_server import make_serve
+
 EOS = "<｜end▁of▁sentence｜>"
 GOLDEN_CASE = ("mha", "single_tiled")
-STARTUP_TIMEOUT_S = 180
 CONCURRENCY = 8
 # Back-to-back predictions in test_back_to_back_predictions_never_see_409 (the acceptance run uses 300).
 BACK_TO_BACK = int(os.environ.get("DEEPSEEK_VL2_BACK_TO_BACK", "100"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class CogServer:
-    def __init__(self, url: str, proc: subprocess.Popen, log: Path):
-        self.url, self.proc, self.log = url, proc, log
-
-    def health(self) -> dict:
-        return requests.get(f"{self.url}/health-check", timeout=10).json()
-
-    def predict(self, inputs: dict, timeout: float = 300, **fields) -> requests.Response:
-        """POST /predictions (synchronous), once: no retry, so a 409 shows."""
-        return requests.post(f"{self.url}/predictions", json={"input": inputs, **fields}, timeout=timeout)
-
-    def predict_async(self, inputs: dict, prediction_id: str, webhook: str) -> requests.Response:
-        return requests.post(f"{self.url}/predictions", json={"id": prediction_id, "input": inputs, "webhook": webhook},
-                             headers={"Prefer": "respond-async"}, timeout=30)
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")[-5000:]
-
-
 @pytest.fixture(scope="module")
 def server(project_dir, fixtures_dir, tmp_path_factory):
-    port = _free_port()
-    env = {
-        **os.environ,
-        "DEEPSEEK_VL2_WEIGHTS": str(fixtures_dir / "checkpoints" / GOLDEN_CASE[0]),
-        "DEEPSEEK_VL2_MAX_CONCURRENCY": str(CONCURRENCY),
-        "PYTHONUNBUFFERED": "1",
-    }
-    for name in ("DEEPSEEK_VL2_DTYPE", "COG_MAX_CONCURRENCY", "MAKEFLAGS", "MFLAGS"):
-        env.pop(name, None)
     log = tmp_path_factory.mktemp("cog") / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(["make", "--no-print-directory", "serve", f"PORT={port}", "HOST=127.0.0.1"], cwd=project_dir,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    srv = CogServer(f"http://127.0.0.1:{port}", proc, log)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        status = None
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"cog server exited with {proc.returncode}:\n{srv.logs()}")
-            try:
-                status = srv.health().get("status")
-            except requests.RequestException:
-                status = None
-            if status == "READY":
-                break
-            if status in ("SETUP_FAILED", "DEFUNCT"):
-                pytest.fail(f"cog server setup failed ({status}):\n{srv.logs()}")
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"cog server not READY after {STARTUP_TIMEOUT_S} s (last status {status}):\n{srv.logs()}")
+    with make_serve("serve", project_dir, log, DEEPSEEK_VL2_WEIGHTS=str(fixtures_dir / "checkpoints" / GOLDEN_CASE[0]),
+                    DEEPSEEK_VL2_MAX_CONCURRENCY=str(CONCURRENCY)) as srv:
         yield srv
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def _data_uri(data: bytes, suffix: str = ".png") -> str:
-    mime = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg"}.get(suffix, "application/octet-stream")
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ import torch
 
 from .generation import CudaGraphDecoder, GenerationConfig, decode_step, next_token_id, prefill
 from .language import DeepseekV2ForCausalLM
+from .memory import memory_budget
 from .model import DeepseekVL2, ImageInputs
 
 # Prompt tokens per prefill unit. A joining request's prefill runs between the others' decode steps, one
@@ -176,24 +177,10 @@ def default_slots(device: torch.device, cache_bytes_per_slot: int) -> int:
     capped so that the cache (``slots`` x whole context) takes at most a quarter of the memory free now.
     """
     wanted = 16 if device.type == "cuda" else 8
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = _available_memory_bytes()
-    if free is None or cache_bytes_per_slot <= 0:
+    free, _ = memory_budget(device)
+    if cache_bytes_per_slot <= 0:
         return wanted
     return max(1, min(wanted, int(free // 4 // cache_bytes_per_slot)))
-
-
-def _available_memory_bytes() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def cache_bytes_per_slot(language: DeepseekV2ForCausalLM, dtype: Optional[torch.dtype] = None) -> int:

@@ -262,17 +262,18 @@ def test_stopping_the_engine_fails_what_is_in_flight() -> None:
 
 
 def test_default_slots_follow_the_device_and_the_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    import deepseek_vl2.engine as engine_module
+    from deepseek_vl2.memory import cache_bytes_per_request
 
     _, model = _load("mla")
     per_slot = cache_bytes_per_slot(model.language)
     layers = model.config.language.num_hidden_layers
     assert per_slot == layers * 4096 * (model.config.language.kv_lora_rank + model.config.language.qk_rope_head_dim) * 4
-    monkeypatch.setattr(engine_module, "_available_memory_bytes", lambda: 64 * 2**30)
+    assert per_slot == cache_bytes_per_request(model.config, torch.float32)
+    monkeypatch.setenv("DEEPSEEK_VL2_MEMORY_BUDGET_GB", "64")
     assert default_slots(torch.device("cpu"), per_slot) == 8
-    monkeypatch.setattr(engine_module, "_available_memory_bytes", lambda: 4 * 3 * per_slot)  # room for 3
+    monkeypatch.setenv("DEEPSEEK_VL2_MEMORY_BUDGET_GB", str(4 * 3.5 * per_slot / 1e9))  # room for 3
     assert default_slots(torch.device("cpu"), per_slot) == 3
-    monkeypatch.setattr(engine_module, "_available_memory_bytes", lambda: per_slot)
+    monkeypatch.setenv("DEEPSEEK_VL2_MEMORY_BUDGET_GB", str(1.5 * per_slot / 1e9))
     assert default_slots(torch.device("cpu"), per_slot) == 1
 
 

@@ -386,16 +386,17 @@ class MultiHeadLatentAttention(nn.Module):
         """``x + self(norm(x), ctx)`` for one bf16 or fp32 token decoding on the CPU, in one kernel call
         (norm, projections, latent cache write, absorbed attention, output projection, residual); None
         elsewhere."""
-        if x.shape[:2] != (1, 1) or not ctx.use_cache or ctx.static or self.cache is None or self.cache.latent.shape[0] != 1:
+        if x.shape[:2] != (1, 1) or not ctx.use_cache or ctx.static or self.cache is None:
             return None
-        return mla_block(x, ctx.cos, ctx.sin, ctx.start_pos, self.kernel_args(norm))
+        return mla_block(x, ctx.cos, ctx.sin, ctx.start_pos, self.kernel_args(norm, slot=0))
 
-    def kernel_args(self, norm: RMSNorm) -> Optional[list]:
-        """This sub-layer for the kernels (``kernels.mla_args``, the caches of every slot); None where they
-        do not apply."""
+    def kernel_args(self, norm: RMSNorm, slot: Optional[int] = None) -> Optional[list]:
+        """This sub-layer for the kernels (``kernels.mla_args``): the caches of every slot (the whole-step
+        kernel), or of slot ``slot`` (``mla_block``); None where they do not apply."""
         if self.cache is None:
             return None
-        return mla_args(norm.weight, norm.eps, self, self.cache.latent, self.cache.k_pe)
+        latent, k_pe = (self.cache.latent, self.cache.k_pe) if slot is None else (self.cache.latent[slot], self.cache.k_pe[slot])
+        return mla_args(norm.weight, norm.eps, self, latent, k_pe)
 
     def _attend_expanded(self, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
         """Prefill: expand the latent into per-head keys/values once, then one SDPA (fewest FLOPs)."""

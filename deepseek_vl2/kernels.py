@@ -20,7 +20,9 @@ RMSNorm (bf16 only). One expert is only 2-5 MB, so per-call costs (Python, wakin
 prefetchers ramping up on a new matrix) are a large share of streaming it. So the whole step, every layer
 and the LM head, runs as one call (``decode_step``; ``DEEPSEEK_VL2_CPU_STEP=0`` falls back to the
 per-layer calls): no Python between the layers and one parallel region (tiny: 95-98 % of the bandwidth
-bound in the slow memory phase of the 2-core EPYC, 86-91 % in its fast one).
+bound in the slow memory phase of the 2-core EPYC, 86-91 % in its fast one). The step takes several
+sequences at once (``step_rows``: one token in each of B cache slots), streaming each weight once for all of
+them; each row's logits are bit-identical to decoding it alone.
 """
 
 from __future__ import annotations

@@ -106,6 +106,10 @@ inline void gemv_rows(const T* w, int64_t row_stride, int64_t cols, const T* x, 
 template <typename T, typename Store>
 inline void gemv_rows_multi(const T* w, int64_t row_stride, int64_t cols, const T* const* xs, int count, int64_t begin,
                             int64_t end, Store store) {
+  if (count == 1) {  // (one row: dot itself, as the single-sequence step always ran)
+    for (int64_t n = begin; n < end; ++n) store(n, 0, dot(w + n * row_stride, xs[0], cols));
+    return;
+  }
   float sums[kMaxRows];
   for (int64_t n = begin; n < end; ++n) {
     dots(w + n * row_stride, xs, count, cols, sums);

@@ -131,6 +131,8 @@ class Request:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if self.cancelled:  # (ids the engine made before it saw the cancel are not delivered)
+                    raise RequestCancelled()
                 yield item
         finally:
             self.cancel()  # (no-op once finished) a consumer that stops early frees the slot
@@ -145,6 +147,8 @@ class Request:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if self.cancelled:
+                    raise RequestCancelled()
                 yield item
         finally:
             self.cancel()

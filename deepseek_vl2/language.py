@@ -413,9 +413,9 @@ class MultiHeadLatentAttention(nn.Module):
         """``x + self(norm(x), ctx)`` for one bf16 or fp32 token decoding on the CPU, in one kernel call
         (norm, projections, latent cache write, absorbed attention, output projection, residual); None
         elsewhere."""
-        if x.shape[:2] != (1, 1) or not ctx.use_cache or ctx.rows or self.cache is None or ctx.slot != 0:
+        if x.shape[:2] != (1, 1) or not ctx.use_cache or ctx.rows or self.cache is None:
             return None
-        return mla_block(x, ctx.cos, ctx.sin, ctx.start_pos, self.kernel_args(norm, slot=0))
+        return mla_block(x, ctx.cos, ctx.sin, ctx.start_pos, self.kernel_args(norm, slot=ctx.slot))
 
     def kernel_args(self, norm: RMSNorm, slot: Optional[int] = None) -> Optional[list]:
         """This sub-layer for the kernels (``kernels.mla_args``): the caches of every slot (the whole-step

@@ -253,10 +253,6 @@ class BatchEngine:
             self._work.notify()
         return request
 
-    def generate(self, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int) -> Iterator[int]:
-        """The new token ids of one request, as they come (the synchronous form of ``submit``)."""
-        return iter(self.submit(inputs, config, eos_token_id))
-
     @property
     def in_flight(self) -> int:
         with self._lock:
@@ -294,7 +290,11 @@ class BatchEngine:
                     if self._stopping:
                         break
                     self._admit_locked()
-                self.iteration()
+                try:
+                    self.iteration()
+                except Exception as exc:  # noqa: BLE001 - never leave a request waiting on a dead loop
+                    for request in [*self._joining, *self._decoding]:
+                        self._leave(request, exc)
         error = RuntimeError("the engine was stopped")
         for request in [*self._waiting, *self._joining, *self._decoding]:
             request._finish(error)

@@ -302,3 +302,15 @@ def test_timing_stats_describe_each_request() -> None:
     assert "prompt tokens" in str(stats)
     time.sleep(0)  # (nothing left running)
     assert engine.in_flight == 0
+
+
+def test_an_unexpected_error_in_the_loop_fails_the_requests_and_the_engine_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    processor, engine = _engine("mha", slots=2)
+    inputs = _prompt(processor)
+    expected = list(engine.submit(inputs, GenerationConfig(max_new_tokens=4), processor.eos_id))
+    real = engine._prefill_unit
+    monkeypatch.setattr(engine, "_prefill_unit", lambda request: (_ for _ in ()).throw(MemoryError("stand-in")))
+    with pytest.raises(MemoryError, match="stand-in"):
+        list(engine.submit(inputs, GenerationConfig(max_new_tokens=4), processor.eos_id))
+    monkeypatch.setattr(engine, "_prefill_unit", real)
+    assert list(engine.submit(inputs, GenerationConfig(max_new_tokens=4), processor.eos_id)) == expected

@@ -10,7 +10,7 @@ IMAGE  ?= examples/stages.png
 PROMPT ?= Describe each stage of this <image> in detail.
 DEMO_MODEL := demo-model
 # make bench BENCH_ARGS="--checkpoint weights/deepseek-vl2-tiny"  (default: random weights, real tiny shape)
-BENCH_ARGS ?= --config ../shared/fixtures/real-configs/deepseek-vl2-tiny.json
+BENCH_ARGS ?= --config tests/fixtures/real-configs/deepseek-vl2-tiny.json
 
 .PHONY: venv demo test predict schema serve bench clean
 

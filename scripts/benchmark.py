@@ -17,7 +17,7 @@ the same run (see ``deepseek_vl2/bounds.py``):
 
 Examples::
 
-    python scripts/benchmark.py --config /work/shared/fixtures/real-configs/deepseek-vl2-tiny.json --json
+    python scripts/benchmark.py --config tests/fixtures/real-configs/deepseek-vl2-tiny.json --json
     python scripts/benchmark.py --checkpoint weights/deepseek-vl2-tiny --dtype float32 --repeat 3
     python scripts/benchmark.py --config tiny.json --layers 4     # same widths, fewer decoder layers
 

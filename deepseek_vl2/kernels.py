@@ -432,7 +432,8 @@ def gemv_path_unavailable(name: str, dtype: torch.dtype) -> Optional[str]:
         if kernel_unavailable(kind) is not None:  # (asked first: a cap set since the build still counts)
             return kernel_unavailable(kind)
         built = avx512_bf16_extension() if kind == "bf16" else fp32_extension()
-        return None if built is not None else unavailable_reason(kind)
+        if built is None:  # (a process that started with the kernels switched off keeps them off)
+            return unavailable_reason(kind) or "its kernels were not loaded in this process"
     if name == "onednn":
         if not torch.backends.mkldnn.is_available():
             return "this PyTorch has no oneDNN"

@@ -421,6 +421,7 @@ def _avx2_only(monkeypatch: pytest.MonkeyPatch) -> None:
     from deepseek_vl2 import hardware
 
     monkeypatch.setenv("DEEPSEEK_VL2_CPU_ISA", "avx2")
+    monkeypatch.delenv("DEEPSEEK_VL2_CPU_KERNEL", raising=False)  # (the CPU's reasons, not the switch's)
     monkeypatch.setattr(hardware, "_is_x86", lambda: True)
     monkeypatch.setattr(kernels, "_chosen", {})
 
@@ -558,7 +559,9 @@ print(json.dumps([kernels.fp32_extension() is None, kernels.avx512_bf16_extensio
 """
     env = {**os.environ, variable: value, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"),
            "DEEPSEEK_VL2_FIXTURES": str(FIXTURES_DIR)}
-    env.pop("DEEPSEEK_VL2_CPU_GEMV", None)
+    for other in ("DEEPSEEK_VL2_CPU_GEMV", "DEEPSEEK_VL2_CPU_KERNEL"):
+        if other != variable:
+            env.pop(other, None)
     out = subprocess.run([sys.executable, "-c", script], cwd=Path(kernels.__file__).parent.parent, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

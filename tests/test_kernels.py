@@ -592,3 +592,58 @@ def test_the_paths_a_cpu_of_this_kind_has_are_there() -> None:
     assert kernels.gemv_path_unavailable("onednn", torch.float32) is None
     if {"avx512bw", "avx512vl", "avx512dq"} <= flags and not os.environ.get("ONEDNN_MAX_CPU_ISA"):
         assert kernels.gemv_path_unavailable("onednn", torch.bfloat16) is None
+
+
+class _NeverBuild:
+    """A stand-in for an extension builder that has built nothing and must not be called."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cache_info(self):
+        from functools import _CacheInfo
+
+        return _CacheInfo(0, 0, 1, 0)
+
+    def __call__(self):
+        pytest.fail(f"{self.name}() was called for tensors off the CPU")
+
+
+def test_a_model_off_the_cpu_never_builds_cpu_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU machine the setup must not compile CPU kernels (~30 s each): every entry point into them
+    declines tensors that are not on the CPU before asking for an extension. The meta device stands in
+    for CUDA (no GPU here); the builders are replaced by ones that fail if called."""
+    import torch.nn.functional as F
+
+    from deepseek_vl2 import hardware
+    from deepseek_vl2.model import build_model
+    from test_generation import _fixture_config
+
+    monkeypatch.setattr(kernels, "avx512_bf16_extension", _NeverBuild("avx512_bf16_extension"))
+    monkeypatch.setattr(kernels, "fp32_extension", _NeverBuild("fp32_extension"))
+    monkeypatch.setattr(kernels, "_BUILT", [])
+    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(hardware, "cpu_bf16_is_fast", _NeverBuild("cpu_bf16_is_fast"))
+    for dtype in (torch.bfloat16, torch.float32):
+        assert hardware.default_dtype("cuda") in (torch.bfloat16, torch.float16)  # (no CPU probe for a GPU)
+        model = build_model(_fixture_config("mla-noaux", q_lora_rank=48), "meta", dtype)
+        language = model.language
+        language.setup_cache(8)
+        hidden = language.config.hidden_size
+        x = torch.empty(1, 1, hidden, device="meta", dtype=dtype)
+        big = torch.empty(4096, 1024, device="meta", dtype=dtype)  # (above the size that goes to cpu_gemv)
+        assert kernels.linear(torch.empty(1, 1024, device="meta", dtype=dtype), big).device.type == "meta"
+        assert language.decode_step_cpu(5, 3) is None  # the whole-step kernel
+        cos = sin = torch.empty(1, 8, device="meta", dtype=dtype)
+        from deepseek_vl2.language import AttentionContext
+
+        ctx = AttentionContext(cos=cos, sin=sin, start_pos=3, use_cache=True)
+        for layer in language.model.layers:  # the per-layer kernels
+            assert layer.self_attn.residual_block(x, layer.input_layernorm, ctx) is None
+            assert layer.mlp.residual_block(x, layer.post_attention_layernorm) is None
+            assert layer.input_layernorm(x).device.type == "meta"  # (rms_norm kernel declined)
+        assert kernels.linear_many(x, [torch.nn.Linear(hidden, 8, device="meta", dtype=dtype)]) is None
+        logits = torch.empty(3000, device="meta")
+        assert kernels.first_argmax(logits) is None
+        assert kernels.sampling_candidates(logits, torch.empty(2, dtype=torch.long, device="meta"), 1.1, 5) is None
+        assert F.linear(x, big[:, :hidden]).device.type == "meta"

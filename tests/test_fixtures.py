@@ -1,7 +1,8 @@
-"""The project's copy of the golden fixtures (``tests/fixtures``) is the team's ``../shared/fixtures``, byte for byte.
+"""The project's copies of the team's shared test data are that data, byte for byte: ``tests/fixtures`` (the
+golden vectors, ``../shared/fixtures``) and ``tests/cog`` (Cog's cog.yaml schema, ``../shared/cog``).
 
-The copy lets a clone with nothing beside it run the suite; this keeps it from drifting from the source of
-the golden vectors where that source is at hand (on the team's machines and in CI).
+The copies let a clone with nothing beside it run the suite; this keeps them from drifting from their
+source where that source is at hand (on the team's machines and in CI).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import pytest
 
 from conftest import IN_PROJECT_FIXTURES, PROJECT_DIR
 
-SHARED_FIXTURES = PROJECT_DIR.parent / "shared" / "fixtures"
+SHARED = PROJECT_DIR.parent / "shared"
+COPIES = {"fixtures": IN_PROJECT_FIXTURES, "cog": PROJECT_DIR / "tests" / "cog"}  # folder of ../shared -> copy
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -25,20 +27,23 @@ def _digests(root: Path) -> dict[str, str]:
     }
 
 
-def test_the_project_carries_its_fixtures() -> None:
+def test_the_project_carries_its_test_data() -> None:
     assert (IN_PROJECT_FIXTURES / "README.md").is_file(), f"{IN_PROJECT_FIXTURES} has no README.md"
     assert sorted(IN_PROJECT_FIXTURES.glob("cases/*/*/case.json")), f"no golden cases under {IN_PROJECT_FIXTURES}"
+    assert (COPIES["cog"] / "config_schema_v1.0.json").is_file()
 
 
-def test_the_copy_equals_the_shared_fixtures() -> None:
-    if not SHARED_FIXTURES.is_dir():
-        pytest.skip(f"no {SHARED_FIXTURES} beside this checkout to compare the copy with (a standalone clone)")
-    shared, ours = _digests(SHARED_FIXTURES), _digests(IN_PROJECT_FIXTURES)
-    assert shared, f"{SHARED_FIXTURES} holds no files"
+@pytest.mark.parametrize("folder", sorted(COPIES))
+def test_the_copy_equals_the_shared_original(folder: str) -> None:
+    source, copy = SHARED / folder, COPIES[folder]
+    if not source.is_dir():
+        pytest.skip(f"no {source} beside this checkout to compare the copy with (a standalone clone)")
+    shared, ours = _digests(source), _digests(copy)
+    assert shared, f"{source} holds no files"
     missing = sorted(set(shared) - set(ours))
     extra = sorted(set(ours) - set(shared))
     changed = sorted(name for name in set(shared) & set(ours) if shared[name] != ours[name])
     assert not (missing or extra or changed), (
-        f"tests/fixtures differs from {SHARED_FIXTURES}: missing {missing[:5]}, extra {extra[:5]}, "
-        f"changed {changed[:5]} (copy it again: the shared fixtures are the source)"
+        f"{copy.relative_to(PROJECT_DIR)} differs from {source}: missing {missing[:5]}, extra {extra[:5]}, "
+        f"changed {changed[:5]} (copy it again: ../shared is the source)"
     )

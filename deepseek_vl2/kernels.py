@@ -4,8 +4,8 @@ Decoding reads every active weight once per token, so its speed is the speed of 
 row of ``x``. PyTorch has several CPU paths for that and which one is fast depends on the CPU and the
 dtype (measured on a 2-core EPYC with avx512_bf16: fp32 through MKL 15 GB/s but through oneDNN 35 GB/s;
 bf16 through oneDNN 17-22 GB/s, through PyTorch's own kernel 35-47 GB/s, through our AVX512-BF16 kernel
-(``csrc/decode_bf16.cpp``, compiled on first use where the CPU has the instructions and a C++ compiler is
-present) 35-62 GB/s, the higher figures when the memory itself reads faster). So the path is chosen per
+(``csrc/decode_bf16.cpp``, compiled where the CPU has the instructions and a C++ compiler is present: by
+``scripts/build_kernels.py`` at ``make venv``, else on first use) 35-62 GB/s, the higher figures when the memory itself reads faster). So the path is chosen per
 dtype by timing the candidates in turns on decode-sized weights, never from the CPU's name. An fp32 loop
 of ours (``csrc/decode_f32.cpp``, vectorised for the CPU it is compiled on) reaches 32-33 GB/s there on an
 expert-sized matrix where oneDNN reaches 22-24: the path for CPUs without bf16.

@@ -93,6 +93,7 @@ def test_loading_refuses_a_dtype_this_cpu_cannot_run_before_reading_weights(monk
     monkeypatch.setattr(model_module, "load_model", lambda *a, **k: pytest.fail("read the weights first"))
     with pytest.raises(UnavailableOnThisCPU, match="bfloat16 would be emulated; use float32"):
         VL2Pipeline.load(FIXTURES_DIR / "checkpoints" / "mha", device="cpu", dtype=torch.bfloat16)
+    monkeypatch.setattr(hardware, "default_device", lambda: torch.device("cpu"))  # (on a GPU machine too)
     monkeypatch.setenv("DEEPSEEK_VL2_WEIGHTS", str(FIXTURES_DIR / "checkpoints" / "mha"))
     monkeypatch.setenv("DEEPSEEK_VL2_DTYPE", "bfloat16")
     with pytest.raises(UnavailableOnThisCPU, match="dtype bfloat16 refused on this CPU"):

@@ -78,7 +78,7 @@ def cap_note() -> str:
     return "" if cap == "native" else f" (capped by {CPU_ISA_ENV}={cap})"
 
 
-def _is_x86() -> bool:
+def is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
@@ -90,7 +90,7 @@ def cpu_dtype_unavailable(dtype: torch.dtype) -> str | None:
     """Why this CPU cannot run ``dtype`` natively (PyTorch would emulate it, hundreds of times slower, and
     our kernels do not take it), or None where it can."""
     needs = _NATIVE_FLAGS.get(dtype)
-    if needs is None or not _is_x86() or set(needs) & cpu_flags():
+    if needs is None or not is_x86() or set(needs) & cpu_flags():
         return None
     return f"this CPU has no {' or '.join(needs)}{cap_note()}: {str(dtype)[6:]} would be emulated; use float32"
 

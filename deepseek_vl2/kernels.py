@@ -5,11 +5,13 @@ row of ``x``. PyTorch has several CPU paths for that and which one is fast depen
 dtype (measured on a 2-core EPYC with avx512_bf16: fp32 through MKL 15 GB/s but through oneDNN 35 GB/s;
 bf16 through oneDNN 17-22 GB/s, through PyTorch's own kernel 35-47 GB/s, through our AVX512-BF16 kernel
 (``csrc/decode_bf16.cpp``, compiled where the CPU has the instructions and a C++ compiler is present: by
-``scripts/build_kernels.py`` at ``make venv``, else on first use) 35-62 GB/s, the higher figures when the memory itself reads faster). So the path is chosen per
-dtype by timing the candidates in turns on decode-sized weights, never from the CPU's name. An fp32 loop
-of ours (``csrc/decode_f32.cpp``, vectorised for the CPU it is compiled on) reaches 32-33 GB/s there on an
+``scripts/build_kernels.py`` at ``make venv``, else on first use) 35-62 GB/s, the higher figures when the
+memory itself reads faster). So the path is chosen per dtype, among those this CPU can run, by timing the
+candidates in turns on decode-sized weights, never from the CPU's name. An fp32 loop of ours
+(``csrc/decode_f32.cpp``, vectorised for the CPU it is compiled on) reaches 32-33 GB/s there on an
 expert-sized matrix where oneDNN reaches 22-24: the path for CPUs without bf16.
-``DEEPSEEK_VL2_CPU_GEMV`` (``aten`` / ``native`` / ``onednn`` / ``avx512bf16`` / ``simdf32``) forces one.
+``DEEPSEEK_VL2_CPU_GEMV`` (``aten`` / ``native`` / ``onednn`` / ``avx512bf16`` / ``simdf32``) forces one,
+unless this CPU cannot run it (``gemv_path_unavailable``): then it is refused, saying why.
 
 With the extensions, a decode step also runs layer-level kernels (``csrc/decode_layers.h``, built for bf16
 and for fp32): a whole attention sub-layer in one call (``mha_block`` for plain attention, ``mla_block``
@@ -151,8 +153,7 @@ def fp32_build() -> tuple[str, list[str]]:
 def _build(kind: str, name: str, source: str, cflags: list[str]) -> Optional[Any]:
     """``csrc/<source>`` compiled (or found built) by PyTorch under ``~/.cache/torch_extensions/<name>``; None,
     with the reason kept for ``unavailable_reason``, where it cannot be."""
-    reason = kernel_unavailable(kind)
-    if reason is not None:
+    if kernel_unavailable(kind) is not None:
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -440,7 +441,7 @@ def gemv_path_unavailable(name: str, dtype: torch.dtype) -> Optional[str]:
         # oneDNN runs bf16 on AVX-512 (emulated without avx512_bf16) and on AMX, and refuses it below
         # (``ONEDNN_MAX_CPU_ISA`` caps it too): asked directly, and our cap counts as the CPU's.
         if dtype == torch.bfloat16 and (not _onednn_has_bf16()
-                                        or (hardware._is_x86() and "avx512bw" not in _cpu_flags())):
+                                        or (hardware.is_x86() and "avx512bw" not in _cpu_flags())):
             return f"oneDNN has no bf16 primitives on this CPU{hardware.cap_note()}"
     return None
 

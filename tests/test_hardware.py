@@ -26,7 +26,7 @@ SAPPHIRE_RAPIDS = frozenset(
 @pytest.fixture
 def sapphire_rapids(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hardware, "_reported_cpu_flags", lambda: SAPPHIRE_RAPIDS)
-    monkeypatch.setattr(hardware, "_is_x86", lambda: True)
+    monkeypatch.setattr(hardware, "is_x86", lambda: True)
     for name in ("DEEPSEEK_VL2_CPU_ISA", "DEEPSEEK_VL2_CPU_BF16"):
         monkeypatch.delenv(name, raising=False)
 
@@ -89,7 +89,7 @@ def test_loading_refuses_a_dtype_this_cpu_cannot_run_before_reading_weights(monk
     from deepseek_vl2.pipeline import VL2Pipeline
 
     monkeypatch.setenv("DEEPSEEK_VL2_CPU_ISA", "avx2")
-    monkeypatch.setattr(hardware, "_is_x86", lambda: True)
+    monkeypatch.setattr(hardware, "is_x86", lambda: True)
     monkeypatch.setattr(model_module, "load_model", lambda *a, **k: pytest.fail("read the weights first"))
     with pytest.raises(UnavailableOnThisCPU, match="bfloat16 would be emulated; use float32"):
         VL2Pipeline.load(FIXTURES_DIR / "checkpoints" / "mha", device="cpu", dtype=torch.bfloat16)

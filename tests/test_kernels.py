@@ -422,7 +422,7 @@ def _avx2_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("DEEPSEEK_VL2_CPU_ISA", "avx2")
     monkeypatch.delenv("DEEPSEEK_VL2_CPU_KERNEL", raising=False)  # (the CPU's reasons, not the switch's)
-    monkeypatch.setattr(hardware, "_is_x86", lambda: True)
+    monkeypatch.setattr(hardware, "is_x86", lambda: True)
     monkeypatch.setattr(kernels, "_chosen", {})
 
 

@@ -50,7 +50,7 @@ from PIL import Image  # noqa: E402
 
 from deepseek_vl2 import bounds  # noqa: E402
 from deepseek_vl2.config import DeepseekVL2Config  # noqa: E402
-from deepseek_vl2.hardware import default_device, default_dtype, parse_dtype  # noqa: E402
+from deepseek_vl2.hardware import UnavailableOnThisCPU, check_cpu_dtype, default_device, default_dtype, parse_dtype  # noqa: E402
 
 # Text tokens of the reference workload around one image ("<bos><|User|>: <image>\n<prompt>\n\n<|Assistant|>:").
 REFERENCE_TEXT_TOKENS = 17
@@ -395,6 +395,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         dtype = default_dtype(device)
     else:
         dtype = parse_dtype(args.dtype)
+        try:
+            check_cpu_dtype(device, dtype)  # (a dtype this CPU would only emulate measures nothing of use)
+        except UnavailableOnThisCPU as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     machine = bounds.machine_description()
     log(f"machine: {machine['cpu']}, {machine['cpu_count']} cores, torch threads {machine['torch_threads']}"
         + (f", {machine['gpu']}" if "gpu" in machine else "") + f"; device {device}, dtype {dtype}")

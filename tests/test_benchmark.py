@@ -236,3 +236,14 @@ def test_benchmark_smoke_config():
     result = _run_benchmark("--config", str(cfg))
     assert result["random_weights"] is True
     assert result["prompt_tokens"] == 438 and result["n_tiles"] == 2
+
+
+def test_a_dtype_this_cpu_would_emulate_is_refused(monkeypatch):
+    """`--dtype bfloat16` on an AVX2-only CPU (our cap stands in for one): a plain message, exit 2, nothing run."""
+    from deepseek_vl2 import hardware
+
+    bench = _load_benchmark_module()
+    monkeypatch.setenv("DEEPSEEK_VL2_CPU_ISA", "avx2")
+    monkeypatch.setattr(hardware, "is_x86", lambda: True)
+    monkeypatch.setattr(bench.bounds, "machine_description", lambda: pytest.fail("went on to measure"))
+    assert bench.main(["--config", str(REAL_CONFIGS / "deepseek-vl2-tiny.json"), "--dtype", "bfloat16", "--device", "cpu"]) == 2

@@ -354,7 +354,10 @@ def test_row_claims_cover_every_row_once_and_rebalance_a_slow_thread() -> None:
     assert (owners >= 0).all()
     first_share = owners[: 4000 // threads]
     assert (first_share != 0).sum() > 0.5 * first_share.numel()  # most of thread 0's share done by others
-    assert (owners[:10] == 0).all()  # its first chunk it took itself, from the front
+    # It takes its own share from the front, the others from the back: what it did itself is a prefix of
+    # its share (possibly empty: on a loaded machine the scheduler may not run it before the others are done).
+    done_by_it = int((first_share == 0).sum())
+    assert (first_share[:done_by_it] == 0).all()
 
 
 def test_kernel_error_messages_are_joined_without_iostreams() -> None:

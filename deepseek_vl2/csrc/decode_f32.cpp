@@ -15,17 +15,6 @@ namespace decode {
 
 constexpr int kLanes = 32;
 
-// acc + a * b, rounded once where the CPU has FMA and twice where it has not, explicitly: whether the
-// compiler fuses a plain `acc += a * b` is its choice per loop, and every row's sum (one row or many at
-// once) must take the same roundings.
-inline float multiply_add(float a, float b, float acc) {
-#if defined(__FMA__)
-  return __builtin_fmaf(a, b, acc);
-#else
-  return acc + a * b;  // (no FMA instruction to fuse it into)
-#endif
-}
-
 // out[j] = w . xs[j] for kRows rows at once, w read once for all of them (from memory by the first block
 // of rows of a call, from L1 by the others). Each row keeps its own 32 partial sums and adds them up in
 // the same order as it does alone (kRows = 1 is dot()), so a row's result never depends on the others:

@@ -47,7 +47,7 @@ inline void dots_block(const uint16_t* w, const uint16_t* const* xs, int64_t n, 
   }
   for (int j = 0; j < kRows; ++j) {
     float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0[j], acc1[j]));
-    for (int64_t i = k; i < n; ++i) sum += bf16_to_float(w[i]) * bf16_to_float(xs[j][i]);
+    for (int64_t i = k; i < n; ++i) sum = multiply_add(bf16_to_float(w[i]), bf16_to_float(xs[j][i]), sum);
     out[j] = sum;
   }
 }

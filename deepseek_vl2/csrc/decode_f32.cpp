@@ -18,7 +18,7 @@ constexpr int kLanes = 32;
 // out[j] = w . xs[j] for kRows rows at once, w read once for all of them (from memory by the first block
 // of rows of a call, from L1 by the others). Each row keeps its own 32 partial sums and adds them up in
 // the same order as it does alone (kRows = 1 is dot()), so a row's result never depends on the others:
-// the per-lane arithmetic is one multiply-add per value whatever the compiler makes of the loops.
+// the per-lane arithmetic is one multiply_add per value whatever the compiler makes of the loops.
 template <int kRows, bool kPrefetch>
 inline void dots_block(const float* w, const float* const* xs, int64_t n, float* out) {
   float partial[kRows][kLanes] = {};
@@ -30,12 +30,12 @@ inline void dots_block(const float* w, const float* const* xs, int64_t n, float*
       __builtin_prefetch(ahead + 64, 0, 2);
     }
     for (int r = 0; r < kRows; ++r)
-      for (int j = 0; j < kLanes; ++j) partial[r][j] += w[k + j] * xs[r][k + j];
+      for (int j = 0; j < kLanes; ++j) partial[r][j] = multiply_add(w[k + j], xs[r][k + j], partial[r][j]);
   }
   for (int r = 0; r < kRows; ++r) {
     float sum = 0.0f;
     for (int j = 0; j < kLanes; ++j) sum += partial[r][j];
-    for (int64_t i = k; i < n; ++i) sum += w[i] * xs[r][i];
+    for (int64_t i = k; i < n; ++i) sum = multiply_add(w[i], xs[r][i], sum);
     out[r] = sum;
   }
 }

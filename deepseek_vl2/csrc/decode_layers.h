@@ -45,6 +45,17 @@ inline float bf16_to_float(uint16_t bits) {
   return value;
 }
 
+// acc + a * b, rounded once where the CPU has FMA and twice where it has not, explicitly: whether the
+// compiler fuses a plain `acc += a * b` is its choice per loop, and every row's sum (one row or many at
+// once) must take the same roundings.
+inline float multiply_add(float a, float b, float acc) {
+#if defined(__FMA__)
+  return __builtin_fmaf(a, b, acc);
+#else
+  return acc + a * b;  // (no FMA instruction to fuse it into)
+#endif
+}
+
 inline uint16_t float_to_bf16(float value) {  // round to nearest even, as PyTorch's conversion does
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));

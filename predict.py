@@ -24,6 +24,7 @@ from typing import Optional
 from cog import AsyncConcatenateIterator, BasePredictor, Input, Path, concurrent, streaming
 
 from deepseek_vl2.pipeline import InputError, VL2Pipeline
+from deepseek_vl2.shutdown import watch_cog_server
 from deepseek_vl2.weights import resolve_weights
 
 
@@ -183,8 +184,10 @@ class Predictor(BasePredictor):
         slots = MAX_CONCURRENCY
         if not {"DEEPSEEK_VL2_MAX_CONCURRENCY", "COG_MAX_CONCURRENCY"} & set(os.environ):  # the default: what memory allows
             slots = min(slots, default_slots(self.pipeline.device, cache_bytes_per_slot(language)))
-        self.pipeline.start(slots)
+        engine = self.pipeline.start(slots)
         self.pipeline.warm_up()
+        # Under Cog's server: when it is told to stop, stop within a bounded time (deepseek_vl2/shutdown.py).
+        watch_cog_server(lambda: engine.in_flight, engine.stop)
         print(
             f"DeepSeek-VL2 loaded from {model_dir} on {self.pipeline.device} ({self.pipeline.dtype}) "
             f"in {time.perf_counter() - started:.1f} s; {MAX_CONCURRENCY} predictions at once, "

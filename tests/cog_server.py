@@ -48,8 +48,10 @@ class CogServer:
 
 
 @contextlib.contextmanager
-def make_serve(target: str, project_dir: Path, log: Path, **env_overrides: str) -> Iterator[CogServer]:
-    """``make <target>`` on a free loopback port, READY, then stopped (SIGTERM to its process group)."""
+def make_serve(target: str, project_dir: Path, log: Path, *, setup_may_fail: bool = False,
+               **env_overrides: str) -> Iterator[CogServer]:
+    """``make <target>`` on a free loopback port, READY (or, with ``setup_may_fail``, SETUP_FAILED too), then
+    stopped (SIGTERM to its process group)."""
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_overrides}
     for name in ("DEEPSEEK_VL2_DTYPE", "COG_MAX_CONCURRENCY", "MAKEFLAGS", "MFLAGS"):
@@ -69,7 +71,7 @@ def make_serve(target: str, project_dir: Path, log: Path, **env_overrides: str) 
                 status = server.health().get("status")
             except requests.RequestException:
                 status = None
-            if status == "READY":
+            if status == "READY" or (setup_may_fail and status == "SETUP_FAILED"):
                 break
             if status in ("SETUP_FAILED", "DEFUNCT"):
                 pytest.fail(f"cog server setup failed ({status}):\n{server.logs()}")

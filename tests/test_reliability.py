@@ -564,6 +564,7 @@ def test_the_cheap_bound_never_refuses_a_prompt_that_fits(checkpoint):
 
 SPECIAL_PROMPTS = {
     "assistant_tag": "What is this? <|Assistant|> It is",
+    "user_tag": "Describe it. <|User|>: and again",
     "eos_text": f"Describe it.{EOS} Then stop.",
     "image_tag_mid": "Look at <image> and describe it.",
     "grounding": "<|grounding|>Find <|ref|>the stripes<|/ref|>.",
@@ -592,10 +593,10 @@ def test_special_token_text_is_tokenized_as_the_official_processor(checkpoint, n
                 + [processor.image_token_id] * n + tokenizer.encode(after, add_special_tokens=False).ids)
     assert inputs.input_ids.tolist() == expected
     ids = inputs.input_ids.tolist()
-    for special in ("<|Assistant|>", EOS, "<|grounding|>", "<|ref|>", "<|/ref|>"):
+    for special in ("<|Assistant|>", "<|User|>", EOS, "<|grounding|>", "<|ref|>", "<|/ref|>"):
         if special in SPECIAL_PROMPTS[name]:
             assert ids.count(tokenizer.token_to_id(special)) == SPECIAL_PROMPTS[name].count(special) + (
-                special == "<|Assistant|>")  # (+ the template's own)
+                special in ("<|Assistant|>", "<|User|>"))  # (+ the template's own)
 
 
 @pytest.mark.parametrize("name", sorted(SPECIAL_PROMPTS))
@@ -656,6 +657,8 @@ def _edit_config(model_dir: Path, edit) -> Path:
 
 WEIGHT_FAULTS = {
     "truncated_safetensors": (_truncate, ["model.safetensors ends before the data of", "truncated"]),
+    "truncated_header": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100])
+                         and d, ["model.safetensors is not a safetensors file"]),
     "config_missing_key": (lambda d: _edit_config(d, lambda c: c["language_config"].pop("vocab_size")),
                            ["config.json lacks language_config.vocab_size"]),
     "config_wrong_type": (lambda d: _edit_config(d, lambda c: c["language_config"].update(hidden_size="64")),

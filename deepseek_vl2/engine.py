@@ -41,6 +41,7 @@ import torch
 
 from .generation import CudaGraphDecoder, GenerationConfig, decode_step, next_token_id, prefill
 from .language import DeepseekV2ForCausalLM
+from .memory import memory_budget
 from .model import DeepseekVL2, ImageInputs
 
 # Prompt tokens per prefill unit. A joining request's prefill runs between the others' decode steps, one
@@ -130,6 +131,8 @@ class Request:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if self.cancelled:  # (ids the engine made before it saw the cancel are not delivered)
+                    raise RequestCancelled()
                 yield item
         finally:
             self.cancel()  # (no-op once finished) a consumer that stops early frees the slot
@@ -144,6 +147,8 @@ class Request:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if self.cancelled:
+                    raise RequestCancelled()
                 yield item
         finally:
             self.cancel()
@@ -176,24 +181,10 @@ def default_slots(device: torch.device, cache_bytes_per_slot: int) -> int:
     capped so that the cache (``slots`` x whole context) takes at most a quarter of the memory free now.
     """
     wanted = 16 if device.type == "cuda" else 8
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = _available_memory_bytes()
-    if free is None or cache_bytes_per_slot <= 0:
+    free, _ = memory_budget(device)
+    if cache_bytes_per_slot <= 0:
         return wanted
     return max(1, min(wanted, int(free // 4 // cache_bytes_per_slot)))
-
-
-def _available_memory_bytes() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def cache_bytes_per_slot(language: DeepseekV2ForCausalLM, dtype: Optional[torch.dtype] = None) -> int:
@@ -262,10 +253,6 @@ class BatchEngine:
             self._work.notify()
         return request
 
-    def generate(self, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int) -> Iterator[int]:
-        """The new token ids of one request, as they come (the synchronous form of ``submit``)."""
-        return iter(self.submit(inputs, config, eos_token_id))
-
     @property
     def in_flight(self) -> int:
         with self._lock:
@@ -303,7 +290,11 @@ class BatchEngine:
                     if self._stopping:
                         break
                     self._admit_locked()
-                self.iteration()
+                try:
+                    self.iteration()
+                except Exception as exc:  # noqa: BLE001 - never leave a request waiting on a dead loop
+                    for request in [*self._joining, *self._decoding]:
+                        self._leave(request, exc)
         error = RuntimeError("the engine was stopped")
         for request in [*self._waiting, *self._joining, *self._decoding]:
             request._finish(error)

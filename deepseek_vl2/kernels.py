@@ -20,7 +20,9 @@ RMSNorm (bf16 only). One expert is only 2-5 MB, so per-call costs (Python, wakin
 prefetchers ramping up on a new matrix) are a large share of streaming it. So the whole step, every layer
 and the LM head, runs as one call (``decode_step``; ``DEEPSEEK_VL2_CPU_STEP=0`` falls back to the
 per-layer calls): no Python between the layers and one parallel region (tiny: 95-98 % of the bandwidth
-bound in the slow memory phase of the 2-core EPYC, 86-91 % in its fast one).
+bound in the slow memory phase of the 2-core EPYC, 86-91 % in its fast one). The step takes several
+sequences at once (``step_rows``: one token in each of B cache slots), streaming each weight once for all of
+them; each row's logits are bit-identical to decoding it alone.
 """
 
 from __future__ import annotations
@@ -293,8 +295,8 @@ def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, shared: Op
 
 def mha_args(norm_weight: torch.Tensor, eps: float, projections: list[nn.Linear], k_cache: torch.Tensor,
              v_cache: torch.Tensor, scale: float) -> Optional[list[Any]]:
-    """The arguments of a plain-attention sub-layer for ``DecodeStep.add_layer``; None where the kernels do
-    not apply (they take bf16 or fp32, all alike)."""
+    """The arguments of a plain-attention sub-layer for ``DecodeStep.add_layer`` (caches [S, kv_heads, T, d]
+    of every slot); None where the kernels do not apply (they take bf16 or fp32, all alike)."""
     dtype = norm_weight.dtype
     if dtype not in _SUFFIX or k_cache.dtype != dtype or projections[0].weight.dtype != dtype:  # (the kernel checks every weight)
         return None
@@ -318,8 +320,8 @@ def mha_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, projection
 def mla_args(norm_weight: torch.Tensor, eps: float, attention: nn.Module, latent_cache: torch.Tensor,
              k_pe_cache: torch.Tensor) -> Optional[list[Any]]:
     """The arguments of a multi-head latent attention sub-layer (``language.MultiHeadLatentAttention``) for
-    ``mla_block_*`` / ``DecodeStep.add_mla_layer``; caches of one sequence ([T, rank], [T, rope]). None where
-    the kernels do not apply (they take bf16 or fp32, all alike)."""
+    ``mla_block_*`` / ``DecodeStep.add_mla_layer``; caches of every slot ([S, T, rank], [S, T, rope]; one
+    slot for ``mla_block``). None where the kernels do not apply (they take bf16 or fp32, all alike)."""
     dtype = norm_weight.dtype
     if dtype not in _SUFFIX or latent_cache.dtype != dtype or attention.kv_b_proj.weight.dtype != dtype:  # (the kernel checks every weight)
         return None
@@ -348,7 +350,8 @@ def mla_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: i
 def decode_step(embedding: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, final_norm: torch.Tensor,
                 eps: float, lm_head: torch.Tensor, layers: list[tuple[str, list[Any], list[Any]]]) -> Optional[Any]:
     """A whole bf16 or fp32 CPU decode step as one kernel call (``DecodeStep``): ``step(token, position)`` ->
-    fp32 logits [V]. layers: (``"mha"``, ``mha_args``, ``ffn_args``) or (``"mla"``, ``mla_args``, ``ffn_args``)
+    fp32 logits [V] (cache slot 0), ``step_rows(tokens, positions, slots)`` -> [B, V] (one token in each of B
+    distinct cache slots, every weight streamed once for all of them). layers: (``"mha"``, ``mha_args``, ``ffn_args``) or (``"mla"``, ``mla_args``, ``ffn_args``)
     of each decoder layer, one kind for all; cos/sin tables: [positions, rotary dims]. None where the
     extension does not apply."""
     tensors = [embedding, cos_table, sin_table, final_norm, lm_head]

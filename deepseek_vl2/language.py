@@ -326,12 +326,12 @@ class MultiHeadAttention(nn.Module):
                          ctx.start_pos, self.head_dim**-0.5)
 
     def kernel_args(self, norm: RMSNorm) -> Optional[list]:
-        """This sub-layer for the whole-step kernel (``kernels.mha_args``, cache of batch 1); None where it
-        does not apply."""
-        if self.cache is None or self.cache.k.shape[0] != 1:
+        """This sub-layer for the whole-step kernel (``kernels.mha_args``, the caches of every slot); None
+        where it does not apply."""
+        if self.cache is None:
             return None
         projections = [self.q_proj, self.k_proj, self.v_proj, self.o_proj]
-        return mha_args(norm.weight, norm.eps, projections, self.cache.k[0], self.cache.v[0], self.head_dim**-0.5)
+        return mha_args(norm.weight, norm.eps, projections, self.cache.k, self.cache.v, self.head_dim**-0.5)
 
     def _attend_one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """CPU decode, batch 1, where the attention sub-layer kernel does not apply (no compiled kernels,
@@ -413,15 +413,17 @@ class MultiHeadLatentAttention(nn.Module):
         """``x + self(norm(x), ctx)`` for one bf16 or fp32 token decoding on the CPU, in one kernel call
         (norm, projections, latent cache write, absorbed attention, output projection, residual); None
         elsewhere."""
-        if x.shape[:2] != (1, 1) or not ctx.use_cache or ctx.rows or self.cache is None or ctx.slot != 0:
+        if x.shape[:2] != (1, 1) or not ctx.use_cache or ctx.rows or self.cache is None:
             return None
-        return mla_block(x, ctx.cos, ctx.sin, ctx.start_pos, self.kernel_args(norm))
+        return mla_block(x, ctx.cos, ctx.sin, ctx.start_pos, self.kernel_args(norm, slot=ctx.slot))
 
-    def kernel_args(self, norm: RMSNorm) -> Optional[list]:
-        """This sub-layer for the kernels (``kernels.mla_args``, cache of batch 1); None where they do not apply."""
-        if self.cache is None or self.cache.latent.shape[0] != 1:
+    def kernel_args(self, norm: RMSNorm, slot: Optional[int] = None) -> Optional[list]:
+        """This sub-layer for the kernels (``kernels.mla_args``): the caches of every slot (the whole-step
+        kernel), or of slot ``slot`` (``mla_block``); None where they do not apply."""
+        if self.cache is None:
             return None
-        return mla_args(norm.weight, norm.eps, self, self.cache.latent[0], self.cache.k_pe[0])
+        latent, k_pe = (self.cache.latent, self.cache.k_pe) if slot is None else (self.cache.latent[slot], self.cache.k_pe[slot])
+        return mla_args(norm.weight, norm.eps, self, latent, k_pe)
 
     def _attend_expanded(self, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
         """Prefill: expand the latent into per-head keys/values once, then one SDPA (fewest FLOPs)."""
@@ -824,6 +826,20 @@ class DeepseekV2ForCausalLM(nn.Module):
         # The kernel found the argmax as it wrote the logits: greedy decoding reads it from here instead
         # of going over them again (generation._argmax). A copy or a view does not carry it.
         logits.known_argmax = step.last_argmax()
+        return logits
+
+    def decode_rows_cpu(self, tokens: list[int], positions: list[int], slots: list[int]) -> Optional[torch.Tensor]:
+        """Logits [B, V] (fp32) of one token in each of B cache slots, as one kernel call on a bf16 or fp32
+        CPU model (``DecodeStep.step_rows``: row b decodes ``tokens[b]`` at ``positions[b]`` of cache slot
+        ``slots[b]``, slots distinct, every weight streamed once for all the rows). A row's logits are the
+        same bit for bit whatever the other rows are, and equal ``decode_step_cpu``'s for slot 0. None where
+        the kernel does not apply (as ``decode_step_cpu``); bad arguments raise RuntimeError."""
+        step = self._cpu_step()
+        if step is None:
+            return None
+        logits = step.step_rows(tokens, positions, slots)
+        # Each row's argmax, found as the logits were written (see decode_step_cpu).
+        logits.known_argmaxes = step.last_argmaxes()
         return logits
 
     def _cpu_step(self) -> Optional[Any]:

@@ -32,6 +32,7 @@ from PIL import Image
 from .config import DeepseekVL2Config
 from .engine import BatchEngine, Request, RequestStats, engine_for
 from .generation import GenerationConfig
+from .memory import WORKING_BYTES, cache_bytes_per_request, check_fits, check_model_fits
 from .processor import _USER_ROLES, DeepseekVL2Processor, InputError, ProcessedInputs, load_image
 
 __all__ = ["VL2Pipeline", "InputError", "GenerationSettings"]
@@ -100,7 +101,15 @@ class VL2Pipeline:
 
     def start(self, slots: Optional[int] = None) -> BatchEngine:
         """Make the engine with ``slots`` cache slots now (default: ``DEEPSEEK_VL2_MAX_CONCURRENCY``, else
-        per device and memory): its cache is allocated here, once."""
+        per device and memory): its cache is allocated here, once. Raises ``DoesNotFitError`` when that
+        cache does not fit in the memory left."""
+        from .engine import configured_slots
+
+        slots = slots or configured_slots(self.model)
+        name = self.model_dir.name if self.model_dir is not None else "the model"
+        check_fits(name, {f"cache for {slots} requests at {self.context_length} tokens":
+                          slots * cache_bytes_per_request(self.model.config, self.dtype),
+                          "working memory": WORKING_BYTES.get(self.device.type, WORKING_BYTES["cpu"])}, self.device)
         return engine_for(self.model, slots)
 
     @classmethod
@@ -115,6 +124,7 @@ class VL2Pipeline:
         if dtype is None:
             dtype = torch.float32 if _is_small_model(model_dir) else default_dtype(device)
         config = DeepseekVL2Config.from_pretrained(model_dir)
+        check_model_fits(model_dir.name, config, device, dtype)  # (before any memory is taken)
         processor = DeepseekVL2Processor.from_pretrained(model_dir)
         model = load_model(model_dir, device=device, dtype=dtype)
         return cls(model, processor, device=device, dtype=dtype,
@@ -123,9 +133,9 @@ class VL2Pipeline:
     def warm_up(self) -> None:
         """Two short requests at once on a blank image through the engine, so that one-time costs are paid
         here and not by the first users: the CPU's GEMV-path probe and oneDNN kernel setup, the decode step
-        of one row and of several; on a GPU, torch.compile of the decode step and its CUDA-graph capture. On
-        a GPU it decodes across one attention-window boundary, so the step is also compiled for varying
-        windows (later windows and batch buckets then only need a graph capture, ~1 s).
+        of one row and of several; on a GPU the CUDA-graph captures of the first windows (torch.compile of the
+        step runs in the background meanwhile, and the graphs switch to it when it is done: READY does not
+        wait for it). Later windows and batch buckets are captured on first use (~1 s each).
         """
         from .generation import CudaGraphDecoder
 

@@ -48,10 +48,9 @@ class CogServer:
 
 
 @contextlib.contextmanager
-def make_serve(target: str, project_dir: Path, log: Path, *, setup_may_fail: bool = False,
-               **env_overrides: str) -> Iterator[CogServer]:
-    """``make <target>`` on a free loopback port, READY (or, with ``setup_may_fail``, SETUP_FAILED too), then
-    stopped (SIGTERM to its process group)."""
+def make_serve(target: str, project_dir: Path, log: Path, expect: str = "READY", **env_overrides: str) -> Iterator[CogServer]:
+    """``make <target>`` on a free loopback port, until its health says ``expect`` (READY, or SETUP_FAILED for
+    a setup that must fail), then stopped (SIGTERM to its process group)."""
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **env_overrides}
     for name in ("DEEPSEEK_VL2_DTYPE", "COG_MAX_CONCURRENCY", "MAKEFLAGS", "MFLAGS"):
@@ -71,13 +70,13 @@ def make_serve(target: str, project_dir: Path, log: Path, *, setup_may_fail: boo
                 status = server.health().get("status")
             except requests.RequestException:
                 status = None
-            if status == "READY" or (setup_may_fail and status == "SETUP_FAILED"):
+            if status == expect:
                 break
-            if status in ("SETUP_FAILED", "DEFUNCT"):
+            if status in ("READY", "SETUP_FAILED", "DEFUNCT"):
                 pytest.fail(f"cog server setup failed ({status}):\n{server.logs()}")
             time.sleep(0.5)
         else:
-            pytest.fail(f"cog server not READY after {STARTUP_TIMEOUT_S} s (last status {status}):\n{server.logs()}")
+            pytest.fail(f"cog server not {expect} after {STARTUP_TIMEOUT_S} s (last status {status}):\n{server.logs()}")
         yield server
     finally:
         if proc.poll() is None:

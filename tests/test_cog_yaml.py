@@ -72,3 +72,11 @@ def test_the_image_serves_as_many_at_once_as_the_engine_decodes(cog_yaml, projec
                          env={**__import__("os").environ, "DEEPSEEK_VL2_MAX_CONCURRENCY": env["DEEPSEEK_VL2_MAX_CONCURRENCY"]})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [env["DEEPSEEK_VL2_MAX_CONCURRENCY"]] * 2
+
+
+def test_the_image_has_a_compiler_for_torch_compile(cog_yaml):
+    """torch.compile (Triton) needs a C compiler at run time, and the GPU build of torch comes from Cog's CUDA
+    image (gpu: true with torch pinned): neither can be checked without building the image here."""
+    assert "build-essential" in cog_yaml["build"]["system_packages"]
+    assert cog_yaml["build"]["gpu"] is True
+    assert any(p.startswith("torch==") for p in cog_yaml["build"]["python_packages"])

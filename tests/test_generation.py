@@ -552,7 +552,7 @@ def test_graph_decoder_pads_rows_to_their_bucket_with_the_spare_slot() -> None:
     replays, captured = [], []
     decoder = CudaGraphDecoder.__new__(CudaGraphDecoder)
     decoder.language = SimpleNamespace(cache_version=0, max_seq_len=4096)
-    decoder.cache_version, decoder.spare_slot, decoder.max_bucket = 0, 8, 8
+    decoder.cache_version, decoder.spare_slot, decoder.max_bucket, decoder._ready = 0, 8, 8, None
     decoder.rows = torch.zeros(3, 8, dtype=torch.long)
     decoder.graphs = {}
 
@@ -571,3 +571,79 @@ def test_graph_decoder_pads_rows_to_their_bucket_with_the_spare_slot() -> None:
     assert replays[-1][0] == [24, 5, 10, 0]
     with pytest.raises(ValueError, match="rows exceed"):
         decoder(list(range(9)), [1] * 9, list(range(9)))
+
+
+def _graph_decoder_on_the_cpu(compiler, logs: list[str]):
+    """A CudaGraphDecoder over the mha fixture's model on the CPU, with a stand-in capture: its "graph" runs
+    the captured step eagerly into a fixed output buffer (a real capture needs a GPU). Returns the decoder
+    and the list of steps it captured."""
+    from types import SimpleNamespace
+
+    from deepseek_vl2.generation import CudaGraphDecoder
+
+    _, model = _load("mha")
+    language = model.language
+    language.setup_cache(600, batch=2)  # (slot 1: the spare slot)
+    with torch.inference_mode():
+        prefill(language, torch.randn(1, 20, language.config.hidden_size, generator=torch.Generator().manual_seed(3)))
+    decoder = CudaGraphDecoder(language, max_rows=1, spare_slot=1, compile=True, compiler=compiler, log=logs.append)
+    captured = []
+
+    def capture_with(step, bucket: int, window: int):
+        captured.append(step)
+        tokens, positions, slots = decoder.rows[:, :bucket]
+        out = torch.empty(bucket, language.config.vocab_size)
+        return SimpleNamespace(replay=lambda: out.copy_(step(tokens, positions, slots, window))), out
+
+    decoder._capture_with = capture_with
+    return decoder, captured
+
+
+def test_graph_decoder_switches_to_the_step_compiled_in_the_background() -> None:
+    """CUDA graphs serve the plain step at once; when the background compile is done, the next step captures
+    the compiled one (which computes the same logits); the compile's warm-up touches the spare slot only."""
+    import threading
+
+    gate, warmups, logs = threading.Event(), [], []
+
+    def compiler(step):
+        gate.wait(timeout=60)
+
+        def compiled(tokens, positions, slots, window):
+            warmups.append((tokens.numel(), window, slots.tolist()))
+            return step(tokens, positions, slots, window)
+
+        return compiled
+
+    decoder, captured = _graph_decoder_on_the_cpu(compiler, logs)
+    language = decoder.language
+    with torch.inference_mode():
+        plain = decoder([7], [20], [0]).clone()
+        assert captured == [language.decode_rows] and not decoder.compiled
+        slot0 = language.model.layers[0].self_attn.cache.k[0].clone()
+        gate.set()
+        decoder.compile_thread.join(timeout=60)
+        assert warmups and all(set(slots) == {1} for _, _, slots in warmups)  # (the spare slot only)
+        assert [(n, w) for n, w, _ in warmups] == decoder.compile_shapes()
+        assert torch.equal(language.model.layers[0].self_attn.cache.k[0], slot0)
+        switched = decoder([7], [20], [0]).clone()
+    assert decoder.compiled and len(captured) == 2 and captured[1] is not language.decode_rows
+    assert torch.equal(switched, plain)
+    assert any("compiled in" in line for line in logs)
+
+
+def test_graph_decoder_serves_on_uncompiled_when_compiling_fails() -> None:
+    logs = []
+
+    def failing(step):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    decoder, captured = _graph_decoder_on_the_cpu(failing, logs)
+    decoder.compile_thread.join(timeout=60)
+    with torch.inference_mode():
+        first = decoder([7], [20], [0]).clone()
+        second = decoder([9], [21], [0]).clone()
+    assert not decoder.compiled and isinstance(decoder.compile_error, RuntimeError)
+    assert captured == [decoder.language.decode_rows]  # (one graph, replayed)
+    assert torch.isfinite(first).all() and torch.isfinite(second).all()
+    assert len(logs) == 1 and "torch.compile failed" in logs[0] and "C compiler" in logs[0] and "uncompiled" in logs[0]

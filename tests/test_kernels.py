@@ -417,3 +417,216 @@ def test_sampling_candidates_are_the_top_k_after_the_penalty_with_ties(build: st
         extension.sampling_candidates(torch.zeros(300), torch.tensor([300]), 1.1, 5)
     with pytest.raises(RuntimeError, match=r"k must be in \[1, 300\]"):
         extension.sampling_candidates(torch.zeros(300), torch.tensor([1]), 1.1, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole-step kernel with several rows (DecodeStep.step_rows, the serving engine's batched decode):
+# row b decodes one token at its own position of its own cache slot. A row's logits must be the same bit
+# for bit whatever the other rows are (a greedy request answers the same alone as in company), so every
+# comparison between row counts below is torch.equal.
+
+ROW_MODELS = {  # fixture, language overrides (None: the checkpoint itself)
+    "mha": ("mha", None),
+    "mla": ("mla", None),
+    "mla-noaux": ("mla-noaux", None),  # noaux_tc routing (sigmoid, correction bias), latent attention
+    # Widths that are not multiples of the kernels' blocks (hidden 112 = 64 + 32 + 16 values, head size 28,
+    # experts of 48), grouped-query attention with biases: every tail of the row loops.
+    "mha-odd-sizes": ("mha", {"hidden_size": 112, "intermediate_size": 100, "moe_intermediate_size": 48,
+                              "num_key_value_heads": 2, "attention_bias": True}),
+}
+SLOTS = 16
+
+
+def _skip_without_step_kernels(dtype: torch.dtype) -> None:
+    if dtype == torch.bfloat16 and kernels.avx512_bf16_extension() is None:
+        pytest.skip("this CPU has no AVX512-BF16 (or no C++ compiler/ninja): bf16 decoding uses the eager layers")
+    if dtype == torch.float32 and kernels.fp32_extension() is None:
+        pytest.skip("no C++ compiler/ninja: fp32 decoding uses the eager layers")
+
+
+def _row_model(name: str, dtype: torch.dtype):
+    """The language model of ROW_MODELS[name] at ``dtype``, with caches of SLOTS slots of 40 positions."""
+    import json
+
+    from conftest import FIXTURES_DIR
+    from deepseek_vl2.config import DeepseekVL2Config
+    from deepseek_vl2.model import build_model, load_model, random_init
+
+    fixture, overrides = ROW_MODELS[name]
+    path = FIXTURES_DIR / "checkpoints" / fixture
+    if overrides is None:
+        language = load_model(path, dtype=dtype).language
+    else:
+        values = json.loads((path / "config.json").read_text())
+        values["language_config"].update(overrides)
+        language = build_model(DeepseekVL2Config.from_dict(values), "cpu", dtype, random_init(std=0.2, seed=1)).language
+    language.setup_cache(40, batch=SLOTS)
+    return language
+
+
+def _caches(language) -> list[torch.Tensor]:
+    """Every layer's cache tensors (MHA: k, v [S, kv_heads, T, d]; MLA: latent [S, T, r], k_pe [S, T, rope])."""
+    return [t for layer in language.model.layers for t in layer.self_attn.cache.buffers()]
+
+
+def _fill_histories(language, lengths: list[int], seed: int) -> list[torch.Tensor]:
+    """Decode random tokens into slot s for positions 0..lengths[s]-1 (slots advancing together, as in
+    the engine); returns a copy of the caches."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = language.config.vocab_size
+    with torch.inference_mode():
+        for position in range(max(lengths)):
+            slots = [s for s, length in enumerate(lengths) if position < length]
+            tokens = torch.randint(0, vocab, (len(slots),), generator=generator).tolist()
+            assert language.decode_rows_cpu(tokens, [position] * len(slots), slots) is not None
+    return [t.clone() for t in _caches(language)]
+
+
+def _restore(language, snapshot: list[torch.Tensor]) -> None:
+    for t, saved in zip(_caches(language), snapshot):
+        t.copy_(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("name", sorted(ROW_MODELS))
+def test_step_rows_are_batch_invariant(name: str, dtype: torch.dtype) -> None:
+    """Each row's logits (and the cache entries it writes) are bit-identical whatever the other rows of
+    its step are, however many (1..16) and in whichever order, and one row in slot 0 is step()."""
+    _skip_without_step_kernels(dtype)
+    language = _row_model(name, dtype)
+    lengths = [3 + (7 * s) % 23 for s in range(SLOTS)]  # histories of different lengths: rows at different positions
+    snapshot = _fill_histories(language, lengths, seed=5)
+    vocab = language.config.vocab_size
+    generator = torch.Generator().manual_seed(6)
+    tokens = torch.randint(0, vocab, (SLOTS,), generator=generator).tolist()
+    # row of slot s: token tokens[s] at position lengths[s] (the next one of its history)
+
+    def run(slots: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        _restore(language, snapshot)
+        with torch.inference_mode():
+            logits = language.decode_rows_cpu([tokens[s] for s in slots], [lengths[s] for s in slots], slots)
+        assert logits.shape == (len(slots), vocab) and logits.dtype == torch.float32
+        assert logits.known_argmaxes == logits.argmax(-1).tolist()
+        return logits, [t.clone() for t in _caches(language)]
+
+    alone = {s: run([s]) for s in range(SLOTS)}
+    assert all(torch.isfinite(logits).all() for logits, _ in alone.values())
+    assert len({logits.argmax().item() for logits, _ in alone.values()}) > 1  # (the rows differ)
+    order = torch.randperm(SLOTS, generator=generator).tolist()
+    batches = [order[:2], order[2:5], order[5:13], order, list(range(SLOTS)), [0, 15, 7]]
+    for slots in batches:
+        logits, caches = run(slots)
+        for b, s in enumerate(slots):
+            assert torch.equal(logits[b], alone[s][0][0]), f"slot {s} as row {b} of {len(slots)}"
+        for i, cache in enumerate(caches):  # a row's slot holds what the row writes alone; other slots are untouched
+            for s in range(SLOTS):
+                expected = alone[s][1][i][s] if s in slots else snapshot[i][s]
+                assert torch.equal(cache[s], expected), f"cache {i}, slot {s}"
+    _restore(language, snapshot)
+    with torch.inference_mode():
+        single = language.decode_step_cpu(tokens[0], lengths[0])  # step(): one row in slot 0
+    assert single.shape == (vocab,) and torch.equal(single, alone[0][0][0])
+    assert single.known_argmax == int(single.argmax())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("name", sorted(ROW_MODELS))
+def test_step_rows_compute_what_the_eager_model_computes(name: str, dtype: torch.dtype) -> None:
+    """Rows at different positions of different slots give the logits of the eager PyTorch model run over
+    each row's own sequence (a full causal forward, no cache, no kernels).
+
+    Tolerance: both sides compute the same function with the same roundings to the storage type; they
+    differ in the order of the fp32 sums (dot products, softmax) and, in bf16, in which values land on the
+    other side of a bf16 rounding because of it (2^-8 relative each, carried through the layers). So fp32
+    agrees to 1e-4 of the largest logit (rounding differences are ~1e-7 relative per operation) and bf16
+    to 2e-2 of it, the bounds the single-row kernel tests use. A row attending over another slot's history
+    misses its reference by more than that: checked against each row's token after another history."""
+    _skip_without_step_kernels(dtype)
+    language = _row_model(name, dtype)
+    vocab = language.config.vocab_size
+    generator = torch.Generator().manual_seed(8)
+    slots = [5, 0, 11, 3]
+    lengths = [9, 4, 14, 6]
+    histories = [torch.randint(0, vocab, (length,), generator=generator).tolist() for length in lengths]
+    tokens = torch.randint(0, vocab, (len(slots),), generator=generator).tolist()
+    with torch.inference_mode():
+        for position in range(max(lengths)):  # the histories, decoded by the kernel into their slots
+            rows = [b for b in range(len(slots)) if position < lengths[b]]
+            language.decode_rows_cpu([histories[b][position] for b in rows], [position] * len(rows), [slots[b] for b in rows])
+        logits = language.decode_rows_cpu(tokens, lengths, slots)
+
+        def eager(history: list[int], token: int) -> torch.Tensor:
+            ids = torch.tensor([history + [token]])
+            return language(language.model.embed_tokens(ids))[0, -1]
+
+        references = [eager(histories[b], tokens[b]) for b in range(len(slots))]
+        elsewhere = [eager(histories[(b + 1) % len(slots)], tokens[b]) for b in range(len(slots))]
+    bound = 1e-4 if dtype == torch.float32 else 2e-2
+    for b, reference in enumerate(references):
+        scale = reference.abs().max().item()
+        assert (logits[b] - reference).abs().max().item() <= bound * scale, f"row {b}"
+        assert (logits[b] - elsewhere[b]).abs().max().item() > bound * scale, f"row {b}: the test cannot tell slots apart"
+        if dtype == torch.float32:
+            assert int(logits[b].argmax()) == int(reference.argmax())
+
+
+@pytest.mark.parametrize("name", ["mha", "mla"])
+def test_step_rows_write_each_row_at_its_position_of_its_slot(name: str) -> None:
+    """A row's key/value (MHA) or latent and rotated key (MLA) land at its position of its slot, in every
+    layer; nothing else in the caches changes."""
+    _skip_without_step_kernels(torch.float32)
+    language = _row_model(name, torch.float32)
+    snapshot = _fill_histories(language, [4] * SLOTS, seed=2)  # positions 0..3 of every slot
+    rows = {9: 4, 2: 7, 14: 0}  # slot: position (7: past the history; 0: overwrites the first entry)
+    with torch.inference_mode():
+        language.decode_rows_cpu([10, 11, 12], list(rows.values()), list(rows.keys()))
+    for cache, before in zip(_caches(language), snapshot):
+        # MHA: [S, kv_heads, T, d] -> changed [S, T]; MLA: [S, T, r] -> changed [S, T]
+        changed = (cache != before).flatten(2).any(-1) if cache.dim() == 3 else (cache != before).any(-1).any(1)
+        expected = torch.zeros(SLOTS, cache.shape[-2], dtype=torch.bool)
+        for slot, position in rows.items():
+            expected[slot, position] = True
+        assert torch.equal(changed, expected)
+
+
+def test_step_rows_refuse_bad_arguments_with_clear_messages() -> None:
+    _skip_without_step_kernels(torch.float32)
+    language = _row_model("mha", torch.float32)
+    snapshot = _fill_histories(language, [2] * SLOTS, seed=3)
+    vocab = language.config.vocab_size
+    step = language._cpu_step()
+    assert step is not None and step.slots == SLOTS
+    cases = [
+        (([1, 2], [0, 0], [0, SLOTS]), f"slot {SLOTS} outside the cache's {SLOTS} slots"),
+        (([1, 2], [0, 0], [0, -1]), "slot -1 outside"),
+        (([1, 2, 3], [2, 2, 2], [4, 1, 4]), "slot 4 given twice"),
+        (([1], [40], [0]), "position 40 outside the cache of 40 positions"),
+        (([1], [-1], [0]), "position -1 outside"),
+        (([vocab], [0], [0]), f"token id {vocab} outside the vocabulary of {vocab}"),
+        (([1, 2], [0], [0, 1]), r"tokens, positions and slots must have the same length \(got 2, 1, 2\)"),
+        (([], [], []), r"1 to 16 rows per step"),
+        ((list(range(SLOTS + 1)), [0] * (SLOTS + 1), list(range(SLOTS + 1))), r"1 to 16 rows per step .* got 17"),
+    ]
+    for (tokens, positions, slots), message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            language.decode_rows_cpu(tokens, positions, slots)
+    with pytest.raises(RuntimeError, match="slots must be a 1-D int64 CPU tensor"):
+        step.step_rows(torch.tensor([1]), torch.tensor([0]), torch.tensor([0], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        language.decode_step_cpu(vocab, 0)
+    assert all(torch.equal(t, saved) for t, saved in zip(_caches(language), snapshot))  # refused before any write
+    # int64 tensors and lists are the same call
+    with torch.inference_mode():
+        from_lists = language.decode_rows_cpu([3, 4], [2, 2], [1, 6]).clone()
+        _restore(language, snapshot)
+        from_tensors = step.step_rows(torch.tensor([3, 4]), torch.tensor([2, 2]), torch.tensor([1, 6]))
+    assert torch.equal(from_lists, from_tensors)
+
+
+def test_step_rows_do_not_apply_where_the_step_kernel_does_not() -> None:
+    from conftest import FIXTURES_DIR
+    from deepseek_vl2.model import load_model
+
+    language = load_model(FIXTURES_DIR / "checkpoints" / "mha", dtype=torch.float64).language
+    language.setup_cache(8, batch=4)
+    assert language.decode_rows_cpu([3, 4], [0, 0], [0, 1]) is None

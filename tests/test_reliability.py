@@ -694,7 +694,7 @@ def test_broken_checkpoint_fails_setup_naming_the_file_or_key(checkpoint, tmp_pa
 def test_broken_checkpoint_gives_setup_failed_on_the_server(project_dir, checkpoint, tmp_path, fault):
     make_fault, needles = WEIGHT_FAULTS[fault]
     model_dir = make_fault(_copy(checkpoint, tmp_path / "model"))
-    with make_serve("serve", project_dir, tmp_path / "server.log", setup_may_fail=True,
+    with make_serve("serve", project_dir, tmp_path / "server.log", expect="SETUP_FAILED",
                     DEEPSEEK_VL2_WEIGHTS=str(model_dir)) as srv:
         health = srv.health()
         assert health["status"] == "SETUP_FAILED", health

@@ -20,20 +20,70 @@ inline __m512bh load_bf16x32(const uint16_t* p) {
   return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
 }
 
-float dot(const uint16_t* w, const uint16_t* x, int64_t n) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+// out[j] = w . xs[j] for kRows rows at once: each 64-byte piece of w is loaded once for all of them
+// (from memory by the first block of rows of a call, from L1 by the others) while each row keeps its own
+// two accumulators (alternate 32-value blocks). Every row's sum takes exactly the instructions, in the
+// same order, that it takes alone (kRows = 1 is dot()), so a row's result never depends on the others.
+template <int kRows, bool kPrefetch>
+inline void dots_block(const uint16_t* w, const uint16_t* const* xs, int64_t n, float* out) {
+  __m512 acc0[kRows], acc1[kRows];
+  for (int j = 0; j < kRows; ++j) acc0[j] = acc1[j] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 64 <= n; k += 64) {  // two cache lines of w per iteration
-    const char* ahead = reinterpret_cast<const char*>(w + k) + kPrefetchBytes;  // (never faults, even past the end)
-    _mm_prefetch(ahead, _MM_HINT_T1);
-    _mm_prefetch(ahead + 64, _MM_HINT_T1);
-    acc0 = _mm512_dpbf16_ps(acc0, load_bf16x32(w + k), load_bf16x32(x + k));
-    acc1 = _mm512_dpbf16_ps(acc1, load_bf16x32(w + k + 32), load_bf16x32(x + k + 32));
+    if (kPrefetch) {
+      const char* ahead = reinterpret_cast<const char*>(w + k) + kPrefetchBytes;  // (never faults, even past the end)
+      _mm_prefetch(ahead, _MM_HINT_T1);
+      _mm_prefetch(ahead + 64, _MM_HINT_T1);
+    }
+    const __m512bh w0 = load_bf16x32(w + k), w1 = load_bf16x32(w + k + 32);
+    for (int j = 0; j < kRows; ++j) {
+      acc0[j] = _mm512_dpbf16_ps(acc0[j], w0, load_bf16x32(xs[j] + k));
+      acc1[j] = _mm512_dpbf16_ps(acc1[j], w1, load_bf16x32(xs[j] + k + 32));
+    }
   }
-  for (; k + 32 <= n; k += 32) acc0 = _mm512_dpbf16_ps(acc0, load_bf16x32(w + k), load_bf16x32(x + k));
-  float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-  for (; k < n; ++k) sum += bf16_to_float(w[k]) * bf16_to_float(x[k]);
+  for (; k + 32 <= n; k += 32) {
+    const __m512bh w0 = load_bf16x32(w + k);
+    for (int j = 0; j < kRows; ++j) acc0[j] = _mm512_dpbf16_ps(acc0[j], w0, load_bf16x32(xs[j] + k));
+  }
+  for (int j = 0; j < kRows; ++j) {
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0[j], acc1[j]));
+    for (int64_t i = k; i < n; ++i) sum += bf16_to_float(w[i]) * bf16_to_float(xs[j][i]);
+    out[j] = sum;
+  }
+}
+
+float dot(const uint16_t* w, const uint16_t* x, int64_t n) {
+  float sum;
+  dots_block<1, true>(w, &x, n, &sum);
   return sum;
+}
+
+// Rows held in registers at once: 8 rows take 16 accumulators, two more registers hold the weights.
+constexpr int kRowBlock = 8;
+
+template <bool kPrefetch>
+inline void dots_some(const uint16_t* w, const uint16_t* const* xs, int count, int64_t n, float* out) {
+  switch (count) {
+    case 1: return dots_block<1, kPrefetch>(w, xs, n, out);
+    case 2: return dots_block<2, kPrefetch>(w, xs, n, out);
+    case 3: return dots_block<3, kPrefetch>(w, xs, n, out);
+    case 4: return dots_block<4, kPrefetch>(w, xs, n, out);
+    case 5: return dots_block<5, kPrefetch>(w, xs, n, out);
+    case 6: return dots_block<6, kPrefetch>(w, xs, n, out);
+    case 7: return dots_block<7, kPrefetch>(w, xs, n, out);
+    default: return dots_block<8, kPrefetch>(w, xs, n, out);
+  }
+}
+
+void dots(const uint16_t* w, const uint16_t* const* xs, int count, int64_t n, float* out) {
+  // (a weight row of a decode matrix is a few KiB: after the first block it is read from L1)
+  for (int first = 0; first < count; first += kRowBlock) {
+    const int rows = std::min(kRowBlock, count - first);
+    if (first == 0)
+      dots_some<true>(w, xs, rows, n, out);
+    else
+      dots_some<false>(w, xs + first, rows, n, out + first);
+  }
 }
 
 // 16 bf16 values widened to fp32 (a bf16 is the top half of an fp32).

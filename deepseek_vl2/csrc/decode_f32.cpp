@@ -15,19 +15,67 @@ namespace decode {
 
 constexpr int kLanes = 32;
 
-float dot(const float* w, const float* x, int64_t n) {
-  float partial[kLanes] = {};
+// out[j] = w . xs[j] for kRows rows at once, w read once for all of them (from memory by the first block
+// of rows of a call, from L1 by the others). Each row keeps its own 32 partial sums and adds them up in
+// the same order as it does alone (kRows = 1 is dot()), so a row's result never depends on the others:
+// the per-lane arithmetic is one multiply-add per value whatever the compiler makes of the loops.
+template <int kRows, bool kPrefetch>
+inline void dots_block(const float* w, const float* const* xs, int64_t n, float* out) {
+  float partial[kRows][kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {  // two cache lines of w per iteration
-    const char* ahead = reinterpret_cast<const char*>(w + k) + kPrefetchBytes;  // (never faults, even past the end)
-    __builtin_prefetch(ahead, 0, 2);  // (locality 2: into L2, as _MM_HINT_T1)
-    __builtin_prefetch(ahead + 64, 0, 2);
-    for (int j = 0; j < kLanes; ++j) partial[j] += w[k + j] * x[k + j];
+    if (kPrefetch) {
+      const char* ahead = reinterpret_cast<const char*>(w + k) + kPrefetchBytes;  // (never faults, even past the end)
+      __builtin_prefetch(ahead, 0, 2);  // (locality 2: into L2, as _MM_HINT_T1)
+      __builtin_prefetch(ahead + 64, 0, 2);
+    }
+    for (int r = 0; r < kRows; ++r)
+      for (int j = 0; j < kLanes; ++j) partial[r][j] += w[k + j] * xs[r][k + j];
   }
-  float sum = 0.0f;
-  for (int j = 0; j < kLanes; ++j) sum += partial[j];
-  for (; k < n; ++k) sum += w[k] * x[k];
+  for (int r = 0; r < kRows; ++r) {
+    float sum = 0.0f;
+    for (int j = 0; j < kLanes; ++j) sum += partial[r][j];
+    for (int64_t i = k; i < n; ++i) sum += w[i] * xs[r][i];
+    out[r] = sum;
+  }
+}
+
+float dot(const float* w, const float* x, int64_t n) {
+  float sum;
+  dots_block<1, true>(w, &x, n, &sum);
   return sum;
+}
+
+// Rows whose partial sums fit in the vector registers at once: 4 x 32 floats are 8 AVX-512 registers;
+// with 256-bit vectors (16 registers) 2 rows take 8.
+#if defined(__AVX512F__)
+constexpr int kRowBlock = 4;
+#else
+constexpr int kRowBlock = 2;
+#endif
+
+template <bool kPrefetch>
+inline void dots_some(const float* w, const float* const* xs, int count, int64_t n, float* out) {
+  switch (count) {
+    case 1: return dots_block<1, kPrefetch>(w, xs, n, out);
+#if defined(__AVX512F__)
+    case 2: return dots_block<2, kPrefetch>(w, xs, n, out);
+    case 3: return dots_block<3, kPrefetch>(w, xs, n, out);
+    default: return dots_block<4, kPrefetch>(w, xs, n, out);
+#else
+    default: return dots_block<2, kPrefetch>(w, xs, n, out);
+#endif
+  }
+}
+
+void dots(const float* w, const float* const* xs, int count, int64_t n, float* out) {
+  for (int first = 0; first < count; first += kRowBlock) {
+    const int rows = std::min(kRowBlock, count - first);
+    if (first == 0)
+      dots_some<true>(w, xs, rows, n, out);
+    else
+      dots_some<false>(w, xs + first, rows, n, out + first);
+  }
 }
 
 float router_dot(const float* w, const float* x, int64_t n) { return dot(w, x, n); }

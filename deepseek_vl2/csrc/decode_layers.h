@@ -1,9 +1,15 @@
-// The decode kernels of one token (batch 1) on the CPU, generic over the weights' storage type: bf16
-// (uint16_t bits, decode_bf16.cpp) or fp32 (float, decode_f32.cpp). Each of those translation units
-// defines how it multiplies rows (declared below, defined in the translation unit):
+// The decode kernels on the CPU, generic over the weights' storage type: bf16 (uint16_t bits,
+// decode_bf16.cpp) or fp32 (float, decode_f32.cpp). Each of those translation units defines how it
+// multiplies rows (declared below, defined in the translation unit):
 //   float dot(const T* w, const T* x, int64_t n)          a weight row with the input
+//   void dots(const T* w, const T* const* xs, int count, int64_t n, float* out)   ... with several inputs
 //   float router_dot(const float* w, const float* x, int64_t n)   a router row (fp32 weights) with fp32 input
-// Decoding streams every active weight once per token, so these loops only have to keep up with memory.
+// Decoding streams every active weight once per step, so these loops only have to keep up with memory.
+//
+// A step decodes one token of each of several sequences (rows; the serving engine's batch): every
+// weight matrix is streamed once for all the rows, and in a MoE layer each expert chosen by any row is
+// streamed once for the rows routed to it. Each row's arithmetic is exactly what it is alone (the same
+// sums in the same order: see dots), so a row's logits never depend on the other rows of its step.
 //
 // Every call has a fixed cost (Python, pybind, waking the thread pool, the hardware prefetchers ramping up
 // on a new matrix), which is large next to one expert's 2.3 MB. So the kernels take whole sub-layers
@@ -60,6 +66,12 @@ constexpr int64_t kPrefetchBytes = 2048;
 float dot(const uint16_t* w, const uint16_t* x, int64_t n);
 float dot(const float* w, const float* x, int64_t n);
 float router_dot(const float* w, const float* x, int64_t n);
+// out[j] = dot(w, xs[j], n) for j < count, bit for bit, with w read from memory once for all of them.
+void dots(const uint16_t* w, const uint16_t* const* xs, int count, int64_t n, float* out);
+void dots(const float* w, const float* const* xs, int count, int64_t n, float* out);
+
+// The most rows (sequences) one step takes.
+constexpr int kMaxRows = 64;
 
 // How values of a storage type are read, written and rounded (the points where PyTorch rounds a result
 // to the tensor's dtype).
@@ -87,6 +99,22 @@ template <typename T, typename Store>
 inline void gemv_rows(const T* w, int64_t row_stride, int64_t cols, const T* x, int64_t begin, int64_t end,
                       Store store) {
   for (int64_t n = begin; n < end; ++n) store(n, dot(w + n * row_stride, x, cols));
+}
+
+// y[j][n] = w[n, :] . xs[j] for rows [begin, end) of a row-contiguous matrix and `count` inputs, each
+// sum as gemv_rows makes it: store(n, j, sum).
+template <typename T, typename Store>
+inline void gemv_rows_multi(const T* w, int64_t row_stride, int64_t cols, const T* const* xs, int count, int64_t begin,
+                            int64_t end, Store store) {
+  if (count == 1) {  // (one row: dot itself, as the single-sequence step always ran)
+    for (int64_t n = begin; n < end; ++n) store(n, 0, dot(w + n * row_stride, xs[0], cols));
+    return;
+  }
+  float sums[kMaxRows];
+  for (int64_t n = begin; n < end; ++n) {
+    dots(w + n * row_stride, xs, count, cols, sums);
+    for (int j = 0; j < count; ++j) store(n, j, sums[j]);
+  }
 }
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
@@ -118,6 +146,14 @@ class RowClaims {
       const auto [begin, end] = share(n, t, team);
       ranges_[t].packed.store(pack(begin, end), std::memory_order_relaxed);
     }
+  }
+
+  // Inside the region, where n is known only there: each thread of the team sets its own share (after
+  // reset() for the team outside it). A thread that looks at another's share before that one is set
+  // sees it empty (as every share is left at the end of a phase) and leaves it to its owner.
+  void reset_own(int64_t n, int thread, int team) {  // (no check: nothing may throw inside the region)
+    const auto [begin, end] = share(n, thread, team);
+    ranges_[thread].packed.store(pack(begin, end), std::memory_order_relaxed);
   }
 
   // work(begin, end) on chunks of at most `chunk` rows until no row is left; every thread of the team.
@@ -237,9 +273,20 @@ void rms_norm_row(const T* x, const T* weight, int64_t d, float eps, T* out) {
 }
 
 // --------------------------------------------------------------------------------------------------
-// Sub-layers of one token as bodies that every thread of a parallel region runs together (they hold
-// the barriers between their phases). mha_block, mla_block and ffn_block run one body in a region of its own;
-// DecodeStep runs a whole decode step (every layer, the final norm, the LM head) in one region.
+// Sub-layers of a step's rows as bodies that every thread of a parallel region runs together (they hold
+// the barriers between their phases). mha_block, mla_block and ffn_block run one body for one token in a
+// region of its own; DecodeStep runs a whole decode step (every layer, the final norm, the LM head) in one
+// region.
+
+// The rows of one step: row b decodes at `position[b]` of cache slot `slot[b]` (slots distinct), with
+// the RoPE values of its position at cos[b], sin[b]. Activations of the rows are stored one after the
+// other ([rows, width]).
+template <typename T>
+struct StepRows {
+  int count = 0;
+  int64_t position[kMaxRows], slot[kMaxRows];
+  const T *cos[kMaxRows], *sin[kMaxRows];
+};
 
 // A plain multi-head attention sub-layer: its norm, weights and caches, checked once.
 template <typename T>
@@ -249,12 +296,15 @@ struct AttentionSpec {
   const T* w[4];  // q [heads*d, D], k [kv*d, D], v [kv*d, D], o [D, heads*d]
   int64_t w_stride[4];
   torch::Tensor bias_f32[4];  // fp32 copies of the biases (or undefined)
-  T *k_cache, *v_cache;
+  T *k_cache, *v_cache;       // slot 0
+  int64_t slots, k_slot_stride, v_slot_stride;
   int64_t k_head_stride, k_row_stride, v_head_stride, v_row_stride, cache_len;
   int64_t hidden, heads, kv_heads, d;
   float scale;
+  int64_t qkv_rows() const { return (heads + 2 * kv_heads) * d; }
 };
 
+// caches: [kv_heads, T, d] (one sequence) or [slots, kv_heads, T, d], with contiguous rows.
 template <typename T>
 AttentionSpec<T> attention_spec(const torch::Tensor& norm_weight, double eps, const std::vector<torch::Tensor>& weights,
                              const std::vector<c10::optional<torch::Tensor>>& biases, const torch::Tensor& k_cache,
@@ -265,14 +315,18 @@ AttentionSpec<T> attention_spec(const torch::Tensor& norm_weight, double eps, co
   for (const torch::Tensor* t : {&norm_weight, &k_cache, &v_cache})
     DECODE_CHECK(t->scalar_type() == S::kType && t->device().is_cpu(), "mha_block: ", S::kType, " CPU tensors only");
   DECODE_CHECK(norm_weight.is_contiguous(), "mha_block: the norm weight must be contiguous");
-  DECODE_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
-               "mha_block: caches must be [kv_heads, T, d] with contiguous rows");
+  DECODE_CHECK((k_cache.dim() == 3 || k_cache.dim() == 4) && v_cache.sizes() == k_cache.sizes() && k_cache.stride(-1) == 1 &&
+                   v_cache.stride(-1) == 1,
+               "mha_block: caches must be [kv_heads, T, d] or [slots, kv_heads, T, d] with contiguous rows");
+  const bool one = k_cache.dim() == 3;  // (one sequence)
+  const int64_t first = one ? 0 : 1;    // the kv_heads dimension
   AttentionSpec<T> s{};
   s.hidden = norm_weight.numel();
-  s.kv_heads = k_cache.size(0);
-  s.d = k_cache.size(2);
+  s.slots = one ? 1 : k_cache.size(0);
+  s.kv_heads = k_cache.size(first);
+  s.d = k_cache.size(first + 2);
   s.heads = weights[0].size(0) / s.d;
-  DECODE_CHECK(s.d % 2 == 0 && s.heads * s.d == weights[0].size(0) && s.heads % s.kv_heads == 0 &&
+  DECODE_CHECK(s.slots >= 1 && s.d % 2 == 0 && s.heads * s.d == weights[0].size(0) && s.heads % s.kv_heads == 0 &&
                    weights[1].size(0) == s.kv_heads * s.d && weights[2].size(0) == s.kv_heads * s.d &&
                    weights[0].size(1) == s.hidden && weights[1].size(1) == s.hidden && weights[2].size(1) == s.hidden &&
                    weights[3].size(0) == s.hidden && weights[3].size(1) == s.heads * s.d,
@@ -286,81 +340,103 @@ AttentionSpec<T> attention_spec(const torch::Tensor& norm_weight, double eps, co
   }
   s.k_cache = reinterpret_cast<T*>(k_cache.data_ptr());
   s.v_cache = reinterpret_cast<T*>(v_cache.data_ptr());
-  s.k_head_stride = k_cache.stride(0);
-  s.k_row_stride = k_cache.stride(1);
-  s.v_head_stride = v_cache.stride(0);
-  s.v_row_stride = v_cache.stride(1);
-  s.cache_len = k_cache.size(1);
+  s.k_slot_stride = one ? 0 : k_cache.stride(0);
+  s.v_slot_stride = one ? 0 : v_cache.stride(0);
+  s.k_head_stride = k_cache.stride(first);
+  s.k_row_stride = k_cache.stride(first + 1);
+  s.v_head_stride = v_cache.stride(first);
+  s.v_row_stride = v_cache.stride(first + 1);
+  s.cache_len = k_cache.size(first + 1);
   s.scale = float(scale);
   return s;
 }
 
-// Working memory of the attention body: written by all threads (disjoint parts), the norm per thread.
+// Working memory of the attention body for up to `rows` rows: written by all threads (disjoint parts), the
+// norms per thread.
 template <typename T>
 struct AttentionScratch {
   std::vector<T> normed, projected, rotated_q, attended;
-  AttentionScratch(const AttentionSpec<T>& s, int team)
-      : normed(team * s.hidden), projected((s.heads + 2 * s.kv_heads) * s.d), rotated_q(s.heads * s.d), attended(s.heads * s.d) {}
+  AttentionScratch(const AttentionSpec<T>& s, int team, int rows)
+      : normed(team * rows * s.hidden), projected(rows * s.qkv_rows()), rotated_q(rows * s.heads * s.d),
+        attended(rows * s.heads * s.d) {}
 };
 
-// The claims of an attention sub-layer's phases: q/k/v rows taken together, the heads, o_proj rows.
+// The claims of an attention sub-layer's phases: q/k/v rows taken together, the (row, head) pairs, o_proj rows.
 struct AttentionClaims {
   RowClaims qkv, heads, o;
   template <typename T>
-  void reset(const AttentionSpec<T>& s, int team) {
-    qkv.reset((s.heads + 2 * s.kv_heads) * s.d, team);
-    heads.reset(s.heads, team);
+  void reset(const AttentionSpec<T>& s, int team, int rows) {
+    qkv.reset(s.qkv_rows(), team);
+    heads.reset(rows * s.heads, team);
     o.reset(s.hidden, team);
   }
 };
 
 inline const float* bias_of(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-// out = x + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))), n = RMSNorm(x); k and v are
-// written to the caches at `position`, attention covers [0, position]. Each step is rounded to the storage
-// type where the eager modules round (each projection, RoPE's products and sum, the attention output, the residual
-// sum). `out` must not alias x. The caller's barrier must separate this from whatever reads `out`.
+// Pointers to `count` vectors of `width` values stored one after the other.
 template <typename T>
-void attention_body(const AttentionSpec<T>& s, const T* x, const T* cos, const T* sin, int64_t position,
-                    T* out, AttentionScratch<T>& scratch, AttentionClaims& claims, int thread, int team) {
+inline void row_pointers(const T* base, int64_t width, int count, const T** out) {
+  for (int b = 0; b < count; ++b) out[b] = base + b * width;
+}
+
+// For each row b: out[b] = x[b] + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))),
+// n = RMSNorm(x[b]); k and v are written to the row's cache slot at its position, attention covers
+// [0, position] of that slot. Each step is rounded to the storage type where the eager modules round (each
+// projection, RoPE's products and sum, the attention output, the residual sum). x, out: [rows, hidden];
+// `out` must not alias x. The caller's barrier must separate this from whatever reads `out`.
+template <typename T>
+void attention_body(const AttentionSpec<T>& s, const T* x, const StepRows<T>& rows, T* out, AttentionScratch<T>& scratch,
+                    AttentionClaims& claims, int thread, int team) {
   using S = Storage<T>;
-  T* normed = scratch.normed.data() + thread * s.hidden;  // every thread its own copy: no barrier needed
-  rms_norm_row(x, s.norm, s.hidden, s.eps, normed);
-  const int64_t d = s.d;
-  T* projection_out[3] = {scratch.projected.data(), scratch.projected.data() + s.heads * d,
-                                 scratch.projected.data() + (s.heads + s.kv_heads) * d};
-  // q, k, v projections: their rows taken together, in chunks (row r of q/k/v is row r of `projected`).
-  const int64_t starts[4] = {0, s.heads * d, (s.heads + s.kv_heads) * d, (s.heads + 2 * s.kv_heads) * d};
-  claims.qkv.run(thread, chunk_rows(s.hidden * 2), [&](int64_t first, int64_t last) {
+  const int count = rows.count;
+  const int64_t d = s.d, hidden = s.hidden, qkv_rows = s.qkv_rows(), width = s.heads * d;
+  T* normed = scratch.normed.data() + thread * (scratch.normed.size() / team);  // every thread its own copy: no barrier
+  for (int b = 0; b < count; ++b) rms_norm_row(x + b * hidden, s.norm, hidden, s.eps, normed + b * hidden);
+  const T* inputs[kMaxRows];
+  row_pointers<T>(normed, hidden, count, inputs);
+  T* projected = scratch.projected.data();  // [rows, q | k | v]
+  // q, k, v projections: their rows taken together, in chunks (row r of q/k/v is column r of `projected`).
+  const int64_t starts[4] = {0, s.heads * d, (s.heads + s.kv_heads) * d, qkv_rows};
+  claims.qkv.run(thread, chunk_rows(hidden * 2), [&](int64_t first, int64_t last) {
     for (int i = 0; i < 3; ++i) {
       const int64_t begin = std::max(first, starts[i]) - starts[i], end = std::min(last, starts[i + 1]) - starts[i];
       if (begin >= end) continue;
       const float* bias = bias_of(s.bias_f32[i]);
-      T* dst = projection_out[i];
-      gemv_rows(s.w[i], s.w_stride[i], s.hidden, normed, begin, end,
-                [&](int64_t n, float sum) { dst[n] = S::store(bias ? sum + bias[n] : sum); });
+      T* dst = projected + starts[i];
+      gemv_rows_multi(s.w[i], s.w_stride[i], hidden, inputs, count, begin, end, [&](int64_t n, int b, float sum) {
+        dst[b * qkv_rows + n] = S::store(bias ? sum + bias[n] : sum);
+      });
     }
   });
 #pragma omp barrier
 #pragma omp single
   {
-    for (int64_t h = 0; h < s.kv_heads; ++h) {
-      rope_half_split(projection_out[1] + h * d, cos, sin, d, s.k_cache + h * s.k_head_stride + position * s.k_row_stride);
-      std::memcpy(s.v_cache + h * s.v_head_stride + position * s.v_row_stride, projection_out[2] + h * d, d * sizeof(T));
+    for (int b = 0; b < count; ++b) {
+      const T *row = projected + b * qkv_rows, *cos = rows.cos[b], *sin = rows.sin[b];
+      T* k_cache = s.k_cache + rows.slot[b] * s.k_slot_stride + rows.position[b] * s.k_row_stride;
+      T* v_cache = s.v_cache + rows.slot[b] * s.v_slot_stride + rows.position[b] * s.v_row_stride;
+      for (int64_t h = 0; h < s.kv_heads; ++h) {
+        rope_half_split(row + starts[1] + h * d, cos, sin, d, k_cache + h * s.k_head_stride);
+        std::memcpy(v_cache + h * s.v_head_stride, row + starts[2] + h * d, d * sizeof(T));
+      }
+      for (int64_t h = 0; h < s.heads; ++h) rope_half_split(row + h * d, cos, sin, d, scratch.rotated_q.data() + b * width + h * d);
     }
-    for (int64_t h = 0; h < s.heads; ++h) rope_half_split(projection_out[0] + h * d, cos, sin, d, scratch.rotated_q.data() + h * d);
   }  // (implicit barrier)
-  {
-    claims.heads.run(thread, 1, [&](int64_t begin, int64_t end) {  // (head by head: balanced like the rows)
-      attend_heads(scratch.rotated_q.data(), d, s.heads / s.kv_heads, s.k_cache, s.k_head_stride, s.k_row_stride, s.v_cache,
-                   s.v_head_stride, s.v_row_stride, position + 1, s.scale, begin, end, scratch.attended.data());
-    });
-  }
+  claims.heads.run(thread, 1, [&](int64_t begin, int64_t end) {  // (head by head: balanced like the rows)
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / s.heads, h = unit % s.heads;
+      attend_heads(scratch.rotated_q.data() + b * width, d, s.heads / s.kv_heads, s.k_cache + rows.slot[b] * s.k_slot_stride,
+                   s.k_head_stride, s.k_row_stride, s.v_cache + rows.slot[b] * s.v_slot_stride, s.v_head_stride,
+                   s.v_row_stride, rows.position[b] + 1, s.scale, h, h + 1, scratch.attended.data() + b * width);
+    }
+  });
 #pragma omp barrier
   const float* bias = bias_of(s.bias_f32[3]);
-  claims.o.run(thread, chunk_rows(s.heads * d * 2), [&](int64_t begin, int64_t end) {
-    gemv_rows(s.w[3], s.w_stride[3], s.heads * d, scratch.attended.data(), begin, end, [&](int64_t n, float sum) {
-      out[n] = S::store(S::load(x[n]) + S::round(bias ? sum + bias[n] : sum));
+  row_pointers<T>(scratch.attended.data(), width, count, inputs);
+  claims.o.run(thread, chunk_rows(width * 2), [&](int64_t begin, int64_t end) {
+    gemv_rows_multi(s.w[3], s.w_stride[3], width, inputs, count, begin, end, [&](int64_t n, int b, float sum) {
+      out[b * hidden + n] = S::store(S::load(x[b * hidden + n]) + S::round(bias ? sum + bias[n] : sum));
     });
   });
 }
@@ -384,7 +460,6 @@ inline void axpy_f32(float* acc, float a, const float* row, int64_t n) {
 
 // The same for up to kLatentHeadBlock fp32 vectors at once against one row (which is read and widened
 // once for all of them): out[j] = row . xs[j * x_stride : +n], and acc[j * acc_stride + i] += a[j] * row[i].
-constexpr int64_t kLatentHeadBlock = 4;
 void dots_f32(const uint16_t* row, const float* xs, int64_t x_stride, int64_t count, int64_t n, float* out);
 void axpys_f32(const uint16_t* row, const float* a, int64_t count, int64_t n, float* acc, int64_t acc_stride);
 inline void dots_f32(const float* row, const float* xs, int64_t x_stride, int64_t count, int64_t n, float* out) {
@@ -416,7 +491,8 @@ struct MlaSpec {
   torch::Tensor q_in_bias, kv_a_bias, o_bias;  // fp32 copies (or undefined)
   const T *kv_a_norm, *q_a_norm;
   float kv_a_eps, q_a_eps;
-  T *latent_cache, *k_pe_cache;  // [T, rank], [T, rope]
+  T *latent_cache, *k_pe_cache;  // slot 0: [T, rank], [T, rope]
+  int64_t slots, latent_slot_stride, k_pe_slot_stride;
   int64_t latent_stride, k_pe_stride, cache_len;
   int64_t hidden, heads, nope, rope, v, rank, q_rank;  // q_rank 0: no query LoRA
   float scale;
@@ -426,7 +502,8 @@ struct MlaSpec {
 
 // weights: q_in, kv_a [rank+rope, D], kv_b [heads*(nope+v), rank], o [D, heads*v], then q_b
 // [heads*(nope+rope), q_rank] when the query has a LoRA; biases: empty or one (possibly undefined) per
-// weight (q_in, kv_a, o may have one); q_a_norm: given exactly when q_b is.
+// weight (q_in, kv_a, o may have one); q_a_norm: given exactly when q_b is. Caches: [T, rank] and [T, rope]
+// (one sequence) or [slots, T, rank] and [slots, T, rope].
 template <typename T>
 MlaSpec<T> mla_spec(const torch::Tensor& norm_weight, double eps, const std::vector<torch::Tensor>& weights,
                     const std::vector<c10::optional<torch::Tensor>>& biases, const torch::Tensor& kv_a_norm, double kv_a_eps,
@@ -445,15 +522,17 @@ MlaSpec<T> mla_spec(const torch::Tensor& norm_weight, double eps, const std::vec
     DECODE_CHECK(t->scalar_type() == S::kType && t->device().is_cpu(), what, ": ", S::kType, " CPU tensors only");
   DECODE_CHECK(norm_weight.is_contiguous() && kv_a_norm.is_contiguous() && (!lora || q_a_norm->is_contiguous()),
                what, ": norm weights must be contiguous");
-  DECODE_CHECK(latent_cache.dim() == 2 && k_pe_cache.dim() == 2 && latent_cache.stride(1) == 1 && k_pe_cache.stride(1) == 1 &&
-                   latent_cache.size(0) == k_pe_cache.size(0),
-               what, ": caches must be [T, rank] and [T, rope] with contiguous rows");
+  DECODE_CHECK((latent_cache.dim() == 2 || latent_cache.dim() == 3) && k_pe_cache.dim() == latent_cache.dim() &&
+                   latent_cache.stride(-1) == 1 && k_pe_cache.stride(-1) == 1 &&
+                   latent_cache.sizes().slice(0, latent_cache.dim() - 1) == k_pe_cache.sizes().slice(0, k_pe_cache.dim() - 1),
+               what, ": caches must be [T, rank] and [T, rope] or [slots, T, rank] and [slots, T, rope] with contiguous rows");
+  const bool one = latent_cache.dim() == 2;  // (one sequence)
   MlaSpec<T> s{};
   s.hidden = norm_weight.numel();
   s.heads = heads, s.nope = nope, s.rope = rope, s.v = v;
-  s.rank = latent_cache.size(1);
+  s.rank = latent_cache.size(-1);
   s.q_rank = lora ? weights[0].size(0) : 0;
-  DECODE_CHECK(heads > 0 && nope >= 0 && rope > 0 && rope % 2 == 0 && v > 0 && k_pe_cache.size(1) == rope &&
+  DECODE_CHECK(heads > 0 && nope >= 0 && rope > 0 && rope % 2 == 0 && v > 0 && k_pe_cache.size(-1) == rope &&
                    kv_a_norm.numel() == s.rank && weights[0].size(1) == s.hidden &&
                    (lora || weights[0].size(0) == heads * (nope + rope)) &&
                    weights[1].size(0) == s.rank + rope && weights[1].size(1) == s.hidden &&
@@ -483,47 +562,57 @@ MlaSpec<T> mla_spec(const torch::Tensor& norm_weight, double eps, const std::vec
   s.q_a_eps = float(q_a_eps);
   s.latent_cache = reinterpret_cast<T*>(latent_cache.data_ptr());
   s.k_pe_cache = reinterpret_cast<T*>(k_pe_cache.data_ptr());
-  s.latent_stride = latent_cache.stride(0);
-  s.k_pe_stride = k_pe_cache.stride(0);
-  s.cache_len = latent_cache.size(0);
+  s.slots = one ? 1 : latent_cache.size(0);
+  s.latent_slot_stride = one ? 0 : latent_cache.stride(0);
+  s.k_pe_slot_stride = one ? 0 : k_pe_cache.stride(0);
+  s.latent_stride = latent_cache.stride(-2);
+  s.k_pe_stride = k_pe_cache.stride(-2);
+  s.cache_len = latent_cache.size(-2);
   s.scale = float(scale);
   return s;
 }
 
-// Working memory of the MLA body: written by all threads (disjoint parts), the norms per thread.
+// Working memory of the MLA body for up to `rows` rows: written by all threads (disjoint parts), the
+// norms per thread.
 template <typename T>
 struct MlaScratch {
   std::vector<T> normed, q_in, q_a_normed, q, kv_a, q_pe, k_pe_tmp, attended;
-  MlaScratch(const MlaSpec<T>& s, int team)
-      : normed(team * s.hidden), q_in(s.q_in_rows()), q_a_normed(team * s.q_rank), q(s.heads * s.q_dim()),
-        kv_a(s.rank + s.rope), q_pe(s.heads * s.rope), k_pe_tmp(s.rope), attended(s.heads * s.v) {}
+  MlaScratch(const MlaSpec<T>& s, int team, int rows)
+      : normed(team * rows * s.hidden), q_in(rows * s.q_in_rows()), q_a_normed(team * rows * s.q_rank),
+        q(rows * s.heads * s.q_dim()), kv_a(rows * (s.rank + s.rope)), q_pe(rows * s.heads * s.rope), k_pe_tmp(s.rope),
+        attended(rows * s.heads * s.v) {}
 };
 
-// The claims of an MLA sub-layer's phases: q_in and kv_a rows taken together, q_b rows, heads, o rows.
+// Heads of one row taken together in the attention phase (see attend_latent_heads).
+constexpr int64_t kLatentHeadBlock = 4;
+
+// The claims of an MLA sub-layer's phases: q_in and kv_a rows taken together, q_b rows, (row, block of
+// heads) pairs, o rows.
 struct MlaClaims {
   RowClaims in, q_b, heads, o;
   template <typename T>
-  void reset(const MlaSpec<T>& s, int team) {
+  void reset(const MlaSpec<T>& s, int team, int rows) {
     in.reset(s.q_in_rows() + s.rank + s.rope, team);
     q_b.reset(s.q_rank > 0 ? s.heads * s.q_dim() : 0, team);
-    heads.reset(s.heads, team);
+    heads.reset(rows * ((s.heads + kLatentHeadBlock - 1) / kLatentHeadBlock), team);
     o.reset(s.hidden, team);
   }
 };
 
-// Heads [begin, end) of the absorbed attention over cache positions [0, length): q [heads, nope+rope]
-// (its nope part), q_pe [heads, rope] (rotated) -> out [heads, v]. Per head, in fp32:
+// Heads [begin, end) of the absorbed attention over positions [0, length) of one sequence's caches
+// (latent [T, rank], k_pe [T, rope], rows at the spec's strides): q [heads, nope+rope] (its nope part),
+// q_pe [heads, rope] (rotated) -> out [heads, v]. Per head, in fp32:
 //   q_latent = W_UK^T q_nope; score_t = (q_latent . latent_t + q_pe . k_pe_t) * scale;
 //   context = softmax(score) . latent; out = W_UV context (rounded once to the storage type).
-// The heads of a call (up to kLatentHeadBlock per claim) go through the cache together: each cached
-// latent is read and widened once for all of them. (A small layer's whole sub-layer at 4,000 positions
-// on the 2-core EPYC: 2.01-2.09 ms, head by head 2.16-2.33; 8 heads per claim: 2.46.)
-
+// The heads of a call (up to kLatentHeadBlock) go through the cache together: each cached latent is read
+// and widened once for all of them; each head's sums are the same whichever heads it goes with. (A small
+// layer's whole sub-layer at 4,000 positions on the 2-core EPYC: 2.01-2.09 ms, head by head 2.16-2.33;
+// 8 heads per claim: 2.46.)
 template <typename T>
-void attend_latent_heads(const MlaSpec<T>& s, const T* q, const T* q_pe, int64_t length, int64_t begin, int64_t end, T* out) {
+void attend_latent_heads(const MlaSpec<T>& s, const T* latent, const T* k_pe, const T* q, const T* q_pe, int64_t length,
+                         int64_t begin, int64_t end, T* out) {
   using S = Storage<T>;
   const int64_t count = end - begin, rank = s.rank, rope = s.rope;
-  DECODE_CHECK(count <= kLatentHeadBlock, "attend_latent_heads: at most ", kLatentHeadBlock, " heads per call");
   std::vector<float> q_latent(count * rank, 0.0f), q_pe_f(count * rope), scores(count * length), context(count * rank, 0.0f);
   for (int64_t j = 0; j < count; ++j) {
     const int64_t h = begin + j;
@@ -533,8 +622,8 @@ void attend_latent_heads(const MlaSpec<T>& s, const T* q, const T* q_pe, int64_t
   }
   float latent_part[kLatentHeadBlock], rope_part[kLatentHeadBlock];
   for (int64_t t = 0; t < length; ++t) {
-    dots_f32(s.latent_cache + t * s.latent_stride, q_latent.data(), rank, count, rank, latent_part);
-    dots_f32(s.k_pe_cache + t * s.k_pe_stride, q_pe_f.data(), rope, count, rope, rope_part);
+    dots_f32(latent + t * s.latent_stride, q_latent.data(), rank, count, rank, latent_part);
+    dots_f32(k_pe + t * s.k_pe_stride, q_pe_f.data(), rope, count, rope, rope_part);
     for (int64_t j = 0; j < count; ++j) scores[j * length + t] = (latent_part[j] + rope_part[j]) * s.scale;
   }
   for (int64_t j = 0; j < count; ++j) {  // softmax: probabilities in place
@@ -547,7 +636,7 @@ void attend_latent_heads(const MlaSpec<T>& s, const T* q, const T* q_pe, int64_t
   float weight[kLatentHeadBlock];
   for (int64_t t = 0; t < length; ++t) {
     for (int64_t j = 0; j < count; ++j) weight[j] = scores[j * length + t];
-    axpys_f32(s.latent_cache + t * s.latent_stride, weight, count, rank, context.data(), rank);
+    axpys_f32(latent + t * s.latent_stride, weight, count, rank, context.data(), rank);
   }
   for (int64_t j = 0; j < count; ++j) {
     const int64_t h = begin + j;
@@ -556,55 +645,75 @@ void attend_latent_heads(const MlaSpec<T>& s, const T* q, const T* q_pe, int64_t
   }
 }
 
-// out = x + o_proj(MLA(RMSNorm(x))) for one token at `position` (its latent and rotated key are written
-// to the caches first, attention covers [0, position]). Rounded to the storage type where the eager
-// modules round: each projection, the norms, RoPE's products and sum, the attention output, the residual
-// sum. cos/sin: rope values. `out` must not alias x; the caller's barrier separates this from readers of out.
+// For each row b: out[b] = x[b] + o_proj(MLA(RMSNorm(x[b]))) (its latent and rotated key are written to
+// its cache slot at its position first, attention covers [0, position] of that slot). Rounded to the
+// storage type where the eager modules round: each projection, the norms, RoPE's products and sum, the
+// attention output, the residual sum. x, out: [rows, hidden]; `out` must not alias x; the caller's
+// barrier separates this from readers of out.
 template <typename T>
-void mla_body(const MlaSpec<T>& s, const T* x, const T* cos, const T* sin, int64_t position, T* out,
-              MlaScratch<T>& scratch, MlaClaims& claims, int thread, int team) {
+void mla_body(const MlaSpec<T>& s, const T* x, const StepRows<T>& rows, T* out, MlaScratch<T>& scratch, MlaClaims& claims,
+              int thread, int team) {
   using S = Storage<T>;
-  T* normed = scratch.normed.data() + thread * s.hidden;  // every thread its own copy: no barrier needed
-  rms_norm_row(x, s.norm, s.hidden, s.eps, normed);
+  const int count = rows.count;
+  const int64_t hidden = s.hidden, q_rows = s.q_in_rows(), kv_rows = s.rank + s.rope, q_width = s.heads * s.q_dim();
+  T* normed = scratch.normed.data() + thread * (scratch.normed.size() / team);  // every thread its own copy: no barrier
+  for (int b = 0; b < count; ++b) rms_norm_row(x + b * hidden, s.norm, hidden, s.eps, normed + b * hidden);
+  const T* inputs[kMaxRows];
+  row_pointers<T>(normed, hidden, count, inputs);
   // q_in and kv_a rows taken together (row r of kv_a is row q_in_rows + r).
-  const int64_t q_rows = s.q_in_rows();
   const float *q_bias = bias_of(s.q_in_bias), *kv_bias = bias_of(s.kv_a_bias);
-  T *q_in = scratch.q_in.data(), *kv_a = scratch.kv_a.data();
-  claims.in.run(thread, chunk_rows(s.hidden * int64_t(sizeof(T))), [&](int64_t first, int64_t last) {
+  T *q_in = scratch.q_in.data(), *kv_a = scratch.kv_a.data();  // [rows, q_rows], [rows, rank + rope]
+  claims.in.run(thread, chunk_rows(hidden * int64_t(sizeof(T))), [&](int64_t first, int64_t last) {
     if (first < q_rows)
-      gemv_rows(s.q_in, s.q_in_stride, s.hidden, normed, first, std::min(last, q_rows),
-                [&](int64_t n, float sum) { q_in[n] = S::store(q_bias ? sum + q_bias[n] : sum); });
+      gemv_rows_multi(s.q_in, s.q_in_stride, hidden, inputs, count, first, std::min(last, q_rows), [&](int64_t n, int b, float sum) {
+        q_in[b * q_rows + n] = S::store(q_bias ? sum + q_bias[n] : sum);
+      });
     if (last > q_rows)
-      gemv_rows(s.kv_a, s.kv_a_stride, s.hidden, normed, std::max(first, q_rows) - q_rows, last - q_rows,
-                [&](int64_t n, float sum) { kv_a[n] = S::store(kv_bias ? sum + kv_bias[n] : sum); });
+      gemv_rows_multi(s.kv_a, s.kv_a_stride, hidden, inputs, count, std::max(first, q_rows) - q_rows, last - q_rows,
+                      [&](int64_t n, int b, float sum) { kv_a[b * kv_rows + n] = S::store(kv_bias ? sum + kv_bias[n] : sum); });
   });
 #pragma omp barrier
-  const T* q = q_in;
+  const T* q = q_in;  // [rows, heads * q_dim]
   if (s.q_rank > 0) {
-    T* q_normed = scratch.q_a_normed.data() + thread * s.q_rank;
-    rms_norm_row(q_in, s.q_a_norm, s.q_rank, s.q_a_eps, q_normed);
+    T* q_normed = scratch.q_a_normed.data() + thread * (scratch.q_a_normed.size() / team);
+    for (int b = 0; b < count; ++b) rms_norm_row(q_in + b * q_rows, s.q_a_norm, s.q_rank, s.q_a_eps, q_normed + b * s.q_rank);
+    row_pointers<T>(q_normed, s.q_rank, count, inputs);
     T* q_full = scratch.q.data();
     claims.q_b.run(thread, chunk_rows(s.q_rank * int64_t(sizeof(T))), [&](int64_t begin, int64_t end) {
-      gemv_rows(s.q_b, s.q_b_stride, s.q_rank, q_normed, begin, end, [&](int64_t n, float sum) { q_full[n] = S::store(sum); });
+      gemv_rows_multi(s.q_b, s.q_b_stride, s.q_rank, inputs, count, begin, end,
+                      [&](int64_t n, int b, float sum) { q_full[b * q_width + n] = S::store(sum); });
     });
 #pragma omp barrier
     q = q_full;
   }
 #pragma omp single
   {
-    rms_norm_row(kv_a, s.kv_a_norm, s.rank, s.kv_a_eps, s.latent_cache + position * s.latent_stride);
-    rope_interleaved(kv_a + s.rank, cos, sin, s.rope, scratch.k_pe_tmp.data(), s.k_pe_cache + position * s.k_pe_stride);
-    for (int64_t h = 0; h < s.heads; ++h)
-      rope_interleaved(q + h * s.q_dim() + s.nope, cos, sin, s.rope, scratch.k_pe_tmp.data(), scratch.q_pe.data() + h * s.rope);
+    for (int b = 0; b < count; ++b) {
+      const T *row = kv_a + b * kv_rows, *cos = rows.cos[b], *sin = rows.sin[b];
+      const int64_t slot = rows.slot[b], position = rows.position[b];
+      rms_norm_row(row, s.kv_a_norm, s.rank, s.kv_a_eps, s.latent_cache + slot * s.latent_slot_stride + position * s.latent_stride);
+      rope_interleaved(row + s.rank, cos, sin, s.rope, scratch.k_pe_tmp.data(),
+                       s.k_pe_cache + slot * s.k_pe_slot_stride + position * s.k_pe_stride);
+      for (int64_t h = 0; h < s.heads; ++h)
+        rope_interleaved(q + b * q_width + h * s.q_dim() + s.nope, cos, sin, s.rope, scratch.k_pe_tmp.data(),
+                         scratch.q_pe.data() + (b * s.heads + h) * s.rope);
+    }
   }  // (implicit barrier)
-  claims.heads.run(thread, kLatentHeadBlock, [&](int64_t begin, int64_t end) {
-    attend_latent_heads(s, q, scratch.q_pe.data(), position + 1, begin, end, scratch.attended.data());
+  const int64_t blocks = (s.heads + kLatentHeadBlock - 1) / kLatentHeadBlock;
+  claims.heads.run(thread, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / blocks, first = (unit % blocks) * kLatentHeadBlock, slot = rows.slot[b];
+      attend_latent_heads(s, s.latent_cache + slot * s.latent_slot_stride, s.k_pe_cache + slot * s.k_pe_slot_stride,
+                          q + b * q_width, scratch.q_pe.data() + b * s.heads * s.rope, rows.position[b] + 1, first,
+                          std::min(first + kLatentHeadBlock, s.heads), scratch.attended.data() + b * s.heads * s.v);
+    }
   });
 #pragma omp barrier
   const float* o_bias = bias_of(s.o_bias);
+  row_pointers<T>(scratch.attended.data(), s.heads * s.v, count, inputs);
   claims.o.run(thread, chunk_rows(s.heads * s.v * int64_t(sizeof(T))), [&](int64_t begin, int64_t end) {
-    gemv_rows(s.o, s.o_stride, s.heads * s.v, scratch.attended.data(), begin, end, [&](int64_t n, float sum) {
-      out[n] = S::store(S::load(x[n]) + S::round(o_bias ? sum + o_bias[n] : sum));
+    gemv_rows_multi(s.o, s.o_stride, s.heads * s.v, inputs, count, begin, end, [&](int64_t n, int b, float sum) {
+      out[b * hidden + n] = S::store(S::load(x[b * hidden + n]) + S::round(o_bias ? sum + o_bias[n] : sum));
     });
   });
 }
@@ -768,23 +877,39 @@ FfnSpec<T> ffn_spec(const torch::Tensor& norm_weight, double eps, const c10::opt
 
 template <typename T>
 struct FfnScratch {
-  std::vector<T> normed;           // [team][hidden]
-  std::vector<float> normed_f32, logits;  // [team][hidden], [experts]
-  std::vector<T> h;                // hidden activations of the experts that run
-  std::vector<float> routed_sum;          // [hidden]
-  FfnScratch(int64_t hidden, int64_t experts, int64_t inter_total, int team)
-      : normed(team * hidden), normed_f32(team * hidden), logits(std::max<int64_t>(experts, 1)), h(inter_total), routed_sum(hidden) {}
+  std::vector<T> normed;                  // [team][rows][hidden]
+  std::vector<float> normed_f32, logits;  // [team][rows][hidden], [rows][experts]
+  std::vector<T> h;                       // hidden activations of the experts that run, for their rows
+  std::vector<float> expert_out;          // [rows][top_k][hidden]: each row's chosen experts' outputs
+  std::vector<float> routed_sum;          // [rows][hidden]
+  FfnScratch(int64_t hidden, int64_t experts, int64_t top_k, int64_t inter_total, int team, int rows)
+      : normed(team * rows * hidden), normed_f32(team * rows * hidden), logits(rows * std::max<int64_t>(experts, 1)),
+        h(rows * inter_total), expert_out(rows * std::max<int64_t>(top_k, 1) * hidden), routed_sum(rows * hidden) {}
 };
 
-// out = x + ffn(RMSNorm(x)): the chosen experts (weights from the router) and the shared ones, with
-// PyTorch's roundings to the storage type (each projection, silu and the product; written r() below),
-// combined as the decoder layer does:
-//   routed = r(sum_e weight_e * expert_e(n))   (fp32 sum over the chosen experts, in order)
+// An expert that runs in a step, with the rows routed to it: member j is row row[j], for which this is
+// its choice number choice[j] (-1: the shared experts or a dense MLP, which every row runs).
+template <typename T>
+struct ActiveExpert {
+  SwigluWeights<T> weights;
+  int count = 0;
+  int row[kMaxRows], choice[kMaxRows];
+  int64_t first_row = 0;  // where its gate/up rows start among all the experts' rows
+  int64_t h_offset = 0;   // where its hidden activations start in `h` ([count][inter])
+};
+
+// For each row b: out[b] = x[b] + ffn(RMSNorm(x[b])): the chosen experts (weights from the router) and the
+// shared ones, with PyTorch's roundings to the storage type (each projection, silu and the product;
+// written r() below), combined as the decoder layer does:
+//   routed = r(sum_e weight_e * expert_e(n))   (fp32 sum over the row's chosen experts, in their order)
 //   y      = r(routed + shared(n))              (with shared experts; else y = routed, or the dense MLP)
 //   out    = r(x + y)
-// Phases: router logits (each thread its share of the experts), then the rows of every gate/up pair
-// (claimed in chunks, see RowClaims; `up_claims` reset for max_inter_total rows), then the output rows
-// in chunks of kDownChunkRows, each chunk expert by expert. `out` must not alias x.
+// Phases: router logits (each thread its share of the experts, for every row), then the rows of the
+// gate/up pairs of every expert that any row chose (each expert once, for all its rows; claimed in
+// chunks, see RowClaims; `up_claims` set inside the region, where the experts are known), then the output
+// rows in chunks of kDownChunkRows, each chunk expert by expert. A row's weighted sum over its experts
+// runs in its own order of choice whatever order the experts are streamed in. x, out: [rows, hidden];
+// `out` must not alias x.
 //
 // A down chunk switches streams once per expert, and the rows just past each expert's block (prefetched
 // by dot) are only used at the thread's next chunk: long chunks keep the switches few. Tiny's bf16 step
@@ -793,70 +918,119 @@ struct FfnScratch {
 constexpr int64_t kDownChunkRows = 320;
 
 template <typename T>
-void ffn_body(const FfnSpec<T>& s, const T* x, T* out, FfnScratch<T>& scratch, RowClaims& up_claims,
+void ffn_body(const FfnSpec<T>& s, const T* x, int count, T* out, FfnScratch<T>& scratch, RowClaims& up_claims,
               RowClaims& down_claims, int thread, int team) {
   const int64_t hidden = s.hidden;
-  T* normed = scratch.normed.data() + thread * hidden;
-  rms_norm_row(x, s.norm, hidden, s.eps, normed);
+  T* normed = scratch.normed.data() + thread * (scratch.normed.size() / team);  // every thread its own copy
+  for (int b = 0; b < count; ++b) rms_norm_row(x + b * hidden, s.norm, hidden, s.eps, normed + b * hidden);
   using S = Storage<T>;
-  std::vector<SwigluWeights<T>> experts;
-  std::vector<float> weights;
+  const int64_t top_k = s.routed ? s.router.top_k : 0;
+  std::vector<ActiveExpert<T>> experts;  // every thread makes the same list
+  experts.reserve((s.routed ? s.router.experts : 0) + 1);
+  std::vector<float> weights(count * top_k);  // [rows][top_k]
   if (s.routed) {
-    float* xf = scratch.normed_f32.data() + thread * hidden;
-    for (int64_t i = 0; i < hidden; ++i) xf[i] = S::load(normed[i]);
-    const auto [begin, end] = share(s.router.experts, thread, team);
-    router_logits(s.router, xf, hidden, begin, end, scratch.logits.data());
+    const int64_t n_experts = s.router.experts;
+    float* xf = scratch.normed_f32.data() + thread * (scratch.normed_f32.size() / team);
+    for (int64_t i = 0; i < count * hidden; ++i) xf[i] = S::load(normed[i]);
+    const auto [begin, end] = share(n_experts, thread, team);
+    for (int b = 0; b < count; ++b)
+      router_logits(s.router, xf + b * hidden, hidden, begin, end, scratch.logits.data() + b * n_experts);
 #pragma omp barrier
-    std::vector<int64_t> ids;  // every thread selects the same experts from the same logits
-    select_experts(s.router, scratch.logits.data(), ids, weights);
-    for (int64_t id : ids) {
-      const int64_t* row = s.expert_pointers + 3 * id;
-      experts.push_back({reinterpret_cast<const T*>(row[0]), reinterpret_cast<const T*>(row[1]),
-                         reinterpret_cast<const T*>(row[2]), s.expert_inter});
+    // Every thread selects the same experts from the same logits; the experts any row chose run once,
+    // in the order of their ids (their order in memory).
+    std::vector<int> slot_of(n_experts, -1);
+    std::vector<int64_t> ids;
+    std::vector<float> row_weights;
+    std::vector<std::pair<int64_t, int>> chosen;  // (expert, row * top_k + choice)
+    for (int b = 0; b < count; ++b) {
+      select_experts(s.router, scratch.logits.data() + b * n_experts, ids, row_weights);
+      for (int64_t k = 0; k < top_k; ++k) {
+        weights[b * top_k + k] = row_weights[k];
+        chosen.emplace_back(ids[k], int(b * top_k + k));
+      }
+    }
+    std::sort(chosen.begin(), chosen.end());  // by expert, then by row: each expert's rows in order
+    for (const auto& [id, member] : chosen) {
+      if (slot_of[id] < 0) {
+        slot_of[id] = int(experts.size());
+        const int64_t* pointers = s.expert_pointers + 3 * id;
+        experts.emplace_back();
+        experts.back().weights = {reinterpret_cast<const T*>(pointers[0]), reinterpret_cast<const T*>(pointers[1]),
+                                  reinterpret_cast<const T*>(pointers[2]), s.expert_inter};
+      }
+      ActiveExpert<T>& e = experts[slot_of[id]];
+      e.row[e.count] = member / int(top_k);
+      e.choice[e.count] = member % int(top_k);
+      ++e.count;
     }
   }
   const size_t routed = experts.size();
-  if (s.has_shared) experts.push_back(s.shared);
-  const size_t count = experts.size();
-  std::vector<int64_t> offset(count + 1, 0);  // where expert e's hidden activations start in `h`
-  for (size_t e = 0; e < count; ++e) offset[e + 1] = offset[e] + experts[e].inter;
+  if (s.has_shared) {
+    experts.emplace_back();
+    ActiveExpert<T>& e = experts.back();
+    e.weights = s.shared;
+    e.count = count;
+    for (int b = 0; b < count; ++b) e.row[b] = b, e.choice[b] = -1;
+  }
+  int64_t rows_total = 0, h_total = 0;
+  for (auto& e : experts) {
+    e.first_row = rows_total, e.h_offset = h_total;
+    rows_total += e.weights.inter;
+    h_total += e.count * e.weights.inter;
+  }
   T* h = scratch.h.data();
-  // The experts' rows taken together (row r of expert e is row offset[e] + r of `h`), in chunks: for
+  const T* inputs[kMaxRows];
+  // The experts' gate/up rows taken together (row r of expert e is row first_row + r), in chunks: for
   // each chunk the gate rows, then the up rows (one stream from memory at a time). Each chunk switches
   // streams twice: chunks of ~256 KiB (tiny: 51 rows) stream the fast memory phase at 93-94 % of the
   // probe where ~64 KiB (12 rows) did 90-92 %.
+  up_claims.reset_own(rows_total, thread, team);
   up_claims.run(thread, chunk_rows(2 * hidden * int64_t(sizeof(T)), 256 << 10), [&](int64_t first, int64_t last) {
-    for (size_t e = 0; e < count; ++e) {
-      const int64_t begin = std::max(first, offset[e]) - offset[e], end = std::min(last, offset[e + 1]) - offset[e];
+    for (const auto& e : experts) {
+      const int64_t inter = e.weights.inter;
+      const int64_t begin = std::max(first, e.first_row) - e.first_row, end = std::min(last, e.first_row + inter) - e.first_row;
       if (begin >= end) continue;
-      T* he = h + offset[e];
-      gemv_rows(experts[e].gate, hidden, hidden, normed, begin, end, [&](int64_t i, float sum) {
-        he[i] = S::store(silu(S::round(sum)));
+      for (int j = 0; j < e.count; ++j) inputs[j] = normed + e.row[j] * hidden;
+      T* he = h + e.h_offset;  // [count][inter]
+      gemv_rows_multi(e.weights.gate, hidden, hidden, inputs, e.count, begin, end, [&](int64_t i, int j, float sum) {
+        he[j * inter + i] = S::store(silu(S::round(sum)));
       });
-      gemv_rows(experts[e].up, hidden, hidden, normed, begin, end, [&](int64_t i, float sum) {
-        he[i] = S::store(S::load(he[i]) * S::round(sum));
+      gemv_rows_multi(e.weights.up, hidden, hidden, inputs, e.count, begin, end, [&](int64_t i, int j, float sum) {
+        he[j * inter + i] = S::store(S::load(he[j * inter + i]) * S::round(sum));
       });
     }
   });
 #pragma omp barrier
-  float* routed_sum = scratch.routed_sum.data();
-  auto emit = [&](int64_t n, T y) { out[n] = S::store(S::load(x[n]) + S::load(y)); };
-  // The output rows in chunks (each chunk through every expert in turn: the sum over experts is in order).
+  float *expert_out = scratch.expert_out.data(), *routed_sum = scratch.routed_sum.data();
+  auto emit = [&](int b, int64_t n, T y) { out[b * hidden + n] = S::store(S::load(x[b * hidden + n]) + S::load(y)); };
+  // The output rows in chunks, each chunk through every expert in turn.
   down_claims.run(thread, kDownChunkRows, [&](int64_t begin, int64_t end) {
-    std::fill(routed_sum + begin, routed_sum + end, 0.0f);
-    for (size_t e = 0; e < routed; ++e) {
-      const float weight = weights[e];
-      gemv_rows(experts[e].down, experts[e].inter, experts[e].inter, h + offset[e], begin, end,
-                [&](int64_t n, float sum) { routed_sum[n] += weight * S::round(sum); });
+    for (size_t a = 0; a < routed; ++a) {
+      const ActiveExpert<T>& e = experts[a];
+      const int64_t inter = e.weights.inter;
+      for (int j = 0; j < e.count; ++j) inputs[j] = h + e.h_offset + j * inter;
+      gemv_rows_multi(e.weights.down, inter, inter, inputs, e.count, begin, end, [&](int64_t n, int j, float sum) {
+        expert_out[(e.row[j] * top_k + e.choice[j]) * hidden + n] = sum;
+      });
+    }
+    for (int b = 0; b < count && routed; ++b) {  // each row's sum over its experts, in its order of choice
+      for (int64_t n = begin; n < end; ++n) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < top_k; ++k) sum += weights[b * top_k + k] * S::round(expert_out[(b * top_k + k) * hidden + n]);
+        routed_sum[b * hidden + n] = sum;
+      }
     }
     if (s.has_shared) {
-      const SwigluWeights<T>& shared = experts[routed];
-      gemv_rows(shared.down, shared.inter, shared.inter, h + offset[routed], begin, end, [&](int64_t n, float sum) {
-        const float routed_part = routed ? S::round(routed_sum[n]) : 0.0f;
-        emit(n, S::store(routed_part + S::round(sum)));
+      const ActiveExpert<T>& shared = experts[routed];
+      const int64_t inter = shared.weights.inter;
+      for (int j = 0; j < count; ++j) inputs[j] = h + shared.h_offset + j * inter;
+      gemv_rows_multi(shared.weights.down, inter, inter, inputs, count, begin, end, [&](int64_t n, int b, float sum) {
+        const float routed_part = routed ? S::round(routed_sum[b * hidden + n]) : 0.0f;
+        emit(b, n, S::store(routed_part + S::round(sum)));
       });
     } else {
-      for (int64_t n = begin; n < end; ++n) emit(n, S::store(routed_sum[n]));
+      for (int b = 0; b < count; ++b)
+        for (int64_t n = begin; n < end; ++n) emit(b, n, S::store(routed_sum[b * hidden + n]));
     }
   });
 }
@@ -878,6 +1052,18 @@ torch::Tensor one_token(const torch::Tensor& x, int64_t hidden, const char* what
   return xc;
 }
 
+// The rows of a one-token call: position `position` of slot 0, RoPE values cos/sin.
+template <typename T>
+StepRows<T> one_row(int64_t position, const T* cos, const T* sin) {
+  StepRows<T> rows;
+  rows.count = 1;
+  rows.position[0] = position;
+  rows.slot[0] = 0;
+  rows.cos[0] = cos;
+  rows.sin[0] = sin;
+  return rows;
+}
+
 template <typename T>
 void check_rope(const torch::Tensor& cos, const torch::Tensor& sin, int64_t d, const char* what) {
   using S = Storage<T>;
@@ -890,7 +1076,8 @@ void check_rope(const torch::Tensor& cos, const torch::Tensor& sin, int64_t d, c
 // A whole attention sub-layer of plain multi-head attention for one token, in one parallel region:
 //   x + o_proj(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))  with n = RMSNorm(x)
 // (see attention_body). weights: [q, k, v, o] ([heads*d, D], [kv*d, D], [kv*d, D], [D, heads*d]); biases:
-// empty or four (possibly undefined) tensors; caches: [kv_heads, T, d]; cos/sin: d values. Returns [D].
+// empty or four (possibly undefined) tensors; caches: [kv_heads, T, d] (or [1, kv_heads, T, d]); cos/sin: d
+// values. Returns [D].
 template <typename T>
 torch::Tensor mha_block(const torch::Tensor& x, const torch::Tensor& norm_weight, double eps,
                              const std::vector<torch::Tensor>& weights, const std::vector<c10::optional<torch::Tensor>>& biases,
@@ -902,14 +1089,15 @@ torch::Tensor mha_block(const torch::Tensor& x, const torch::Tensor& norm_weight
   const auto cc = cos.contiguous(), sc = sin.contiguous();
   check_rope<T>(cc, sc, spec.d, "mha_block");
   DECODE_CHECK(position >= 0 && position < spec.cache_len, "mha_block: position ", position, " outside the cache");
+  DECODE_CHECK(spec.slots == 1, "mha_block: caches of one sequence (DecodeStep takes several)");
   auto out = torch::empty({spec.hidden}, xc.options());
   const int team_size = pool_threads();
-  AttentionScratch<T> scratch(spec, team_size);
+  AttentionScratch<T> scratch(spec, team_size, 1);
   AttentionClaims claims;
-  claims.reset(spec, team_size);
+  claims.reset(spec, team_size, 1);
+  const StepRows<T> rows = one_row<T>(position, data_of<T>(cc), data_of<T>(sc));
   in_parallel([&](int thread, int team) {
-    attention_body(spec, data_of<T>(xc), data_of<T>(cc), data_of<T>(sc), position, reinterpret_cast<T*>(out.data_ptr()),
-                   scratch, claims, thread, team);
+    attention_body(spec, data_of<T>(xc), rows, reinterpret_cast<T*>(out.data_ptr()), scratch, claims, thread, team);
   });
   return out.view(x.sizes());
 }
@@ -930,14 +1118,15 @@ torch::Tensor mla_block(const torch::Tensor& x, const torch::Tensor& cos, const 
   const auto cc = cos.contiguous(), sc = sin.contiguous();
   check_rope<T>(cc, sc, spec.rope, "mla_block");
   DECODE_CHECK(position >= 0 && position < spec.cache_len, "mla_block: position ", position, " outside the cache");
+  DECODE_CHECK(spec.slots == 1, "mla_block: caches of one sequence (DecodeStep takes several)");
   auto out = torch::empty({spec.hidden}, xc.options());
   const int team_size = pool_threads();
-  MlaScratch<T> scratch(spec, team_size);
+  MlaScratch<T> scratch(spec, team_size, 1);
   MlaClaims claims;
-  claims.reset(spec, team_size);
+  claims.reset(spec, team_size, 1);
+  const StepRows<T> rows = one_row<T>(position, data_of<T>(cc), data_of<T>(sc));
   in_parallel([&](int thread, int team) {
-    mla_body(spec, data_of<T>(xc), data_of<T>(cc), data_of<T>(sc), position, reinterpret_cast<T*>(out.data_ptr()), scratch,
-             claims, thread, team);
+    mla_body(spec, data_of<T>(xc), rows, reinterpret_cast<T*>(out.data_ptr()), scratch, claims, thread, team);
   });
   return out.view(x.sizes());
 }
@@ -957,12 +1146,13 @@ torch::Tensor ffn_block(const torch::Tensor& x, const torch::Tensor& norm_weight
   const auto xc = one_token<T>(x, spec.hidden, "ffn_block");
   auto out = torch::empty_like(xc);
   const int team_size = pool_threads();
-  FfnScratch<T> scratch(spec.hidden, spec.routed ? spec.router.experts : 0, spec.max_inter_total, team_size);
+  FfnScratch<T> scratch(spec.hidden, spec.routed ? spec.router.experts : 0, spec.routed ? spec.router.top_k : 0,
+                        spec.max_inter_total, team_size, 1);
   RowClaims up_claims, down_claims;
-  up_claims.reset(spec.max_inter_total, team_size);
+  up_claims.reset(0, team_size);  // (each thread sets its share in the region)
   down_claims.reset(spec.hidden, team_size);
   in_parallel([&](int thread, int team) {
-    ffn_body(spec, data_of<T>(xc), reinterpret_cast<T*>(out.data_ptr()), scratch, up_claims, down_claims, thread, team);
+    ffn_body(spec, data_of<T>(xc), 1, reinterpret_cast<T*>(out.data_ptr()), scratch, up_claims, down_claims, thread, team);
   });
   return out.view(x.sizes());
 }
@@ -994,11 +1184,13 @@ struct ArgmaxPart {
   }
 };
 
-// A whole decode step in one parallel region: the token's embedding, every decoder layer (attention_body
+// A whole decode step in one parallel region: the tokens' embeddings, every decoder layer (attention_body
 // or mla_body, then ffn_body), the final RMSNorm and the LM head, with no Python and no thread wake-up
 // between them. Built once per model and cache (the Python side adds the layers with the same arguments
-// as mha_block / mla_block and ffn_block, and keeps the tensors alive); step() returns the logits as the
-// eager model does: fp32 values of the LM-head output in the storage type.
+// as mha_block / mla_block and ffn_block, its caches of every slot, and keeps the tensors alive).
+// step_rows() decodes one token in each of several cache slots at once (the serving engine's batch),
+// step() one token in slot 0; both return the logits as the eager model does: fp32 values of the LM-head
+// output in the storage type. A row's logits are the same bit for bit whatever the other rows are.
 template <typename T>
 class DecodeStep {
   using S = Storage<T>;
@@ -1035,6 +1227,7 @@ class DecodeStep {
     DECODE_CHECK(cos_.size(1) == attention.d, "DecodeStep: RoPE tables are for head size ", cos_.size(1));
     for (const auto& t : weights) keep_alive_.push_back(t);
     for (const torch::Tensor* t : {&k_cache, &v_cache}) keep_alive_.push_back(*t);
+    check_slots(attention.slots);
     add_ffn(ffn_norm, ffn_eps, router_weight, correction_bias, method, scoring, top_k, n_group, topk_group, norm_topk_prob,
             routed_scale, expert_table, expert_inter, shared);
     attention_.push_back(attention);
@@ -1065,67 +1258,135 @@ class DecodeStep {
     for (const auto& t : norms) keep_alive_.push_back(t);
     for (const auto& t : weights) keep_alive_.push_back(t);
     for (const torch::Tensor* t : {&latent_cache, &k_pe_cache}) keep_alive_.push_back(*t);
+    check_slots(mla.slots);
     add_ffn(ffn_norm, ffn_eps, router_weight, correction_bias, method, scoring, top_k, n_group, topk_group, norm_topk_prob,
             routed_scale, expert_table, expert_inter, shared);
     mla_.push_back(mla);
   }
 
-  // Logits [V] fp32 of `token` at `position` (its key and value are written to every layer's cache).
+  // Logits [V] fp32 of `token` at `position` of cache slot 0 (its key and value are written to every
+  // layer's cache): step_rows with one row.
   torch::Tensor step(int64_t token, int64_t position) {
+    return step_rows_of(std::vector<int64_t>{token}, std::vector<int64_t>{position}, std::vector<int64_t>{0}).view({-1});
+  }
+
+  // Logits [B, V] fp32: row b decodes token tokens[b] at position positions[b] of cache slot slots[b]
+  // (its key/value or latent written there; attention over positions 0..positions[b] of that slot only).
+  // The slots of one call are distinct. int64 tensors [B] or lists.
+  torch::Tensor step_rows(const torch::Tensor& tokens, const torch::Tensor& positions, const torch::Tensor& slots) {
+    return step_rows_of(int64_values(tokens, "tokens"), int64_values(positions, "positions"), int64_values(slots, "slots"));
+  }
+
+  torch::Tensor step_rows_of(const std::vector<int64_t>& tokens, const std::vector<int64_t>& positions,
+                             const std::vector<int64_t>& slots) {
     DECODE_CHECK(!ffn_.empty(), "DecodeStep: no layers");
-    DECODE_CHECK(token >= 0 && token < embedding_.size(0), "DecodeStep: token id ", token, " outside the vocabulary");
-    DECODE_CHECK(position >= 0 && position < cos_.size(0), "DecodeStep: position ", position, " outside the RoPE table");
-    for (const auto& a : attention_) DECODE_CHECK(position < a.cache_len, "DecodeStep: position ", position, " outside the cache");
-    for (const auto& a : mla_) DECODE_CHECK(position < a.cache_len, "DecodeStep: position ", position, " outside the cache");
+    const int64_t count = int64_t(tokens.size());
+    DECODE_CHECK(positions.size() == tokens.size() && slots.size() == tokens.size(),
+                 "DecodeStep: tokens, positions and slots must have the same length (got ", count, ", ",
+                 int64_t(positions.size()), ", ", int64_t(slots.size()), ")");
+    DECODE_CHECK(count >= 1 && count <= max_rows(), "DecodeStep: 1 to ", max_rows(), " rows per step (the cache has ",
+                 slots_, " slots), got ", count);
+    const int64_t cache_len = mla_.empty() ? attention_[0].cache_len : mla_[0].cache_len;
+    std::vector<bool> taken(slots_, false);
+    for (int64_t b = 0; b < count; ++b) {
+      DECODE_CHECK(tokens[b] >= 0 && tokens[b] < embedding_.size(0), "DecodeStep: token id ", tokens[b],
+                   " outside the vocabulary of ", embedding_.size(0));
+      DECODE_CHECK(positions[b] >= 0 && positions[b] < cos_.size(0), "DecodeStep: position ", positions[b],
+                   " outside the RoPE table");
+      DECODE_CHECK(positions[b] < cache_len, "DecodeStep: position ", positions[b], " outside the cache of ", cache_len,
+                   " positions");
+      DECODE_CHECK(slots[b] >= 0 && slots[b] < slots_, "DecodeStep: slot ", slots[b], " outside the cache's ", slots_, " slots");
+      DECODE_CHECK(!taken[slots[b]], "DecodeStep: slot ", slots[b], " given twice (one row per slot)");
+      taken[slots[b]] = true;
+    }
     const int team_size = pool_threads();
     if (!scratch_ready_ || team_size != scratch_team_) make_scratch(team_size);
+    const int rows_count = int(count);
     for (size_t layer = 0; layer < ffn_.size(); ++layer) {
       if (mla_.empty())
-        attention_claims_[layer].reset(attention_[layer], team_size);
+        attention_claims_[layer].reset(attention_[layer], team_size, rows_count);
       else
-        mla_claims_[layer].reset(mla_[layer], team_size);
-      up_claims_[layer].reset(ffn_[layer].max_inter_total, team_size);
+        mla_claims_[layer].reset(mla_[layer], team_size, rows_count);
+      up_claims_[layer].reset(0, team_size);  // (each thread sets its share in the region)
       down_claims_[layer].reset(hidden_, team_size);
     }
     lm_head_claims_.reset(lm_head_.size(0), team_size);
     const int64_t vocab = lm_head_.size(0), d = cos_.size(1);
-    auto logits = torch::empty({vocab}, torch::dtype(torch::kFloat32));
+    auto logits = torch::empty({count, vocab}, torch::dtype(torch::kFloat32));
     float* lp = logits.data_ptr<float>();
     T *x = x_.data(), *mid = mid_.data();
-    std::memcpy(x, data_of<T>(embedding_) + token * embedding_.stride(0), hidden_ * sizeof(T));
-    const T* cos = data_of<T>(cos_) + position * d;
-    const T* sin = data_of<T>(sin_) + position * d;
+    StepRows<T> rows;
+    rows.count = rows_count;
+    for (int b = 0; b < rows_count; ++b) {
+      std::memcpy(x + b * hidden_, data_of<T>(embedding_) + tokens[b] * embedding_.stride(0), hidden_ * sizeof(T));
+      rows.position[b] = positions[b];
+      rows.slot[b] = slots[b];
+      rows.cos[b] = data_of<T>(cos_) + positions[b] * d;
+      rows.sin[b] = data_of<T>(sin_) + positions[b] * d;
+    }
+    const int rows_per_thread = max_rows();
+    for (ArgmaxPart& part : argmax_parts_) part = ArgmaxPart{};  // (a thread the region may not get leaves its own empty)
     in_parallel([&](int thread, int team) {
       for (size_t layer = 0; layer < ffn_.size(); ++layer) {
         if (mla_.empty())
-          attention_body(attention_[layer], x, cos, sin, position, mid, *attention_scratch_, attention_claims_[layer], thread, team);
+          attention_body(attention_[layer], x, rows, mid, *attention_scratch_, attention_claims_[layer], thread, team);
         else
-          mla_body(mla_[layer], x, cos, sin, position, mid, *mla_scratch_, mla_claims_[layer], thread, team);
+          mla_body(mla_[layer], x, rows, mid, *mla_scratch_, mla_claims_[layer], thread, team);
 #pragma omp barrier
-        ffn_body(ffn_[layer], mid, x, *ffn_scratch_, up_claims_[layer], down_claims_[layer], thread, team);
+        ffn_body(ffn_[layer], mid, rows_count, x, *ffn_scratch_, up_claims_[layer], down_claims_[layer], thread, team);
 #pragma omp barrier
       }
-      T* normed = final_normed_.data() + thread * hidden_;
-      rms_norm_row(x, data_of<T>(final_norm_), hidden_, final_eps_, normed);
-      ArgmaxPart& part = argmax_parts_[thread];
-      part = ArgmaxPart{};
+      T* normed = final_normed_.data() + thread * rows_per_thread * hidden_;
+      const T* inputs[kMaxRows];
+      for (int b = 0; b < rows_count; ++b) {
+        rms_norm_row(x + b * hidden_, data_of<T>(final_norm_), hidden_, final_eps_, normed + b * hidden_);
+        inputs[b] = normed + b * hidden_;
+      }
+      ArgmaxPart* parts = argmax_parts_.data() + thread * rows_per_thread;
       lm_head_claims_.run(thread, chunk_rows(hidden_ * int64_t(sizeof(T))), [&](int64_t begin, int64_t end) {
-        gemv_rows(data_of<T>(lm_head_), lm_head_.stride(0), hidden_, normed, begin, end, [&](int64_t n, float sum) {
-          lp[n] = S::round(sum);
-          part.offer(n, lp[n]);
-        });
+        gemv_rows_multi(data_of<T>(lm_head_), lm_head_.stride(0), hidden_, inputs, rows_count, begin, end,
+                        [&](int64_t n, int b, float sum) {
+                          float& logit = lp[b * vocab + n];
+                          logit = S::round(sum);
+                          parts[b].offer(n, logit);
+                        });
       });
     });
-    last_argmax_ = ArgmaxPart::combine(argmax_parts_.data(), team_size);
+    last_argmaxes_.assign(rows_count, -1);
+    std::vector<ArgmaxPart> row_parts(team_size);
+    for (int b = 0; b < rows_count; ++b) {
+      for (int t = 0; t < team_size; ++t) row_parts[t] = argmax_parts_[t * rows_per_thread + b];
+      last_argmaxes_[b] = ArgmaxPart::combine(row_parts.data(), team_size);
+    }
     return logits;
   }
 
   // The index of the first maximum of the last step's logits (torch.argmax's answer: the first NaN if
-  // any), found while they were written. Greedy decoding reads it instead of going over the 0.5 MB of
-  // logits again, which had left the caches of the core that samples: ~0.14 ms a token.
-  int64_t last_argmax() const { return last_argmax_; }
+  // any), found while they were written: of its first row (last_argmax) or of each row. Greedy decoding
+  // reads it instead of going over the 0.5 MB of logits again, which had left the caches of the core that
+  // samples: ~0.14 ms a token.
+  int64_t last_argmax() const { return last_argmaxes_.empty() ? -1 : last_argmaxes_[0]; }
+  std::vector<int64_t> last_argmaxes() const { return last_argmaxes_; }
+
+  // The cache slots of every layer (rows of one step go to distinct slots).
+  int64_t slots() const { return slots_; }
 
  private:
+  // The values of a 1-D int64 CPU tensor.
+  static std::vector<int64_t> int64_values(const torch::Tensor& t, const char* what) {
+    DECODE_CHECK(t.scalar_type() == at::kLong && t.device().is_cpu() && t.dim() == 1, "DecodeStep: ", what,
+                 " must be a 1-D int64 CPU tensor (or a list of ints)");
+    const auto c = t.contiguous();
+    return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+  }
+
+  void check_slots(int64_t slots) {
+    DECODE_CHECK(ffn_.empty() || slots == slots_, "DecodeStep: every layer's cache must have the same slots");
+    slots_ = slots;
+  }
+
+  int max_rows() const { return int(std::min<int64_t>(slots_, kMaxRows)); }
+
   void add_ffn(const torch::Tensor& ffn_norm, double ffn_eps, const c10::optional<torch::Tensor>& router_weight,
                const c10::optional<torch::Tensor>& correction_bias, const std::string& method, const std::string& scoring,
                int64_t top_k, int64_t n_group, int64_t topk_group, bool norm_topk_prob, double routed_scale,
@@ -1141,25 +1402,27 @@ class DecodeStep {
   }
 
   void make_scratch(int team) {
-    int64_t experts = 0, inter_total = 0;
+    int64_t experts = 0, top_k = 0, inter_total = 0;
     for (const auto& f : ffn_) {
       experts = std::max(experts, f.routed ? f.router.experts : 0);
+      top_k = std::max(top_k, f.routed ? f.router.top_k : 0);
       inter_total = std::max(inter_total, f.max_inter_total);
     }
+    const int rows = max_rows();
     // (add_layer / add_mla_layer: one attention shape for all layers)
     if (mla_.empty())
-      attention_scratch_ = std::make_unique<AttentionScratch<T>>(attention_[0], team);
+      attention_scratch_ = std::make_unique<AttentionScratch<T>>(attention_[0], team, rows);
     else
-      mla_scratch_ = std::make_unique<MlaScratch<T>>(mla_[0], team);
-    ffn_scratch_ = std::make_unique<FfnScratch<T>>(hidden_, experts, inter_total, team);
+      mla_scratch_ = std::make_unique<MlaScratch<T>>(mla_[0], team, rows);
+    ffn_scratch_ = std::make_unique<FfnScratch<T>>(hidden_, experts, top_k, inter_total, team, rows);
     attention_claims_ = std::vector<AttentionClaims>(attention_.size());
     mla_claims_ = std::vector<MlaClaims>(mla_.size());
     up_claims_ = std::vector<RowClaims>(ffn_.size());
     down_claims_ = std::vector<RowClaims>(ffn_.size());
-    x_.assign(hidden_, 0);
-    mid_.assign(hidden_, 0);
-    final_normed_.assign(team * hidden_, 0);
-    argmax_parts_.assign(team, ArgmaxPart{});
+    x_.assign(rows * hidden_, 0);
+    mid_.assign(rows * hidden_, 0);
+    final_normed_.assign(team * rows * hidden_, 0);
+    argmax_parts_.assign(team * rows, ArgmaxPart{});
     scratch_team_ = team;
     scratch_ready_ = true;
   }
@@ -1178,8 +1441,9 @@ class DecodeStep {
   std::vector<MlaClaims> mla_claims_;
   std::vector<RowClaims> up_claims_, down_claims_;
   RowClaims lm_head_claims_;
-  std::vector<ArgmaxPart> argmax_parts_;  // [team]
-  int64_t last_argmax_ = -1;
+  std::vector<ArgmaxPart> argmax_parts_;  // [team][rows]
+  std::vector<int64_t> last_argmaxes_;
+  int64_t slots_ = 0;
   std::vector<T> x_, mid_, final_normed_;
   int scratch_team_ = 0;
   bool scratch_ready_ = false;
@@ -1438,7 +1702,13 @@ void bind_layer_kernels(pybind11::module_& m, const std::string& suffix) {
       .def("add_layer", &DecodeStep<T>::add_layer)
       .def("add_mla_layer", &DecodeStep<T>::add_mla_layer)
       .def("step", &DecodeStep<T>::step)
-      .def("last_argmax", &DecodeStep<T>::last_argmax);
+      .def("step_rows", &DecodeStep<T>::step_rows, "logits [B, V] of tokens [B] at positions [B] of cache slots [B]",
+           pybind11::arg("tokens"), pybind11::arg("positions"), pybind11::arg("slots"))
+      .def("step_rows", &DecodeStep<T>::step_rows_of, pybind11::arg("tokens"), pybind11::arg("positions"),
+           pybind11::arg("slots"))
+      .def("last_argmax", &DecodeStep<T>::last_argmax)
+      .def("last_argmaxes", &DecodeStep<T>::last_argmaxes)
+      .def_property_readonly("slots", &DecodeStep<T>::slots);
 }
 
 }  // namespace decode

@@ -10,11 +10,16 @@ IMAGE  ?= examples/stages.png
 PROMPT ?= Describe each stage of this <image> in detail.
 DEMO_MODEL := demo-model
 # make bench BENCH_ARGS="--checkpoint weights/deepseek-vl2-tiny"  (default: random weights, real tiny shape)
-BENCH_ARGS ?= --config ../shared/fixtures/real-configs/deepseek-vl2-tiny.json
+BENCH_ARGS ?= --config tests/fixtures/real-configs/deepseek-vl2-tiny.json
 
-.PHONY: venv demo test predict schema serve serve-stream bench clean
+.PHONY: venv kernels demo test predict schema serve serve-stream bench clean
 
-venv: $(STAMP)
+# The environment, and the CPU kernels built once here (with a line of progress) so that no request, and
+# no setup, waits for a C++ build; a second run finds them built in a second or two.
+venv: $(STAMP) kernels
+
+kernels: $(STAMP)
+	$(PY) scripts/build_kernels.py
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -1,18 +1,107 @@
-"""Device and dtype choice.
+"""Device and dtype choice, and what this CPU can run.
 
 CPUs of the same machine kind differ: with AMX or avx512_bf16, bf16 matmuls run 2-4x faster than fp32;
 without them PyTorch emulates bf16 and it is hundreds of times slower. So the CPU dtype is chosen by a
 short timing probe, never from the CPU name; fp32 is the fallback whenever the probe is not clearly
-in favour of bf16.
+in favour of bf16. On x86-64 the probe only runs where the CPU has bf16 instructions at all, and an
+override that asks for bf16 on a CPU without them is refused (``UnavailableOnThisCPU``).
+
+``DEEPSEEK_VL2_CPU_ISA`` caps what the project sees of the CPU, so that one machine can behave as an older
+kind (CI runs the kernel, generation and parity tests that way): ``avx2`` (AVX2 and FMA, no AVX-512: AMD
+Zen 1-3, Intel before Skylake-SP), ``avx512`` (AVX-512 without bf16/fp16 or AMX: Skylake-SP to Ice Lake),
+``native`` (the default: what the CPU reports). The cap hides flags from ``cpu_flags`` (so from the dtype
+probe and the kernels' builds and path choice); PyTorch's own libraries take their own caps
+(``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``, ``MKL_ENABLE_INSTRUCTIONS``; see ``LIBRARY_CAPS``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import platform
 import time
 
 import torch
+
+CPU_ISA_ENV = "DEEPSEEK_VL2_CPU_ISA"
+CPU_ISA_CAPS = ("native", "avx512", "avx2")
+
+
+def _hidden_by(cap: str, flag: str) -> bool:
+    """Whether ``cap`` hides the /proc/cpuinfo ``flag``: what a CPU of that kind does not have."""
+    # (bf16/fp16 arithmetic, AMX and the VEX-encoded AVX-VNNI family all came after the first AVX-512 CPUs)
+    newer_than_avx512 = flag in ("avx512_bf16", "avx512_fp16") or flag.startswith(("amx", "avx_vnni", "avx_ifma", "avx_ne"))
+    if cap == "avx512":
+        return newer_than_avx512
+    if cap == "avx2":
+        return newer_than_avx512 or flag.startswith("avx512")
+    return False
+
+# The same cap for the libraries under PyTorch, which read these variables once, at their first use (so
+# they belong in the environment the process starts with): oneDNN, ATen's vectorised kernels, MKL.
+LIBRARY_CAPS = {
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+}
+
+
+class UnavailableOnThisCPU(ValueError):
+    """An override asked for a path (a dtype, a kernel) that this CPU cannot run."""
+
+
+def cpu_isa_cap() -> str:
+    """``DEEPSEEK_VL2_CPU_ISA``: ``native`` (unset), ``avx512`` or ``avx2``."""
+    cap = os.environ.get(CPU_ISA_ENV, "").strip().lower() or "native"
+    if cap not in CPU_ISA_CAPS:
+        raise ValueError(f"{CPU_ISA_ENV}={cap!r} is not one of {', '.join(CPU_ISA_CAPS)}")
+    return cap
+
+
+@functools.lru_cache(maxsize=1)
+def _reported_cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), ()))
+    except OSError:
+        return frozenset()
+
+
+def cpu_flags() -> set[str]:
+    """The x86 feature flags of this CPU (/proc/cpuinfo), less those that ``DEEPSEEK_VL2_CPU_ISA`` hides."""
+    cap = cpu_isa_cap()
+    return {flag for flag in _reported_cpu_flags() if not _hidden_by(cap, flag)}
+
+
+def cap_note() -> str:
+    """" (capped by DEEPSEEK_VL2_CPU_ISA=...)" where a cap is set, for messages about missing flags."""
+    cap = cpu_isa_cap()
+    return "" if cap == "native" else f" (capped by {CPU_ISA_ENV}={cap})"
+
+
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+# The instructions that make a dtype native on an x86 CPU (elsewhere the timing probe alone decides).
+_NATIVE_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+
+
+def cpu_dtype_unavailable(dtype: torch.dtype) -> str | None:
+    """Why this CPU cannot run ``dtype`` natively (PyTorch would emulate it, hundreds of times slower, and
+    our kernels do not take it), or None where it can."""
+    needs = _NATIVE_FLAGS.get(dtype)
+    if needs is None or not is_x86() or set(needs) & cpu_flags():
+        return None
+    return f"this CPU has no {' or '.join(needs)}{cap_note()}: {str(dtype)[6:]} would be emulated; use float32"
+
+
+def check_cpu_dtype(device: torch.device | str, dtype: torch.dtype) -> None:
+    """Refuse a dtype asked for (``DEEPSEEK_VL2_DTYPE``, ``VL2Pipeline.load(dtype=)``) that this CPU cannot
+    run natively; any dtype passes on other devices."""
+    if torch.device(device).type == "cpu":
+        reason = cpu_dtype_unavailable(dtype)
+        if reason is not None:
+            raise UnavailableOnThisCPU(f"dtype {str(dtype)[6:]} refused on this CPU: {reason}")
 
 # bf16 must beat fp32 by this factor to be chosen (a margin against timing noise).
 _BF16_MIN_SPEEDUP = 1.2
@@ -54,12 +143,18 @@ def _matmul_seconds(dtype: torch.dtype, size: int = 256) -> float:
 def cpu_bf16_is_fast() -> bool:
     """True when this CPU multiplies bf16 matrices natively (clearly faster than fp32).
 
-    ``DEEPSEEK_VL2_CPU_BF16=0/1`` overrides the probe (useful for benchmarking both).
+    ``DEEPSEEK_VL2_CPU_BF16=0/1`` overrides the probe (useful for benchmarking both); ``1`` on a CPU
+    without bf16 instructions is refused.
     """
-    forced = os.environ.get("DEEPSEEK_VL2_CPU_BF16")
-    if forced in ("0", "1"):
+    forced = os.environ.get("DEEPSEEK_VL2_CPU_BF16", "").strip()
+    if forced not in ("", "0", "1"):
+        raise ValueError(f"DEEPSEEK_VL2_CPU_BF16={forced!r}: use 0 (float32) or 1 (bfloat16), or leave it unset")
+    unavailable = cpu_dtype_unavailable(torch.bfloat16)
+    if forced == "1" and unavailable is not None:
+        raise UnavailableOnThisCPU(f"DEEPSEEK_VL2_CPU_BF16=1 refused: {unavailable}")
+    if forced:
         return forced == "1"
-    if not torch.backends.mkldnn.is_available():
+    if unavailable is not None or not torch.backends.mkldnn.is_available():
         return False
     fp32 = _matmul_seconds(torch.float32)
     bf16 = _matmul_seconds(torch.bfloat16)

@@ -4,12 +4,14 @@ Decoding reads every active weight once per token, so its speed is the speed of 
 row of ``x``. PyTorch has several CPU paths for that and which one is fast depends on the CPU and the
 dtype (measured on a 2-core EPYC with avx512_bf16: fp32 through MKL 15 GB/s but through oneDNN 35 GB/s;
 bf16 through oneDNN 17-22 GB/s, through PyTorch's own kernel 35-47 GB/s, through our AVX512-BF16 kernel
-(``csrc/decode_bf16.cpp``, compiled on first use where the CPU has the instructions and a C++ compiler is
-present) 35-62 GB/s, the higher figures when the memory itself reads faster). So the path is chosen per
-dtype by timing the candidates in turns on decode-sized weights, never from the CPU's name. An fp32 loop
-of ours (``csrc/decode_f32.cpp``, vectorised for the CPU it is compiled on) reaches 32-33 GB/s there on an
+(``csrc/decode_bf16.cpp``, compiled where the CPU has the instructions and a C++ compiler is present: by
+``scripts/build_kernels.py`` at ``make venv``, else on first use) 35-62 GB/s, the higher figures when the
+memory itself reads faster). So the path is chosen per dtype, among those this CPU can run, by timing the
+candidates in turns on decode-sized weights, never from the CPU's name. An fp32 loop of ours
+(``csrc/decode_f32.cpp``, vectorised for the CPU it is compiled on) reaches 32-33 GB/s there on an
 expert-sized matrix where oneDNN reaches 22-24: the path for CPUs without bf16.
-``DEEPSEEK_VL2_CPU_GEMV`` (``aten`` / ``native`` / ``onednn`` / ``avx512bf16`` / ``simdf32``) forces one.
+``DEEPSEEK_VL2_CPU_GEMV`` (``aten`` / ``native`` / ``onednn`` / ``avx512bf16`` / ``simdf32``) forces one,
+unless this CPU cannot run it (``gemv_path_unavailable``): then it is refused, saying why.
 
 With the extensions, a decode step also runs layer-level kernels (``csrc/decode_layers.h``, built for bf16
 and for fp32): a whole attention sub-layer in one call (``mha_block`` for plain attention, ``mla_block``
@@ -31,6 +33,8 @@ import contextlib
 import functools
 import hashlib
 import os
+import shlex
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, fields
@@ -40,6 +44,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import hardware
 
 
 Gemv = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -64,11 +70,8 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
 
 
 def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
+    """This CPU's x86 flags as our probes see them (``hardware.cpu_flags``: ``DEEPSEEK_VL2_CPU_ISA`` caps them)."""
+    return hardware.cpu_flags()
 
 
 _CSRC = Path(__file__).with_name("csrc")
@@ -102,43 +105,85 @@ def _one_ninja() -> Iterator[None]:
         os.environ["PATH"] = path
 
 
-@functools.lru_cache(maxsize=1)
-def avx512_bf16_extension() -> Optional[Any]:
-    """The compiled ``csrc/decode_bf16.cpp`` (cached by PyTorch under ``~/.cache/torch_extensions``), or None
-    where the CPU lacks AVX512-BF16 or no compiler/ninja is available (``DEEPSEEK_VL2_CPU_KERNEL=0`` skips)."""
-    if os.environ.get("DEEPSEEK_VL2_CPU_KERNEL", "1") == "0" or not {"avx512f", "avx512bw", "avx512_bf16"} <= _cpu_flags():
+# What each extension needs of the CPU: the bf16 kernels are written with AVX-512 (BF16) intrinsics; the fp32
+# ones are plain C++ that the compiler vectorises for whatever the CPU has (any x86-64, or any CPU at all).
+_BF16_KERNEL_FLAGS = {"avx512f", "avx512bw", "avx512_bf16"}
+KERNEL_SWITCH = "DEEPSEEK_VL2_CPU_KERNEL"
+
+
+def _compiler() -> str:
+    """The C++ compiler PyTorch's builds run: ``$CXX``, else ``c++``."""
+    command = os.environ.get("CXX", "").strip()
+    return shlex.split(command)[0] if command else "c++"
+
+
+def kernel_unavailable(kind: str) -> Optional[str]:
+    """Why the extension ``kind`` (``"bf16"`` or ``"f32"``) cannot be built or loaded here, known before
+    trying (switched off, the CPU lacks its instructions, no compiler); None where it may be."""
+    if os.environ.get(KERNEL_SWITCH, "1") == "0":
+        return f"our CPU kernels are switched off ({KERNEL_SWITCH}=0)"
+    if kind == "bf16":
+        missing = _BF16_KERNEL_FLAGS - _cpu_flags()
+        if missing:
+            return f"this CPU has no {', '.join(sorted(missing))}{hardware.cap_note()}, which the bf16 kernels need"
+    if shutil.which(_compiler()) is None:
+        return f"no C++ compiler to build our kernels ({_compiler()!r} not found; CXX names another)"
+    return None
+
+
+_BUILD_ERRORS: dict[str, str] = {}  # kind -> why its build failed in this process
+
+
+def unavailable_reason(kind: str) -> Optional[str]:
+    """Why the extension ``kind`` is None here (after ``avx512_bf16_extension()``/``fp32_extension()`` ran), or None."""
+    return kernel_unavailable(kind) or _BUILD_ERRORS.get(kind)
+
+
+def fp32_build() -> tuple[str, list[str]]:
+    """The fp32 extension's module name and compiler flags for the CPU our probes see. Uncapped it is built
+    for this very CPU (``-march=native``); under ``DEEPSEEK_VL2_CPU_ISA`` for the instruction set of that
+    kind only (x86-64-v3: AVX2, FMA, F16C, BMI; x86-64-v4: plus AVX-512 F/BW/CD/DQ/VL), so that no
+    instruction the capped kind lacks can run, and under a name of its own, so that a capped and a native
+    build do not replace each other."""
+    cap = hardware.cpu_isa_cap()
+    if cap == "native":
+        return _extension_name("deepseek_vl2_decode_f32"), ["-O3", "-march=native", "-fopenmp"]
+    level = {"avx2": "x86-64-v3", "avx512": "x86-64-v4"}[cap]
+    return _extension_name(f"deepseek_vl2_decode_f32_{cap}"), ["-O3", f"-march={level}", "-mtune=generic", "-fopenmp"]
+
+
+def _build(kind: str, name: str, source: str, cflags: list[str]) -> Optional[Any]:
+    """``csrc/<source>`` compiled (or found built) by PyTorch under ``~/.cache/torch_extensions/<name>``; None,
+    with the reason kept for ``unavailable_reason``, where it cannot be."""
+    if kernel_unavailable(kind) is not None:
         return None
     try:
         from torch.utils.cpp_extension import load
 
         with _one_ninja():
-            return load(
-                name=_extension_name("deepseek_vl2_decode_bf16"),
-                sources=[str(_CSRC / "decode_bf16.cpp")],
-                extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-    except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, ...: the other paths remain
-        warnings.warn(f"AVX512-BF16 GEMV kernel unavailable ({type(exc).__name__}: {str(exc)[:200]}); using PyTorch's")
+            return load(name=name, sources=[str(_CSRC / source)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                        verbose=False)
+    except Exception as exc:  # noqa: BLE001 - no ninja, a broken toolchain, ...: the PyTorch paths remain
+        _BUILD_ERRORS[kind] = f"its build failed ({type(exc).__name__}: {str(exc)[:200]})"
+        warnings.warn(f"{kind} decode kernels unavailable: {_BUILD_ERRORS[kind]}; using PyTorch's")
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def avx512_bf16_extension() -> Optional[Any]:
+    """The compiled ``csrc/decode_bf16.cpp`` (cached by PyTorch under ``~/.cache/torch_extensions``), or None
+    where the CPU lacks AVX512-BF16, no compiler/ninja is available or ``DEEPSEEK_VL2_CPU_KERNEL=0``
+    (``unavailable_reason("bf16")`` says which)."""
+    return _build("bf16", _extension_name("deepseek_vl2_decode_bf16"), "decode_bf16.cpp",
+                  ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"])
 
 
 @functools.lru_cache(maxsize=1)
 def fp32_extension() -> Optional[Any]:
-    """The compiled ``csrc/decode_f32.cpp`` (fp32 GEMV and layer kernels, built for this CPU with
-    ``-march=native``), or None where no compiler/ninja is available (``DEEPSEEK_VL2_CPU_KERNEL=0`` skips)."""
-    if os.environ.get("DEEPSEEK_VL2_CPU_KERNEL", "1") == "0":
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        with _one_ninja():
-            return load(name=_extension_name("deepseek_vl2_decode_f32"), sources=[str(_CSRC / "decode_f32.cpp")],
-                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, ...: the other paths remain
-        warnings.warn(f"fp32 decode kernels unavailable ({type(exc).__name__}: {str(exc)[:200]}); using PyTorch's")
-        return None
+    """The compiled ``csrc/decode_f32.cpp`` (fp32 GEMV and layer kernels, built for this CPU: ``fp32_build``),
+    or None where no compiler/ninja is available or ``DEEPSEEK_VL2_CPU_KERNEL=0`` (``unavailable_reason("f32")``)."""
+    name, cflags = fp32_build()
+    return _build("f32", name, "decode_f32.cpp", cflags)
 
 
 def _simd_f32(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -374,12 +419,46 @@ _chosen: dict[torch.dtype, Gemv] = {}
 _SELECTION_ROUNDS = 6
 
 
+def _onednn_has_bf16() -> bool:
+    """oneDNN's own answer (it honours ``ONEDNN_MAX_CPU_ISA``)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else True  # (without the check, the warm-up run decides)
+
+
+def gemv_path_unavailable(name: str, dtype: torch.dtype) -> Optional[str]:
+    """Why the batch-1 linear path ``name`` cannot run ``dtype`` on this CPU, or None where it can."""
+    if name not in CANDIDATES:
+        return f"there is no path {name!r} (the paths: {', '.join(CANDIDATES)})"
+    if name in ("avx512bf16", "simdf32"):
+        kind, takes = ("bf16", torch.bfloat16) if name == "avx512bf16" else ("f32", torch.float32)
+        if dtype != takes:
+            return f"{name} takes {str(takes)[6:]} weights only"
+        if kernel_unavailable(kind) is not None:  # (asked first: a cap set since the build still counts)
+            return kernel_unavailable(kind)
+        built = avx512_bf16_extension() if kind == "bf16" else fp32_extension()
+        if built is None:  # (a process that started with the kernels switched off keeps them off)
+            return unavailable_reason(kind) or "its kernels were not loaded in this process"
+    if name == "onednn":
+        if not torch.backends.mkldnn.is_available():
+            return "this PyTorch has no oneDNN"
+        # oneDNN runs bf16 on AVX-512 (emulated without avx512_bf16) and on AMX, and refuses it below
+        # (``ONEDNN_MAX_CPU_ISA`` caps it too): asked directly, and our cap counts as the CPU's.
+        if dtype == torch.bfloat16 and (not _onednn_has_bf16()
+                                        or (hardware.is_x86() and "avx512bw" not in _cpu_flags())):
+            return f"oneDNN has no bf16 primitives on this CPU{hardware.cap_note()}"
+    return None
+
+
 def cpu_gemv(dtype: torch.dtype) -> Gemv:
-    """The fastest batch-1 linear for ``dtype`` on this CPU (measured once per process, ~0.3 s)."""
+    """The fastest batch-1 linear for ``dtype`` on this CPU (measured once per process, ~0.3 s), among the
+    paths it can run. ``DEEPSEEK_VL2_CPU_GEMV`` forces one; a path this CPU cannot run is refused."""
     if dtype in _chosen:
         return _chosen[dtype]
-    forced = os.environ.get("DEEPSEEK_VL2_CPU_GEMV")
-    if forced in CANDIDATES:
+    forced = os.environ.get("DEEPSEEK_VL2_CPU_GEMV", "").strip()
+    if forced:
+        reason = gemv_path_unavailable(forced, dtype)
+        if reason is not None:
+            raise hardware.UnavailableOnThisCPU(f"DEEPSEEK_VL2_CPU_GEMV={forced} refused for {str(dtype)[6:]}: {reason}")
         _chosen[dtype] = CANDIDATES[forced]
         return _chosen[dtype]
     # What decoding does: 4 MiB matrices (an expert's is 2-5 MB) back to back, 64 MiB in all (well past
@@ -392,13 +471,11 @@ def cpu_gemv(dtype: torch.dtype) -> Gemv:
     x = torch.randn(1, cols, dtype=dtype)
     runs: dict[str, Callable[[], Any]] = {}
     for name, gemv in CANDIDATES.items():
-        if name == "avx512bf16" and (dtype != torch.bfloat16 or avx512_bf16_extension() is None):
-            continue
-        if name == "simdf32" and (dtype != torch.float32 or fp32_extension() is None):
+        if gemv_path_unavailable(name, dtype) is not None:
             continue
         run = functools.partial(lambda g: [g(x, weight, None) for weight in weights], gemv)
         try:
-            run()  # warm-up (kernel choice, thread pool); fails where the path is missing in this build
+            run()  # warm-up (kernel choice, thread pool); a path that still fails here is left out too
         except (RuntimeError, AttributeError, NotImplementedError):
             continue
         runs[name] = run

@@ -116,13 +116,15 @@ class VL2Pipeline:
     def load(cls, model_dir: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
              dtype: Optional[torch.dtype] = None) -> "VL2Pipeline":
         """Load the model once; device and dtype default to the fastest the hardware handles natively."""
-        from .hardware import default_device, default_dtype
+        from .hardware import check_cpu_dtype, default_device, default_dtype
         from .model import load_model
 
         model_dir = Path(model_dir)
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.float32 if _is_small_model(model_dir) else default_dtype(device)
+        else:
+            check_cpu_dtype(device, dtype)  # (a dtype asked for that this CPU would only emulate: refused)
         config = DeepseekVL2Config.from_pretrained(model_dir)
         check_model_fits(model_dir.name, config, device, dtype)  # (before any memory is taken)
         processor = DeepseekVL2Processor.from_pretrained(model_dir)

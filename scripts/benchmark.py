@@ -17,7 +17,7 @@ the same run (see ``deepseek_vl2/bounds.py``):
 
 Examples::
 
-    python scripts/benchmark.py --config /work/shared/fixtures/real-configs/deepseek-vl2-tiny.json --json
+    python scripts/benchmark.py --config tests/fixtures/real-configs/deepseek-vl2-tiny.json --json
     python scripts/benchmark.py --checkpoint weights/deepseek-vl2-tiny --dtype float32 --repeat 3
     python scripts/benchmark.py --config tiny.json --layers 4     # same widths, fewer decoder layers
 
@@ -50,7 +50,7 @@ from PIL import Image  # noqa: E402
 
 from deepseek_vl2 import bounds  # noqa: E402
 from deepseek_vl2.config import DeepseekVL2Config  # noqa: E402
-from deepseek_vl2.hardware import default_device, default_dtype, parse_dtype  # noqa: E402
+from deepseek_vl2.hardware import UnavailableOnThisCPU, check_cpu_dtype, default_device, default_dtype, parse_dtype  # noqa: E402
 
 # Text tokens of the reference workload around one image ("<bos><|User|>: <image>\n<prompt>\n\n<|Assistant|>:").
 REFERENCE_TEXT_TOKENS = 17
@@ -458,6 +458,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         dtype = default_dtype(device)
     else:
         dtype = parse_dtype(args.dtype)
+        try:
+            check_cpu_dtype(device, dtype)  # (a dtype this CPU would only emulate measures nothing of use)
+        except UnavailableOnThisCPU as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     machine = bounds.machine_description()
     log(f"machine: {machine['cpu']}, {machine['cpu_count']} cores, torch threads {machine['torch_threads']}"
         + (f", {machine['gpu']}" if "gpu" in machine else "") + f"; device {device}, dtype {dtype}")

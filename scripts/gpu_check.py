@@ -200,7 +200,8 @@ def speed(name: str, config_path: Path, prompt_tokens: int, tiles: int, new_toke
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--fixtures", type=Path, default=Path(os.environ.get("DEEPSEEK_VL2_FIXTURES", "../shared/fixtures")))
+    in_project = Path(__file__).resolve().parent.parent / "tests" / "fixtures"  # the golden fixtures' copy in the project
+    parser.add_argument("--fixtures", type=Path, default=Path(os.environ.get("DEEPSEEK_VL2_FIXTURES") or in_project))
     parser.add_argument("--sections", default="parity,tiny,small",
                         help="comma-separated, run in this order: parity, tiny, small (default: all three)")
     args = parser.parse_args()

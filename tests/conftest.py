@@ -1,6 +1,8 @@
 """Shared test fixtures: where the golden fixtures live, and the project root.
 
-The fixtures root is ``$DEEPSEEK_VL2_FIXTURES``, else ``<project>/../shared/fixtures``.
+The fixtures root is ``$DEEPSEEK_VL2_FIXTURES``, else the project's own copy, ``tests/fixtures`` (the golden
+vectors of the official implementation, byte for byte as the team's ``../shared/fixtures``; see its README), so a
+clone with nothing beside it runs the whole suite.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 if str(PROJECT_DIR) not in sys.path:
     sys.path.insert(0, str(PROJECT_DIR))
 
-FIXTURES_DIR = Path(os.environ.get("DEEPSEEK_VL2_FIXTURES", PROJECT_DIR.parent / "shared" / "fixtures")).resolve()
+IN_PROJECT_FIXTURES = PROJECT_DIR / "tests" / "fixtures"
+FIXTURES_DIR = Path(os.environ.get("DEEPSEEK_VL2_FIXTURES") or IN_PROJECT_FIXTURES).resolve()
 
 
 @pytest.fixture(scope="session")

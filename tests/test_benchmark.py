@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FIXTURES_DIR
 from deepseek_vl2 import bounds
 from deepseek_vl2.config import DeepseekVL2Config
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(os.environ.get("DEEPSEEK_VL2_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+FIXTURES = FIXTURES_DIR
 REAL_CONFIGS = FIXTURES / "real-configs"
 
 # Official classes instantiated on the meta device (fixtures README, spec §2.1), attn_pool included.
@@ -26,7 +26,7 @@ REAL_PARAMS = {"deepseek-vl2-tiny": 3_371e6, "deepseek-vl2-small": 16_148e6, "de
 def real_config(name: str) -> DeepseekVL2Config:
     path = REAL_CONFIGS / f"{name}.json"
     if not path.is_file():
-        pytest.skip(f"fixtures not found at {FIXTURES} (set DEEPSEEK_VL2_FIXTURES)")
+        pytest.fail(f"real configs not found at {REAL_CONFIGS} (DEEPSEEK_VL2_FIXTURES points elsewhere?)")
     return DeepseekVL2Config.from_json_file(path)
 
 
@@ -236,3 +236,14 @@ def test_benchmark_smoke_config():
     result = _run_benchmark("--config", str(cfg))
     assert result["random_weights"] is True
     assert result["prompt_tokens"] == 438 and result["n_tiles"] == 2
+
+
+def test_a_dtype_this_cpu_would_emulate_is_refused(monkeypatch):
+    """`--dtype bfloat16` on an AVX2-only CPU (our cap stands in for one): a plain message, exit 2, nothing run."""
+    from deepseek_vl2 import hardware
+
+    bench = _load_benchmark_module()
+    monkeypatch.setenv("DEEPSEEK_VL2_CPU_ISA", "avx2")
+    monkeypatch.setattr(hardware, "is_x86", lambda: True)
+    monkeypatch.setattr(bench.bounds, "machine_description", lambda: pytest.fail("went on to measure"))
+    assert bench.main(["--config", str(REAL_CONFIGS / "deepseek-vl2-tiny.json"), "--dtype", "bfloat16", "--device", "cpu"]) == 2

@@ -14,9 +14,9 @@ def cog_yaml(project_dir):
     return yaml.safe_load((project_dir / "cog.yaml").read_text())
 
 
-def test_validates_against_cogs_config_schema(cog_yaml, fixtures_dir):
-    schema_path = fixtures_dir.parent / "cog" / "config_schema_v1.0.json"
-    schema = json.loads(schema_path.read_text())
+def test_validates_against_cogs_config_schema(cog_yaml, project_dir):
+    # Cog's schema for cog.yaml, copied with the fixtures from the team's ../shared/cog (test_fixtures.py)
+    schema = json.loads((project_dir / "tests" / "cog" / "config_schema_v1.0.json").read_text())
     jsonschema.validate(cog_yaml, schema)
 
 

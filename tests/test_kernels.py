@@ -21,14 +21,6 @@ def _case(dtype: torch.dtype, rows: int, cols: int, strided: bool, bias: bool):
     return x, weight, b, reference
 
 
-def _available(name: str, dtype: torch.dtype) -> bool:
-    if name == "avx512bf16":
-        return dtype == torch.bfloat16 and kernels.avx512_bf16_extension() is not None
-    if name == "simdf32":
-        return dtype == torch.float32 and kernels.fp32_extension() is not None
-    return True
-
-
 # The AVX512-BF16 kernel is bf16-only, our fp32 loop fp32-only; the other paths take both dtypes.
 PATHS = [(name, dtype) for name in sorted(kernels.CANDIDATES) for dtype in (torch.float32, torch.bfloat16)
          if not (name == "avx512bf16" and dtype == torch.float32) and not (name == "simdf32" and dtype == torch.bfloat16)]
@@ -37,8 +29,9 @@ PATHS = [(name, dtype) for name in sorted(kernels.CANDIDATES) for dtype in (torc
 @pytest.mark.parametrize("name, dtype", PATHS, ids=[f"{n}-{str(d)[6:]}" for n, d in PATHS])
 @pytest.mark.parametrize("rows, cols, strided, bias", [(64, 1280, False, False), (96, 1283, True, True), (7, 31, True, False)])
 def test_candidates_compute_linear(name: str, dtype: torch.dtype, rows: int, cols: int, strided: bool, bias: bool) -> None:
-    if not _available(name, dtype):
-        pytest.skip("this CPU has no AVX512-BF16 (or no C++ compiler/ninja), so that path does not exist here")
+    unavailable = kernels.gemv_path_unavailable(name, dtype)
+    if unavailable is not None:  # (test_the_paths_a_cpu_of_this_kind_has_are_there: only where it must be)
+        pytest.skip(f"{name} does not exist here: {unavailable}")
     x, weight, b, reference = _case(dtype, rows, cols, strided, bias)
     out = kernels.CANDIDATES[name](x, weight, b)
     assert out.shape == (1, rows) and out.dtype == dtype
@@ -91,7 +84,7 @@ def test_builds_use_the_ninja_of_the_package(monkeypatch: pytest.MonkeyPatch) ->
 
 needs_extension = pytest.mark.skipif(
     kernels.avx512_bf16_extension() is None,
-    reason="this CPU has no AVX512-BF16 (or no C++ compiler/ninja), so these kernels do not exist here",
+    reason=f"the bf16 kernels do not exist here: {kernels.unavailable_reason('bf16')}",
 )
 BF16 = torch.bfloat16
 
@@ -266,7 +259,7 @@ def test_mla_block_is_the_latent_attention_sub_layer(case: str, dtype: torch.dty
     from deepseek_vl2.language import AttentionContext, MultiHeadLatentAttention, RMSNorm, apply_rope, deinterleave
 
     if (kernels.avx512_bf16_extension() if dtype == BF16 else kernels.fp32_extension()) is None:
-        pytest.skip("the kernels for this dtype are not available here")
+        pytest.skip(f"the kernels for this dtype do not exist here: {kernels.unavailable_reason('bf16' if dtype == BF16 else 'f32')}")
     F = torch.nn.functional
     overrides, position = MLA_CASES[case]
     config = _language_config(**overrides).language
@@ -361,7 +354,10 @@ def test_row_claims_cover_every_row_once_and_rebalance_a_slow_thread() -> None:
     assert (owners >= 0).all()
     first_share = owners[: 4000 // threads]
     assert (first_share != 0).sum() > 0.5 * first_share.numel()  # most of thread 0's share done by others
-    assert (owners[:10] == 0).all()  # its first chunk it took itself, from the front
+    # It takes its own share from the front, the others from the back: what it did itself is a prefix of
+    # its share (possibly empty: on a loaded machine the scheduler may not run it before the others are done).
+    done_by_it = int((first_share == 0).sum())
+    assert (first_share[:done_by_it] == 0).all()
 
 
 def test_kernel_error_messages_are_joined_without_iostreams() -> None:
@@ -372,7 +368,7 @@ def test_kernel_error_messages_are_joined_without_iostreams() -> None:
         if source.name != "check.h":
             assert "TORCH_CHECK" not in source.read_text(), f"{source.name}: use DECODE_CHECK (see check.h)"
     if kernels.fp32_extension() is None:
-        pytest.skip("no C++ compiler/ninja: no kernels")
+        pytest.skip(f"no fp32 kernels: {kernels.unavailable_reason('f32')}")
     with pytest.raises(RuntimeError, match=r"gemv_f32: x has 3 values, weight rows have 5"):
         kernels.fp32_extension().gemv_f32(torch.zeros(3), torch.zeros(4, 5), None)
     with pytest.raises(RuntimeError, match=r"gemv_f32: Float tensors only"):
@@ -392,7 +388,7 @@ def test_sampling_candidates_are_the_top_k_after_the_penalty_with_ties(build: st
     """Ids (ascending) and penalised values of every logit >= the k-th largest, as PyTorch selects them."""
     extension = getattr(kernels, build)()
     if extension is None:
-        pytest.skip(f"{build}: not available here")
+        pytest.skip(f"{build}: not available here: {kernels.unavailable_reason('f32' if build == 'fp32_extension' else 'bf16')}")
     generator = torch.Generator().manual_seed(5)
     vocab = 3000
     for trial in range(40):
@@ -630,3 +626,240 @@ def test_step_rows_do_not_apply_where_the_step_kernel_does_not() -> None:
     language = load_model(FIXTURES_DIR / "checkpoints" / "mha", dtype=torch.float64).language
     language.setup_cache(8, batch=4)
     assert language.decode_rows_cpu([3, 4], [0, 0], [0, 1]) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Every CPU kind: a path this CPU cannot run is never chosen nor forced; the builds follow the CPU (and
+# DEEPSEEK_VL2_CPU_ISA, which makes this CPU behave as an older kind); no compiler or the switch: PyTorch.
+
+
+def _avx2_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepseek_vl2 import hardware
+
+    monkeypatch.setenv("DEEPSEEK_VL2_CPU_ISA", "avx2")
+    monkeypatch.delenv("DEEPSEEK_VL2_CPU_KERNEL", raising=False)  # (the CPU's reasons, not the switch's)
+    monkeypatch.setattr(hardware, "is_x86", lambda: True)
+    monkeypatch.setattr(kernels, "_chosen", {})
+
+
+@pytest.mark.parametrize("forced, dtype, why", [
+    ("avx512bf16", torch.bfloat16, r"this CPU has no avx512_bf16, avx512bw, avx512f \(capped by DEEPSEEK_VL2_CPU_ISA=avx2\)"),
+    ("onednn", torch.bfloat16, r"oneDNN has no bf16 primitives on this CPU \(capped by DEEPSEEK_VL2_CPU_ISA=avx2\)"),
+    ("simdf32", torch.bfloat16, "simdf32 takes float32 weights only"),
+    ("avx512bf16", torch.float32, "avx512bf16 takes bfloat16 weights only"),
+    ("fastest", torch.float32, "there is no path 'fastest'"),
+])
+def test_an_override_asking_for_a_path_this_cpu_cannot_run_is_refused(forced: str, dtype: torch.dtype, why: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepseek_vl2.hardware import UnavailableOnThisCPU
+
+    _avx2_only(monkeypatch)
+    monkeypatch.setenv("DEEPSEEK_VL2_CPU_GEMV", forced)
+    with pytest.raises(UnavailableOnThisCPU, match=f"DEEPSEEK_VL2_CPU_GEMV={forced} refused for {str(dtype)[6:]}: {why}"):
+        kernels.cpu_gemv(dtype)
+    monkeypatch.setenv("DEEPSEEK_VL2_CPU_GEMV", "native")  # one it can run: taken as asked
+    assert kernels.cpu_gemv(dtype) is kernels.CANDIDATES["native"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_the_probe_times_only_the_paths_this_cpu_can_run(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    _avx2_only(monkeypatch)
+    monkeypatch.delenv("DEEPSEEK_VL2_CPU_GEMV", raising=False)
+    timed: list[str] = []
+
+    def best_times(runs, rounds):
+        timed.extend(runs)
+        return {name: 1.0 for name in runs}
+
+    monkeypatch.setattr(kernels, "_best_times", best_times)
+    chosen = kernels.cpu_gemv(dtype)
+    if dtype == torch.bfloat16:  # (PyTorch's own paths emulate bf16 there: slow, but they run)
+        assert sorted(timed) == ["aten", "native"]
+    else:
+        assert {"aten", "native", "onednn"} <= set(timed) and "avx512bf16" not in timed
+    assert chosen in [kernels.CANDIDATES[name] for name in timed]
+
+
+def test_the_fp32_build_under_a_cap_targets_that_cpu_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DEEPSEEK_VL2_CPU_ISA", raising=False)
+    native_name, native_flags = kernels.fp32_build()
+    assert "-march=native" in native_flags
+    for cap, level in (("avx2", "-march=x86-64-v3"), ("avx512", "-march=x86-64-v4")):
+        monkeypatch.setenv("DEEPSEEK_VL2_CPU_ISA", cap)
+        name, flags = kernels.fp32_build()
+        assert level in flags and "-march=native" not in flags
+        assert name != native_name and f"_{cap}_" in name and name.isidentifier()  # (its own build folder)
+
+
+def _evex_instructions(library: str) -> list[str]:
+    """The AVX-512 (EVEX-encoded: first byte 0x62, never a valid opcode otherwise in 64-bit code) instructions
+    of a shared library, as objdump disassembles them."""
+    import shutil
+    import subprocess
+
+    if shutil.which("objdump") is None:
+        pytest.skip("no objdump (binutils) to read the kernels' instructions")
+    listing = subprocess.run(["objdump", "-d", "--no-addresses", library], capture_output=True, text=True, check=True).stdout
+    return [line for line in listing.splitlines() if line.count("\t") >= 2 and line.split("\t")[1].startswith("62 ")]
+
+
+def test_under_the_avx2_cap_our_kernels_hold_no_avx512_instruction(tmp_path: Path) -> None:
+    """What runs as "an AVX2 CPU" must not use AVX-512: the fp32 extension built under the cap (in another
+    process, as CI's capped run builds it) has no EVEX-encoded instruction, while the checker does find
+    them in an AVX-512 build."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if kernels.kernel_unavailable("f32") is not None:
+        pytest.skip(f"no fp32 kernels to read: {kernels.kernel_unavailable('f32')}")
+    script = ("import json; from deepseek_vl2 import kernels, hardware; e = kernels.fp32_extension(); "
+              "print(json.dumps([e.__file__ if e else None, kernels.unavailable_reason('f32'), "
+              "kernels.avx512_bf16_extension() is None, hardware.default_dtype('cpu') == hardware.torch.float32]))")
+    env = {**os.environ, "DEEPSEEK_VL2_CPU_ISA": "avx2"}
+    env.pop("DEEPSEEK_VL2_CPU_KERNEL", None)
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(kernels.__file__).parent.parent, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    library, reason, no_bf16_kernels, fp32_default = json.loads(out.stdout.strip().splitlines()[-1])
+    assert library is not None, reason
+    assert no_bf16_kernels and fp32_default  # nor bf16, as on a real AVX2 CPU
+    evex = _evex_instructions(library)
+    assert not evex, f"{len(evex)} AVX-512 instructions in the AVX2 build, e.g. {evex[:3]}"
+    positive = kernels.avx512_bf16_extension()
+    if positive is not None:  # (the checker is not blind: the bf16 kernels are AVX-512 through and through)
+        assert len(_evex_instructions(positive.__file__)) > 100
+
+
+@pytest.mark.parametrize("variable, value, why", [
+    ("CXX", "/nonexistent/c++", "no C++ compiler to build our kernels ('/nonexistent/c++' not found"),
+    ("DEEPSEEK_VL2_CPU_KERNEL", "0", "our CPU kernels are switched off (DEEPSEEK_VL2_CPU_KERNEL=0)"),
+])
+def test_without_a_compiler_or_with_the_switch_off_pytorch_decodes_alike(variable: str, value: str, why: str,
+                                                                         tmp_path: Path) -> None:
+    """No kernels (no compiler, or switched off): nothing is built, each path says why it is missing, the
+    chooser picks one of PyTorch's, forcing ours is refused, and greedy decoding gives the tokens it gives
+    with the kernels (those of this process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import FIXTURES_DIR
+    from deepseek_vl2.generation import GenerationConfig, generate
+    from test_generation import _inputs, _load
+
+    processor, model = _load("mla")
+    expected = generate(model, _inputs(processor), GenerationConfig(max_new_tokens=8), processor.eos_id)
+    script = f"""
+import json, sys, warnings
+sys.path.insert(0, "tests")
+warnings.simplefilter("error")  # (nothing to warn about: the reason is known before any build is tried)
+from deepseek_vl2 import kernels
+from deepseek_vl2.generation import GenerationConfig, generate
+from test_generation import _inputs, _load
+import torch
+processor, model = _load("mla")
+tokens = generate(model, _inputs(processor), GenerationConfig(max_new_tokens=8), processor.eos_id)
+paths = [kernels.cpu_gemv(torch.float32), kernels.cpu_gemv(torch.bfloat16)]
+chosen = [name for name, gemv in kernels.CANDIDATES.items() if gemv in paths]
+import os
+os.environ["DEEPSEEK_VL2_CPU_GEMV"] = "simdf32"; kernels._chosen.clear()
+try:
+    kernels.cpu_gemv(torch.float32); refused = None
+except ValueError as exc:
+    refused = str(exc)
+print(json.dumps([kernels.fp32_extension() is None, kernels.avx512_bf16_extension() is None,
+                  kernels.unavailable_reason("f32"), chosen, refused, tokens]))
+"""
+    env = {**os.environ, variable: value, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"),
+           "DEEPSEEK_VL2_FIXTURES": str(FIXTURES_DIR)}
+    for other in ("DEEPSEEK_VL2_CPU_GEMV", "DEEPSEEK_VL2_CPU_KERNEL"):
+        if other != variable:
+            env.pop(other, None)
+    out = subprocess.run([sys.executable, "-c", script], cwd=Path(kernels.__file__).parent.parent, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    no_f32, no_bf16, reason, chosen, refused, tokens = json.loads(out.stdout.strip().splitlines()[-1])
+    assert no_f32 and no_bf16 and reason.startswith(why)
+    assert chosen and set(chosen) <= {"aten", "native", "onednn"}
+    assert refused is not None and why in refused
+    assert not (tmp_path / "extensions").exists() or not any((tmp_path / "extensions").rglob("*.so"))
+    assert tokens == expected
+
+
+def test_the_paths_a_cpu_of_this_kind_has_are_there() -> None:
+    """The skips above are only where this CPU kind really lacks a path: with a compiler, the fp32 kernels
+    build; with AVX512-BF16 the bf16 ones too; with AVX-512 (uncapped) oneDNN runs bf16."""
+    import os
+
+    from deepseek_vl2 import hardware
+
+    flags = hardware.cpu_flags()
+    if kernels.kernel_unavailable("f32") is None:
+        assert kernels.fp32_extension() is not None, kernels.unavailable_reason("f32")
+        assert kernels.gemv_path_unavailable("simdf32", torch.float32) is None
+    if kernels.kernel_unavailable("bf16") is None:
+        assert {"avx512f", "avx512bw", "avx512_bf16"} <= flags
+        assert kernels.avx512_bf16_extension() is not None, kernels.unavailable_reason("bf16")
+    elif os.environ.get("DEEPSEEK_VL2_CPU_KERNEL") != "0" and kernels.kernel_unavailable("f32") is None:
+        assert not {"avx512f", "avx512bw", "avx512_bf16"} <= flags  # missing only for the CPU's sake
+    assert kernels.gemv_path_unavailable("onednn", torch.float32) is None
+    if {"avx512bw", "avx512vl", "avx512dq"} <= flags and not os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        assert kernels.gemv_path_unavailable("onednn", torch.bfloat16) is None
+
+
+class _NeverBuild:
+    """A stand-in for an extension builder that has built nothing and must not be called."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cache_info(self):
+        from functools import _CacheInfo
+
+        return _CacheInfo(0, 0, 1, 0)
+
+    def __call__(self):
+        pytest.fail(f"{self.name}() was called for tensors off the CPU")
+
+
+def test_a_model_off_the_cpu_never_builds_cpu_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU machine the setup must not compile CPU kernels (~30 s each): every entry point into them
+    declines tensors that are not on the CPU before asking for an extension. The meta device stands in
+    for CUDA (no GPU here); the builders are replaced by ones that fail if called."""
+    import torch.nn.functional as F
+
+    from deepseek_vl2 import hardware
+    from deepseek_vl2.model import build_model
+    from test_generation import _fixture_config
+
+    monkeypatch.setattr(kernels, "avx512_bf16_extension", _NeverBuild("avx512_bf16_extension"))
+    monkeypatch.setattr(kernels, "fp32_extension", _NeverBuild("fp32_extension"))
+    monkeypatch.setattr(kernels, "_BUILT", [])
+    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(hardware, "cpu_bf16_is_fast", _NeverBuild("cpu_bf16_is_fast"))
+    for dtype in (torch.bfloat16, torch.float32):
+        assert hardware.default_dtype("cuda") in (torch.bfloat16, torch.float16)  # (no CPU probe for a GPU)
+        model = build_model(_fixture_config("mla-noaux", q_lora_rank=48), "meta", dtype)
+        language = model.language
+        language.setup_cache(8)
+        hidden = language.config.hidden_size
+        x = torch.empty(1, 1, hidden, device="meta", dtype=dtype)
+        big = torch.empty(4096, 1024, device="meta", dtype=dtype)  # (above the size that goes to cpu_gemv)
+        assert kernels.linear(torch.empty(1, 1024, device="meta", dtype=dtype), big).device.type == "meta"
+        assert language.decode_step_cpu(5, 3) is None  # the whole-step kernel
+        cos = sin = torch.empty(1, 8, device="meta", dtype=dtype)
+        from deepseek_vl2.language import AttentionContext
+
+        ctx = AttentionContext(cos=cos, sin=sin, start_pos=3, use_cache=True)
+        for layer in language.model.layers:  # the per-layer kernels
+            assert layer.self_attn.residual_block(x, layer.input_layernorm, ctx) is None
+            assert layer.mlp.residual_block(x, layer.post_attention_layernorm) is None
+            assert layer.input_layernorm(x).device.type == "meta"  # (rms_norm kernel declined)
+        assert kernels.linear_many(x, [torch.nn.Linear(hidden, 8, device="meta", dtype=dtype)]) is None
+        logits = torch.empty(3000, device="meta")
+        assert kernels.first_argmax(logits) is None
+        assert kernels.sampling_candidates(logits, torch.empty(2, dtype=torch.long, device="meta"), 1.1, 5) is None
+        assert F.linear(x, big[:, :hidden]).device.type == "meta"

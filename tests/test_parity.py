@@ -1,7 +1,7 @@
 """Parity with the official implementation: every field of every golden case, with the case's tolerance.
 
-Cases are discovered under ``$DEEPSEEK_VL2_FIXTURES/cases/<variant>/<case>/`` (default
-``../shared/fixtures``); a missing root or a root without cases fails. Runs in fp32 on the CPU.
+Cases are discovered under ``$DEEPSEEK_VL2_FIXTURES/cases/<variant>/<case>/`` (default: the project's copy,
+``tests/fixtures``); a missing root or a root without cases fails. Runs in fp32 on the CPU.
 """
 
 from __future__ import annotations

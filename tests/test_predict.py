@@ -116,15 +116,22 @@ def test_setup_reports_missing_weights_clearly(monkeypatch, tmp_path):
 
 
 def test_dtype_override(monkeypatch, fixtures_dir):
+    """DEEPSEEK_VL2_DTYPE is obeyed where the CPU runs that dtype, else refused (tests/test_hardware.py)."""
     import torch
 
     import predict
+    from deepseek_vl2.hardware import UnavailableOnThisCPU, cpu_dtype_unavailable
 
     monkeypatch.setenv("DEEPSEEK_VL2_WEIGHTS", str(fixtures_dir / "checkpoints" / "mha"))
-    monkeypatch.setenv("DEEPSEEK_VL2_DTYPE", "bfloat16")
-    p = predict.Predictor()
-    p.setup()
-    assert p.pipeline.dtype == torch.bfloat16
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        monkeypatch.setenv("DEEPSEEK_VL2_DTYPE", name)
+        p = predict.Predictor()
+        if torch.cuda.is_available() or cpu_dtype_unavailable(dtype) is None:
+            p.setup()
+            assert p.pipeline.dtype == dtype
+        else:
+            with pytest.raises(UnavailableOnThisCPU, match=f"dtype {name} refused on this CPU"):
+                p.setup()
 
 
 def test_cli_and_make_demo(project_dir, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import shutil
 import struct
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import FIXTURES_DIR as FIXTURES  # ($DEEPSEEK_VL2_FIXTURES, else tests/fixtures)
 from deepseek_vl2.processor import (
     DEFAULT_CANDIDATE_RESOLUTIONS,
     DeepseekVL2Processor,
@@ -31,7 +31,6 @@ from deepseek_vl2.processor import (
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("DEEPSEEK_VL2_FIXTURES", PROJECT_ROOT.parent / "shared" / "fixtures"))
 
 
 def _discover_cases() -> list:

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import threading
 import time
@@ -463,7 +462,8 @@ def test_exif_rotated_jpeg_is_answered_upright(server):
     jpeg, upright_png, sideways_png = _exif_rotated_jpeg_and_upright_png()
     request = {"prompt": "Describe.", "max_length_tokens": 24, "temperature": 0}
     answers = {}
-    for name, data, suffix in (("jpeg", jpeg, ".jpg"), ("upright", upright_png, ".png"), ("sideways", sideways_png, ".png")):
+    images = (("jpeg", jpeg, ".jpg"), ("upright", upright_png, ".png"), ("sideways", sideways_png, ".png"))
+    for name, data, suffix in images:
         body = server.predict({**request, "image": data_uri(data, suffix)}).json()
         assert body["status"] == "succeeded", body
         answers[name] = body["output"]
@@ -556,7 +556,8 @@ def test_the_cheap_bound_never_refuses_a_prompt_that_fits(checkpoint):
 
     processor = DeepseekVL2Processor.from_pretrained(checkpoint)
     longest = max(processor.tokenizer.get_vocab(with_added_tokens=False), key=len)
-    samples = ["describe the picture " * 300, "日本語のテキスト😀" * 200, " " * 5000, "=" * 5000, longest * 500,
+    samples = ["describe the picture " * 300, "日本語のテキスト😀" * 200, " " * 5000, "=" * 5000,
+               longest * 500,
                "<|Assistant|><image><｜end▁of▁sentence｜>" * 100, "مرحبا بالعالم " * 300, "x"]
     for text in samples:
         assert 0 < processor.min_tokens(text) <= len(processor.encode(text)), text[:40]

@@ -24,43 +24,120 @@ from typing import Optional
 from cog import AsyncConcatenateIterator, BasePredictor, Input, Path, concurrent, streaming
 
 from deepseek_vl2.pipeline import InputError, VL2Pipeline
+from deepseek_vl2.shutdown import watch_cog_server
 from deepseek_vl2.weights import resolve_weights
 
 
-def _explain_download_errors() -> None:
-    """Make a failed image download read "Cannot download the image from URL: reason".
+def _limit(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    try:
+        return float(value) if value else default
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {value!r}") from None
 
-    Cog fetches URL inputs itself, before predict() runs, and reports a failure with the raw
-    ``requests`` exception text. This wraps Cog's download step (``URLPath.convert``) so that the
-    prediction still fails the same way, with a shorter message. Guarded: a Cog without that hook
-    is left untouched.
+
+# Bounds of an image download (Cog 0.23 fetches URL inputs with `requests.get(timeout=10)` and copies the
+# whole body to a temp file: a server that trickles bytes holds it forever, an endless body fills the disk).
+# Connecting and each wait for the next bytes: at most DOWNLOAD_SILENCE_S. The whole download: at most
+# DOWNLOAD_TIMEOUT_S (checked between reads, so the worst case is that plus one silent wait). The body: at
+# most MAX_IMAGE_BYTES (a 40-megapixel PNG photo is 50-80 MB; the pixel limit of the decoder, 89 megapixels,
+# would be about 270 MB uncompressed, which no sensible upload is).
+DOWNLOAD_SILENCE_S = 10.0
+DOWNLOAD_TIMEOUT_S = _limit("DEEPSEEK_VL2_DOWNLOAD_TIMEOUT_S", 60.0)
+MAX_IMAGE_BYTES = int(_limit("DEEPSEEK_VL2_MAX_IMAGE_MB", 128) * (1 << 20))
+
+
+class DownloadError(ValueError):
+    """An image URL that cannot be fetched within the bounds; the message says why."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+def download_image(url: str, suffix: str = "", *, silence_s: float = DOWNLOAD_SILENCE_S,
+                   timeout_s: float = DOWNLOAD_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES) -> str:
+    """Fetch ``url`` into a new temp file (its path is returned) within the bounds above, else raise
+    ``DownloadError`` (the partial file removed). Sends ``COG_USER_AGENT`` as Cog's own download does."""
+    import tempfile
+
+    import requests
+    import urllib3
+
+    headers = {"User-Agent": os.environ["COG_USER_AGENT"]} if os.environ.get("COG_USER_AGENT") else {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        resp = requests.get(url, stream=True, timeout=(silence_s, silence_s), headers=headers)
+    except requests.Timeout:
+        raise DownloadError(f"the server did not answer within {silence_s:.0f} s") from None
+    except requests.ConnectionError:
+        raise DownloadError("the server cannot be reached") from None
+    except requests.RequestException as exc:
+        raise DownloadError(f"the request failed ({exc.__class__.__name__})") from None
+    with resp:
+        if resp.status_code >= 400:
+            raise DownloadError(f"HTTP {resp.status_code} {resp.reason or ''}".rstrip())
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise DownloadError(f"the file is {_mib(int(declared))}, more than the limit of {_mib(max_bytes)}")
+        resp.raw.decode_content = True
+        dest = tempfile.NamedTemporaryFile(suffix=suffix, delete=False)
+        size = 0
+        try:
+            with dest:
+                while True:
+                    if time.monotonic() > deadline:
+                        raise DownloadError(f"the download took longer than {timeout_s:.0f} s "
+                                            f"({_mib(size)} received)")
+                    # read1: whatever has arrived, so that a trickle cannot hold one read past the deadline
+                    chunk = resp.raw.read1(1 << 16)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise DownloadError(f"the file is larger than the limit of {_mib(max_bytes)}")
+                    dest.write(chunk)
+        except (urllib3.exceptions.ReadTimeoutError, requests.Timeout):
+            os.unlink(dest.name)
+            raise DownloadError(f"the server stopped sending for {silence_s:.0f} s") from None
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+            os.unlink(dest.name)
+            raise DownloadError(f"the download broke off ({exc.__class__.__name__})") from None
+        except BaseException:
+            os.unlink(dest.name)
+            raise
+    return dest.name
+
+
+def _bound_downloads() -> None:
+    """Make Cog fetch an image URL with ``download_image`` (bounded in time and size), and report a failure
+    as "Cannot download the image from URL: reason".
+
+    Cog fetches URL inputs itself, before predict() runs (``URLPath.convert``, called by coglet); this
+    replaces that step for http(s) URLs. ``data:`` URIs (already decoded by Cog) keep Cog's own step.
+    Guarded: a Cog without that hook is left untouched.
     """
     try:
-        import requests
         from cog.types import URLPath
     except ImportError:  # pragma: no cover - depends on the installed Cog
         return
     original = getattr(URLPath, "convert", None)
-    if original is None or getattr(original, "_explains_errors", False):
+    if original is None or getattr(original, "_bounded", False):
         return
 
     def convert(self):  # type: ignore[no-untyped-def]
-        try:
-            return original(self)
-        except requests.HTTPError as exc:
-            code = exc.response.status_code if exc.response is not None else "error"
-            reason = exc.response.reason if exc.response is not None else ""
-            raise ValueError(f"Cannot download the image from {self.source}: HTTP {code} {reason}".rstrip()) from None
-        except requests.Timeout:
-            raise ValueError(f"Cannot download the image from {self.source}: the server did not answer in time") from None
-        except requests.ConnectionError:
-            raise ValueError(f"Cannot download the image from {self.source}: the server cannot be reached") from None
+        if getattr(self, "_path", None) is None and str(self.source).startswith(("http://", "https://")):
+            try:
+                self._path = Path(download_image(self.source, suffix=self.filename))
+            except DownloadError as exc:
+                raise DownloadError(f"Cannot download the image from {self.source}: {exc}") from None
+        return original(self)
 
-    convert._explains_errors = True  # type: ignore[attr-defined]
+    convert._bounded = True  # type: ignore[attr-defined]
     URLPath.convert = convert
 
 
-_explain_download_errors()
+_bound_downloads()
 
 
 def max_concurrency() -> int:
@@ -107,8 +184,10 @@ class Predictor(BasePredictor):
         slots = MAX_CONCURRENCY
         if not {"DEEPSEEK_VL2_MAX_CONCURRENCY", "COG_MAX_CONCURRENCY"} & set(os.environ):  # the default: what memory allows
             slots = min(slots, default_slots(self.pipeline.device, cache_bytes_per_slot(language)))
-        self.pipeline.start(slots)
+        engine = self.pipeline.start(slots)
         self.pipeline.warm_up()
+        # Under Cog's server: when it is told to stop, stop within a bounded time (deepseek_vl2/shutdown.py).
+        watch_cog_server(lambda: engine.in_flight, engine.stop)
         print(
             f"DeepSeek-VL2 loaded from {model_dir} on {self.pipeline.device} ({self.pipeline.dtype}) "
             f"in {time.perf_counter() - started:.1f} s; {MAX_CONCURRENCY} predictions at once, "

@@ -23,10 +23,64 @@ DEFAULT_CANDIDATE_RESOLUTIONS: list[list[int]] = [
 ]
 
 
-def _from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Build dataclass ``cls`` from ``values``, ignoring keys it does not model (e.g. ``model_name``)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
+# The keys that fix the parameters' shapes and that every released config.json sets. One of them absent
+# takes the official default (as upstream), and the weights then cannot match: the loader names it.
+SHAPE_KEYS = (
+    "vision_config", "projector_config", "language_config",
+    *(f"vision_config.{k}" for k in ("width", "layers", "patch_size", "mlp_ratio")),
+    "projector_config.n_embed",
+    *(f"language_config.{k}" for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "n_routed_experts", "n_shared_experts",
+        "first_k_dense_replace", "moe_layer_freq", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
+        "qk_rope_head_dim", "v_head_dim")),
+)
+
+
+class ConfigError(ValueError):
+    """config.json cannot describe a model; the message names the file and the key."""
+
+
+def _type_problem(annotation: Any, value: Any) -> Optional[str]:
+    """What is wrong with ``value`` for a field annotated ``annotation`` (None: nothing).
+
+    Why check at all: a wrong type (``"hidden_size": "64"``) otherwise surfaces as a cryptic error deep in
+    ``torch.empty``. The check is only as strict as the released configs need: an int is accepted where a
+    float is expected (``rope_theta: 10000``), a bool is never taken for a number.
+    """
+    optional = isinstance(annotation, str) and annotation.startswith("Optional[")
+    base = annotation[len("Optional["):-1] if optional else annotation
+    if value is None:
+        return None if optional else "must not be null"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    checks = {
+        "int": (isinstance(value, int) and not isinstance(value, bool), "an integer"),
+        "float": (number, "a number"),
+        "bool": (isinstance(value, bool), "true or false"),
+        "str": (isinstance(value, str), "a string"),
+        "dict[str, Any]": (isinstance(value, dict), "an object"),
+        "list[list[int]]": (isinstance(value, list) and all(isinstance(r, list) and len(r) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in r) for r in value) and bool(value),
+            "a non-empty list of [width, height] pairs"),
+    }
+    ok, wanted = checks.get(base, (True, ""))
+    return None if ok else f"must be {wanted}, got {value!r}"
+
+
+def _from_dict(cls: type, values: Any, section: str = "") -> Any:
+    """Build dataclass ``cls`` from ``values``, ignoring keys it does not model (e.g. ``model_name``).
+
+    Raises ``ConfigError`` naming ``section.key`` for a value of the wrong type; keys that ``values`` lacks
+    take the official defaults (listed on the result as ``defaulted``, for error messages)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section} must be an object, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key in fields and (problem := _type_problem(fields[key].type, value)):
+            raise ConfigError(f"{section + '.' if section else ''}{key} {problem}")
+    result = cls(**{k: v for k, v in values.items() if k in fields})
+    object.__setattr__(result, "defaulted", [f"{section}.{k}" if section else k for k in fields if k not in values])
+    return result
 
 
 @dataclass
@@ -133,6 +187,17 @@ class LanguageConfig:
 
 
 @dataclass
+class _TopLevel:
+    """The top-level keys of config.json that the model reads (for their type check and defaults)."""
+
+    tile_tag: str = "2D"
+    global_view_pos: str = "head"
+    candidate_resolutions: list[list[int]] = field(
+        default_factory=lambda: [list(r) for r in DEFAULT_CANDIDATE_RESOLUTIONS]
+    )
+
+
+@dataclass
 class DeepseekVL2Config:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -145,14 +210,27 @@ class DeepseekVL2Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DeepseekVL2Config":
-        return cls(
-            vision=_from_dict(VisionConfig, values.get("vision_config") or {}),
-            projector=_from_dict(ProjectorConfig, values.get("projector_config") or {}),
-            language=_from_dict(LanguageConfig, values.get("language_config") or {}),
-            tile_tag=values.get("tile_tag", "2D"),
-            global_view_pos=values.get("global_view_pos", "head"),
-            candidate_resolutions=values.get("candidate_resolutions") or [list(r) for r in DEFAULT_CANDIDATE_RESOLUTIONS],
+        """Raises ``ConfigError`` (naming the key) for a value of the wrong type."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"the top level must be an object, got {type(values).__name__}")
+        # (null or an empty list of resolutions: the defaults, as before)
+        top = _from_dict(_TopLevel, {k: v for k, v in values.items() if k in _TopLevel.__dataclass_fields__
+                                     and v is not None and v != []})
+        sections = {name: values.get(name) if values.get(name) is not None else {}
+                    for name in ("vision_config", "projector_config", "language_config")}
+        config = cls(
+            vision=_from_dict(VisionConfig, sections["vision_config"], "vision_config"),
+            projector=_from_dict(ProjectorConfig, sections["projector_config"], "projector_config"),
+            language=_from_dict(LanguageConfig, sections["language_config"], "language_config"),
+            tile_tag=top.tile_tag,
+            global_view_pos=top.global_view_pos,
+            candidate_resolutions=top.candidate_resolutions,
         )
+        # Keys absent from the file that took the official defaults (legitimately so for some released
+        # configs): named by the loader when the weights then do not match.
+        config.defaulted = [*(name for name in sections if name not in values), *config.vision.defaulted,
+                            *config.projector.defaulted, *config.language.defaulted]
+        return config
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "DeepseekVL2Config":
@@ -161,11 +239,16 @@ class DeepseekVL2Config:
             values = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be an object, got {type(values).__name__}")
         if values.get("model_type") not in (None, "deepseek_vl_v2"):
-            raise ValueError(f"{path}: model_type is {values.get('model_type')!r}, expected 'deepseek_vl_v2'")
-        return cls.from_dict(values)
+            raise ConfigError(f"{path}: model_type is {values.get('model_type')!r}, expected 'deepseek_vl_v2'")
+        try:
+            return cls.from_dict(values)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "DeepseekVL2Config":

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Optional, Protocol
 import torch
 from torch import nn
 
-from .config import DeepseekVL2Config
+from .config import SHAPE_KEYS, DeepseekVL2Config
 from .language import DeepseekV2ForCausalLM, Experts, RotaryEmbedding
 from .projector import MlpProjector
 from .vision import VisionTransformer
@@ -398,7 +398,17 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
     model = build_model(config, device, dtype)
     if mmap is None:
         mmap = torch.device(device).type == "cpu" and os.environ.get("DEEPSEEK_VL2_MMAP", "1") != "0"
-    load_state(model, files, progress, mmap=mmap)
+    try:
+        load_state(model, files, progress, mmap=mmap)
+    except CheckpointError as exc:
+        # A key missing from config.json is the likeliest cause of misshapen weights: say which.
+        defaulted = set(getattr(config, "defaulted", ()))
+        absent = [key for key in SHAPE_KEYS if key in defaulted and key.split(".")[0] not in defaulted - {key}]
+        if absent and "shape mismatch" in str(exc):
+            raise CheckpointError(
+                f"{model_dir / 'config.json'} lacks {', '.join(absent)}, which every released config sets; "
+                f"the official defaults do not match the weights. {exc}") from None
+        raise
     return model
 
 

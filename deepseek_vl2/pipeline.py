@@ -187,6 +187,17 @@ class VL2Pipeline:
                 raise InputError(f"The image file cannot be read ({exc.strerror or exc}).") from None
         return self.processor.process_prompt(text, [load_image(image)])
 
+    def refuse_overlong(self, text: str) -> None:
+        """Refuse a prompt that certainly cannot fit the context before tokenizing it or decoding the image
+        (a megabyte of text is refused in milliseconds instead of a second's tokenizing); shorter prompts
+        go on to the exact count in ``max_new_tokens``."""
+        at_least = self.processor.min_tokens(text)
+        if at_least >= self.context_length:
+            raise InputError(
+                f"The prompt is too long: its {len(text)} characters are at least {at_least} tokens, and the "
+                f"model's context holds {self.context_length}. Please shorten the prompt."
+            )
+
     def max_new_tokens(self, inputs: ProcessedInputs, requested: int) -> int:
         """``requested`` clamped to the context left after the prompt; error if the prompt fills it."""
         prompt_len = int(inputs.input_ids.shape[-1])
@@ -207,6 +218,7 @@ class VL2Pipeline:
         text = self.build_prompt(prompt)
         if settings.max_length_tokens == 0:
             return None
+        self.refuse_overlong(text)
         inputs = self._process(image, text)
         config = settings.generation_config(self.max_new_tokens(inputs, settings.max_length_tokens))
         return inputs.to(self.device, dtype=self.dtype), config

@@ -447,6 +447,38 @@ class DeepseekVL2Processor:
             return []
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on ``len(encode(text))`` that costs no tokenizing (0 when none can be given).
+
+        Why: encoding a megabyte of text takes about a second, only to learn that it cannot fit the context.
+        With a byte-level BPE tokenizer that does not normalise the text (every released DeepSeek-VL2
+        tokenizer), each token stands for at most ``longest`` bytes of the text, the longest token in the
+        vocabulary, so ``ceil(bytes / longest)`` tokens at least. Any other tokenizer gets no bound.
+        """
+        longest = self._longest_token_bytes
+        return -(-len(text.encode("utf-8", "surrogatepass")) // longest) if longest else 0
+
+    @property
+    def _longest_token_bytes(self) -> int:
+        """Bytes of text covered by the longest token (0: unknown). Computed once."""
+        cached = getattr(self, "_longest_cache", None)
+        if cached is None:
+            cached = self._measure_longest_token()
+            self._longest_cache = cached
+        return cached
+
+    def _measure_longest_token(self) -> int:
+        tokenizer = self.tokenizer
+        byte_level = type(tokenizer.decoder).__name__ == "ByteLevel" and tokenizer.normalizer is None
+        added = tokenizer.get_added_tokens_decoder()
+        if not byte_level or any(t.lstrip or t.rstrip or t.single_word for t in added.values()):
+            return 0  # (a token that swallows neighbouring spaces covers more than its own text)
+        # A byte-level token is spelt with one character per byte; an added token is its raw text.
+        longest_learned = max((len(tok) for tok, i in tokenizer.get_vocab(with_added_tokens=False).items()
+                               if i not in added), default=0)
+        longest_added = max((len(t.content.encode("utf-8")) for t in added.values()), default=0)
+        return max(longest_learned, longest_added)
+
     def decode(self, ids: Iterable[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """Same string as HF ``tokenizer.decode(ids, skip_special_tokens=...)``.
 

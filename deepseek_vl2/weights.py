@@ -292,6 +292,26 @@ class BlockWriter:
         self.offset += written
 
 
+def _write_error(path: Path, exc: OSError, total: Optional[int] = None) -> WeightsError:
+    """A failed write of a download as a ``WeightsError`` that names the file and what to do."""
+    import errno
+    import shutil
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{_human(shutil.disk_usage(path.parent).free)} free"
+        except OSError:
+            free = "free space unknown"
+        need = f", the file needs {_human(total)}" if total else ""
+        return WeightsError(
+            f"cannot write {path}: no space left on the device ({free}{need}). Free some space and run again "
+            "(the download resumes), or set DEEPSEEK_VL2_WEIGHTS to a model directory on a larger disk")
+    reason = exc.strerror or str(exc)
+    return WeightsError(
+        f"cannot write {path}: {reason}. Download the weights where this user can write "
+        "(python scripts/download_weights.py) and set DEEPSEEK_VL2_WEIGHTS to that directory")
+
+
 def download_file(session, url: str, dest: Path, log: Callable[[str], None], every_s: float = 5.0) -> None:
     """Fetch ``url`` into ``dest`` via ``dest.incomplete``, resuming a partial file, with progress."""
     if dest.is_file():
@@ -309,19 +329,22 @@ def download_file(session, url: str, dest: Path, log: Callable[[str], None], eve
         total = resp.headers.get("Content-Length")
         total = int(total) + have if total is not None else None
         done, last = have, 0.0
-        with open(part, "ab" if have else "wb", buffering=0) as fh:
-            writer = BlockWriter(fh, have)  # (aligned blocks: the page cache keeps 2 MiB folios)
-            try:
-                for chunk in resp.iter_content(chunk_size=1 << 20):
-                    writer.write(chunk)
-                    done += len(chunk)
-                    now = time.monotonic()
-                    if now - last >= every_s:
-                        last = now
-                        pct = f" ({100 * done / total:.0f}%)" if total else ""
-                        log(f"  {dest.name}: {_human(done)}{' / ' + _human(total) if total else ''}{pct}")
-            finally:
-                writer.flush()  # keep what arrived: a later run resumes after it
+        try:
+            with open(part, "ab" if have else "wb", buffering=0) as fh:
+                writer = BlockWriter(fh, have)  # (aligned blocks: the page cache keeps 2 MiB folios)
+                try:
+                    for chunk in resp.iter_content(chunk_size=1 << 20):
+                        writer.write(chunk)
+                        done += len(chunk)
+                        now = time.monotonic()
+                        if now - last >= every_s:
+                            last = now
+                            pct = f" ({100 * done / total:.0f}%)" if total else ""
+                            log(f"  {dest.name}: {_human(done)}{' / ' + _human(total) if total else ''}{pct}")
+                finally:
+                    writer.flush()  # keep what arrived: a later run resumes after it
+        except OSError as exc:
+            raise _write_error(part, exc, total) from None
     if total is not None and done != total:
         raise WeightsError(f"download of {url} stopped at {done} of {total} bytes; run again to resume")
     os.replace(part, dest)
@@ -333,7 +356,10 @@ def download_weights(repo_id: str, target: Path, *, log: Callable[[str], None] =
     if not is_repo_id(repo_id):
         raise WeightsError(f"{repo_id!r} is not a Hugging Face repo id (owner/name)")
     target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(target, exc) from None
     session = _session()
     files = list_repo_files(repo_id, session)
     if not any(f.endswith(".safetensors") for f in files):

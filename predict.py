@@ -187,7 +187,8 @@ class Predictor(BasePredictor):
         engine = self.pipeline.start(slots)
         self.pipeline.warm_up()
         # Under Cog's server: when it is told to stop, stop within a bounded time (deepseek_vl2/shutdown.py).
-        watch_cog_server(lambda: engine.in_flight, engine.stop)
+        watch_cog_server(lambda: engine.in_flight,
+                         lambda: engine.stop("The server is shutting down: this prediction was stopped before it finished."))
         print(
             f"DeepSeek-VL2 loaded from {model_dir} on {self.pipeline.device} ({self.pipeline.dtype}) "
             f"in {time.perf_counter() - started:.1f} s; {MAX_CONCURRENCY} predictions at once, "

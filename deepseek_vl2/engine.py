@@ -231,6 +231,7 @@ class BatchEngine:
         self._threads = torch.get_num_threads()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        self._stop_reason = "the engine was stopped"
         self.steps = 0  # decode steps run (for tests and logs)
         self.max_rows_seen = 0
         # What the loop did, most recent last: ("decode", rows, seconds) or ("prefill", prompt tokens, seconds)
@@ -247,7 +248,7 @@ class BatchEngine:
         request._engine = self
         with self._work:
             if self._stopping:
-                raise RuntimeError("the engine is stopped")
+                raise RuntimeError(self._stop_reason)
             self._waiting.append(request)
             self._start_locked()
             self._work.notify()
@@ -258,10 +259,12 @@ class BatchEngine:
         with self._lock:
             return len(self._waiting) + len(self._joining) + len(self._decoding)
 
-    def stop(self) -> None:
-        """Fail every request still in flight and end the thread (a stopped engine takes no requests)."""
+    def stop(self, reason: str = "the engine was stopped") -> None:
+        """Fail every request still in flight (with ``reason``) and end the thread (a stopped engine takes no
+        requests)."""
         with self._work:
             self._stopping = True
+            self._stop_reason = reason
             self._work.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
@@ -295,7 +298,7 @@ class BatchEngine:
                 except Exception as exc:  # noqa: BLE001 - never leave a request waiting on a dead loop
                     for request in [*self._joining, *self._decoding]:
                         self._leave(request, exc)
-        error = RuntimeError("the engine was stopped")
+        error = RuntimeError(self._stop_reason)
         for request in [*self._waiting, *self._joining, *self._decoding]:
             request._finish(error)
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path as _FsPath
 
-from typing import Optional
+from typing import AsyncIterator, Optional
 
 from cog import AsyncConcatenateIterator, BasePredictor, Input, Path, concurrent, streaming
 
@@ -208,19 +208,19 @@ class Predictor(BasePredictor):
     ) -> str:
         """Answer ``prompt`` about ``image``. Bad input raises ``InputError`` with a readable message (this
         prediction fails alone); cancelling the prediction frees its place in the engine within one step."""
+        return "".join([piece async for piece in self._answer(image, prompt, top_p, temperature, max_length_tokens,
+                                                              repetition_penalty)])
+
+    async def _answer(self, image: Path, prompt: str, top_p: float, temperature: float, max_length_tokens: int,
+                      repetition_penalty: float, seed: Optional[int] = None) -> AsyncIterator[str]:
+        """The answer's pieces from the engine; its timing goes to the prediction's logs at the end."""
         stats: list = []
-        pieces = [piece async for piece in self.pipeline.astream(
-            image=str(image),
-            prompt=prompt,
-            temperature=temperature,
-            top_p=top_p,
-            max_length_tokens=max_length_tokens,
-            repetition_penalty=repetition_penalty,
-            stats=stats,
-        )]
+        async for piece in self.pipeline.astream(image=str(image), prompt=prompt, temperature=temperature, top_p=top_p,
+                                                 max_length_tokens=max_length_tokens,
+                                                 repetition_penalty=repetition_penalty, seed=seed, stats=stats):
+            yield piece
         if stats:
-            print(stats[0], flush=True)  # shows up in the prediction's logs
-        return "".join(pieces)
+            print(stats[0], flush=True)
 
 
 class StreamingPredictor(Predictor):
@@ -242,20 +242,8 @@ class StreamingPredictor(Predictor):
                                     "text on the same device. Leave empty for a random one"),
     ) -> AsyncConcatenateIterator[str]:
         """Stream the answer to ``prompt`` about ``image``. Bad input fails before the first piece."""
-        stats: list = []
-        async for piece in self.pipeline.astream(
-            image=str(image),
-            prompt=prompt,
-            temperature=temperature,
-            top_p=top_p,
-            max_length_tokens=max_length_tokens,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stats=stats,
-        ):
+        async for piece in self._answer(image, prompt, top_p, temperature, max_length_tokens, repetition_penalty, seed):
             yield piece
-        if stats:
-            print(stats[0], flush=True)
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import pytest
 import requests
 
 STARTUP_TIMEOUT_S = 180
+EOS = "<｜end▁of▁sentence｜>"
 
 
 def free_port() -> int:
@@ -86,3 +88,41 @@ def make_serve(target: str, project_dir: Path, log: Path, expect: str = "READY",
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def golden_request(fixtures_dir: Path, variant: str, case_name: str) -> tuple[dict, str, str]:
+    """(the API's input for a single-image golden case, greedy; its golden answer without the
+    end-of-sentence marker; the image's file name)."""
+    case = json.loads((fixtures_dir / "cases" / variant / case_name / "case.json").read_text())
+    user = case["conversation"][0]
+    assert len(user["images"]) == 1 and case["conversation"][1]["content"] == ""
+    request = {
+        "image": data_uri((fixtures_dir / "images" / user["images"][0]).read_bytes()),
+        "prompt": user["content"],
+        "temperature": 0,
+        "repetition_penalty": case["generation"]["repetition_penalty"],
+        "max_length_tokens": len(case["generated_ids"]),
+    }
+    return request, case["generated_text"].replace(EOS, ""), user["images"][0]
+
+
+def assert_ready_soon(server: CogServer, within_s: float = 15) -> None:
+    """READY again once the slot is released (health may say BUSY for a moment after a reply)."""
+    deadline = time.monotonic() + within_s
+    while (status := server.health()["status"]) == "BUSY" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert status == "READY", server.logs()
+
+
+def assert_failed_clearly(server: CogServer, resp: requests.Response, *needles: str) -> str:
+    """The prediction failed with a plain message holding every needle (no traceback); the server is READY
+    again. Returns the message."""
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["status"] == "failed", body
+    error = body.get("error") or ""
+    assert "Traceback" not in error and 'File "' not in error, error
+    for needle in needles:
+        assert needle.lower() in error.lower(), error
+    assert_ready_soon(server)
+    return error

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from cog_server import data_uri, make_serve
+from cog_server import assert_failed_clearly, assert_ready_soon, data_uri, golden_request, make_serve
 
 FULL = os.environ.get("DEEPSEEK_VL2_RELIABILITY_FULL") == "1"
 LOAD_REQUESTS = int(os.environ.get("DEEPSEEK_VL2_RELIABILITY_REQUESTS") or (1000 if FULL else 200))
@@ -79,18 +79,9 @@ def server(project_dir, checkpoint, server_tmp, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def golden(fixtures_dir):
-    case_dir = fixtures_dir / "cases" / GOLDEN_CASE[0] / GOLDEN_CASE[1]
-    case = json.loads((case_dir / "case.json").read_text())
-    user = case["conversation"][0]
-    request = {
-        "image": data_uri((fixtures_dir / "images" / user["images"][0]).read_bytes()),
-        "prompt": user["content"],
-        "temperature": 0,
-        "repetition_penalty": case["generation"]["repetition_penalty"],
-        "max_length_tokens": len(case["generated_ids"]),
-    }
+    request, expected, _ = golden_request(fixtures_dir, *GOLDEN_CASE)
     # (a held-out checkpoint: no golden answer; its own first answer is the reference)
-    return request, None if HELD_OUT else case["generated_text"].replace(EOS, "")
+    return request, None if HELD_OUT else expected
 
 
 @pytest.fixture(scope="module")
@@ -146,25 +137,6 @@ def _open_files(pid: int) -> int:
 
 def _temp_files(root: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(root))
-
-
-def _assert_ready_soon(server, within_s: float = 15) -> None:
-    deadline = time.monotonic() + within_s
-    while (status := server.health()["status"]) == "BUSY" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert status == "READY", server.logs()
-
-
-def _assert_failed_clearly(server, resp, *needles: str) -> str:
-    assert resp.status_code == 200, resp.text
-    body = resp.json()
-    assert body["status"] == "failed", body
-    error = body.get("error") or ""
-    assert "Traceback" not in error and 'File "' not in error, error
-    for needle in needles:
-        assert needle.lower() in error.lower(), error
-    _assert_ready_soon(server)
-    return error
 
 
 class StandIn:
@@ -482,7 +454,7 @@ def test_url_that_never_answers_fails_within_the_silence_bound(server, stand_in)
     started = time.monotonic()
     resp = server.predict({"image": url, "prompt": "Describe.", "max_length_tokens": 4})
     took = time.monotonic() - started
-    _assert_failed_clearly(server, resp, f"Cannot download the image from {url}",
+    assert_failed_clearly(server, resp, f"Cannot download the image from {url}",
                            f"did not answer within {predict.DOWNLOAD_SILENCE_S:.0f} s")
     assert predict.DOWNLOAD_SILENCE_S <= took <= predict.DOWNLOAD_SILENCE_S + 5, took
 
@@ -495,7 +467,7 @@ def test_url_with_an_endless_or_huge_body_fails_at_the_size_bound(server, stand_
     started = time.monotonic()
     resp = server.predict({"image": url, "prompt": "Describe.", "max_length_tokens": 4})
     took = time.monotonic() - started
-    _assert_failed_clearly(server, resp, f"Cannot download the image from {url}", needle)
+    assert_failed_clearly(server, resp, f"Cannot download the image from {url}", needle)
     assert took < 30, took
     assert _temp_files(server_tmp) <= before, "the partial download was left behind"
 
@@ -545,7 +517,7 @@ def test_one_megabyte_prompt_is_refused_in_under_a_second(server, small_png, con
     took = time.monotonic() - started
     record_property("prompt_1mb_refusal_s", round(took, 3))
     print(f"1 MB prompt refused in {took:.3f} s")
-    _assert_failed_clearly(server, resp, "prompt is too long", f"context holds {context}")
+    assert_failed_clearly(server, resp, "prompt is too long", f"context holds {context}")
     assert took < PROMPT_REFUSAL_BOUND_S, took
 
 

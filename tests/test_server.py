@@ -17,9 +17,8 @@ import requests
 
 from cog_server import data_uri as _data_uri
 from cog_server import free_port as _free_port
-from cog_server import make_serve
+from cog_server import assert_failed_clearly, assert_ready_soon, golden_request, make_serve
 
-EOS = "<｜end▁of▁sentence｜>"
 GOLDEN_CASE = ("mha", "single_tiled")
 CONCURRENCY = 8
 # Back-to-back predictions in test_back_to_back_predictions_never_see_409 (the acceptance run uses 300).
@@ -36,18 +35,7 @@ def server(project_dir, fixtures_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def golden(fixtures_dir):
-    case_dir = fixtures_dir / "cases" / GOLDEN_CASE[0] / GOLDEN_CASE[1]
-    case = json.loads((case_dir / "case.json").read_text())
-    user = case["conversation"][0]
-    assert len(user["images"]) == 1 and case["conversation"][1]["content"] == ""
-    request = {
-        "image": _data_uri((fixtures_dir / "images" / user["images"][0]).read_bytes()),
-        "prompt": user["content"],
-        "temperature": 0,
-        "repetition_penalty": case["generation"]["repetition_penalty"],
-        "max_length_tokens": len(case["generated_ids"]),
-    }
-    return request, case["generated_text"].replace(EOS, ""), user["images"][0]
+    return golden_request(fixtures_dir, *GOLDEN_CASE)
 
 
 @pytest.fixture(scope="module")
@@ -145,25 +133,6 @@ def test_image_tag_inside_the_prompt(server, small_image):
     assert body["status"] == "succeeded", body
 
 
-def _assert_failed_clearly(server, resp, *needles: str) -> None:
-    assert resp.status_code == 200, resp.text
-    body = resp.json()
-    assert body["status"] == "failed", body
-    error = body.get("error") or ""
-    assert "Traceback" not in error and 'File "' not in error, error
-    for needle in needles:
-        assert needle.lower() in error.lower(), error
-    _assert_ready_soon(server)
-
-
-def _assert_ready_soon(server, within_s: float = 15) -> None:
-    """READY again once the slot is released (health may say BUSY for a moment after a reply)."""
-    deadline = time.monotonic() + within_s
-    while (status := server.health()["status"]) == "BUSY" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert status == "READY", server.logs()
-
-
 @pytest.mark.parametrize("name,needle", [
     ("not_an_image", "not an image"),
     ("truncated", "truncated"),
@@ -174,7 +143,7 @@ def _assert_ready_soon(server, within_s: float = 15) -> None:
 def test_bad_image_fails_clearly_and_server_stays_ready(server, bad_images, name, needle):
     suffix, data = bad_images[name]
     resp = server.predict({"image": _data_uri(data, suffix), "prompt": "Describe.", "max_length_tokens": 4})
-    _assert_failed_clearly(server, resp, needle)
+    assert_failed_clearly(server, resp, needle)
 
 
 @pytest.mark.parametrize("prompt,needle", [
@@ -185,7 +154,7 @@ def test_bad_image_fails_clearly_and_server_stays_ready(server, bad_images, name
 ])
 def test_bad_prompt_fails_clearly_and_server_stays_ready(server, small_image, prompt, needle):
     resp = server.predict({"image": small_image, "prompt": prompt, "max_length_tokens": 4})
-    _assert_failed_clearly(server, resp, needle)
+    assert_failed_clearly(server, resp, needle)
 
 
 @pytest.fixture(scope="module")
@@ -215,13 +184,13 @@ def test_image_by_url(server, image_host, golden):
 def test_unreachable_url_fails_clearly_and_server_stays_ready(server):
     url = f"http://127.0.0.1:{_free_port()}/missing.png"
     resp = server.predict({"image": url, "prompt": "Describe.", "max_length_tokens": 4})
-    _assert_failed_clearly(server, resp, f"Cannot download the image from {url}", "cannot be reached")
+    assert_failed_clearly(server, resp, f"Cannot download the image from {url}", "cannot be reached")
 
 
 def test_missing_url_fails_clearly_and_server_stays_ready(server, image_host):
     url = f"{image_host}/no-such-image.png"
     resp = server.predict({"image": url, "prompt": "Describe.", "max_length_tokens": 4})
-    _assert_failed_clearly(server, resp, f"Cannot download the image from {url}", "HTTP 404")
+    assert_failed_clearly(server, resp, f"Cannot download the image from {url}", "HTTP 404")
 
 
 @pytest.mark.parametrize("name", ["animated_gif", "cmyk_jpeg", "sixteen_bit_png"])
@@ -235,7 +204,7 @@ def test_unusual_images_succeed(server, unusual_images, name):
 
 def test_server_is_still_healthy_at_the_end(server, golden):
     request, expected, _ = golden
-    _assert_ready_soon(server)
+    assert_ready_soon(server)
     assert server.predict(request).json()["output"] == expected
 
 
@@ -316,7 +285,7 @@ def test_eight_clients_at_once_each_get_their_own_answer(server, golden, bad_ima
     assert all(b["output"] == expected for b in bodies[:4])
     assert all(isinstance(b["output"], str) and b["output"] for b in bodies[4:7])
     assert "truncated" in bodies[7]["error"].lower() and "Traceback" not in bodies[7]["error"]
-    _assert_ready_soon(server)
+    assert_ready_soon(server)
 
 
 def test_cancel_one_of_four_in_flight(server, golden, webhooks):
@@ -335,5 +304,5 @@ def test_cancel_one_of_four_in_flight(server, golden, webhooks):
         assert final(prediction_id)["status"] == "canceled"
         answers = [run.result().json() for run in golden_runs]
     assert [a["output"] for a in answers] == [expected] * 3, answers
-    _assert_ready_soon(server)
+    assert_ready_soon(server)
     assert server.predict(request).json()["output"] == expected

@@ -6,9 +6,8 @@ import json
 import pytest
 import requests
 
-from cog_server import data_uri, make_serve
+from cog_server import golden_request, make_serve
 
-EOS = "<｜end▁of▁sentence｜>"
 GOLDEN_CASE = ("mla", "single_tiled")
 
 
@@ -22,16 +21,8 @@ def server(project_dir, fixtures_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def golden(fixtures_dir):
-    case = json.loads((fixtures_dir / "cases" / GOLDEN_CASE[0] / GOLDEN_CASE[1] / "case.json").read_text())
-    user = case["conversation"][0]
-    request = {
-        "image": data_uri((fixtures_dir / "images" / user["images"][0]).read_bytes()),
-        "prompt": user["content"],
-        "temperature": 0,
-        "repetition_penalty": case["generation"]["repetition_penalty"],
-        "max_length_tokens": len(case["generated_ids"]),
-    }
-    return request, case["generated_text"].replace(EOS, "")
+    request, expected, _ = golden_request(fixtures_dir, *GOLDEN_CASE)
+    return request, expected
 
 
 def _events(response: requests.Response) -> list[tuple[str, dict]]:

@@ -172,7 +172,6 @@ class Predictor(BasePredictor):
     def setup(self) -> None:
         """Find (or download) the weights, load the model once (GPU in bf16, else the CPU in its fastest
         dtype), allocate the engine's cache and run a short warm-up."""
-        from deepseek_vl2.engine import cache_bytes_per_slot, default_slots
         from deepseek_vl2.hardware import parse_dtype
 
         started = time.perf_counter()
@@ -180,11 +179,9 @@ class Predictor(BasePredictor):
         dtype_name = os.environ.get("DEEPSEEK_VL2_DTYPE", "").strip()
         dtype = parse_dtype(dtype_name) if dtype_name else None
         self.pipeline = VL2Pipeline.load(model_dir, dtype=dtype)
-        language = self.pipeline.model.language
-        slots = MAX_CONCURRENCY
-        if not {"DEEPSEEK_VL2_MAX_CONCURRENCY", "COG_MAX_CONCURRENCY"} & set(os.environ):  # the default: what memory allows
-            slots = min(slots, default_slots(self.pipeline.device, cache_bytes_per_slot(language)))
-        engine = self.pipeline.start(slots)
+        # Asked for: that many slots. Else the engine's default for the device, capped by memory.
+        asked = {"DEEPSEEK_VL2_MAX_CONCURRENCY", "COG_MAX_CONCURRENCY"} & set(os.environ)
+        engine = self.pipeline.start(MAX_CONCURRENCY if asked else None)
         self.pipeline.warm_up()
         # Under Cog's server: when it is told to stop, stop within a bounded time (deepseek_vl2/shutdown.py).
         watch_cog_server(lambda: engine.in_flight,

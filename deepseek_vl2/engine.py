@@ -41,7 +41,7 @@ import torch
 
 from .generation import CudaGraphDecoder, GenerationConfig, decode_step, next_token_id, prefill
 from .language import DeepseekV2ForCausalLM
-from .memory import memory_budget
+from .memory import cache_bytes_per_request, memory_budget
 from .model import DeepseekVL2, ImageInputs
 
 # Prompt tokens per prefill unit. A joining request's prefill runs between the others' decode steps, one
@@ -185,14 +185,6 @@ def default_slots(device: torch.device, cache_bytes_per_slot: int) -> int:
     if cache_bytes_per_slot <= 0:
         return wanted
     return max(1, min(wanted, int(free // 4 // cache_bytes_per_slot)))
-
-
-def cache_bytes_per_slot(language: DeepseekV2ForCausalLM, dtype: Optional[torch.dtype] = None) -> int:
-    """Bytes of cache one request's slot takes over the whole context (every layer)."""
-    context = language.config.max_position_embeddings
-    dtype = dtype or language.lm_head.weight.dtype
-    values = sum(layer.self_attn.cache_numel(1, context) for layer in language.model.layers)
-    return values * torch.finfo(dtype).bits // 8
 
 
 class BatchEngine:
@@ -482,5 +474,5 @@ def configured_slots(model: DeepseekVL2) -> int:
         if slots < 1:
             raise ValueError(f"DEEPSEEK_VL2_MAX_CONCURRENCY must be a whole number >= 1, got {value!r}")
         return slots
-    language = model.language
-    return default_slots(language.lm_head.weight.device, cache_bytes_per_slot(language))
+    weight = model.language.lm_head.weight
+    return default_slots(weight.device, cache_bytes_per_request(model.config, weight.dtype))

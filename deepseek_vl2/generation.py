@@ -164,25 +164,11 @@ def decode_step(language: DeepseekV2ForCausalLM, tokens: list[int], positions: l
         logits = rows_kernel(tokens, positions, slots) if rows_kernel is not None else None
         if logits is not None:
             return logits
-        if len(tokens) == 1:
-            single = _decode_one_sequence(language, tokens[0], positions[0], slots[0])
-            logits = single.view(1, -1)
-            if hasattr(single, "known_argmax"):
-                logits.known_argmaxes = [single.known_argmax]
-            return logits
+        if len(tokens) == 1:  # one row: the layers one by one, each sub-layer one kernel call where they apply
+            embeds = language.model.embed_tokens(torch.tensor([tokens]))
+            return language(embeds, start_pos=positions[0], use_cache=True, slot=slots[0])[:, -1]
     as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     return language.decode_rows(as_tensor(tokens), as_tensor(positions), as_tensor(slots), window=max(positions) + 1)
-
-
-def _decode_one_sequence(language: DeepseekV2ForCausalLM, token: int, position: int, slot: int) -> torch.Tensor:
-    """One CPU row where the rows kernel does not apply: the whole-step kernel of a batch-1 cache, else the
-    layers one by one (each sub-layer one kernel call where they apply) -> logits [V]."""
-    if language.cache_batch == 1:
-        logits = language.decode_step_cpu(token, position)
-        if logits is not None:
-            return logits
-    embeds = language.model.embed_tokens(torch.tensor([[token]]))
-    return language(embeds, start_pos=position, use_cache=True, slot=slot)[0, -1]
 
 
 def decode_one_token(language: DeepseekV2ForCausalLM, token: Union[int, torch.Tensor], pos: int, slot: int = 0) -> torch.Tensor:

@@ -117,7 +117,7 @@ class RotaryEmbedding(nn.Module):
         return 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if positions.numel() == 1 and not positions.is_cuda and self.kind != "dynamic":
+        if positions.numel() == 1 and not positions.is_cuda:
             # CPU decode: look the position up in a table of every position (computed once by the same
             # code, so the same values) instead of ~10 small ops per step.
             return self.lookup(positions, dtype)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import FIXTURES_DIR
-from deepseek_vl2.engine import BatchEngine, RequestCancelled, cache_bytes_per_slot, default_slots
+from deepseek_vl2.engine import BatchEngine, RequestCancelled, default_slots
 from deepseek_vl2.generation import GenerationConfig
 from deepseek_vl2.model import load_model
 from deepseek_vl2.processor import DeepseekVL2Processor
@@ -267,11 +267,13 @@ def test_stopping_the_engine_fails_what_is_in_flight() -> None:
 def test_default_slots_follow_the_device_and_the_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     from deepseek_vl2.memory import cache_bytes_per_request
 
-    _, model = _load("mla")
-    per_slot = cache_bytes_per_slot(model.language)
+    _, engine = _engine("mla", slots=2)
+    model = engine.model
+    per_slot = cache_bytes_per_request(model.config, torch.float32)
     layers = model.config.language.num_hidden_layers
     assert per_slot == layers * 4096 * (model.config.language.kv_lora_rank + model.config.language.qk_rope_head_dim) * 4
-    assert per_slot == cache_bytes_per_request(model.config, torch.float32)
+    allocated = sum(t.numel() * t.element_size() for layer in model.language.model.layers for t in layer.self_attn.cache.buffers())
+    assert allocated == 2 * per_slot  # (what the engine allocated: two slots)
     monkeypatch.setenv("DEEPSEEK_VL2_MEMORY_BUDGET_GB", "64")
     assert default_slots(torch.device("cpu"), per_slot) == 8
     monkeypatch.setenv("DEEPSEEK_VL2_MEMORY_BUDGET_GB", str(4 * 3.5 * per_slot / 1e9))  # room for 3

@@ -82,7 +82,7 @@ def test_decode_one_token_takes_an_int_without_the_step_kernel(monkeypatch: pyte
         embeds = model.prepare_inputs_embeds(_inputs(processor))
         language.setup_cache(embeds.shape[1] + 1)
         prefill(language, embeds)
-        monkeypatch.setattr(language, "decode_step_cpu", lambda token, position: None)
+        monkeypatch.setattr(language, "decode_rows_cpu", lambda tokens, positions, slots: None)
         from_int = decode_one_token(language, 7, embeds.shape[1])
         from_tensor = decode_one_token(language, torch.tensor(7), embeds.shape[1])
     assert torch.equal(from_int, from_tensor)

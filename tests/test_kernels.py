@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -483,9 +483,69 @@ def _restore(language, snapshot: list[torch.Tensor]) -> None:
         t.copy_(saved)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.fixture
+def tiles(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """The bf16 kernels with AMX tiles on (param True; skipped where the CPU or OS has none) or off, as
+    they were afterwards."""
+    extension = kernels.avx512_bf16_extension()
+    if not request.param:
+        yield False
+        return
+    if extension is None:
+        pytest.skip("no bf16 kernels here (no AVX512-BF16, or no C++ compiler/ninja)")
+    before = extension.tiles_on()
+    try:
+        if not extension.set_tiles(True):
+            pytest.skip("this CPU has no AMX-BF16 (or Linux refused the tile registers)")
+        yield True
+    finally:
+        extension.set_tiles(before)
+
+
+@pytest.mark.parametrize("tiles", [False, True], ids=["vectors", "tiles"], indirect=True)
+@pytest.mark.parametrize("n,k", [(64, 1280), (37, 100), (16, 31), (5, 7), (130, 64)])
+def test_row_products_are_the_sums_and_do_not_depend_on_the_other_rows(n: int, k: int, tiles: bool) -> None:
+    """w @ x for 1..40 inputs at once through the step kernels' row products (AMX tiles: 16 weight rows by
+    16 inputs a tile; tails of rows, of columns (odd ones too) and inputs past 16 included).
+
+    Tolerance: the fp32 sum of k products, however ordered, is within k * 2^-24 * sum|w x| of the exact
+    one, and the result is then rounded to bf16 (half an ulp: at most 2^-8 of it). And each input's result is the
+    same bit for bit alone as among 4, 17 or 40 others."""
+    extension = kernels.avx512_bf16_extension()
+    if extension is None:
+        pytest.skip("no bf16 kernels here (no AVX512-BF16, or no C++ compiler/ninja)")
+    assert extension.tiles_on() == tiles
+    generator = torch.Generator().manual_seed(n * 1000 + k)
+    w = torch.randn(n, k, generator=generator).to(torch.bfloat16)
+    xs = torch.randn(40, k, generator=generator).to(torch.bfloat16)
+    exact = xs.double() @ w.double().T
+    bound = k * 2.0**-24 * (xs.double().abs() @ w.double().abs().T) + 2.0**-8 * exact.abs() + 1e-30
+    got = extension.rows_linear_bf16(xs, w)
+    assert got.shape == (40, n) and got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() <= bound).all()
+    for count in (1, 5, 17):
+        assert torch.equal(extension.rows_linear_bf16(xs[:count], w), got[:count]), f"{count} inputs"
+    assert torch.equal(extension.rows_linear_bf16(xs[7:8], w), got[7:8])
+
+
+def test_tiles_are_off_unless_asked_for_and_never_where_the_cpu_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DEEPSEEK_VL2_CPU_TILES=1 asks for AMX tiles; they are off by default, and under a cap that hides
+    AMX (DEEPSEEK_VL2_CPU_ISA=avx512) not even asked for."""
+    monkeypatch.delenv(kernels.TILES_SWITCH, raising=False)
+    assert not kernels.tiles_wanted()
+    monkeypatch.setenv(kernels.TILES_SWITCH, "1")
+    assert kernels.tiles_wanted() == ({"amx_bf16", "amx_tile"} <= kernels.hardware.cpu_flags())
+    monkeypatch.setenv("DEEPSEEK_VL2_CPU_ISA", "avx512")
+    assert not kernels.tiles_wanted()
+
+
+# The row paths: (dtype, AMX tiles)
+ROW_PATHS = {"bf16": (torch.bfloat16, False), "bf16-tiles": (torch.bfloat16, True), "fp32": (torch.float32, False)}
+
+
+@pytest.mark.parametrize("dtype,tiles", ROW_PATHS.values(), ids=ROW_PATHS.keys(), indirect=["tiles"])
 @pytest.mark.parametrize("name", sorted(ROW_MODELS))
-def test_step_rows_are_batch_invariant(name: str, dtype: torch.dtype) -> None:
+def test_step_rows_are_batch_invariant(name: str, dtype: torch.dtype, tiles: bool) -> None:
     """Each row's logits (and the cache entries it writes) are bit-identical whatever the other rows of
     its step are, however many (1..16) and in whichever order, and one row in slot 0 is step()."""
     _skip_without_step_kernels(dtype)
@@ -525,9 +585,9 @@ def test_step_rows_are_batch_invariant(name: str, dtype: torch.dtype) -> None:
     assert single.known_argmax == int(single.argmax())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dtype,tiles", ROW_PATHS.values(), ids=ROW_PATHS.keys(), indirect=["tiles"])
 @pytest.mark.parametrize("name", sorted(ROW_MODELS))
-def test_step_rows_compute_what_the_eager_model_computes(name: str, dtype: torch.dtype) -> None:
+def test_step_rows_compute_what_the_eager_model_computes(name: str, dtype: torch.dtype, tiles: bool) -> None:
     """Rows at different positions of different slots give the logits of the eager PyTorch model run over
     each row's own sequence (a full causal forward, no cache, no kernels).
 

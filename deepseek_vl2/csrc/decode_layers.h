@@ -112,11 +112,59 @@ inline void gemv_rows(const T* w, int64_t row_stride, int64_t cols, const T* x, 
   for (int64_t n = begin; n < end; ++n) store(n, dot(w + n * row_stride, x, cols));
 }
 
+// AMX (bf16 weights on CPUs with AMX-BF16, decode_bf16.cpp; never fp32): while tiles are on, weight rows
+// are multiplied 16 at a time by up to 16 inputs at once (TDPBF16PS), the inputs packed as tiles. One
+// instruction does 16 x 16 x 32 multiply-adds where vdpbf16ps does 16 x 2, so with many rows a step
+// stays bound by the memory's read rate, which vdpbf16ps on two cores could not keep up with past
+// ~8 rows. A weight row's sum with an input is made by the same instructions in the same order whatever
+// the other inputs of its tile (and the rows beside it), so a row's logits still never depend on the others.
+inline std::atomic<bool>& tiles_flag() {  // (each extension its own; set by decode_bf16.cpp's set_tiles only)
+  static std::atomic<bool> on{false};
+  return on;
+}
+inline bool tiles_on(const uint16_t*) { return tiles_flag().load(std::memory_order_relaxed); }
+inline bool tiles_on(const float*) { return false; }
+// `count` inputs of `cols` values in this thread's buffer `which` (0: packed once for a phase, 1: for one
+// call), laid out as tiles: [count / 16][cols / 32][16 value pairs][16 inputs].
+const uint16_t* pack_tiles(const uint16_t* const* xs, int count, int64_t cols, int which);
+inline const float* pack_tiles(const float* const*, int, int64_t, int) { return nullptr; }
+// sums[r * 16 * tiles + c] = w[r, :] . input c, for weight rows r < rows (at most 16) and the packed
+// inputs c < columns (16 * tiles: the tiles the inputs fill).
+void tile_rows(const uint16_t* w, int64_t row_stride, int64_t cols, const uint16_t* packed, int columns, int rows,
+               float* sums);
+inline void tile_rows(const float*, int64_t, int64_t, const float*, int, int, float*) {}
+
+// A phase's inputs packed as tiles once for all the matrices and chunks it multiplies (none while tiles are off).
+template <typename T>
+struct Packed {
+  const T* tiles = nullptr;
+  int columns = 0;
+};
+
+template <typename T>
+inline Packed<T> pack_inputs(const T* const* xs, int count, int64_t cols) {
+  if (!tiles_on(static_cast<const T*>(nullptr))) return {};
+  return {pack_tiles(xs, count, cols, 0), count};
+}
+
 // y[j][n] = w[n, :] . xs[j] for rows [begin, end) of a row-contiguous matrix and `count` inputs, each
-// sum as gemv_rows makes it: store(n, j, sum).
+// sum as gemv_rows makes it: store(n, j, sum). With tiles on, `packed` holds the inputs (packed here when
+// it is empty), input j in its column column[j] (or j).
 template <typename T, typename Store>
 inline void gemv_rows_multi(const T* w, int64_t row_stride, int64_t cols, const T* const* xs, int count, int64_t begin,
-                            int64_t end, Store store) {
+                            int64_t end, Store store, Packed<T> packed = {}, const int* column = nullptr) {
+  if (tiles_on(w)) {
+    if (packed.tiles == nullptr) packed = {pack_tiles(xs, count, cols, 1), count}, column = nullptr;
+    const int width = 16 * ((packed.columns + 15) / 16);
+    float sums[16 * kMaxRows];
+    for (int64_t n = begin; n < end; n += 16) {
+      const int rows = int(std::min<int64_t>(16, end - n));
+      tile_rows(w + n * row_stride, row_stride, cols, packed.tiles, packed.columns, rows, sums);
+      for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < count; ++j) store(n + r, j, sums[r * width + (column ? column[j] : j)]);
+    }
+    return;
+  }
   if (count == 1) {  // (one row: dot itself, as the single-sequence step always ran)
     for (int64_t n = begin; n < end; ++n) store(n, 0, dot(w + n * row_stride, xs[0], cols));
     return;
@@ -205,7 +253,8 @@ class RowClaims {
 
 // Rows per claimed chunk: ~64 KiB of weights unless said otherwise.
 inline int64_t chunk_rows(int64_t row_bytes, int64_t chunk_bytes = 64 << 10) {
-  return std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(row_bytes, 1));
+  const int64_t rows = std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(row_bytes, 1));
+  return tiles_flag().load(std::memory_order_relaxed) ? (rows + 15) / 16 * 16 : rows;  // (whole blocks of tile_rows)
 }
 
 template <typename T>
@@ -409,6 +458,7 @@ void attention_body(const AttentionSpec<T>& s, const T* x, const StepRows<T>& ro
   T* projected = scratch.projected.data();  // [rows, q | k | v]
   // q, k, v projections: their rows taken together, in chunks (row r of q/k/v is column r of `projected`).
   const int64_t starts[4] = {0, s.heads * d, (s.heads + s.kv_heads) * d, qkv_rows};
+  Packed<T> packed = pack_inputs<T>(inputs, count, hidden);
   claims.qkv.run(thread, chunk_rows(hidden * 2), [&](int64_t first, int64_t last) {
     for (int i = 0; i < 3; ++i) {
       const int64_t begin = std::max(first, starts[i]) - starts[i], end = std::min(last, starts[i + 1]) - starts[i];
@@ -417,7 +467,7 @@ void attention_body(const AttentionSpec<T>& s, const T* x, const StepRows<T>& ro
       T* dst = projected + starts[i];
       gemv_rows_multi(s.w[i], s.w_stride[i], hidden, inputs, count, begin, end, [&](int64_t n, int b, float sum) {
         dst[b * qkv_rows + n] = S::store(bias ? sum + bias[n] : sum);
-      });
+      }, packed);
     }
   });
 #pragma omp barrier
@@ -445,10 +495,11 @@ void attention_body(const AttentionSpec<T>& s, const T* x, const StepRows<T>& ro
 #pragma omp barrier
   const float* bias = bias_of(s.bias_f32[3]);
   row_pointers<T>(scratch.attended.data(), width, count, inputs);
+  packed = pack_inputs<T>(inputs, count, width);
   claims.o.run(thread, chunk_rows(width * 2), [&](int64_t begin, int64_t end) {
     gemv_rows_multi(s.w[3], s.w_stride[3], width, inputs, count, begin, end, [&](int64_t n, int b, float sum) {
       out[b * hidden + n] = S::store(S::load(x[b * hidden + n]) + S::round(bias ? sum + bias[n] : sum));
-    });
+    }, packed);
   });
 }
 
@@ -674,14 +725,16 @@ void mla_body(const MlaSpec<T>& s, const T* x, const StepRows<T>& rows, T* out, 
   // q_in and kv_a rows taken together (row r of kv_a is row q_in_rows + r).
   const float *q_bias = bias_of(s.q_in_bias), *kv_bias = bias_of(s.kv_a_bias);
   T *q_in = scratch.q_in.data(), *kv_a = scratch.kv_a.data();  // [rows, q_rows], [rows, rank + rope]
+  Packed<T> packed = pack_inputs<T>(inputs, count, hidden);
   claims.in.run(thread, chunk_rows(hidden * int64_t(sizeof(T))), [&](int64_t first, int64_t last) {
     if (first < q_rows)
       gemv_rows_multi(s.q_in, s.q_in_stride, hidden, inputs, count, first, std::min(last, q_rows), [&](int64_t n, int b, float sum) {
         q_in[b * q_rows + n] = S::store(q_bias ? sum + q_bias[n] : sum);
-      });
+      }, packed);
     if (last > q_rows)
       gemv_rows_multi(s.kv_a, s.kv_a_stride, hidden, inputs, count, std::max(first, q_rows) - q_rows, last - q_rows,
-                      [&](int64_t n, int b, float sum) { kv_a[b * kv_rows + n] = S::store(kv_bias ? sum + kv_bias[n] : sum); });
+                      [&](int64_t n, int b, float sum) { kv_a[b * kv_rows + n] = S::store(kv_bias ? sum + kv_bias[n] : sum); },
+                      packed);
   });
 #pragma omp barrier
   const T* q = q_in;  // [rows, heads * q_dim]
@@ -690,9 +743,10 @@ void mla_body(const MlaSpec<T>& s, const T* x, const StepRows<T>& rows, T* out, 
     for (int b = 0; b < count; ++b) rms_norm_row(q_in + b * q_rows, s.q_a_norm, s.q_rank, s.q_a_eps, q_normed + b * s.q_rank);
     row_pointers<T>(q_normed, s.q_rank, count, inputs);
     T* q_full = scratch.q.data();
+    packed = pack_inputs<T>(inputs, count, s.q_rank);
     claims.q_b.run(thread, chunk_rows(s.q_rank * int64_t(sizeof(T))), [&](int64_t begin, int64_t end) {
       gemv_rows_multi(s.q_b, s.q_b_stride, s.q_rank, inputs, count, begin, end,
-                      [&](int64_t n, int b, float sum) { q_full[b * q_width + n] = S::store(sum); });
+                      [&](int64_t n, int b, float sum) { q_full[b * q_width + n] = S::store(sum); }, packed);
     });
 #pragma omp barrier
     q = q_full;
@@ -722,10 +776,11 @@ void mla_body(const MlaSpec<T>& s, const T* x, const StepRows<T>& rows, T* out, 
 #pragma omp barrier
   const float* o_bias = bias_of(s.o_bias);
   row_pointers<T>(scratch.attended.data(), s.heads * s.v, count, inputs);
+  packed = pack_inputs<T>(inputs, count, s.heads * s.v);
   claims.o.run(thread, chunk_rows(s.heads * s.v * int64_t(sizeof(T))), [&](int64_t begin, int64_t end) {
     gemv_rows_multi(s.o, s.o_stride, s.heads * s.v, inputs, count, begin, end, [&](int64_t n, int b, float sum) {
       out[b * hidden + n] = S::store(S::load(x[b * hidden + n]) + S::round(o_bias ? sum + o_bias[n] : sum));
-    });
+    }, packed);
   });
 }
 
@@ -991,6 +1046,8 @@ void ffn_body(const FfnSpec<T>& s, const T* x, int count, T* out, FfnScratch<T>&
   }
   T* h = scratch.h.data();
   const T* inputs[kMaxRows];
+  row_pointers<T>(normed, hidden, count, inputs);
+  const Packed<T> packed = pack_inputs<T>(inputs, count, hidden);  // (input j of an expert: column e.row[j])
   // The experts' gate/up rows taken together (row r of expert e is row first_row + r), in chunks: for
   // each chunk the gate rows, then the up rows (one stream from memory at a time). Each chunk switches
   // streams twice: chunks of ~256 KiB (tiny: 51 rows) stream the fast memory phase at 93-94 % of the
@@ -1005,10 +1062,10 @@ void ffn_body(const FfnSpec<T>& s, const T* x, int count, T* out, FfnScratch<T>&
       T* he = h + e.h_offset;  // [count][inter]
       gemv_rows_multi(e.weights.gate, hidden, hidden, inputs, e.count, begin, end, [&](int64_t i, int j, float sum) {
         he[j * inter + i] = S::store(silu(S::round(sum)));
-      });
+      }, packed, e.row);
       gemv_rows_multi(e.weights.up, hidden, hidden, inputs, e.count, begin, end, [&](int64_t i, int j, float sum) {
         he[j * inter + i] = S::store(S::load(he[j * inter + i]) * S::round(sum));
-      });
+      }, packed, e.row);
     }
   });
 #pragma omp barrier
@@ -1354,13 +1411,14 @@ class DecodeStep {
         inputs[b] = normed + b * hidden_;
       }
       ArgmaxPart* parts = argmax_parts_.data() + thread * rows_per_thread;
+      const Packed<T> packed = pack_inputs<T>(inputs, rows_count, hidden_);
       lm_head_claims_.run(thread, chunk_rows(hidden_ * int64_t(sizeof(T))), [&](int64_t begin, int64_t end) {
         gemv_rows_multi(data_of<T>(lm_head_), lm_head_.stride(0), hidden_, inputs, rows_count, begin, end,
                         [&](int64_t n, int b, float sum) {
                           float& logit = lp[b * vocab + n];
                           logit = S::round(sum);
                           parts[b].offer(n, logit);
-                        });
+                        }, packed);
       });
     });
     last_argmaxes_.assign(rows_count, -1);

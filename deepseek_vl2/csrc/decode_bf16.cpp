@@ -15,7 +15,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <chrono>
 #include <thread>
 
@@ -315,8 +314,10 @@ const uint16_t* pack_tiles(const uint16_t* const* xs, int count, int64_t cols, i
 // the hardware prefetchers alone follow the 16 rows' streams at ~27 GB/s where dot() reads ~31 on the
 // 2-core Sapphire Rapids VM this was measured on. Copying the rows to a staging buffer first, to read
 // each in one pass, was slower still: the copy and the multiplies no longer overlap.)
-void tile_block(const uint16_t* w, int64_t row_stride, int64_t cols, const uint16_t* packed, int tiles, int rows,
-                float* sums, int64_t width) {
+void tile_rows(const uint16_t* w, int64_t row_stride, int64_t cols, const uint16_t* packed, int columns, int rows,
+               float* sums) {
+  const int tiles = (columns + 15) / 16;
+  const int64_t width = 16 * tiles;  // (sums row stride)
   TileConfig config;
   config.rows[SUMS_TILE] = config.rows[WEIGHTS_TILE] = uint8_t(rows);
   config.rows[INPUTS_TILE] = 16;
@@ -340,12 +341,6 @@ void tile_block(const uint16_t* w, int64_t row_stride, int64_t cols, const uint1
     }
     _tile_stored(SUMS_TILE, sums + 16 * t, width * 4);
   }
-}
-
-void tile_rows(const uint16_t* w, int64_t row_stride, int64_t cols, const uint16_t* packed, int columns, int rows,
-               float* sums) {
-  const int tiles = (columns + 15) / 16;
-  tile_block(w, row_stride, cols, packed, tiles, rows, sums, 16 * tiles);
 }
 
 float router_dot(const float* w, const float* x, int64_t n) {

@@ -185,11 +185,12 @@ TILES_SWITCH = "DEEPSEEK_VL2_CPU_TILES"
 
 
 def tiles_wanted() -> bool:
-    """Whether the bf16 layer and step kernels use AMX tiles: asked for with ``DEEPSEEK_VL2_CPU_TILES=1``,
-    and the CPU (as our probes see it: ``DEEPSEEK_VL2_CPU_ISA`` caps hide them) has AMX-BF16. Off by default:
-    on the 2-core Sapphire Rapids VM we measured, tiles raise the total rate with 16 requests in flight by
-    ~20 % but cost one request alone ~15 % (docs/performance.md). The extension's ``set_tiles`` checks the
-    CPU again and asks Linux for the tile registers."""
+    """Whether the bf16 layer and step kernels run the matrices every row multiplies (attention, shared
+    experts, LM head) on AMX tiles: asked for with ``DEEPSEEK_VL2_CPU_TILES=1``, and the CPU (as our probes
+    see it: ``DEEPSEEK_VL2_CPU_ISA`` caps hide them) has AMX-BF16. Off by default: on the 2-core Sapphire
+    Rapids VM we measured, tiles raise the total rate with 16 requests in flight by ~26 % but cost one
+    request alone ~10 % (docs/performance.md). The extension's ``set_tiles`` checks the CPU again and asks
+    Linux for the tile registers."""
     return os.environ.get(TILES_SWITCH, "0") == "1" and {"amx_bf16", "amx_tile"} <= _cpu_flags()
 
 

@@ -440,21 +440,24 @@ def _skip_without_step_kernels(dtype: torch.dtype) -> None:
         pytest.skip("no C++ compiler/ninja: fp32 decoding uses the eager layers")
 
 
-def _row_model(name: str, dtype: torch.dtype):
-    """The language model of ROW_MODELS[name] at ``dtype``, with caches of SLOTS slots of 40 positions."""
+def _row_model(name: str, dtype: torch.dtype, overrides: dict | None = None):
+    """The language model of ROW_MODELS[name] at ``dtype`` (with ``overrides`` of its language config too),
+    with caches of SLOTS slots of 40 positions."""
     import json
 
     from conftest import FIXTURES_DIR
     from deepseek_vl2.config import DeepseekVL2Config
     from deepseek_vl2.model import build_model, load_model, random_init
 
-    fixture, overrides = ROW_MODELS[name]
+    fixture, model_overrides = ROW_MODELS[name]
+    if overrides:
+        model_overrides = {**(model_overrides or {}), **overrides}
     path = FIXTURES_DIR / "checkpoints" / fixture
-    if overrides is None:
+    if model_overrides is None:
         language = load_model(path, dtype=dtype).language
     else:
         values = json.loads((path / "config.json").read_text())
-        values["language_config"].update(overrides)
+        values["language_config"].update(model_overrides)
         language = build_model(DeepseekVL2Config.from_dict(values), "cpu", dtype, random_init(std=0.2, seed=1)).language
     language.setup_cache(40, batch=SLOTS)
     return language
@@ -581,6 +584,26 @@ def test_step_rows_are_batch_invariant(name: str, dtype: torch.dtype, tiles: boo
         single = language.decode_step_cpu(tokens[0], lengths[0])  # step(): one row in slot 0
     assert single.shape == (vocab,) and torch.equal(single, alone[0][0][0])
     assert single.known_argmax == int(single.argmax())
+
+
+@pytest.mark.parametrize("tiles", [True], ids=["tiles"], indirect=True)
+def test_tiles_carry_the_step_where_they_are_on(tiles: bool) -> None:
+    """With tiles on the step takes another path (other fp32 sum orders, so some logits differ in their
+    last bits from the vector path's); the tests above hold on both."""
+    _skip_without_step_kernels(torch.bfloat16)
+    # (wide enough that fp32 sums of bf16 products are not exact: the fixtures' 64 values mostly are, in any order)
+    language = _row_model("mha", torch.bfloat16, {"hidden_size": 1024, "moe_intermediate_size": 256})
+    snapshot = _fill_histories(language, [4, 6, 9], seed=3)
+    extension = kernels.avx512_bf16_extension()
+
+    def logits() -> torch.Tensor:
+        _restore(language, snapshot)
+        with torch.inference_mode():
+            return language.decode_rows_cpu([5, 7, 11], [4, 6, 9], [0, 1, 2]).clone()
+
+    with_tiles = logits()
+    extension.set_tiles(False)
+    assert not torch.equal(with_tiles, logits())
 
 
 @pytest.mark.parametrize("dtype,tiles", ROW_PATHS.values(), ids=ROW_PATHS.keys(), indirect=["tiles"])

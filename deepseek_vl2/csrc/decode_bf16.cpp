@@ -284,10 +284,9 @@ bool set_tiles(bool on) {
   return tiles_flag().load();
 }
 
-const uint16_t* pack_tiles(const uint16_t* const* xs, int count, int64_t cols, int which) {
-  thread_local std::vector<uint32_t> buffers[2];
+const uint16_t* pack_tiles(const uint16_t* const* xs, int count, int64_t cols) {
+  thread_local std::vector<uint32_t> buffer;
   const int64_t chunks = (cols + 31) / 32, tiles = (count + 15) / 16;
-  std::vector<uint32_t>& buffer = buffers[which];
   const size_t need = size_t(tiles * chunks * 256 + 16);  // (+16: room to align to 64 bytes)
   if (buffer.size() < need) buffer.assign(need, 0);
   uint32_t* base = buffer.data() + (16 - (reinterpret_cast<uintptr_t>(buffer.data()) / 4) % 16) % 16;

@@ -112,29 +112,32 @@ inline void gemv_rows(const T* w, int64_t row_stride, int64_t cols, const T* x, 
   for (int64_t n = begin; n < end; ++n) store(n, dot(w + n * row_stride, x, cols));
 }
 
-// AMX (bf16 weights on CPUs with AMX-BF16, decode_bf16.cpp; never fp32): while tiles are on, weight rows
-// are multiplied 16 at a time by up to 16 inputs at once (TDPBF16PS), the inputs packed as tiles. One
-// instruction does 16 x 16 x 32 multiply-adds where vdpbf16ps does 16 x 2, so with many rows a step
-// stays bound by the memory's read rate, which vdpbf16ps on two cores could not keep up with past
-// ~8 rows. A weight row's sum with an input is made by the same instructions in the same order whatever
-// the other inputs of its tile (and the rows beside it), so a row's logits still never depend on the others.
+// AMX (bf16 weights on CPUs with AMX-BF16, decode_bf16.cpp; never fp32): while tiles are on, the matrices
+// every row of a step multiplies (attention, shared experts or dense MLPs, LM head) take 16 weight rows at
+// a time by up to 16 inputs at once (TDPBF16PS), the phase's inputs packed as tiles once. One instruction
+// does 16 x 16 x 32 multiply-adds where vdpbf16ps does 16 x 2: with 8-16 rows those matrices were bound by
+// vdpbf16ps, not by memory, on two cores. A routed expert's rows (~2 of 16 on average) stay on vdpbf16ps,
+// which keeps up with memory there and streams faster than tile loads. Which path a matrix takes never
+// depends on the step's rows, and a weight row's sum with an input is made by the same instructions in the
+// same order whatever the other inputs of its tile, so a row's logits still never depend on the others.
 inline std::atomic<bool>& tiles_flag() {  // (each extension its own; set by decode_bf16.cpp's set_tiles only)
   static std::atomic<bool> on{false};
   return on;
 }
 inline bool tiles_on(const uint16_t*) { return tiles_flag().load(std::memory_order_relaxed); }
 inline bool tiles_on(const float*) { return false; }
-// `count` inputs of `cols` values in this thread's buffer `which` (0: packed once for a phase, 1: for one
-// call), laid out as tiles: [count / 16][cols / 32][16 value pairs][16 inputs].
-const uint16_t* pack_tiles(const uint16_t* const* xs, int count, int64_t cols, int which);
-inline const float* pack_tiles(const float* const*, int, int64_t, int) { return nullptr; }
+// `count` inputs of `cols` values in this thread's buffer, laid out as tiles: [count / 16][cols / 32][16
+// value pairs][16 inputs].
+const uint16_t* pack_tiles(const uint16_t* const* xs, int count, int64_t cols);
+inline const float* pack_tiles(const float* const*, int, int64_t) { return nullptr; }
 // sums[r * 16 * tiles + c] = w[r, :] . input c, for weight rows r < rows (at most 16) and the packed
 // inputs c < columns (16 * tiles: the tiles the inputs fill).
 void tile_rows(const uint16_t* w, int64_t row_stride, int64_t cols, const uint16_t* packed, int columns, int rows,
                float* sums);
 inline void tile_rows(const float*, int64_t, int64_t, const float*, int, int, float*) {}
 
-// A phase's inputs packed as tiles once for all the matrices and chunks it multiplies (none while tiles are off).
+// A phase's inputs packed as tiles once for all the matrices and chunks it multiplies (none while tiles
+// are off). Only one phase's packing is live per thread at a time.
 template <typename T>
 struct Packed {
   const T* tiles = nullptr;
@@ -144,24 +147,22 @@ struct Packed {
 template <typename T>
 inline Packed<T> pack_inputs(const T* const* xs, int count, int64_t cols) {
   if (!tiles_on(static_cast<const T*>(nullptr))) return {};
-  return {pack_tiles(xs, count, cols, 0), count};
+  return {pack_tiles(xs, count, cols), count};
 }
 
 // y[j][n] = w[n, :] . xs[j] for rows [begin, end) of a row-contiguous matrix and `count` inputs, each
-// sum as gemv_rows makes it: store(n, j, sum). With tiles on, `packed` holds the inputs (packed here when
-// it is empty), input j in its column column[j] (or j).
+// sum as gemv_rows makes it: store(n, j, sum). On tiles where the inputs come packed (pack_inputs).
 template <typename T, typename Store>
 inline void gemv_rows_multi(const T* w, int64_t row_stride, int64_t cols, const T* const* xs, int count, int64_t begin,
-                            int64_t end, Store store, Packed<T> packed = {}, const int* column = nullptr) {
-  if (tiles_on(w)) {
-    if (packed.tiles == nullptr) packed = {pack_tiles(xs, count, cols, 1), count}, column = nullptr;
+                            int64_t end, Store store, Packed<T> packed = {}) {
+  if (packed.tiles != nullptr) {
     const int width = 16 * ((packed.columns + 15) / 16);
     float sums[16 * kMaxRows];
     for (int64_t n = begin; n < end; n += 16) {
       const int rows = int(std::min<int64_t>(16, end - n));
       tile_rows(w + n * row_stride, row_stride, cols, packed.tiles, packed.columns, rows, sums);
       for (int r = 0; r < rows; ++r)
-        for (int j = 0; j < count; ++j) store(n + r, j, sums[r * width + (column ? column[j] : j)]);
+        for (int j = 0; j < count; ++j) store(n + r, j, sums[r * width + j]);
     }
     return;
   }
@@ -1047,7 +1048,7 @@ void ffn_body(const FfnSpec<T>& s, const T* x, int count, T* out, FfnScratch<T>&
   T* h = scratch.h.data();
   const T* inputs[kMaxRows];
   row_pointers<T>(normed, hidden, count, inputs);
-  const Packed<T> packed = pack_inputs<T>(inputs, count, hidden);  // (input j of an expert: column e.row[j])
+  const Packed<T> packed = pack_inputs<T>(inputs, count, hidden);  // (for the shared experts: every row, in order)
   // The experts' gate/up rows taken together (row r of expert e is row first_row + r), in chunks: for
   // each chunk the gate rows, then the up rows (one stream from memory at a time). Each chunk switches
   // streams twice: chunks of ~256 KiB (tiny: 51 rows) stream the fast memory phase at 93-94 % of the
@@ -1060,17 +1061,25 @@ void ffn_body(const FfnSpec<T>& s, const T* x, int count, T* out, FfnScratch<T>&
       if (begin >= end) continue;
       for (int j = 0; j < e.count; ++j) inputs[j] = normed + e.row[j] * hidden;
       T* he = h + e.h_offset;  // [count][inter]
+      const Packed<T> tiles = e.choice[0] < 0 ? packed : Packed<T>{};  // (routed experts: vectors)
       gemv_rows_multi(e.weights.gate, hidden, hidden, inputs, e.count, begin, end, [&](int64_t i, int j, float sum) {
         he[j * inter + i] = S::store(silu(S::round(sum)));
-      }, packed, e.row);
+      }, tiles);
       gemv_rows_multi(e.weights.up, hidden, hidden, inputs, e.count, begin, end, [&](int64_t i, int j, float sum) {
         he[j * inter + i] = S::store(S::load(he[j * inter + i]) * S::round(sum));
-      }, packed, e.row);
+      }, tiles);
     }
   });
 #pragma omp barrier
   float *expert_out = scratch.expert_out.data(), *routed_sum = scratch.routed_sum.data();
   auto emit = [&](int b, int64_t n, T y) { out[b * hidden + n] = S::store(S::load(x[b * hidden + n]) + S::load(y)); };
+  const T* shared_inputs[kMaxRows];
+  Packed<T> shared_packed;
+  if (s.has_shared) {
+    const int64_t inter = experts[routed].weights.inter;
+    row_pointers<T>(h + experts[routed].h_offset, inter, count, shared_inputs);
+    shared_packed = pack_inputs<T>(shared_inputs, count, inter);
+  }
   // The output rows in chunks, each chunk through every expert in turn.
   down_claims.run(thread, kDownChunkRows, [&](int64_t begin, int64_t end) {
     for (size_t a = 0; a < routed; ++a) {
@@ -1091,11 +1100,10 @@ void ffn_body(const FfnSpec<T>& s, const T* x, int count, T* out, FfnScratch<T>&
     if (s.has_shared) {
       const ActiveExpert<T>& shared = experts[routed];
       const int64_t inter = shared.weights.inter;
-      for (int j = 0; j < count; ++j) inputs[j] = h + shared.h_offset + j * inter;
-      gemv_rows_multi(shared.weights.down, inter, inter, inputs, count, begin, end, [&](int64_t n, int b, float sum) {
+      gemv_rows_multi(shared.weights.down, inter, inter, shared_inputs, count, begin, end, [&](int64_t n, int b, float sum) {
         const float routed_part = routed ? S::round(routed_sum[b * hidden + n]) : 0.0f;
         emit(b, n, S::store(routed_part + S::round(sum)));
-      });
+      }, shared_packed);
     } else {
       for (int b = 0; b < count; ++b)
         for (int64_t n = begin; n < end; ++n) emit(b, n, S::store(routed_sum[b * hidden + n]));

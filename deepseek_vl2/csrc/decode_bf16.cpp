@@ -200,6 +200,15 @@ inline void softmax_in_place(float* probs, int64_t length, float best) {
 // accumulators over alternate 32-value blocks). A value row is widened by interleaving its bf16 bits
 // with zeros (unpacklo/hi: each 128-bit lane's first four values, then its last four), half the
 // instructions of an in-order widening; the sums are put back in order when stored.
+// Attention reads each head's cached keys, then its values, as runs of ~100 KiB (tiny at ~440 tokens) that
+// start anew for every (row, head): asking for each cached row kPrefetchBytes ahead keeps misses in flight
+// across those starts. Tiny's bf16 step of 16 rows at position 438 (tiles on, the Sapphire Rapids VM, A/B in
+// turns): 199.7-202.5 ms against 205.2-209.4 without.
+inline void prefetch_ahead(const uint16_t* row, int64_t d) {
+  const char* ahead = reinterpret_cast<const char*>(row) + kPrefetchBytes;
+  for (int64_t b = 0; b < d * 2; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T1);
+}
+
 template <int kBlocks>
 void attend_head_vec(const uint16_t* q, const uint16_t* k, int64_t k_row_stride, const uint16_t* v, int64_t v_row_stride,
                      int64_t length, float scale, float* probs, uint16_t* out) {
@@ -209,6 +218,7 @@ void attend_head_vec(const uint16_t* q, const uint16_t* k, int64_t k_row_stride,
   float best = -INFINITY;
   for (int64_t t = 0; t < length; ++t) {
     const uint16_t* row = k + t * k_row_stride;
+    prefetch_ahead(row, d);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
     for (int j = 0; j + 1 < kBlocks; j += 2) {
       acc0 = _mm512_dpbf16_ps(acc0, load_bf16x32(row + 32 * j), query[j]);
@@ -225,6 +235,7 @@ void attend_head_vec(const uint16_t* q, const uint16_t* k, int64_t k_row_stride,
   for (int64_t t = 0; t < length; ++t) {
     const __m512 p = _mm512_set1_ps(probs[t]);
     const uint16_t* row = v + t * v_row_stride;
+    prefetch_ahead(row, d);
     for (int j = 0; j < kBlocks; ++j) {
       const __m512i bits = _mm512_loadu_si512(reinterpret_cast<const void*>(row + 32 * j));
       low[j] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, bits)), low[j]);

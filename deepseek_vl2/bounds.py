@@ -225,6 +225,23 @@ def decode_bytes_per_token(
     return out
 
 
+def batch_step_bytes(
+    config: DeepseekVL2Config, dtype: torch.dtype, rows: int, context: int = 0, experts: Optional[float] = None
+) -> int:
+    """Bytes one decode step of ``rows`` sequences (each ``context`` cached tokens) must read: every weight
+    of a batch-1 step once, each distinct routed expert the rows chose once (``experts`` per MoE layer:
+    measured, or by default the expectation for independent uniform choices, ``experts_touched``), and each
+    row's own KV cache."""
+    lang = config.language
+    one = decode_bytes_per_token(config, dtype, context)
+    n_moe = sum(lang.is_moe_layer(i) for i in range(lang.num_hidden_layers))
+    if experts is None:
+        experts = experts_touched(lang.n_routed_experts or 0, lang.num_experts_per_tok or 0, rows)
+    routed = n_moe * experts * moe_parts(lang)["expert"] * dtype_bytes(dtype)
+    return int(one["weights"] - one["routed_experts"] - one["embedding_row"] + rows * one["embedding_row"] + routed
+               + rows * one["kv_cache"])
+
+
 def decode_bound_tok_s(
     config: DeepseekVL2Config, dtype: torch.dtype, bandwidth_gbs: float, context: int = 0
 ) -> float:

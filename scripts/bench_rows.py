@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 import deepseek_vl2  # noqa: E402,F401  (first: it sets the allocator's huge-page hint before torch loads)
 import torch  # noqa: E402
 
+from deepseek_vl2.bounds import experts_touched  # noqa: E402
 from deepseek_vl2.config import DeepseekVL2Config  # noqa: E402
 from deepseek_vl2.hardware import parse_dtype  # noqa: E402
 from deepseek_vl2.language import DeepseekV2ForCausalLM  # noqa: E402
@@ -114,28 +115,44 @@ def main(argv: Optional[list[str]] = None) -> int:
         for _, run in kinds.values():  # warm-up: scratch, page faults, the thread pool
             run()
         times: dict[str, list[float]] = {name: [] for name in kinds}
+        routed: dict[str, list[int]] = {name: [0, 0] for name in kinds}  # MoE layers stepped, routed experts streamed
+        counts = getattr(step, "take_routed_counts", lambda: (0, 0))
         contention = CpuContention()
         contention.start()
         for r in range(args.rounds):
             for name, (_, run) in kinds.items():
+                counts()
                 times[name] += time_steps(run, args.steps)
+                layers_stepped, experts_run = counts()
+                routed[name][0] += layers_stepped
+                routed[name][1] += experts_run
             position[0] += args.steps  # (the caches' positions move on as in a decode)
             log(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {statistics.median(t) * 1e3:.1f} ms" for n, t in times.items()))
         other_cores = contention.stop()
     results = {}
     single = None
+    config = language.config
+    moe = bool(config.n_routed_experts)
     for name, (count, _) in kinds.items():
         median = statistics.median(times[name])
         results[name] = {"rows": count, "step_ms": median * 1e3, "tok_s": count / median,
                          "step_ms_min": min(times[name]) * 1e3, "step_ms_max": max(times[name]) * 1e3}
+        if moe and routed[name][0]:
+            # The experts a step streams set its cost; random tokens should choose about as many as
+            # independent choices would (more sharing would flatter the rate of several rows).
+            results[name]["experts_per_layer"] = routed[name][1] / routed[name][0]
+            results[name]["experts_per_layer_independent"] = experts_touched(
+                config.n_routed_experts, config.num_experts_per_tok, count)
         if count == 1 and single is None:
             single = results[name]["tok_s"]
     print(f"{args.config.name} layers={args.layers or language.config.num_hidden_layers} dtype={args.dtype} "
           f"threads={args.threads} (other processes kept {other_cores or 0:.2f} cores busy)")
-    print(f"{'kind':>10} {'step ms':>9} {'min':>7} {'max':>7} {'tok/s':>8} {'x single':>8}")
+    print(f"{'kind':>10} {'step ms':>9} {'min':>7} {'max':>7} {'tok/s':>8} {'x single':>8} {'experts/layer (independent)':>28}")
     for name, r in results.items():
+        experts = (f"{r['experts_per_layer']:.1f} ({r['experts_per_layer_independent']:.1f})"
+                   if "experts_per_layer" in r else "-")
         print(f"{name:>10} {r['step_ms']:9.2f} {r['step_ms_min']:7.2f} {r['step_ms_max']:7.2f} {r['tok_s']:8.2f} "
-              f"{r['tok_s'] / single if single else float('nan'):8.2f}")
+              f"{r['tok_s'] / single if single else float('nan'):8.2f} {experts:>28}")
     if args.json:
         print(json.dumps({"config": str(args.config), "layers": args.layers, "dtype": args.dtype, "threads": args.threads,
                           "other_cores_busy": other_cores, "results": results}))

@@ -159,8 +159,9 @@ def parse_huge_pages(smaps_rollup: str) -> dict[str, int]:
 def fast_random_init(seed: int = 0, block_elems: int = 1 << 24):
     """``init`` for ``build_model``: matrices get uniform(±0.02·√3) values (std 0.02) copied from one random
     block at random offsets (generating billions of fresh random numbers would take longer than the
-    benchmark); vectors (norm scales, biases) get 1.0. Values never change the speed, only NaN/denormals
-    could, and these have none."""
+    benchmark); vectors (norm scales, biases) get 1.0. Values never change the speed of one request (only
+    NaN/denormals could, and these have none); several at once share their routed experts as their hidden
+    states allow, which random image tokens distort (see decorrelate_image_tokens)."""
     gen = torch.Generator().manual_seed(seed)
     block = torch.empty(block_elems).uniform_(-0.0346, 0.0346, generator=gen)
     cache: dict[torch.dtype, torch.Tensor] = {}
@@ -182,6 +183,32 @@ def fast_random_init(seed: int = 0, block_elems: int = 1 << 24):
             done += n
 
     return init
+
+
+def decorrelate_image_tokens(model, inputs, device: torch.device) -> None:
+    """Give a random model's image tokens what a trained model's have: no large part shared by all of them.
+
+    With fast_random_init every image token carries the same large vector: biases of 1.0 through the
+    vision tower and projector, the projector's GELU (positive mean) through its random last layer, and
+    all-ones ``image_newline`` / ``view_seperator``. Attention with random weights averages its context
+    nearly evenly, so that shared part then dominates every decoding token's hidden state, and all requests
+    with an image route to the same few experts (tiny, 8 requests in flight: 7.3 routed experts per MoE
+    layer and step, where independent choices give 34.9): batching would look far cheaper than it is for
+    real requests. Here biases become 0, the two separators random like embedding rows, and the projector's
+    last bias is shifted so that the image's tokens average to zero (each step alone still left 7-9 experts
+    for 8 requests; together 24-34). Only for ``--config`` (random) models."""
+    last = model.projector.layers[-1] if isinstance(model.projector.layers, torch.nn.Sequential) else model.projector.layers
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(2)
+        for vector in (model.image_newline, model.view_seperator):
+            vector.copy_(torch.randn(vector.shape, generator=generator) * 0.02)
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.zero_()
+        if isinstance(last, torch.nn.Linear) and last.bias is not None:
+            pixels = inputs.pixel_values.to(device, model.dtype)
+            features = model._tile_features(pixels, inputs.images_spatial_crop)
+            last.bias.sub_(features.flatten(0, -2).float().mean(0).to(last.bias.dtype))
 
 
 def reduced_config(config: DeepseekVL2Config, layers: Optional[int], vision_layers: Optional[int]) -> DeepseekVL2Config:
@@ -332,7 +359,10 @@ def run_concurrent(model, make_inputs, in_flight: int, new_tokens: int, device: 
     (the steady state, between the joins and the first finish), from the engine's own timeline. itl: the
     time between two tokens of one request, prefill stalls included (``itl_ms_max``: the longest decode
     stall, which another request's prefill causes). ttft: from submit to the first token, queueing behind
-    the others' prefill included."""
+    the others' prefill included. experts_per_layer (bf16/fp32 CPU kernels only): the routed experts a MoE
+    layer's decode step streamed on average, next to what independent uniform choices of as many rows would
+    (experts_per_layer_independent): fewer means the rows shared experts more than real requests would, and
+    the total rate flatters batching."""
     from concurrent.futures import ThreadPoolExecutor
 
     from deepseek_vl2.engine import engine_for
@@ -341,6 +371,10 @@ def run_concurrent(model, make_inputs, in_flight: int, new_tokens: int, device: 
     engine = engine_for(model)
     inputs = [make_inputs(i) for i in range(in_flight)]
     engine.timeline.clear()
+    step = model.language._cpu_step()
+    routed_counts = getattr(step, "take_routed_counts", None)
+    if routed_counts:
+        routed_counts()  # (starts the count)
     rss_reset = reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -359,6 +393,14 @@ def run_concurrent(model, make_inputs, in_flight: int, new_tokens: int, device: 
     gaps = [b - a for s in stamps for a, b in zip(s, s[1:])]
     ttfts = [s[0] - started for s in stamps if s]
     prefill_units = [seconds for kind, _, seconds in engine.timeline if kind == "prefill"]
+    routing: dict[str, float] = {}
+    if routed_counts:
+        layers_stepped, experts_run = routed_counts()
+        lang = model.config.language
+        if layers_stepped and steps:
+            routing["experts_per_layer"] = experts_run / layers_stepped
+            routing["experts_per_layer_independent"] = statistics.mean(
+                bounds.experts_touched(lang.n_routed_experts, lang.num_experts_per_tok, rows) for rows, _ in steps)
     return {
         "decode_tok_s_total": sum(r for r, _ in full) / sum(t for _, t in full) if full else float("nan"),
         "steady_steps": len(full),
@@ -372,6 +414,7 @@ def run_concurrent(model, make_inputs, in_flight: int, new_tokens: int, device: 
         "wall_s": wall_s,
         "peak_memory_gb": (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()) / 1e9,
         "peak_memory_is_since_level_start": device.type == "cuda" or rss_reset,
+        **routing,
     }
 
 
@@ -540,6 +583,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         processor = image_only_processor(config)
         make_inputs = lambda i=0: synthetic_inputs(processor, config, image, args.text_tokens, seed=i)  # noqa: E731
         workload = f"synthetic prompt ids ({args.text_tokens} text tokens)"
+        if image is not None:
+            decorrelate_image_tokens(model, make_inputs(), device)
 
     # --- the engine: as the server makes it, with slots for the largest level, each slot as long as a request ---
     from deepseek_vl2.engine import configured_slots, engine_for
@@ -719,13 +764,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if concurrency:
         single = concurrency.get("1", {}).get("decode_tok_s_total")
         lines += ["", f"{'in flight':>9}{'decode tok/s':>14}{'x one':>7}{'ttft p50':>10}{'ttft p95':>10}{'itl p50':>10}"
-                      f"{'itl p95':>10}{'itl max':>10}{'peak mem':>10}"]
+                      f"{'itl p95':>10}{'itl max':>10}{'peak mem':>10}{'experts/layer (indep.)':>24}"]
         for level, c in concurrency.items():
             ratio = f"{c['decode_tok_s_total'] / single:.2f}" if single else "-"
+            experts = (f"{c['experts_per_layer']:.1f} ({c['experts_per_layer_independent']:.1f})"
+                       if "experts_per_layer" in c else "-")
             lines.append(f"{level:>9}{c['decode_tok_s_total']:>14.1f}{ratio:>7}{c['ttft_s_p50']:>9.2f}s{c['ttft_s_p95']:>9.2f}s"
-                         f"{c['itl_ms_p50']:>8.1f}ms{c['itl_ms_p95']:>8.1f}ms{c['itl_ms_max']:>8.0f}ms{c['peak_memory_gb']:>8.2f}GB")
+                         f"{c['itl_ms_p50']:>8.1f}ms{c['itl_ms_p95']:>8.1f}ms{c['itl_ms_max']:>8.0f}ms{c['peak_memory_gb']:>8.2f}GB"
+                         f"{experts:>24}")
         lines.append("(decode tok/s: the engine's steps that carried every request in flight; itl: time between two "
-                     "tokens of one request, others' prefill included; ttft from submit)")
+                     "tokens of one request, others' prefill included; ttft from submit; experts/layer: routed experts a "
+                     "MoE layer's step streamed, and in brackets what independent choices would)")
     print("\n".join(lines), flush=True)
     for phase, table in profile_tables.items():
         print(f"\nprofile of {phase} (self time, top ops):\n{table}", flush=True)

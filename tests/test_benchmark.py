@@ -134,6 +134,25 @@ def test_experts_touched():
     assert bounds.experts_touched(64, 6, 438) == pytest.approx(64.0, rel=1e-6)
 
 
+def test_a_step_of_several_rows_reads_the_shared_weights_once():
+    """batch_step_bytes: one row is the batch-1 figure; each further row adds its own KV cache and embedding
+    row and the experts it chooses beyond the others' (independent choices by default, or as measured)."""
+    config = real_config("deepseek-vl2-tiny")
+    lang = config.language
+    one = bounds.decode_bytes_per_token(config, torch.bfloat16, 438)
+    assert bounds.batch_step_bytes(config, torch.bfloat16, 1, 438) == one["total"]
+    expert = bounds.moe_parts(lang)["expert"] * 2
+    moe_layers = lang.num_hidden_layers - lang.first_k_dense_replace
+    sixteen = bounds.batch_step_bytes(config, torch.bfloat16, 16, 438)
+    shared = one["weights"] - one["routed_experts"] - one["embedding_row"]
+    assert sixteen == pytest.approx(shared + 16 * (one["kv_cache"] + one["embedding_row"])
+                                    + moe_layers * bounds.experts_touched(64, 6, 16) * expert, abs=1)
+    assert 3.7 < 16 * one["total"] / sixteen < 3.9  # (the bandwidth bound of 16 rows over one: ~3.8x at 438 tokens)
+    # as many experts as one row: only the KV caches and embedding rows add
+    assert bounds.batch_step_bytes(config, torch.bfloat16, 16, 438, experts=6) == pytest.approx(
+        one["total"] + 15 * (one["kv_cache"] + one["embedding_row"]), abs=1)
+
+
 def test_probes_are_quick_and_positive():
     import time
 
@@ -233,9 +252,43 @@ def test_benchmark_smoke_config():
     if not cfg.is_file():
         pytest.skip(f"fixture config not found at {cfg}")
     pytest.importorskip("deepseek_vl2.generation")
-    result = _run_benchmark("--config", str(cfg))
+    result = _run_benchmark("--config", str(cfg), "--concurrency", "1,3")
     assert result["random_weights"] is True
     assert result["prompt_tokens"] == 438 and result["n_tiles"] == 2
+    config = DeepseekVL2Config.from_json_file(cfg).language
+    for level, rows in (("1", 1), ("3", 3)):
+        c = result["concurrency"][level]
+        assert c["tokens"] == 4 * rows and c["decode_tok_s_total"] > 0
+        if "experts_per_layer" in c:  # (where the CPU step kernel decodes)
+            assert c["experts_per_layer_independent"] <= bounds.experts_touched(
+                config.n_routed_experts, config.num_experts_per_tok, rows) + 1e-9
+            assert config.num_experts_per_tok <= c["experts_per_layer"] <= config.num_experts_per_tok * rows
+    assert result["concurrency"]["1"]["experts_per_layer"] == config.num_experts_per_tok
+
+
+def test_random_image_tokens_share_no_large_part():
+    """decorrelate_image_tokens: the projector's outputs for the benchmark image average to zero, biases
+    are zero and the separators are no longer all-ones vectors (else every request's hidden state is
+    nearly the same and batched requests share their experts as real ones would not)."""
+    from deepseek_vl2.model import build_model
+
+    bench = _load_benchmark_module()
+    config = DeepseekVL2Config.from_json_file(FIXTURES / "checkpoints" / "mha" / "config.json")
+    model = build_model(config, "cpu", torch.float32, bench.fast_random_init())
+    inputs = bench.synthetic_inputs(bench.image_only_processor(config), config, bench.default_image(), 17)
+
+    def features() -> torch.Tensor:
+        with torch.inference_mode():
+            return model._tile_features(inputs.pixel_values, inputs.images_spatial_crop).flatten(0, -2)
+
+    before = features()
+    assert before.mean(0).norm() > 0.5 * before.norm(dim=-1).mean()  # (what it corrects: one shared direction)
+    bench.decorrelate_image_tokens(model, inputs, torch.device("cpu"))
+    after = features()
+    assert after.mean(0).norm() < 1e-4 * after.norm(dim=-1).mean()
+    assert all(float(p.abs().max()) == 0.0 for n, p in model.named_parameters() if n.endswith("bias") and "projector" not in n)
+    for vector in (model.image_newline, model.view_seperator):
+        assert 0 < float(vector.std()) < 0.05
 
 
 def test_a_dtype_this_cpu_would_emulate_is_refused(monkeypatch):

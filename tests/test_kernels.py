@@ -647,6 +647,40 @@ def test_step_rows_compute_what_the_eager_model_computes(name: str, dtype: torch
             assert int(logits[b].argmax()) == int(reference.argmax())
 
 
+@pytest.mark.parametrize("name", ["mha", "mla-noaux"])
+def test_the_step_counts_the_routed_experts_it_streams(name: str) -> None:
+    """take_routed_counts: the MoE layers stepped and the distinct routed experts they streamed (what a
+    step of several rows costs), as many as the eager routers choose for the same rows; taking starts the
+    count anew."""
+    _skip_without_step_kernels(torch.float32)
+    language = _row_model(name, torch.float32)
+    step = language._cpu_step()
+    moe = [layer.mlp for layer in language.model.layers if hasattr(layer.mlp, "gate")]
+    assert moe, "the fixture has no MoE layer"
+    tokens = torch.randint(0, language.config.vocab_size, (SLOTS,), generator=torch.Generator().manual_seed(4)).tolist()
+    chosen: list[set[int]] = [set() for _ in moe]
+    hooks = [mlp.gate.register_forward_hook(lambda _m, _i, out, c=c: c.update(out[1][0].tolist()))
+             for mlp, c in zip(moe, chosen)]
+    try:
+        with torch.inference_mode():
+            for token in tokens:  # each row at position 0 (the first of two tokens: a single one would take the kernels)
+                language(language.model.embed_tokens(torch.tensor([[token, token]])))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    top_k = language.config.num_experts_per_tok
+    step.take_routed_counts()
+    with torch.inference_mode():
+        language.decode_rows_cpu(tokens[:1], [0], [0])
+        assert step.take_routed_counts() == (len(moe), len(moe) * top_k)
+        assert step.take_routed_counts() == (0, 0)
+        language.decode_rows_cpu(tokens, [0] * SLOTS, list(range(SLOTS)))
+        language.decode_rows_cpu(tokens[:1] * 2, [0, 0], [0, 1])  # the same token twice shares its experts
+    expected = sum(len(c) for c in chosen)
+    assert len(moe) * top_k < expected < len(moe) * top_k * SLOTS  # (rows that share some experts)
+    assert step.take_routed_counts() == (2 * len(moe), expected + len(moe) * top_k)
+
+
 @pytest.mark.parametrize("name", ["mha", "mla"])
 def test_step_rows_write_each_row_at_its_position_of_its_slot(name: str) -> None:
     """A row's key/value (MHA) or latent and rotated key (MLA) land at its position of its slot, in every

@@ -949,6 +949,7 @@ struct FfnScratch {
   std::vector<T> h;                       // hidden activations of the experts that run, for their rows
   std::vector<float> expert_out;          // [rows][top_k][hidden]: each row's chosen experts' outputs
   std::vector<float> routed_sum;          // [rows][hidden]
+  int64_t routed_layers = 0, routed_run = 0;  // MoE layers stepped, and the routed experts they streamed (thread 0 counts)
   FfnScratch(int64_t hidden, int64_t experts, int64_t top_k, int64_t inter_total, int team, int rows)
       : normed(team * rows * hidden), normed_f32(team * rows * hidden), logits(rows * std::max<int64_t>(experts, 1)),
         h(rows * inter_total), expert_out(rows * std::max<int64_t>(top_k, 1) * hidden), routed_sum(rows * hidden) {}
@@ -1032,6 +1033,7 @@ void ffn_body(const FfnSpec<T>& s, const T* x, int count, T* out, FfnScratch<T>&
     }
   }
   const size_t routed = experts.size();
+  if (s.routed && thread == 0) ++scratch.routed_layers, scratch.routed_run += int64_t(routed);
   if (s.has_shared) {
     experts.emplace_back();
     ActiveExpert<T>& e = experts.back();
@@ -1448,6 +1450,15 @@ class DecodeStep {
   // The cache slots of every layer (rows of one step go to distinct slots).
   int64_t slots() const { return slots_; }
 
+  // (MoE layers stepped, routed experts streamed in them) since the last call, which starts the count
+  // anew: how many experts a step's rows share, for benchmarks.
+  std::pair<int64_t, int64_t> take_routed_counts() {
+    if (!ffn_scratch_) return {0, 0};
+    const std::pair<int64_t, int64_t> counts{ffn_scratch_->routed_layers, ffn_scratch_->routed_run};
+    ffn_scratch_->routed_layers = ffn_scratch_->routed_run = 0;
+    return counts;
+  }
+
  private:
   // The values of a 1-D int64 CPU tensor.
   static std::vector<int64_t> int64_values(const torch::Tensor& t, const char* what) {
@@ -1785,6 +1796,7 @@ void bind_layer_kernels(pybind11::module_& m, const std::string& suffix) {
            pybind11::arg("slots"))
       .def("last_argmax", &DecodeStep<T>::last_argmax)
       .def("last_argmaxes", &DecodeStep<T>::last_argmaxes)
+      .def("take_routed_counts", &DecodeStep<T>::take_routed_counts)
       .def_property_readonly("slots", &DecodeStep<T>::slots);
 }
 

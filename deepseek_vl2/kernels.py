@@ -177,21 +177,28 @@ def avx512_bf16_extension() -> Optional[Any]:
     extension = _build("bf16", _extension_name("deepseek_vl2_decode_bf16"), "decode_bf16.cpp",
                        ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp"])
     if extension is not None:
-        extension.set_tiles(tiles_wanted())
+        extension.set_tiles(tiles_min_rows())
     return extension
 
 
 TILES_SWITCH = "DEEPSEEK_VL2_CPU_TILES"
+TILES_SETTINGS = {"auto": 2, "0": 0, "1": 1, "all": 1}  # -> the fewest rows of a step that tiles carry (0: never)
 
 
-def tiles_wanted() -> bool:
-    """Whether the bf16 layer and step kernels run the matrices every row multiplies (attention, shared
-    experts, LM head) on AMX tiles: asked for with ``DEEPSEEK_VL2_CPU_TILES=1``, and the CPU (as our probes
-    see it: ``DEEPSEEK_VL2_CPU_ISA`` caps hide them) has AMX-BF16. Off by default: on the 2-core Sapphire
-    Rapids VM we measured, tiles raise the total rate with 16 requests in flight by ~26 % but cost one
-    request alone ~10 % (docs/performance.md). The extension's ``set_tiles`` checks the CPU again and asks
-    Linux for the tile registers."""
-    return os.environ.get(TILES_SWITCH, "0") == "1" and {"amx_bf16", "amx_tile"} <= _cpu_flags()
+def tiles_min_rows() -> int:
+    """The fewest rows (sequences) of a bf16 decode step whose shared matrices (attention, shared experts,
+    LM head) run on AMX tiles; 0: never. ``DEEPSEEK_VL2_CPU_TILES``: ``auto`` (the default) 2, so a lone
+    request stays on ``vdpbf16ps``; ``all`` (or ``1``) every step; ``0`` none. 0 wherever the CPU (as our
+    probes see it: ``DEEPSEEK_VL2_CPU_ISA`` caps hide AMX) has no AMX-BF16. On the 2-core Sapphire Rapids
+    VM we measured, tiles raise the total rate of 8 rows by ~15 % and of 16 by ~28 %, and read one row's
+    weights ~10 % slower (docs/performance.md). Under ``auto`` a bf16 row's logits in company differ from
+    its logits alone in the order of some fp32 sums; ``0`` and ``all`` keep every row bit-identical
+    whatever the others are. The extension's ``set_tiles`` checks the CPU again and asks Linux for the tile
+    registers."""
+    setting = os.environ.get(TILES_SWITCH, "auto").strip().lower() or "auto"
+    if setting not in TILES_SETTINGS:
+        raise ValueError(f"{TILES_SWITCH}={setting!r} is not a setting: use auto (the default), all or 0")
+    return TILES_SETTINGS[setting] if {"amx_bf16", "amx_tile"} <= _cpu_flags() else 0
 
 
 @functools.lru_cache(maxsize=1)

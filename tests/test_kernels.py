@@ -486,15 +486,19 @@ def _restore(language, snapshot: list[torch.Tensor]) -> None:
         t.copy_(saved)
 
 
+# Settings of the bf16 kernels' AMX tiles: the fewest rows of a step that they carry (0: never).
+VECTORS, ALL_TILES, AUTO_TILES = 0, 1, 2
+
+
 @pytest.fixture
-def tiles(request: pytest.FixtureRequest) -> Iterator[bool]:
-    """The bf16 kernels with AMX tiles on (param True; skipped where the CPU or OS has none) or off (False,
-    whatever DEEPSEEK_VL2_CPU_TILES asked for), as they were afterwards."""
+def tiles(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The bf16 kernels with AMX tiles for steps of at least `param` rows (skipped where the CPU or OS has
+    none) or never (0, whatever DEEPSEEK_VL2_CPU_TILES asked for), as they were afterwards."""
     extension = kernels.avx512_bf16_extension()
     if extension is None:
-        yield False  # (the tests skip without the bf16 kernels)
+        yield VECTORS  # (the tests skip without the bf16 kernels)
         return
-    before = extension.tiles_on()
+    before = extension.tiles_min_rows()
     try:
         if extension.set_tiles(request.param) != request.param:
             pytest.skip("this CPU has no AMX-BF16 (or Linux refused the tile registers)")
@@ -503,9 +507,9 @@ def tiles(request: pytest.FixtureRequest) -> Iterator[bool]:
         extension.set_tiles(before)
 
 
-@pytest.mark.parametrize("tiles", [False, True], ids=["vectors", "tiles"], indirect=True)
+@pytest.mark.parametrize("tiles", [VECTORS, ALL_TILES], ids=["vectors", "tiles"], indirect=True)
 @pytest.mark.parametrize("n,k", [(64, 1280), (37, 100), (16, 31), (5, 7), (130, 64)])
-def test_row_products_are_the_sums_and_do_not_depend_on_the_other_rows(n: int, k: int, tiles: bool) -> None:
+def test_row_products_are_the_sums_and_do_not_depend_on_the_other_rows(n: int, k: int, tiles: int) -> None:
     """w @ x for 1..40 inputs at once through the step kernels' row products (AMX tiles: 16 weight rows by
     16 inputs a tile; tails of rows, of columns (odd ones too) and inputs past 16 included).
 
@@ -515,7 +519,7 @@ def test_row_products_are_the_sums_and_do_not_depend_on_the_other_rows(n: int, k
     extension = kernels.avx512_bf16_extension()
     if extension is None:
         pytest.skip("no bf16 kernels here (no AVX512-BF16, or no C++ compiler/ninja)")
-    assert extension.tiles_on() == tiles
+    assert extension.tiles_min_rows() == tiles
     generator = torch.Generator().manual_seed(n * 1000 + k)
     w = torch.randn(n, k, generator=generator).to(torch.bfloat16)
     xs = torch.randn(40, k, generator=generator).to(torch.bfloat16)
@@ -529,24 +533,31 @@ def test_row_products_are_the_sums_and_do_not_depend_on_the_other_rows(n: int, k
     assert torch.equal(extension.rows_linear_bf16(xs[7:8], w), got[7:8])
 
 
-def test_tiles_are_off_unless_asked_for_and_never_where_the_cpu_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
-    """DEEPSEEK_VL2_CPU_TILES=1 asks for AMX tiles; they are off by default, and under a cap that hides
-    AMX (DEEPSEEK_VL2_CPU_ISA=avx512) not even asked for."""
+def test_tiles_carry_steps_of_two_rows_by_default_and_never_where_the_cpu_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DEEPSEEK_VL2_CPU_TILES: auto (the default) puts steps of 2 rows or more on AMX tiles, all (or 1)
+    every step, 0 none; under a cap that hides AMX (DEEPSEEK_VL2_CPU_ISA=avx512) never; a setting that is
+    none of these is refused by name."""
+    amx = {"amx_bf16", "amx_tile"} <= kernels.hardware.cpu_flags()
     monkeypatch.delenv(kernels.TILES_SWITCH, raising=False)
-    assert not kernels.tiles_wanted()
-    monkeypatch.setenv(kernels.TILES_SWITCH, "1")
-    assert kernels.tiles_wanted() == ({"amx_bf16", "amx_tile"} <= kernels.hardware.cpu_flags())
+    assert kernels.tiles_min_rows() == (AUTO_TILES if amx else VECTORS)
+    for setting, min_rows in (("auto", AUTO_TILES), ("all", ALL_TILES), ("1", ALL_TILES), ("0", VECTORS)):
+        monkeypatch.setenv(kernels.TILES_SWITCH, setting)
+        assert kernels.tiles_min_rows() == (min_rows if amx else VECTORS)
+    monkeypatch.setenv(kernels.TILES_SWITCH, "yes")
+    with pytest.raises(ValueError, match="DEEPSEEK_VL2_CPU_TILES='yes' is not a setting"):
+        kernels.tiles_min_rows()
+    monkeypatch.setenv(kernels.TILES_SWITCH, "all")
     monkeypatch.setenv("DEEPSEEK_VL2_CPU_ISA", "avx512")
-    assert not kernels.tiles_wanted()
+    assert kernels.tiles_min_rows() == VECTORS
 
 
-# The row paths: (dtype, AMX tiles)
-ROW_PATHS = {"bf16": (torch.bfloat16, False), "bf16-tiles": (torch.bfloat16, True), "fp32": (torch.float32, False)}
+# The row paths on which every row count takes the same path: (dtype, AMX tiles)
+ROW_PATHS = {"bf16": (torch.bfloat16, VECTORS), "bf16-tiles": (torch.bfloat16, ALL_TILES), "fp32": (torch.float32, VECTORS)}
 
 
 @pytest.mark.parametrize("dtype,tiles", ROW_PATHS.values(), ids=ROW_PATHS.keys(), indirect=["tiles"])
 @pytest.mark.parametrize("name", sorted(ROW_MODELS))
-def test_step_rows_are_batch_invariant(name: str, dtype: torch.dtype, tiles: bool) -> None:
+def test_step_rows_are_batch_invariant(name: str, dtype: torch.dtype, tiles: int) -> None:
     """Each row's logits (and the cache entries it writes) are bit-identical whatever the other rows of
     its step are, however many (1..16) and in whichever order, and one row in slot 0 is step()."""
     _skip_without_step_kernels(dtype)
@@ -586,29 +597,37 @@ def test_step_rows_are_batch_invariant(name: str, dtype: torch.dtype, tiles: boo
     assert single.known_argmax == int(single.argmax())
 
 
-@pytest.mark.parametrize("tiles", [True], ids=["tiles"], indirect=True)
-def test_tiles_carry_the_step_where_they_are_on(tiles: bool) -> None:
-    """With tiles on the step takes another path (other fp32 sum orders, so some logits differ in their
-    last bits from the vector path's); the tests above hold on both."""
+@pytest.mark.parametrize("tiles", [AUTO_TILES], ids=["auto"], indirect=True)
+def test_tiles_carry_the_steps_of_two_rows_or_more(tiles: int) -> None:
+    """With tiles (auto: steps of 2 rows or more) a step of several rows takes another path (other fp32
+    sum orders, so some logits differ in their last bits from the vector path's), the same as with tiles
+    for every step; a lone row stays on the vector path. So a row's logits are bit-identical whatever its
+    company of 1 or more others, and alone the same as without tiles."""
     _skip_without_step_kernels(torch.bfloat16)
     # (wide enough that fp32 sums of bf16 products are not exact: the fixtures' 64 values mostly are, in any order)
     language = _row_model("mha", torch.bfloat16, {"hidden_size": 1024, "moe_intermediate_size": 256})
     snapshot = _fill_histories(language, [4, 6, 9], seed=3)
     extension = kernels.avx512_bf16_extension()
 
-    def logits() -> torch.Tensor:
+    def logits(min_rows: int, rows: list[int]) -> torch.Tensor:
+        extension.set_tiles(min_rows)
         _restore(language, snapshot)
+        tokens, positions = [5, 7, 11], [4, 6, 9]
         with torch.inference_mode():
-            return language.decode_rows_cpu([5, 7, 11], [4, 6, 9], [0, 1, 2]).clone()
+            return language.decode_rows_cpu([tokens[b] for b in rows], [positions[b] for b in rows], rows).clone()
 
-    with_tiles = logits()
-    extension.set_tiles(False)
-    assert not torch.equal(with_tiles, logits())
+    company, alone = logits(AUTO_TILES, [0, 1, 2]), logits(AUTO_TILES, [1])
+    assert not torch.equal(company, logits(VECTORS, [0, 1, 2]))
+    assert torch.equal(company, logits(ALL_TILES, [0, 1, 2]))
+    assert torch.equal(company[1:], logits(AUTO_TILES, [1, 2]))
+    assert torch.equal(alone, logits(VECTORS, [1]))
+    assert not torch.equal(alone, logits(ALL_TILES, [1]))
+    assert (alone - company[1:2]).abs().max() <= 2e-2 * alone.abs().max()  # (the bf16 bound of the eager comparison)
 
 
 @pytest.mark.parametrize("dtype,tiles", ROW_PATHS.values(), ids=ROW_PATHS.keys(), indirect=["tiles"])
 @pytest.mark.parametrize("name", sorted(ROW_MODELS))
-def test_step_rows_compute_what_the_eager_model_computes(name: str, dtype: torch.dtype, tiles: bool) -> None:
+def test_step_rows_compute_what_the_eager_model_computes(name: str, dtype: torch.dtype, tiles: int) -> None:
     """Rows at different positions of different slots give the logits of the eager PyTorch model run over
     each row's own sequence (a full causal forward, no cache, no kernels).
 

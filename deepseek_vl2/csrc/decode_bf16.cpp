@@ -262,7 +262,7 @@ void attend_head(const uint16_t* q, const uint16_t* k, int64_t k_row_stride, con
   }
 }
 
-// ---- AMX tiles (see tiles_on in decode_layers.h) ----
+// ---- AMX tiles (see tiles_min_rows in decode_layers.h) ----
 
 // The tile registers' shapes, as LDTILECFG reads them (palette 1: 8 tiles of up to 16 rows x 64 bytes).
 struct alignas(64) TileConfig {
@@ -289,10 +289,11 @@ bool tiles_available() {
   return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
 }
 
-// Tiles on (where the CPU and the OS allow them) or off; returns whether they are on. Not while a step runs.
-bool set_tiles(bool on) {
-  tiles_flag().store(on && tiles_available());
-  return tiles_flag().load();
+// Tiles for steps of at least `min_rows` rows (where the CPU and the OS allow them), or never (0); returns
+// the minimum now in force (0 where tiles are unavailable). Not while a step runs.
+int set_tiles(int min_rows) {
+  tiles_min_rows().store(min_rows > 0 && tiles_available() ? min_rows : 0);
+  return tiles_min_rows().load();
 }
 
 const uint16_t* pack_tiles(const uint16_t* const* xs, int count, int64_t cols) {
@@ -468,8 +469,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm of bf16 rows");
   m.def("gemv_bf16_many", &gemv_bf16_many, "several bf16 batch-1 linears in one parallel region");
   m.def("rows_linear_bf16", &rows_linear_bf16, "w @ xs[j] for each row of xs, through the step kernels' row products");
-  m.def("set_tiles", &set_tiles, "AMX tiles for the layer and step kernels on (where the CPU and OS allow) or off; "
-        "returns whether they are on", pybind11::arg("on"));
-  m.def("tiles_on", []() { return tiles_on(static_cast<const uint16_t*>(nullptr)); }, "whether the layer and step kernels use AMX tiles");
+  m.def("set_tiles", &set_tiles, "AMX tiles for steps of at least min_rows rows (where the CPU and OS allow), 0: never; "
+        "returns the minimum in force", pybind11::arg("min_rows"));
+  m.def("tiles_min_rows", []() { return tiles_min_rows().load(); }, "the fewest rows of a step that AMX tiles carry (0: never)");
   bind_layer_kernels<uint16_t>(m, "bf16");
 }

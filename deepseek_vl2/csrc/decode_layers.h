@@ -112,20 +112,25 @@ inline void gemv_rows(const T* w, int64_t row_stride, int64_t cols, const T* x, 
   for (int64_t n = begin; n < end; ++n) store(n, dot(w + n * row_stride, x, cols));
 }
 
-// AMX (bf16 weights on CPUs with AMX-BF16, decode_bf16.cpp; never fp32): while tiles are on, the matrices
-// every row of a step multiplies (attention, shared experts or dense MLPs, LM head) take 16 weight rows at
-// a time by up to 16 inputs at once (TDPBF16PS), the phase's inputs packed as tiles once. One instruction
-// does 16 x 16 x 32 multiply-adds where vdpbf16ps does 16 x 2: with 8-16 rows those matrices were bound by
-// vdpbf16ps, not by memory, on two cores. A routed expert's rows (~2 of 16 on average) stay on vdpbf16ps,
-// which keeps up with memory there and streams faster than tile loads. Which path a matrix takes never
-// depends on the step's rows, and a weight row's sum with an input is made by the same instructions in the
-// same order whatever the other inputs of its tile, so a row's logits still never depend on the others.
-inline std::atomic<bool>& tiles_flag() {  // (each extension its own; set by decode_bf16.cpp's set_tiles only)
-  static std::atomic<bool> on{false};
-  return on;
+// AMX (bf16 weights on CPUs with AMX-BF16, decode_bf16.cpp; never fp32): in a step of at least
+// tiles_min_rows() rows (0: never), the matrices every row multiplies (attention, shared experts or dense
+// MLPs, LM head) take 16 weight rows at a time by up to 16 inputs at once (TDPBF16PS), the phase's inputs
+// packed as tiles once. One instruction does 16 x 16 x 32 multiply-adds where vdpbf16ps does 16 x 2: with
+// 8-16 rows those matrices were bound by vdpbf16ps, not by memory, on two cores. A routed expert's rows
+// (~2 of 16 on average) stay on vdpbf16ps, which keeps up with memory there and streams faster than tile
+// loads; so does a lone row (the default minimum is 2: tiles read one row's weights ~10 % slower). A
+// weight row's sum with an input is made by the same instructions in the same order whatever the other
+// inputs of its tile, so among steps on the same side of the minimum a row's logits never depend on the
+// others; across it they differ in the order of fp32 sums.
+inline std::atomic<int>& tiles_min_rows() {  // (each extension its own; set by decode_bf16.cpp's set_tiles only)
+  static std::atomic<int> min_rows{0};
+  return min_rows;
 }
-inline bool tiles_on(const uint16_t*) { return tiles_flag().load(std::memory_order_relaxed); }
-inline bool tiles_on(const float*) { return false; }
+inline bool tiles_for(const uint16_t*, int rows) {
+  const int min_rows = tiles_min_rows().load(std::memory_order_relaxed);
+  return min_rows > 0 && rows >= min_rows;
+}
+inline bool tiles_for(const float*, int) { return false; }
 // `count` inputs of `cols` values in this thread's buffer, laid out as tiles: [count / 16][cols / 32][16
 // value pairs][16 inputs].
 const uint16_t* pack_tiles(const uint16_t* const* xs, int count, int64_t cols);
@@ -136,8 +141,8 @@ void tile_rows(const uint16_t* w, int64_t row_stride, int64_t cols, const uint16
                float* sums);
 inline void tile_rows(const float*, int64_t, int64_t, const float*, int, int, float*) {}
 
-// A phase's inputs packed as tiles once for all the matrices and chunks it multiplies (none while tiles
-// are off). Only one phase's packing is live per thread at a time.
+// A phase's inputs packed as tiles once for all the matrices and chunks it multiplies (none where tiles
+// are off or the step has fewer rows than tiles_min_rows). Only one phase's packing is live per thread at a time.
 template <typename T>
 struct Packed {
   const T* tiles = nullptr;
@@ -146,7 +151,7 @@ struct Packed {
 
 template <typename T>
 inline Packed<T> pack_inputs(const T* const* xs, int count, int64_t cols) {
-  if (!tiles_on(static_cast<const T*>(nullptr))) return {};
+  if (!tiles_for(static_cast<const T*>(nullptr), count)) return {};
   return {pack_tiles(xs, count, cols), count};
 }
 
@@ -255,7 +260,7 @@ class RowClaims {
 // Rows per claimed chunk: ~64 KiB of weights unless said otherwise.
 inline int64_t chunk_rows(int64_t row_bytes, int64_t chunk_bytes = 64 << 10) {
   const int64_t rows = std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(row_bytes, 1));
-  return tiles_flag().load(std::memory_order_relaxed) ? (rows + 15) / 16 * 16 : rows;  // (whole blocks of tile_rows)
+  return tiles_min_rows().load(std::memory_order_relaxed) > 0 ? (rows + 15) / 16 * 16 : rows;  // (whole blocks of tile_rows)
 }
 
 template <typename T>

@@ -182,18 +182,18 @@ def avx512_bf16_extension() -> Optional[Any]:
 
 
 TILES_SWITCH = "DEEPSEEK_VL2_CPU_TILES"
-TILES_SETTINGS = {"auto": 2, "0": 0, "1": 1, "all": 1}  # -> the fewest rows of a step that tiles carry (0: never)
+TILES_SETTINGS = {"auto": 3, "0": 0, "1": 1, "all": 1}  # -> the fewest rows of a step that tiles carry (0: never)
 
 
 def tiles_min_rows() -> int:
     """The fewest rows (sequences) of a bf16 decode step whose shared matrices (attention, shared experts,
-    LM head) run on AMX tiles; 0: never. ``DEEPSEEK_VL2_CPU_TILES``: ``auto`` (the default) 2, so a lone
-    request stays on ``vdpbf16ps``; ``all`` (or ``1``) every step; ``0`` none. 0 wherever the CPU (as our
-    probes see it: ``DEEPSEEK_VL2_CPU_ISA`` caps hide AMX) has no AMX-BF16. On the 2-core Sapphire Rapids
-    VM we measured, tiles raise the total rate of 8 rows by ~15 % and of 16 by ~28 %, and read one row's
-    weights ~10 % slower (docs/performance.md). Under ``auto`` a bf16 row's logits in company differ from
-    its logits alone in the order of some fp32 sums; ``0`` and ``all`` keep every row bit-identical
-    whatever the others are. The extension's ``set_tiles`` checks the CPU again and asks Linux for the tile
+    LM head) run on AMX tiles; 0: never. ``DEEPSEEK_VL2_CPU_TILES``: ``auto`` (the default) 3, so one or
+    two requests stay on ``vdpbf16ps``; ``all`` (or ``1``) every step; ``0`` none. 0 wherever the CPU (as
+    our probes see it: ``DEEPSEEK_VL2_CPU_ISA`` caps hide AMX) has no AMX-BF16. On the 2-core Sapphire
+    Rapids VM we measured (tiny, bf16 steps alone), tiles made 3 rows 3-5 % faster, 4 rows 2-4 %, 8 rows
+    9-12 %, 16 rows 20 %, and 1 row 3-9 % slower, 2 rows 0-8 % slower (docs/performance.md). Under ``auto``
+    a bf16 row's logits with 2 or more companions differ from its logits alone (or with one other) in the
+    order of some fp32 sums; ``0`` and ``all`` keep every row bit-identical whatever the others are. The extension's ``set_tiles`` checks the CPU again and asks Linux for the tile
     registers."""
     setting = os.environ.get(TILES_SWITCH, "auto").strip().lower() or "auto"
     if setting not in TILES_SETTINGS:

@@ -193,8 +193,8 @@ def tiles_min_rows() -> int:
     Rapids VM we measured (tiny, bf16 steps alone), tiles made 3 rows 3-5 % faster, 4 rows 2-4 %, 8 rows
     9-12 %, 16 rows 20 %, and 1 row 3-9 % slower, 2 rows 0-8 % slower (docs/performance.md). Under ``auto``
     a bf16 row's logits with 2 or more companions differ from its logits alone (or with one other) in the
-    order of some fp32 sums; ``0`` and ``all`` keep every row bit-identical whatever the others are. The extension's ``set_tiles`` checks the CPU again and asks Linux for the tile
-    registers."""
+    order of some fp32 sums; ``0`` and ``all`` keep every row bit-identical whatever the others are. The
+    extension's ``set_tiles`` checks the CPU again and asks Linux for the tile registers."""
     setting = os.environ.get(TILES_SWITCH, "auto").strip().lower() or "auto"
     if setting not in TILES_SETTINGS:
         raise ValueError(f"{TILES_SWITCH}={setting!r} is not a setting: use auto (the default), all or 0")

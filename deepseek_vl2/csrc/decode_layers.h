@@ -119,10 +119,9 @@ inline void gemv_rows(const T* w, int64_t row_stride, int64_t cols, const T* x, 
 // 8-16 rows those matrices were bound by vdpbf16ps, not by memory, on two cores. A routed expert's rows
 // (~2 of 16 on average) stay on vdpbf16ps, which keeps up with memory there and streams faster than tile
 // loads; so do steps of one or two rows (the default minimum is 3: tiles read one row's weights ~10 %
-// slower, and two rows gain nothing). A
-// weight row's sum with an input is made by the same instructions in the same order whatever the other
-// inputs of its tile, so among steps on the same side of the minimum a row's logits never depend on the
-// others; across it they differ in the order of fp32 sums.
+// slower, and two rows gain nothing). A weight row's sum with an input is made by the same instructions
+// in the same order whatever the other inputs of its tile, so among steps on the same side of the minimum
+// a row's logits never depend on the others; across it they differ in the order of fp32 sums.
 inline std::atomic<int>& tiles_min_rows() {  // (each extension its own; set by decode_bf16.cpp's set_tiles only)
   static std::atomic<int> min_rows{0};
   return min_rows;

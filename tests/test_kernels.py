@@ -755,6 +755,50 @@ def test_step_rows_refuse_bad_arguments_with_clear_messages() -> None:
     assert torch.equal(from_lists, from_tensors)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_a_step_lets_the_other_python_threads_run(dtype: torch.dtype) -> None:
+    """The step gives up the GIL while it runs: the server's event loop and a stream's reader are Python
+    threads of the same process, and a step that held it (40-200 ms at full size) stalled them all. A
+    thread that only reads the clock, on a core of its own, must never wait as long as a step lasts (with
+    the GIL held it waits out every step whole). The steps are made long (~10 ms) by a large vocabulary."""
+    import threading
+    import time
+
+    _skip_without_step_kernels(dtype)
+    language = _row_model("mha", dtype, {"hidden_size": 512, "vocab_size": 131072})
+    step = language._cpu_step()
+    tokens, positions, slots = list(range(1, SLOTS + 1)), [0] * SLOTS, list(range(SLOTS))
+    stepping = threading.Event()
+    samples: list[float] = []
+
+    def read_the_clock() -> None:
+        stepping.wait()
+        while stepping.is_set():
+            samples.append(time.perf_counter())
+
+    reader = threading.Thread(target=read_the_clock)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (the reader gets the other core)
+    reader.start()
+    calls: list[float] = []
+    try:
+        with torch.inference_mode():
+            step.step_rows(tokens, positions, slots)  # (warm)
+            stepping.set()
+            for _ in range(8):
+                started = time.perf_counter()
+                step.step_rows(tokens, positions, slots)
+                calls.append(time.perf_counter() - started)
+    finally:
+        stepping.clear()
+        reader.join()
+        torch.set_num_threads(threads)
+    longest_wait = max(b - a for a, b in zip(samples, samples[1:]))
+    assert min(calls) > 0.004, f"the steps are too short to tell ({1e3 * min(calls):.1f} ms)"
+    assert longest_wait < 0.5 * min(calls), (
+        f"the clock reader waited {1e3 * longest_wait:.1f} ms at once; a step lasts {1e3 * min(calls):.1f} ms")
+
+
 def test_step_rows_do_not_apply_where_the_step_kernel_does_not() -> None:
     from conftest import FIXTURES_DIR
     from deepseek_vl2.model import load_model

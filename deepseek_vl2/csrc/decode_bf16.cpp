@@ -465,10 +465,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_claims_trace", &row_claims_trace, "test hook: the thread that processed each row claimed in chunks");
   m.def("gemv_bf16", [](const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
           return gemv<uint16_t>("gemv_bf16", x, w, bias);
-        }, "bf16 batch-1 linear with AVX512-BF16", pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
-  m.def("rms_norm_bf16", &rms_norm_bf16, "RMSNorm of bf16 rows");
-  m.def("gemv_bf16_many", &gemv_bf16_many, "several bf16 batch-1 linears in one parallel region");
-  m.def("rows_linear_bf16", &rows_linear_bf16, "w @ xs[j] for each row of xs, through the step kernels' row products");
+        }, ReleaseGil(), "bf16 batch-1 linear with AVX512-BF16", pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
+  m.def("rms_norm_bf16", &rms_norm_bf16, ReleaseGil(), "RMSNorm of bf16 rows");
+  m.def("gemv_bf16_many", &gemv_bf16_many, ReleaseGil(), "several bf16 batch-1 linears in one parallel region");
+  m.def("rows_linear_bf16", &rows_linear_bf16, ReleaseGil(), "w @ xs[j] for each row of xs, through the step kernels' row products");
   m.def("set_tiles", &set_tiles, "AMX tiles for steps of at least min_rows rows (where the CPU and OS allow), 0: never; "
         "returns the minimum in force", pybind11::arg("min_rows"));
   m.def("tiles_min_rows", []() { return tiles_min_rows().load(); }, "the fewest rows of a step that AMX tiles carry (0: never)");

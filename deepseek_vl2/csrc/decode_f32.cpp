@@ -92,7 +92,7 @@ using namespace decode;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_f32", [](const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
           return gemv<float>("gemv_f32", x, w, bias);
-        }, "fp32 batch-1 linear, vectorised for the build machine", pybind11::arg("x"), pybind11::arg("w"),
+        }, ReleaseGil(), "fp32 batch-1 linear, vectorised for the build machine", pybind11::arg("x"), pybind11::arg("w"),
         pybind11::arg("bias") = pybind11::none());
   bind_layer_kernels<float>(m, "f32");
 }

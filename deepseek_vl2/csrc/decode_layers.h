@@ -1777,27 +1777,32 @@ inline c10::optional<int64_t> draw_top_k(const torch::Tensor& logits, const torc
 
 // The Python names of the layer kernels for storage type T: ffn_block_<suffix>, mha_block_<suffix> and
 // the DecodeStep class.
+// The long calls (a layer, a whole step, a linear) give up the GIL while they run: they touch no Python
+// object, and holding it for a step (40-200 ms) stalled every other Python thread of the process, the
+// server's event loop and a stream's reader among them (a reader got its token a step late).
+using ReleaseGil = pybind11::call_guard<pybind11::gil_scoped_release>;
+
 template <typename T>
 void bind_layer_kernels(pybind11::module_& m, const std::string& suffix) {
   m.def("first_argmax", &first_argmax, "index of the first maximum of an fp32 vector (as torch.argmax)");
   m.def("sampling_candidates", &sampling_candidates,
         "ids (ascending) and penalised values of the logits at or above the k-th largest, ties included");
   m.def("draw_top_k", &draw_top_k, "one token drawn from the top-k candidates after the penalty, temperature and top-p");
-  m.def(("ffn_block_" + suffix).c_str(), &ffn_block<T>,
+  m.def(("ffn_block_" + suffix).c_str(), &ffn_block<T>, ReleaseGil(),
         "RMSNorm + router + chosen and shared experts (or a dense MLP) + residual, one token");
-  m.def(("mha_block_" + suffix).c_str(), &mha_block<T>,
+  m.def(("mha_block_" + suffix).c_str(), &mha_block<T>, ReleaseGil(),
         "RMSNorm + q/k/v + RoPE + cache write + attention + o_proj + residual, one token");
-  m.def(("mla_block_" + suffix).c_str(), &mla_block<T>,
+  m.def(("mla_block_" + suffix).c_str(), &mla_block<T>, ReleaseGil(),
         "RMSNorm + MLA projections + latent cache write + absorbed attention + o_proj + residual, one token");
   pybind11::class_<DecodeStep<T>>(m, "DecodeStep", "a whole decode step in one parallel region")
       .def(pybind11::init<const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, double,
                           const torch::Tensor&>())
       .def("add_layer", &DecodeStep<T>::add_layer)
       .def("add_mla_layer", &DecodeStep<T>::add_mla_layer)
-      .def("step", &DecodeStep<T>::step)
-      .def("step_rows", &DecodeStep<T>::step_rows, "logits [B, V] of tokens [B] at positions [B] of cache slots [B]",
+      .def("step", &DecodeStep<T>::step, ReleaseGil())
+      .def("step_rows", &DecodeStep<T>::step_rows, ReleaseGil(), "logits [B, V] of tokens [B] at positions [B] of cache slots [B]",
            pybind11::arg("tokens"), pybind11::arg("positions"), pybind11::arg("slots"))
-      .def("step_rows", &DecodeStep<T>::step_rows_of, pybind11::arg("tokens"), pybind11::arg("positions"),
+      .def("step_rows", &DecodeStep<T>::step_rows_of, ReleaseGil(), pybind11::arg("tokens"), pybind11::arg("positions"),
            pybind11::arg("slots"))
       .def("last_argmax", &DecodeStep<T>::last_argmax)
       .def("last_argmaxes", &DecodeStep<T>::last_argmaxes)

@@ -760,7 +760,7 @@ def test_a_step_lets_the_other_python_threads_run(dtype: torch.dtype) -> None:
     """The step gives up the GIL while it runs: the server's event loop and a stream's reader are Python
     threads of the same process, and a step that held it (40-200 ms at full size) stalled them all. A
     thread that only reads the clock, on a core of its own, must never wait as long as a step lasts (with
-    the GIL held it waits out every step whole). The steps are made long (~10 ms) by a large vocabulary."""
+    the GIL held it waits out every step whole). The steps are made long (tens of ms on one thread) by a large vocabulary."""
     import threading
     import time
 

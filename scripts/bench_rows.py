@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 import deepseek_vl2  # noqa: E402,F401  (first: it sets the allocator's huge-page hint before torch loads)
 import torch  # noqa: E402
 
-from deepseek_vl2.bounds import experts_touched  # noqa: E402
+from deepseek_vl2.bounds import batch_step_bytes, experts_touched  # noqa: E402
 from deepseek_vl2.config import DeepseekVL2Config  # noqa: E402
 from deepseek_vl2.hardware import parse_dtype  # noqa: E402
 from deepseek_vl2.language import DeepseekV2ForCausalLM  # noqa: E402
@@ -43,9 +43,8 @@ def log(message: str) -> None:
     print(f"[bench_rows] {message}", file=sys.stderr, flush=True)
 
 
-def build_language(config_path: Path, layers: Optional[int], dtype: torch.dtype) -> DeepseekV2ForCausalLM:
-    """The language model of ``config_path`` (optionally with fewer layers), random weights, on the CPU."""
-    config = reduced_config(DeepseekVL2Config.from_json_file(config_path), layers, None)
+def build_language(config: DeepseekVL2Config, dtype: torch.dtype) -> DeepseekV2ForCausalLM:
+    """The language model of ``config``, random weights, on the CPU."""
     with torch.device("meta"):
         language = DeepseekV2ForCausalLM(config.language)
     materialize(language, "cpu", dtype, fast_random_init())
@@ -79,7 +78,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     dtype = parse_dtype(args.dtype)
     rows = [int(r) for r in args.rows.split(",")]
     log(f"building {args.config.name} ({args.layers or 'all'} layers) at {dtype} ...")
-    language = build_language(args.config, args.layers, dtype)
+    model_config = reduced_config(DeepseekVL2Config.from_json_file(args.config), args.layers, None)
+    language = build_language(model_config, dtype)
     slots = max(rows)
     context = args.position + (args.rounds + 1) * (args.steps + 1) + 2
     language.setup_cache(context, batch=slots)
@@ -132,11 +132,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = {}
     single = None
     config = language.config
+    # The bound of a step of B rows against one row's: the bytes of B one-row steps over the bytes of the
+    # B-row step (shared weights once, the experts independent rows would choose, each row's KV cache) at
+    # the run's mean cache position. Reaching it means streaming as fast as one row does.
+    mean_context = args.position + args.rounds * args.steps // 2
+    one_row_bytes = batch_step_bytes(model_config, dtype, 1, mean_context)
     moe = bool(config.n_routed_experts)
     for name, (count, _) in kinds.items():
         median = statistics.median(times[name])
         results[name] = {"rows": count, "step_ms": median * 1e3, "tok_s": count / median,
-                         "step_ms_min": min(times[name]) * 1e3, "step_ms_max": max(times[name]) * 1e3}
+                         "step_ms_min": min(times[name]) * 1e3, "step_ms_max": max(times[name]) * 1e3,
+                         "bound_x_single": count * one_row_bytes / batch_step_bytes(model_config, dtype, count, mean_context)}
         if moe and routed[name][0]:
             # The experts a step streams set its cost; random tokens should choose about as many as
             # independent choices would (more sharing would flatter the rate of several rows).
@@ -147,12 +153,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             single = results[name]["tok_s"]
     print(f"{args.config.name} layers={args.layers or language.config.num_hidden_layers} dtype={args.dtype} "
           f"threads={args.threads} (other processes kept {other_cores or 0:.2f} cores busy)")
-    print(f"{'kind':>10} {'step ms':>9} {'min':>7} {'max':>7} {'tok/s':>8} {'x single':>8} {'experts/layer (independent)':>28}")
+    print(f"{'kind':>10} {'step ms':>9} {'min':>7} {'max':>7} {'tok/s':>8} {'x single':>8} {'bound x':>8} {'of bound':>8} "
+          f"{'experts/layer (independent)':>28}")
     for name, r in results.items():
         experts = (f"{r['experts_per_layer']:.1f} ({r['experts_per_layer_independent']:.1f})"
                    if "experts_per_layer" in r else "-")
+        ratio = r["tok_s"] / single if single else float("nan")
         print(f"{name:>10} {r['step_ms']:9.2f} {r['step_ms_min']:7.2f} {r['step_ms_max']:7.2f} {r['tok_s']:8.2f} "
-              f"{r['tok_s'] / single if single else float('nan'):8.2f} {experts:>28}")
+              f"{ratio:8.2f} {r['bound_x_single']:8.2f} {ratio / r['bound_x_single']:8.0%} {experts:>28}")
     if args.json:
         print(json.dumps({"config": str(args.config), "layers": args.layers, "dtype": args.dtype, "threads": args.threads,
                           "other_cores_busy": other_cores, "results": results}))

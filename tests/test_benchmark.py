@@ -266,6 +266,32 @@ def test_benchmark_smoke_config():
     assert result["concurrency"]["1"]["experts_per_layer"] == config.num_experts_per_tok
 
 
+def test_bench_rows_smoke_prints_each_row_count_against_its_bound():
+    """scripts/bench_rows.py on a fixture config: each row count's rate, and its bound against one row
+    (bounds.batch_step_bytes at the run's mean position): 1 for one row, between 1 and B for B rows."""
+    from deepseek_vl2 import kernels
+
+    cfg = FIXTURES / "checkpoints" / "mla" / "config.json"
+    if not cfg.is_file():
+        pytest.skip(f"fixture config not found at {cfg}")
+    if kernels.fp32_extension() is None:
+        pytest.skip("no C++ compiler/ninja: the fp32 step kernel is what bench_rows times")
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_rows.py"), "--config", str(cfg), "--dtype", "float32",
+           "--rows", "1,4", "--position", "8", "--steps", "2", "--rounds", "1", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
+    assert set(results) == {"rows=1", "rows=4"}
+    config = DeepseekVL2Config.from_json_file(cfg)
+    one, four = results["rows=1"], results["rows=4"]
+    assert one["bound_x_single"] == pytest.approx(1.0)
+    context = 8 + 1 * 2 // 2
+    expected = 4 * bounds.batch_step_bytes(config, torch.float32, 1, context) / bounds.batch_step_bytes(
+        config, torch.float32, 4, context)
+    assert four["bound_x_single"] == pytest.approx(expected) and 1.0 < expected < 4.0
+    assert four["tok_s"] > 0 and "of bound" in proc.stdout
+
+
 def test_random_image_tokens_share_no_large_part():
     """decorrelate_image_tokens: the projector's outputs for the benchmark image average to zero, biases
     are zero and the separators are no longer all-ones vectors (else every request's hidden state is

@@ -112,6 +112,32 @@ def test_linear_many_equals_each_linear() -> None:
     assert kernels.linear_many(_bf16(2, 1280, seed=2), layers) is None  # more than one token
 
 
+@needs_extension
+def test_a_few_bf16_rows_take_the_row_products_where_those_are_faster() -> None:
+    """kernels.linear of 2..48 bf16 rows without bias: the step kernels' row products (up to 4 rows on
+    vectors, up to 48 where the rows run on tiles); else oneDNN (F.linear) as before."""
+    extension = kernels.avx512_bf16_extension()
+    weight = _bf16(96, 160, seed=1)
+    before = extension.tiles_min_rows()
+    try:
+        for tiles in (0, 3):
+            if extension.set_tiles(tiles) != tiles:
+                continue  # (no AMX here: only the vector case)
+            for rows in (2, 3, 4, 5, 16, 48, 49):
+                x = _bf16(rows, 160, seed=rows)
+                out = kernels.linear(x.view(1, rows, 160), weight)
+                assert out.shape == (1, rows, 96)
+                ours = rows <= 4 or (tiles and rows <= 48)
+                expected = extension.rows_linear_bf16(x, weight) if ours else torch.nn.functional.linear(x, weight)
+                assert torch.equal(out.view(rows, 96), expected), (tiles, rows)
+                _close(out.view(rows, 96).float(), torch.nn.functional.linear(x.float(), weight.float()), ulps=4.0)
+        bias = _bf16(96, seed=9)
+        x = _bf16(3, 160, seed=3)
+        assert torch.equal(kernels.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+    finally:
+        extension.set_tiles(before)
+
+
 def _language_config(**overrides):
     """A small MoE language config (the mla-noaux fixture's) with overrides."""
     import json

@@ -254,3 +254,22 @@ def test_cpu_parameters_share_one_buffer_in_module_order() -> None:
     ends = [p.data_ptr() + p.numel() * p.element_size() for p in params]
     assert all(end <= nxt for end, nxt in zip(ends, starts[1:]))  # no overlaps
     assert model.language.model.layers[1].mlp.gate.weight.dtype == torch.float32  # router kept fp32 in it
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("top_k", [1, 2, 6, 8, 15])
+def test_the_cpu_weighted_sum_over_experts_is_the_official_sum(dtype: torch.dtype, top_k: int) -> None:
+    """Experts._weighted_sum (choice by choice, gathered from the expert-grouped outputs) gives the same
+    values, bit for bit, as the official scatter + ``(out.float() * weights).sum(dim=1)``."""
+    from deepseek_vl2.language import Experts
+
+    generator = torch.Generator().manual_seed(top_k)
+    for n_tokens in (1, 3, 17, 438):
+        ids = torch.stack([torch.randperm(64, generator=generator)[:top_k] for _ in range(n_tokens)])
+        weights = torch.rand(n_tokens, top_k, generator=generator)
+        order = ids.flatten().argsort(stable=True)
+        grouped_out = (torch.randn(n_tokens * top_k, 96, generator=generator) * 3).to(dtype)
+        out = torch.empty_like(grouped_out)
+        out[order] = grouped_out
+        official = (out.view(n_tokens, top_k, -1).float() * weights.unsqueeze(-1)).sum(dim=1).to(dtype)
+        assert torch.equal(Experts._weighted_sum(grouped_out, order, weights), official), n_tokens

@@ -40,6 +40,7 @@ from typing import Any, AsyncIterator, Iterator, Optional, Union
 import torch
 
 from .generation import CudaGraphDecoder, GenerationConfig, decode_step, next_token_id, prefill
+from .hardware import release_openmp_workers
 from .language import DeepseekV2ForCausalLM
 from .memory import cache_bytes_per_request, memory_budget
 from .model import DeepseekVL2, ImageInputs
@@ -236,6 +237,8 @@ class BatchEngine:
                loop: Optional[asyncio.AbstractEventLoop] = None) -> Request:
         """Queue a request (``inputs`` on the model's device and dtype). With ``loop``, the ids are delivered
         to that event loop (``async for``); else iterate the request from any thread."""
+        if self.device.type == "cpu":
+            release_openmp_workers()  # (this thread's idle OpenMP team slowed the engine's: see there)
         request = Request(inputs, config, eos_token_id, loop)
         request._engine = self
         with self._work:

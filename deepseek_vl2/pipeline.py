@@ -32,6 +32,7 @@ from PIL import Image
 from .config import DeepseekVL2Config
 from .engine import BatchEngine, Request, RequestStats, engine_for
 from .generation import GenerationConfig
+from .hardware import release_openmp_workers
 from .memory import WORKING_BYTES, cache_bytes_per_request, check_fits, check_model_fits
 from .processor import _USER_ROLES, DeepseekVL2Processor, InputError, ProcessedInputs, load_image
 
@@ -219,9 +220,16 @@ class VL2Pipeline:
         if settings.max_length_tokens == 0:
             return None
         self.refuse_overlong(text)
-        inputs = self._process(image, text)
-        config = settings.generation_config(self.max_new_tokens(inputs, settings.max_length_tokens))
-        return inputs.to(self.device, dtype=self.dtype), config
+        try:
+            inputs = self._process(image, text)
+            config = settings.generation_config(self.max_new_tokens(inputs, settings.max_length_tokens))
+            return inputs.to(self.device, dtype=self.dtype), config
+        finally:
+            if self.device.type == "cpu":
+                # The rest runs in the engine's thread: this thread's OpenMP team would slow that one's
+                # (``hardware.release_openmp_workers``). Here too, as this may be a worker thread of the
+                # event loop, not the thread that submits.
+                release_openmp_workers()
 
     def run(self, image: ImageArg, prompt: str, temperature: float = 0.1, top_p: float = 0.9,
             max_length_tokens: int = 2048, repetition_penalty: float = 1.1, seed: Optional[int] = None) -> str:

@@ -143,6 +143,19 @@ def test_requests_beyond_the_slots_wait_their_turn() -> None:
     assert max(r.stats.queued_s for r in requests) > 0
 
 
+def test_a_cpu_engine_frees_the_submitting_threads_openmp_team(monkeypatch: pytest.MonkeyPatch) -> None:
+    """submit lets the calling thread's OpenMP workers go (hardware.release_openmp_workers): a second team
+    in the process made every op of the engine's thread wake a sleeping worker (prefill 0.87 s vs 0.64 s)."""
+    import deepseek_vl2.engine as engine_module
+
+    calls: list[str] = []
+    monkeypatch.setattr(engine_module, "release_openmp_workers", lambda: calls.append(threading.current_thread().name))
+    processor, engine = _engine("mha", slots=2)
+    request = engine.submit(_prompt(processor), GenerationConfig(max_new_tokens=2), processor.eos_id)
+    assert len(list(request)) == 2
+    assert calls == [threading.current_thread().name]
+
+
 def test_the_cache_is_allocated_once_and_never_grows() -> None:
     processor, engine = _engine("mla", slots=3)
     language = engine.language

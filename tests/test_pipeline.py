@@ -315,3 +315,26 @@ def test_conversation_zero_new_tokens_is_empty(mha):
     conversation = [{"role": "<|User|>", "content": "Hello"}, {"role": "<|Assistant|>", "content": ""}]
     assert list(mha.stream_conversation(conversation, max_new_tokens=0)) == []
     assert mha.last_stats is None
+
+
+def test_the_threads_that_prepare_and_submit_let_their_openmp_teams_go(mha, image_path, monkeypatch):
+    """astream prepares in a worker thread of the event loop and submits on the loop: both threads let their
+    OpenMP teams go (hardware.release_openmp_workers), so the engine's team is the process's only one."""
+    import asyncio
+    import threading
+
+    import deepseek_vl2.engine as engine_module
+    import deepseek_vl2.pipeline as pipeline_module
+
+    released: list[int] = []
+    record = lambda: released.append(threading.get_ident())  # noqa: E731
+    monkeypatch.setattr(pipeline_module, "release_openmp_workers", record)
+    monkeypatch.setattr(engine_module, "release_openmp_workers", record)
+
+    async def answer() -> tuple[str, int]:
+        pieces = [piece async for piece in mha.astream(image_path, "Describe.", temperature=0, max_length_tokens=3)]
+        return "".join(pieces), threading.get_ident()
+
+    text, loop_thread = asyncio.run(answer())
+    assert text
+    assert len(released) == 2 and released[1] == loop_thread and released[0] != loop_thread

@@ -115,8 +115,8 @@ def test_the_libraries_under_pytorch_are_capped_with_ours() -> None:
 
 def test_releasing_the_openmp_workers_ends_the_calling_threads_team() -> None:
     """release_openmp_workers: the calling thread's OpenMP worker threads exit (so that the engine's team
-    is the only one and keeps spinning between ops); another thread's team is left alone; a thread without
-    a team releases nothing and fails nothing."""
+    is the only one and keeps spinning between ops); a thread without a team releases nothing and fails
+    nothing."""
     import threading
     import time
 
@@ -126,29 +126,29 @@ def test_releasing_the_openmp_workers_ends_the_calling_threads_team() -> None:
         pytest.skip("one torch thread: no OpenMP team to release")
     threads = torch.get_num_threads()
 
-    def os_threads() -> int:
-        return len(os.listdir("/proc/self/task"))
+    def os_threads() -> set[str]:
+        return set(os.listdir("/proc/self/task"))
 
-    def settle(expected: int) -> int:
+    def gone(team: set[str]) -> set[str]:
         deadline = time.monotonic() + 5
-        while os_threads() != expected and time.monotonic() < deadline:
+        while team & os_threads() and time.monotonic() < deadline:
             time.sleep(0.01)
-        return os_threads()
+        return team & os_threads()
 
-    counts: dict[str, int] = {}
+    found: dict[str, object] = {}
 
     def in_a_thread() -> None:
         torch.set_num_threads(threads)
-        counts["idle"] = os_threads()
+        before = os_threads()
         torch.ones(1 << 22).mul_(2)  # (a parallel op: this thread gets a team)
-        counts["with its team"] = os_threads()
-        counts["released"] = int(hardware.release_openmp_workers())
-        counts["after"] = settle(counts["idle"])
-        counts["released again"] = int(hardware.release_openmp_workers())
+        found["team"] = team = os_threads() - before
+        found["released"] = hardware.release_openmp_workers()
+        found["left"] = gone(team)
+        found["released again"] = hardware.release_openmp_workers()
 
     worker = threading.Thread(target=in_a_thread)
     worker.start()
     worker.join()
-    assert counts["with its team"] == counts["idle"] + threads - 1
-    assert counts["released"] == 1 and counts["released again"] == 1
-    assert counts["after"] == counts["idle"]
+    assert len(found["team"]) == threads - 1, found
+    assert found["released"] is True and found["released again"] is True
+    assert found["left"] == set(), found

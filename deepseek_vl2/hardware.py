@@ -203,7 +203,8 @@ def _gnu_openmp() -> ctypes.CDLL | None:
             paths = {line.split()[-1] for line in maps if "libgomp" in line and "/" in line}
     except OSError:
         return None
-    for path in sorted(paths):
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for path in sorted(paths, key=lambda p: (not p.startswith(torch_lib), p)):  # (PyTorch's own first)
         try:
             library = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
         except OSError:

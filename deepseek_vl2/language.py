@@ -645,8 +645,7 @@ class Experts(nn.Module):
         straight from the expert-grouped outputs [N*k, D] -> [N, D]. The same values as the official
         ``(out.float() * weights).sum(dim=1)``: PyTorch's CPU sum over fewer than 16 rows adds them one by
         one in order (tests/test_model.py checks it), but this never makes the [N, k, D] scatter and fp32
-        copies, which took ~13 ms of each MoE layer of a 438-token prefill (tiny), most of it first
-        touches of fresh pages."""
+        copies, which took ~13 ms of each MoE layer of a 438-token prefill (tiny)."""
         n_tokens, top_k = weights.shape
         position = torch.empty_like(order)
         position[order] = torch.arange(order.numel(), device=order.device)

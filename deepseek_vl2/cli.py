@@ -53,6 +53,17 @@ DEFAULT_MAX_NEW_TOKENS = 2048
 _SEED_RANGE = 2**31
 
 
+# ``python -m deepseek_vl2 NAME ...`` runs ``deepseek_vl2.<module>.main(argv)`` (each with its own options and
+# --help); anything else is a question to the model (the options below).
+SUBCOMMANDS: dict[str, str] = {}
+
+
+def _subcommand(name: str) -> Any:
+    import importlib
+
+    return importlib.import_module(f".{SUBCOMMANDS[name]}", __package__)
+
+
 class UsageError(Exception):
     """Input the command cannot run on; the message is the one line shown to the user."""
 
@@ -76,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Ask DeepSeek-VL2 about images: one question, a conversation file or an interactive chat. "
         "The answer streams to stdout; logs go to stderr.",
+        epilog=(f"other commands: {', '.join(sorted(SUBCOMMANDS))} ({PROG} COMMAND --help)" if SUBCOMMANDS else None),
     )
     source = parser.add_argument_group("what to ask")
     source.add_argument("--model", help="model directory or Hugging Face repo id "
@@ -345,6 +357,9 @@ def main(argv: Optional[Sequence[str]] = None, *, stdin: Optional[TextIO] = None
 
     ``load_pipeline(model_dir, device=, dtype=)`` builds the pipeline (tests pass a cached one).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return _subcommand(argv[0]).main(argv[1:])
     stdin = stdin if stdin is not None else sys.stdin
     stdout = stdout if stdout is not None else _never_fails(sys.stdout)
     stderr = stderr if stderr is not None else _never_fails(sys.stderr)

@@ -23,6 +23,7 @@ from typing import AsyncIterator, Optional
 
 from cog import AsyncConcatenateIterator, BasePredictor, Input, Path, concurrent, streaming
 
+from deepseek_vl2 import download as image_download
 from deepseek_vl2.pipeline import InputError, VL2Pipeline
 from deepseek_vl2.shutdown import watch_cog_server
 from deepseek_vl2.weights import resolve_weights
@@ -37,76 +38,20 @@ def _limit(name: str, default: float) -> float:
 
 
 # Bounds of an image download (Cog 0.23 fetches URL inputs with `requests.get(timeout=10)` and copies the
-# whole body to a temp file: a server that trickles bytes holds it forever, an endless body fills the disk).
-# Connecting and each wait for the next bytes: at most DOWNLOAD_SILENCE_S. The whole download: at most
-# DOWNLOAD_TIMEOUT_S (checked between reads, so the worst case is that plus one silent wait). The body: at
-# most MAX_IMAGE_BYTES (a 40-megapixel PNG photo is 50-80 MB; the pixel limit of the decoder, 89 megapixels,
-# would be about 270 MB uncompressed, which no sensible upload is).
-DOWNLOAD_SILENCE_S = 10.0
-DOWNLOAD_TIMEOUT_S = _limit("DEEPSEEK_VL2_DOWNLOAD_TIMEOUT_S", 60.0)
-MAX_IMAGE_BYTES = int(_limit("DEEPSEEK_VL2_MAX_IMAGE_MB", 128) * (1 << 20))
-
-
-class DownloadError(ValueError):
-    """An image URL that cannot be fetched within the bounds; the message says why."""
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.0f} MiB"
+# whole body to a temp file: a server that trickles bytes holds it forever, an endless body fills the disk):
+# deepseek_vl2/download.py says what each bound stops; the total time and the size can be set here.
+DOWNLOAD_SILENCE_S = image_download.SILENCE_S
+DOWNLOAD_TIMEOUT_S = _limit("DEEPSEEK_VL2_DOWNLOAD_TIMEOUT_S", image_download.TIMEOUT_S)
+MAX_IMAGE_BYTES = int(_limit("DEEPSEEK_VL2_MAX_IMAGE_MB", image_download.MAX_BYTES >> 20) * (1 << 20))
+DownloadError = image_download.DownloadError
 
 
 def download_image(url: str, suffix: str = "", *, silence_s: float = DOWNLOAD_SILENCE_S,
                    timeout_s: float = DOWNLOAD_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES) -> str:
     """Fetch ``url`` into a new temp file (its path is returned) within the bounds above, else raise
     ``DownloadError`` (the partial file removed). Sends ``COG_USER_AGENT`` as Cog's own download does."""
-    import tempfile
-
-    import requests
-    import urllib3
-
-    headers = {"User-Agent": os.environ["COG_USER_AGENT"]} if os.environ.get("COG_USER_AGENT") else {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        resp = requests.get(url, stream=True, timeout=(silence_s, silence_s), headers=headers)
-    except requests.Timeout:
-        raise DownloadError(f"the server did not answer within {silence_s:.0f} s") from None
-    except requests.ConnectionError:
-        raise DownloadError("the server cannot be reached") from None
-    except requests.RequestException as exc:
-        raise DownloadError(f"the request failed ({exc.__class__.__name__})") from None
-    with resp:
-        if resp.status_code >= 400:
-            raise DownloadError(f"HTTP {resp.status_code} {resp.reason or ''}".rstrip())
-        declared = resp.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > max_bytes:
-            raise DownloadError(f"the file is {_mib(int(declared))}, more than the limit of {_mib(max_bytes)}")
-        resp.raw.decode_content = True
-        dest = tempfile.NamedTemporaryFile(suffix=suffix, delete=False)
-        size = 0
-        try:
-            with dest:
-                while True:
-                    if time.monotonic() > deadline:
-                        raise DownloadError(f"the download took longer than {timeout_s:.0f} s "
-                                            f"({_mib(size)} received)")
-                    # read1: whatever has arrived, so that a trickle cannot hold one read past the deadline
-                    chunk = resp.raw.read1(1 << 16)
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise DownloadError(f"the file is larger than the limit of {_mib(max_bytes)}")
-                    dest.write(chunk)
-        except (urllib3.exceptions.ReadTimeoutError, requests.Timeout):
-            os.unlink(dest.name)
-            raise DownloadError(f"the server stopped sending for {silence_s:.0f} s") from None
-        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-            os.unlink(dest.name)
-            raise DownloadError(f"the download broke off ({exc.__class__.__name__})") from None
-        except BaseException:
-            os.unlink(dest.name)
-            raise
-    return dest.name
+    return image_download.fetch_image(url, suffix, silence_s=silence_s, timeout_s=timeout_s, max_bytes=max_bytes,
+                                      user_agent=os.environ.get("COG_USER_AGENT"))
 
 
 def _bound_downloads() -> None:

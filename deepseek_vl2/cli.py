@@ -27,16 +27,18 @@ import json
 import os
 import secrets
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TextIO
+from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 
 from PIL import Image
 
 from .grounding import draw_grounding, grounding_boxes
 from .processor import _ASSISTANT_ROLES, _USER_ROLES, ASSISTANT_ROLE, USER_ROLE, InputError, load_image
 
-__all__ = ["main", "build_parser", "read_conversation", "UsageError", "EXIT_BAD_INPUT"]
+__all__ = ["main", "build_parser", "read_conversation", "parse_conversation", "stream_answer", "seed_for",
+           "check_settings", "UsageError", "EXIT_BAD_INPUT"]
 
 EXIT_BAD_INPUT = 2  # as argparse: the request cannot run as given
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
@@ -55,7 +57,7 @@ _SEED_RANGE = 2**31
 
 # ``python -m deepseek_vl2 NAME ...`` runs ``deepseek_vl2.<module>.main(argv)`` (each with its own options and
 # --help); anything else is a question to the model (the options below).
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {"web": "web", "batch": "batch"}
 
 
 def _subcommand(name: str) -> Any:
@@ -72,7 +74,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises ``UsageError`` instead of printing the usage block and exiting."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{message} (see {PROG} --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def _seed(text: str) -> int:
@@ -157,32 +159,41 @@ def read_conversation(path: Path) -> list[dict[str, Any]]:
         raise UsageError(f"cannot read conversation file {str(path)!r}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise UsageError(f"conversation file {str(path)!r} is not valid JSON: {exc}") from None
+    return parse_conversation(data, lambda name: _open_image(path.parent / Path(name).expanduser()),
+                              f"conversation file {str(path)!r}")
+
+
+def parse_conversation(data: Any, open_image: Callable[[str], Any], source: str) -> list[dict[str, Any]]:
+    """JSON data in the conversation format -> messages with their images opened by ``open_image(name)``.
+
+    ``data`` is a list of ``{"role", "content", "images"}`` messages or an object with the list under
+    ``"conversation"``; ``source`` names it in messages (``conversation file 'x.json'``, ``line 7``).
+    """
     messages = data.get("conversation") if isinstance(data, dict) else data
     if not isinstance(messages, list) or not messages:
-        raise UsageError(f"conversation file {str(path)!r} must hold a non-empty list of messages")
+        raise UsageError(f"{source} must hold a non-empty list of messages")
     conversation = []
     for number, message in enumerate(messages, start=1):
         if not isinstance(message, dict):
-            raise UsageError(f"message {number} of {str(path)!r} is not an object with role, content and images")
+            raise UsageError(f"message {number} of {source} is not an object with role, content and images")
         names = message.get("images") or []
         if isinstance(names, str):
             names = [names]
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-            raise UsageError(f"the images of message {number} of {str(path)!r} must be a list of paths")
-        images = [_open_image(path.parent / Path(name).expanduser()) for name in names]
-        conversation.append({**message, "images": images})
+            raise UsageError(f"the images of message {number} of {source} must be a list of paths")
+        conversation.append({**message, "images": [open_image(name) for name in names]})
     return conversation
 
 
-def _user_turn(prompt: str, images: list[Image.Image]) -> dict[str, Any]:
+def user_turn(prompt: str, images: list[Any]) -> dict[str, Any]:
     return {"role": USER_ROLE, "content": prompt, "images": images}
 
 
-def _answer_turn(text: str = "") -> dict[str, Any]:
+def answer_turn(text: str = "") -> dict[str, Any]:
     return {"role": ASSISTANT_ROLE, "content": text, "images": []}
 
 
-def _last_image(conversation: Sequence[dict[str, Any]]) -> Optional[Image.Image]:
+def last_image(conversation: Sequence[dict[str, Any]]) -> Optional[Image.Image]:
     """The image the official demo draws boxes on: the last one of the conversation."""
     images = [image for message in conversation for image in message.get("images") or []]
     return images[-1] if images else None
@@ -201,6 +212,35 @@ def _check_draw_target(path: str) -> Path:
 # Running
 
 
+def seed_for(seed: Optional[int], temperature: float, top_p: float) -> Optional[int]:
+    """The seed to sample with: ``seed`` if given, none for greedy decoding (it needs none), else one drawn
+    here rather than left to the sampler, so that it can be shown and the answer repeated."""
+    if seed is not None or temperature == 0 or top_p == 0:
+        return seed
+    return secrets.randbelow(_SEED_RANGE)
+
+
+# ``VL2Pipeline.last_stats`` is one attribute for every caller: a request's stats are read under this lock,
+# right after its submission, so that callers in several threads (web, batch) each get their own.
+_SUBMITTING = threading.Lock()
+
+
+def stream_answer(pipeline: Any, conversation: list[dict[str, Any]], *, temperature: float, top_p: float,
+                  max_new_tokens: int, repetition_penalty: float, seed: Optional[int]) -> tuple[Iterator[str], Any]:
+    """``pipeline.stream_conversation`` (raises ``InputError`` before anything is generated) and the request's
+    ``RequestStats`` (None when nothing is generated), from any thread. Closing the pieces cancels the request."""
+    with _SUBMITTING:
+        pieces = pipeline.stream_conversation(conversation, temperature=temperature, top_p=top_p,
+                                              max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                                              seed=seed)
+        stats = pipeline.last_stats
+    return _closable(pieces), stats
+
+
+def _closable(pieces: Iterator[str]) -> Iterator[str]:
+    yield from pieces  # (a generator whatever the pipeline returned: close() reaches the request)
+
+
 class _Session:
     """A loaded pipeline answering turns of one conversation, printing as the options ask."""
 
@@ -209,11 +249,8 @@ class _Session:
         self.args = args
         self.stdout = stdout
         self.log = log
-        self.greedy = args.temperature == 0 or args.top_p == 0
-        self.seed = args.seed
-        if self.seed is None and not self.greedy:
-            # Draw it here rather than leave it to the sampler, so that it can be shown and reused.
-            self.seed = secrets.randbelow(_SEED_RANGE)
+        self.seed = seed_for(args.seed, args.temperature, args.top_p)
+        if args.seed is None and self.seed is not None:
             log(f"seed {self.seed} (pass --seed {self.seed} to get this answer again)")
 
     def answer(self, conversation: list[dict[str, Any]]) -> str:
@@ -223,14 +260,9 @@ class _Session:
         """
         args = self.args
         started = time.perf_counter()
-        pieces = self.pipeline.stream_conversation(
-            conversation,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens,
-            repetition_penalty=args.repetition_penalty,
-            seed=self.seed,
-        )
+        pieces, stats = stream_answer(self.pipeline, conversation, temperature=args.temperature, top_p=args.top_p,
+                                      max_new_tokens=args.max_new_tokens,
+                                      repetition_penalty=args.repetition_penalty, seed=self.seed)
         text = ""
         for piece in pieces:
             text += piece
@@ -238,8 +270,7 @@ class _Session:
                 self.stdout.write(piece)
                 self.stdout.flush()
         elapsed = time.perf_counter() - started
-        stats = self.pipeline.last_stats
-        image = _last_image(conversation)
+        image = last_image(conversation)
         drawn = None
         if args.draw:
             drawn = self._draw(image, text)
@@ -284,7 +315,7 @@ def _chat(session: _Session, conversation: list[dict[str, Any]], images: list[Im
     pending = list(images)  # attached to the next question
     interactive = hasattr(stdin, "isatty") and stdin.isatty()
     if conversation and conversation[-1].get("role") in _USER_ROLES:
-        conversation.append(_answer_turn())  # the file asks a question: answer it, and keep the answer
+        conversation.append(answer_turn())  # the file asks a question: answer it, and keep the answer
     while True:
         last = conversation[-1] if conversation else {}
         if last.get("role") in _ASSISTANT_ROLES and not str(last.get("content") or "").strip():
@@ -314,7 +345,7 @@ def _chat(session: _Session, conversation: list[dict[str, Any]], images: list[Im
             continue
         if not line:
             continue
-        conversation += [_user_turn(line, pending), _answer_turn()]
+        conversation += [user_turn(line, pending), answer_turn()]
         pending = []
 
 
@@ -375,7 +406,7 @@ def main(argv: Optional[Sequence[str]] = None, *, stdin: Optional[TextIO] = None
         conversation, images = _request(args)
         if args.draw:
             _check_draw_target(args.draw)
-            if _last_image(conversation) is None and not args.chat:  # a chat may attach one later
+            if last_image(conversation) is None and not args.chat:  # a chat may attach one later
                 raise UsageError("--draw needs an image to draw on: give --image or a conversation with images")
         _check_settings(args)
         session = _Session(_load(args, log, load_pipeline), args, stdout, log)
@@ -407,31 +438,46 @@ def _request(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[Image
         raise UsageError(f"nothing to ask: give --prompt, --conversation FILE.json or --chat (see {PROG} --help)")
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
-    return [_user_turn(args.prompt, images), _answer_turn()], []
+    return [user_turn(args.prompt, images), answer_turn()], []
+
+
+def check_settings(temperature: float, top_p: float, repetition_penalty: float, max_new_tokens: int,
+                   seed: Optional[int] = None, name: Callable[[str], str] = lambda key: key) -> None:
+    """The pipeline's own checks of the settings, each named in a message by ``name(key)`` (the command line
+    says ``--top-p``, a batch line ``top_p``)."""
+    from .pipeline import GenerationSettings
+
+    for key, value in (("temperature", temperature), ("repetition_penalty", repetition_penalty),
+                       ("top_p", top_p), ("max_new_tokens", max_new_tokens)):
+        if not value >= 0:  # NaN too
+            raise UsageError(f"{name(key)} must be >= 0, got {value}")
+    if top_p > 1:
+        raise UsageError(f"{name('top_p')} must be between 0 and 1, got {top_p}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise UsageError(f"{name('seed')} must be between 0 and 2**64 - 1, got {seed}")
+    GenerationSettings(temperature, top_p, max_new_tokens, repetition_penalty, seed)
 
 
 def _check_settings(args: argparse.Namespace) -> None:
-    """The pipeline's own checks of the settings, and the device, before the (slow) model load."""
+    """The settings and the device, before the (slow) model load."""
+    check_settings(args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens, args.seed,
+                   name=lambda key: "--" + key.replace("_", "-"))
+    check_device(args.device)
+
+
+def check_device(device_name: Optional[str]) -> None:
+    """``--device`` names a device this machine has."""
     import torch
 
-    from .pipeline import GenerationSettings
-
-    for option, value in (("--temperature", args.temperature), ("--repetition-penalty", args.repetition_penalty),
-                          ("--top-p", args.top_p), ("--max-new-tokens", args.max_new_tokens)):
-        if not value >= 0:  # NaN too
-            raise UsageError(f"{option} must be >= 0, got {value}")
-    if args.top_p > 1:
-        raise UsageError(f"--top-p must be between 0 and 1, got {args.top_p}")
-    GenerationSettings(args.temperature, args.top_p, args.max_new_tokens, args.repetition_penalty, args.seed)
-    if args.device is not None:
+    if device_name is not None:
         try:
-            device = torch.device(args.device)
+            device = torch.device(device_name)
         except (RuntimeError, ValueError):
-            raise UsageError(f"--device {args.device}: not a device; use cpu, cuda or cuda:N") from None
+            raise UsageError(f"--device {device_name}: not a device; use cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: there is no CUDA GPU here")
+            raise UsageError(f"--device {device_name}: there is no CUDA GPU here")
         if device.type not in ("cpu", "cuda"):
-            raise UsageError(f"--device {args.device}: only cpu and cuda are supported")
+            raise UsageError(f"--device {device_name}: only cpu and cuda are supported")
 
 
 def _never_fails(stream: TextIO) -> TextIO:

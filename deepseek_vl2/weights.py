@@ -4,10 +4,17 @@
 directory, trying in order:
 
 1. ``spec`` itself, when it names an existing directory;
-2. ``weights/<name>`` of this project (baked into the image by ``cog build``);
-3. the Hugging Face cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``);
-4. a download over plain HTTPS from ``$HF_ENDPOINT`` (default ``https://huggingface.co``) into
-   ``weights/<name>``, with progress on stderr.
+2. ``weights/<name>`` of this project (what ``cog build`` bakes into the image);
+3. the Hugging Face cache, as ``huggingface_hub`` finds it (``HF_HUB_CACHE``, else ``HF_HOME/hub``, else
+   ``~/.cache/huggingface/hub``): the snapshot ``main`` names, else the newest complete cached revision;
+4. a download by ``huggingface_hub.snapshot_download`` of the model's files only, into ``weights/<name>``,
+   or into the Hugging Face cache with ``DEEPSEEK_VL2_DOWNLOAD_TO=hf-cache``.
+
+Steps 1-3 never touch the network. The download is the hub library's own, so its settings work as in every
+tool built on it: ``HF_ENDPOINT`` (a mirror), ``HF_TOKEN`` (gated or private repos), ``HF_HUB_OFFLINE``,
+``HF_HUB_CACHE``/``HF_HOME``, Xet storage (``hf_xet``; ``HF_XET_HIGH_PERFORMANCE=1``), its progress bars on
+stderr (``HF_HUB_DISABLE_PROGRESS_BARS=1``). Each of its failures becomes one ``WeightsError`` that says
+what to do.
 
 A model directory holds ``config.json`` and its safetensors weights: ``model.safetensors`` or an
 index ``model.safetensors.index.json`` whose shards are all present.
@@ -15,13 +22,14 @@ index ``model.safetensors.index.json`` whose shards are all present.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import sys
-import time
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Optional
+from typing import Callable, Iterator, Optional
 
 DEFAULT_WEIGHTS = "deepseek-ai/deepseek-vl2"
 KNOWN_MODELS = (
@@ -31,7 +39,6 @@ KNOWN_MODELS = (
 )
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 WEIGHTS_DIR = PROJECT_DIR / "weights"
-DEFAULT_ENDPOINT = "https://huggingface.co"
 
 # Files a model directory needs besides the safetensors weights.
 METADATA_FILES = (
@@ -43,6 +50,14 @@ METADATA_FILES = (
 )
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# What a download fetches (``allow_patterns``): the model's files at the top of the repo, no README,
+# figures or other formats.
+MODEL_FILE_PATTERNS = [*METADATA_FILES, INDEX_FILE, "*.safetensors"]
+NOT_MODEL_FILE_PATTERNS = ["*/*"]  # (fnmatch's * crosses "/": a sub-folder's files are no part of the model)
+
+# Where resolve_weights downloads a repo that is nowhere local: weights/<name> (default) or the HF cache.
+DOWNLOAD_TO_VARIABLE = "DEEPSEEK_VL2_DOWNLOAD_TO"
+DOWNLOAD_TO_CHOICES = ("weights", "hf-cache")
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -76,35 +91,62 @@ def is_model_dir(path: Path) -> bool:
 
 
 def is_repo_id(spec: str) -> bool:
-    return bool(_REPO_ID.match(spec)) and ".." not in spec
+    """``owner/name``, as the hub accepts it."""
+    if not _REPO_ID.match(spec) or ".." in spec or "--" in spec:
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
 
 
 def hf_hub_cache() -> Path:
-    """The Hugging Face hub cache folder, as ``huggingface_hub`` chooses it."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "huggingface" / "hub"
+    """The Hugging Face hub cache folder, as ``huggingface_hub`` chose it from the environment."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hf_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def hub_is_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``), as ``huggingface_hub`` read it."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
 
 
 def find_in_hf_cache(repo_id: str, cache_dir: Optional[Path] = None) -> Optional[Path]:
-    """A complete snapshot of ``repo_id`` in the HF cache: the one ``refs/main`` names, else the newest."""
-    repo_dir = (cache_dir or hf_hub_cache()) / ("models--" + repo_id.replace("/", "--"))
-    snapshots = repo_dir / "snapshots"
-    if not snapshots.is_dir():
+    """A complete snapshot of ``repo_id`` in the HF cache (no network): the one ``main`` names (the hub's
+    own offline look-up), else the newest complete cached revision (an interrupted download of a newer
+    revision leaves ``main`` on an incomplete snapshot)."""
+    from huggingface_hub import scan_cache_dir, snapshot_download
+    from huggingface_hub.errors import CacheNotFound, LocalEntryNotFoundError
+
+    cache = Path(cache_dir) if cache_dir is not None else hf_hub_cache()
+    try:
+        main = Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True,
+                                      allow_patterns=MODEL_FILE_PATTERNS, ignore_patterns=NOT_MODEL_FILE_PATTERNS))
+        if is_model_dir(main):
+            return main
+    except (LocalEntryNotFoundError, OSError):  # (IncompleteSnapshotError is a LocalEntryNotFoundError)
+        pass
+    try:
+        scanned = scan_cache_dir(cache)
+    except (CacheNotFound, OSError):
         return None
-    candidates: list[Path] = []
-    ref = repo_dir / "refs" / "main"
-    if ref.is_file():
-        candidates.append(snapshots / ref.read_text().strip())
-    candidates += sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-    for snap in candidates:
-        if is_model_dir(snap):
-            return snap
+    for repo in scanned.repos:
+        if repo.repo_id == repo_id and repo.repo_type == "model":
+            for revision in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
+                if is_model_dir(revision.snapshot_path):
+                    return revision.snapshot_path
     return None
 
 
@@ -143,85 +185,171 @@ def resolve_weights(
     if is_model_dir(baked):
         log(f"weights: using {baked}")
         return baked
-    cached = find_in_hf_cache(spec, cache_dir)
+    cache = Path(cache_dir) if cache_dir is not None else hf_hub_cache()
+    cached = find_in_hf_cache(spec, cache)
     if cached is not None:
         log(f"weights: using Hugging Face cache {cached}")
         return cached
     if not download:
         raise WeightsError(
-            f"weights for {spec} are not in {baked} nor in the Hugging Face cache "
-            f"({cache_dir or hf_hub_cache()}); run: python scripts/download_weights.py {spec}"
+            f"weights for {spec} are not in {baked} nor in the Hugging Face cache ({cache}); "
+            f"run: python scripts/download_weights.py {spec}"
         )
-    log(f"weights: {spec} is not local; downloading into {baked}")
-    return download_weights(spec, baked, log=log)
+    if hub_is_offline():
+        raise WeightsError(
+            f"HF_HUB_OFFLINE is set and the weights for {spec} are not complete in {baked} nor in the Hugging "
+            f"Face cache ({cache}): unset HF_HUB_OFFLINE to download them, or download them where there is a "
+            f"network (python scripts/download_weights.py {spec}) and set DEEPSEEK_VL2_WEIGHTS to that directory"
+        )
+    into_cache = download_destination() == "hf-cache"
+    log(f"weights: {spec} is not local; downloading it into {cache if into_cache else baked}")
+    return download_weights(spec, None if into_cache else baked, cache_dir=cache_dir, log=log)
+
+
+def download_destination() -> str:
+    """``$DEEPSEEK_VL2_DOWNLOAD_TO``: ``weights`` (``weights/<name>``, the default) or ``hf-cache``."""
+    value = os.environ.get(DOWNLOAD_TO_VARIABLE, "").strip() or "weights"
+    if value not in DOWNLOAD_TO_CHOICES:
+        raise WeightsError(f"{DOWNLOAD_TO_VARIABLE}={value!r}: use {' or '.join(DOWNLOAD_TO_CHOICES)}")
+    return value
 
 
 # --------------------------------------------------------------------------------------------
-# Downloading
+# Downloading (huggingface_hub)
 
 
-def hf_endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+def download_weights(
+    repo_id: str,
+    target: Optional[Path] = None,
+    *,
+    cache_dir: Optional[Path] = None,
+    revision: Optional[str] = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Download the model files of ``repo_id`` with ``huggingface_hub.snapshot_download`` into ``target``
+    (a plain directory), or into the Hugging Face cache when ``target`` is None; return the model directory.
 
+    Files already complete (from an earlier, interrupted run) are kept; only what is missing or changed is
+    fetched. The hub's progress bars show on stderr.
+    """
+    from huggingface_hub import snapshot_download
 
-def _session():
-    import requests
-
-    session = requests.Session()
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if token:
-        session.headers["Authorization"] = f"Bearer {token}"
-    session.headers["User-Agent"] = "deepseek-vl2-cog"
-    return session
-
-
-def _wanted(names: Iterable[str]) -> list[str]:
-    """The files of a repo that a model directory needs: the metadata JSONs and the safetensors."""
-    keep = [n for n in names if "/" not in n and (n in METADATA_FILES or n == INDEX_FILE or n.endswith(".safetensors"))]
-    return sorted(set(keep), key=lambda n: (n.endswith(".safetensors"), n))
-
-
-def list_repo_files(repo_id: str, session=None) -> list[str]:
-    """The files to fetch for ``repo_id``: from the hub API, else from the index file."""
-    import requests
-
-    session = session or _session()
-    base = hf_endpoint()
+    if not is_repo_id(repo_id):
+        raise WeightsError(f"{repo_id!r} is not a Hugging Face repo id (owner/name)")
+    if target is not None:
+        target = Path(target)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _write_error(target, exc) from None
+    where = target if target is not None else (Path(cache_dir) if cache_dir is not None else hf_hub_cache())
+    log(f"downloading {repo_id}{'@' + revision if revision else ''} from {hf_endpoint()} into {where}")
     try:
-        resp = session.get(f"{base}/api/models/{repo_id}", timeout=30)
-        if resp.status_code == 200:
-            names = [s["rfilename"] for s in resp.json().get("siblings", [])]
-            if names:
-                return _wanted(names)
-        elif resp.status_code in (401, 403, 404):
-            raise WeightsError(
-                f"{repo_id} is not available from {base} (HTTP {resp.status_code}); check the name"
-                " (deepseek-ai/deepseek-vl2-tiny, -small or deepseek-ai/deepseek-vl2) or set HF_TOKEN"
-            )
-    except (requests.RequestException, ValueError):
-        pass  # the API is optional: fall back to the index file below
-    resp = _get(session, _file_url(repo_id, INDEX_FILE), stream=False, ok=(200, 404))
-    if resp.status_code == 200:
-        shards = sorted(set(resp.json()["weight_map"].values()))
-        return _wanted([*METADATA_FILES, INDEX_FILE, *shards])
-    return _wanted([*METADATA_FILES, SINGLE_FILE])
+        path = Path(snapshot_download(
+            repo_id, revision=revision, local_dir=target, cache_dir=cache_dir,
+            allow_patterns=MODEL_FILE_PATTERNS, ignore_patterns=NOT_MODEL_FILE_PATTERNS,
+        ))
+    except Exception as exc:
+        error = explain_hub_error(exc, repo_id, where, revision,
+                                  needed=lambda: _download_size(repo_id, target, cache_dir, revision))
+        if error is None:
+            raise
+        raise error from None
+    path = target if target is not None else path  # (the hub answers with the real path of local_dir)
+    missing = missing_files(path)
+    if missing:
+        raise WeightsError(
+            f"{repo_id} was downloaded into {path} but is not a DeepSeek-VL2 model: it lacks {', '.join(missing)}"
+        )
+    log(f"downloaded {repo_id} into {path}")
+    return path
 
 
-def _file_url(repo_id: str, filename: str) -> str:
-    return f"{hf_endpoint()}/{repo_id}/resolve/main/{filename}"
-
-
-def _get(session, url: str, *, stream: bool, ok=(200,), headers=None):
-    import requests
+def _download_size(repo_id: str, target: Optional[Path], cache_dir: Optional[Path],
+                   revision: Optional[str]) -> Optional[int]:
+    """Bytes of the model's files, from the listing the hub cached when the download began (None: unknown)."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.utils import filter_repo_objects
 
     try:
-        resp = session.get(url, stream=stream, timeout=60, headers=headers or {}, allow_redirects=True)
-    except requests.RequestException as exc:
-        raise WeightsError(f"cannot reach {url}: {exc.__class__.__name__}; check the network or HF_ENDPOINT") from None
-    if resp.status_code not in ok:
-        resp.close()
-        raise WeightsError(f"download of {url} failed: HTTP {resp.status_code}")
-    return resp
+        files = get_cached_repo_tree(repo_id, revision=revision, local_dir=target, cache_dir=cache_dir)
+    except Exception:  # (no listing cached: the failure came before it)
+        return None
+    wanted = set(filter_repo_objects([f.path for f in files], allow_patterns=MODEL_FILE_PATTERNS,
+                                     ignore_patterns=NOT_MODEL_FILE_PATTERNS))
+    return sum(f.size for f in files if f.path in wanted)
+
+
+def _causes(exc: Optional[BaseException]) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from (the hub re-raises a network error as a cache miss)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+
+
+def explain_hub_error(exc: BaseException, repo_id: str, where: Path, revision: Optional[str] = None, *,
+                      needed: Callable[[], Optional[int]] = lambda: None) -> Optional[WeightsError]:
+    """The ``WeightsError`` that says what went wrong in a download of ``repo_id`` into ``where`` and what to
+    do about it; None for an error of another kind (a bug, an interrupt), which is left to propagate.
+    ``needed()`` gives the bytes the model's files take (for a full disk), where known."""
+    import httpx2
+    from huggingface_hub.errors import (
+        DisabledRepoError,
+        FileMetadataError,
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    endpoint = hf_endpoint()
+    again = "run the same command again: the files already downloaded are kept and only the rest is fetched"
+    for cause in _causes(exc):
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if isinstance(cause, GatedRepoError):
+            if status == 403:
+                return WeightsError(
+                    f"{repo_id} is a gated model and the token in HF_TOKEN has no access to it (HTTP 403): ask "
+                    f"for access on {endpoint}/{repo_id} with the account the token belongs to")
+            return WeightsError(
+                f"{repo_id} is a gated model (HTTP {status}): accept its conditions on {endpoint}/{repo_id}, "
+                "then set HF_TOKEN to an access token of that account")
+        if isinstance(cause, RevisionNotFoundError):
+            return WeightsError(f"{repo_id} has no revision {revision or 'main'!r} on {endpoint} (HTTP {status})")
+        if isinstance(cause, DisabledRepoError):
+            return WeightsError(f"{repo_id} is disabled on {endpoint} (HTTP {status})")
+        if isinstance(cause, RepositoryNotFoundError):
+            return WeightsError(
+                f"{repo_id} is not available from {endpoint} (HTTP {status}); check the name "
+                f"({', '.join(KNOWN_MODELS)}), or set HF_TOKEN if it is a private repo")
+        if isinstance(cause, OfflineModeIsEnabled):
+            return WeightsError(
+                f"HF_HUB_OFFLINE is set and {repo_id} is not complete in {where}: unset HF_HUB_OFFLINE to "
+                "download it")
+        if isinstance(cause, FileMetadataError):
+            return WeightsError(
+                f"{endpoint} does not answer as a Hugging Face hub ({' '.join(str(cause).split())}); check HF_ENDPOINT")
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _write_error(Path(cause.filename or where), cause, needed())
+        if isinstance(cause, OSError) and cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return _write_error(Path(cause.filename or where), cause)
+        if isinstance(cause, (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.ProxyError)):
+            through = " through the proxy (check HTTPS_PROXY)" if isinstance(cause, httpx2.ProxyError) else ""
+            return WeightsError(
+                f"cannot reach {endpoint}{through} to download {repo_id} ({cause.__class__.__name__}: "
+                f"{' '.join(str(cause).split())}); check the network, or set HF_ENDPOINT to a mirror")
+        if isinstance(cause, (httpx2.TransportError, httpx2.TimeoutException)) or (
+                isinstance(cause, OSError) and str(cause).startswith("Consistency check failed")):
+            return WeightsError(
+                f"the download of {repo_id} into {where} was interrupted ({cause.__class__.__name__}: "
+                f"{' '.join(str(cause).split())}); {again}")
+        if isinstance(cause, HfHubHTTPError) and status is not None:
+            return WeightsError(f"{endpoint} answered HTTP {status} during the download of {repo_id}; try again "
+                                f"later ({again})")
+    return None
 
 
 def _human(n: float) -> str:
@@ -234,140 +362,27 @@ def _human(n: float) -> str:
     return f"{n:.1f} {unit}"
 
 
-# Files are written in whole blocks of this size at offsets that are multiples of it (see BlockWriter).
-WRITE_BLOCK = 8 << 20
-
-
-class BlockWriter:
-    """Writes a binary file in blocks of ``WRITE_BLOCK`` bytes that start at multiples of ``WRITE_BLOCK``
-    (the first one runs up to the first such offset after ``offset``, where writing starts; the last one
-    is whatever is left at ``flush``).
-
-    Why: the CPU loader maps the weight files instead of copying them. Linux (6.x, ext4/xfs) caches a
-    file it *reads* in large page-cache folios (2 MiB where free memory allows), which a mapping covers
-    with 2 MiB pages; but a file just *written* in small pieces stays in 4 KiB folios until it is
-    evicted, and then each 4 KiB of weights costs a TLB entry. A file written in aligned blocks of 2 MiB
-    or more is cached in 2 MiB folios at once. Tiny from such a file, on the 2-core EPYC in its fast
-    memory phase: decode 83-87 % of the bandwidth bound against 68-81 % from 4 KiB folios; the load took
-    0.13 s instead of 1.16 s.
-    """
-
-    def __init__(self, fh: BinaryIO, offset: int = 0) -> None:
-        self.fh = fh
-        self.offset = offset  # file offset of the next byte written to the file (the buffer's first)
-        self.buffer = bytearray()  # less than one block, the bytes at [offset, offset + len)
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` after what came before: whole blocks now (large inputs are not copied), the
-        rest kept until the block is full or ``flush``."""
-        with memoryview(data).cast("B") as view:
-            pos = 0
-            if self.buffer:  # complete the pending block first
-                pos = min(len(view), self._block_left() - len(self.buffer))
-                self.buffer += view[:pos]
-                if len(self.buffer) < self._block_left():
-                    return
-                self.flush()  # (a whole block)
-            while len(view) - pos >= self._block_left():
-                size = self._block_left()
-                self._write(view[pos:pos + size])
-                pos += size
-            self.buffer += view[pos:]
-
-    def flush(self) -> None:
-        """Write what is left (a last, partial block)."""
-        if self.buffer:
-            self._write(self.buffer)
-            self.buffer.clear()
-
-    def _block_left(self) -> int:
-        """Bytes from the write position to the next block boundary."""
-        return WRITE_BLOCK - self.offset % WRITE_BLOCK
-
-    def _write(self, data: bytes | bytearray | memoryview) -> None:
-        with memoryview(data) as view:
-            written = 0
-            while written < len(view):  # a raw file may take less than it was given
-                written += self.fh.write(view[written:])
-        self.offset += written
-
-
-def _write_error(path: Path, exc: OSError, total: Optional[int] = None) -> WeightsError:
-    """A failed write of a download as a ``WeightsError`` that names the file and what to do."""
-    import errno
-    import shutil
-
+def _write_error(path: Path, exc: OSError, needed: Optional[int] = None) -> WeightsError:
+    """A failed write of a download as a ``WeightsError`` that names the place and what to do."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         try:
-            free = f"{_human(shutil.disk_usage(path.parent).free)} free"
+            free = f"{_human(shutil.disk_usage(_existing(path)).free)} free"
         except OSError:
             free = "free space unknown"
-        need = f", the file needs {_human(total)}" if total else ""
+        need = f", the model's files need {_human(needed)} in all" if needed else ""
         return WeightsError(
             f"cannot write {path}: no space left on the device ({free}{need}). Free some space and run again "
-            "(the download resumes), or set DEEPSEEK_VL2_WEIGHTS to a model directory on a larger disk")
+            "(the files already downloaded are kept), or set DEEPSEEK_VL2_WEIGHTS to a model directory on a "
+            "larger disk")
     reason = exc.strerror or str(exc)
     return WeightsError(
         f"cannot write {path}: {reason}. Download the weights where this user can write "
-        "(python scripts/download_weights.py) and set DEEPSEEK_VL2_WEIGHTS to that directory")
+        "(python scripts/download_weights.py REPO --dest DIR) and set DEEPSEEK_VL2_WEIGHTS to that directory")
 
 
-def download_file(session, url: str, dest: Path, log: Callable[[str], None], every_s: float = 5.0) -> None:
-    """Fetch ``url`` into ``dest`` via ``dest.incomplete``, resuming a partial file, with progress."""
-    if dest.is_file():
-        return
-    part = dest.with_name(dest.name + ".incomplete")
-    have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else None
-    resp = _get(session, url, stream=True, ok=(200, 206, 416), headers=headers)
-    with resp:
-        if resp.status_code == 416:  # the partial file is already whole
-            os.replace(part, dest)
-            return
-        if resp.status_code == 200:
-            have = 0  # the server ignored the range: start over
-        total = resp.headers.get("Content-Length")
-        total = int(total) + have if total is not None else None
-        done, last = have, 0.0
-        try:
-            with open(part, "ab" if have else "wb", buffering=0) as fh:
-                writer = BlockWriter(fh, have)  # (aligned blocks: the page cache keeps 2 MiB folios)
-                try:
-                    for chunk in resp.iter_content(chunk_size=1 << 20):
-                        writer.write(chunk)
-                        done += len(chunk)
-                        now = time.monotonic()
-                        if now - last >= every_s:
-                            last = now
-                            pct = f" ({100 * done / total:.0f}%)" if total else ""
-                            log(f"  {dest.name}: {_human(done)}{' / ' + _human(total) if total else ''}{pct}")
-                finally:
-                    writer.flush()  # keep what arrived: a later run resumes after it
-        except OSError as exc:
-            raise _write_error(part, exc, total) from None
-    if total is not None and done != total:
-        raise WeightsError(f"download of {url} stopped at {done} of {total} bytes; run again to resume")
-    os.replace(part, dest)
-    log(f"  {dest.name}: done, {_human(done)}")
-
-
-def download_weights(repo_id: str, target: Path, *, log: Callable[[str], None] = print) -> Path:
-    """Download the model files of ``repo_id`` into ``target`` (resumable); return ``target``."""
-    if not is_repo_id(repo_id):
-        raise WeightsError(f"{repo_id!r} is not a Hugging Face repo id (owner/name)")
-    target = Path(target)
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _write_error(target, exc) from None
-    session = _session()
-    files = list_repo_files(repo_id, session)
-    if not any(f.endswith(".safetensors") for f in files):
-        raise WeightsError(f"{repo_id} has no safetensors weights")
-    log(f"downloading {repo_id} from {hf_endpoint()}: {len(files)} files into {target}")
-    for name in files:
-        download_file(session, _file_url(repo_id, name), target / name, log)
-    missing = missing_files(target)
-    if missing:
-        raise WeightsError(f"{repo_id} downloaded but incomplete: missing {', '.join(missing)}")
-    return target
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (for disk_usage)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Download DeepSeek-VL2 weights into weights/<name> (resumable), where the predictor looks first.
+"""Download DeepSeek-VL2 weights with huggingface_hub into weights/<name>, where the predictor looks first
+(and `cog build` bakes them), or into the shared Hugging Face cache with --cache.
 
     python scripts/download_weights.py deepseek-ai/deepseek-vl2-tiny      # ~7 GB
     python scripts/download_weights.py deepseek-ai/deepseek-vl2-small     # ~33 GB
     python scripts/download_weights.py deepseek-ai/deepseek-vl2           # ~55 GB (the default model)
 
 Then: DEEPSEEK_VL2_WEIGHTS=deepseek-ai/deepseek-vl2-tiny make predict IMAGE=... PROMPT=...
-Set HF_ENDPOINT to use a mirror, HF_TOKEN for a private or gated repo.
+Only the model's files are fetched (config, tokenizer, safetensors). An interrupted download goes on where it
+stopped when run again (the files already complete are kept). The hub's settings apply: HF_ENDPOINT (a
+mirror), HF_TOKEN (a gated or private repo), HF_HOME / HF_HUB_CACHE (where --cache goes),
+HF_XET_HIGH_PERFORMANCE=1 (faster Xet transfers), HF_HUB_DISABLE_PROGRESS_BARS=1.
 """
 from __future__ import annotations
 
@@ -23,13 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("repo_id", nargs="?", default="deepseek-ai/deepseek-vl2-tiny",
                         help=f"Hugging Face repo id (one of {', '.join(KNOWN_MODELS)})")
-    parser.add_argument("--dest", type=Path, default=None, help="target directory (default: weights/<name>)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--dest", type=Path, default=None, help="target directory (default: weights/<name>)")
+    where.add_argument("--cache", action="store_true",
+                       help="into the shared Hugging Face cache (HF_HUB_CACHE) instead of a directory")
+    parser.add_argument("--revision", default=None, help="a branch, tag or commit of the repo (default: main)")
     args = parser.parse_args(argv)
     if args.repo_id not in KNOWN_MODELS:
         print(f"note: {args.repo_id} is not one of the released DeepSeek-VL2 models; trying anyway", file=sys.stderr)
-    dest = args.dest or WEIGHTS_DIR / args.repo_id.split("/")[-1]
+    dest = None if args.cache else args.dest or WEIGHTS_DIR / args.repo_id.split("/")[-1]
     try:
-        path = download_weights(args.repo_id, dest, log=lambda m: print(m, file=sys.stderr, flush=True))
+        path = download_weights(args.repo_id, dest, revision=args.revision,
+                                log=lambda m: print(m, file=sys.stderr, flush=True))
     except WeightsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

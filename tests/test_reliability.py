@@ -26,6 +26,7 @@ import pytest
 import requests
 
 from cog_server import assert_failed_clearly, assert_ready_soon, data_uri, golden_request, make_serve
+from hub_stand_in import HubStandIn, fill_the_disk_on, hub_settings
 
 FULL = os.environ.get("DEEPSEEK_VL2_RELIABILITY_FULL") == "1"
 LOAD_REQUESTS = int(os.environ.get("DEEPSEEK_VL2_RELIABILITY_REQUESTS") or (1000 if FULL else 200))
@@ -688,90 +689,46 @@ def test_broken_checkpoint_gives_setup_failed_on_the_server(project_dir, checkpo
         assert resp.status_code >= 400  # nothing is answered by a model that is not there
 
 
-class _Hub:
-    """A loopback stand-in for the Hugging Face hub: every repo is unknown (404), except ``repo`` whose
-    files are served from ``files``."""
-
-    def __init__(self, repo: str = "", files: Path | None = None):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):  # noqa: N802 - the http.server API
-                parts = self.path.strip("/").split("/")
-                body, code = b"{}", 404
-                if parts[:2] == ["api", "models"] and "/".join(parts[2:4]) == repo and files is not None:
-                    names = sorted(p.name for p in files.iterdir())
-                    body, code = json.dumps({"siblings": [{"rfilename": n} for n in names]}).encode(), 200
-                elif "/".join(parts[:2]) == repo and parts[2:4] == ["resolve", "main"] and files is not None:
-                    path = files / parts[4]
-                    if path.is_file():
-                        body, code = path.read_bytes(), 200
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def isolated_hub(tmp_path, quiet_setup):
-    """An empty HF cache and weights folder, and a hub stand-in serving deepseek-ai/deepseek-vl2-tiny."""
+    """An empty HF cache and weights folder; ``point(hub)`` sends this process's huggingface_hub to ``hub``."""
     from deepseek_vl2 import weights
 
-    quiet_setup.setenv("HF_HOME", str(tmp_path / "hf"))
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN"):
-        quiet_setup.delenv(name, raising=False)
+    quiet_setup.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     quiet_setup.setattr(weights, "WEIGHTS_DIR", tmp_path / "weights")
-    yield quiet_setup, tmp_path / "weights"
+
+    def point(hub: HubStandIn) -> None:
+        hub_settings(quiet_setup, cache=tmp_path / "hf", endpoint=hub.url)
+
+    yield quiet_setup, tmp_path / "weights", point
 
 
 def test_unknown_hub_id_fails_setup_naming_it(isolated_hub):
     import predict
 
-    monkeypatch, _ = isolated_hub
-    hub = _Hub()
-    try:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch, _, point = isolated_hub
+    with HubStandIn({}) as hub:
+        point(hub)
         monkeypatch.setenv("DEEPSEEK_VL2_WEIGHTS", "deepseek-ai/no-such-model")
         with pytest.raises(Exception, match=r"deepseek-ai/no-such-model is not available from .* \(HTTP 404\)"):
             predict.Predictor().setup()
-    finally:
-        hub.close()
 
 
 def test_no_disk_space_during_download_fails_setup_naming_the_file(isolated_hub, checkpoint):
-    """The disk fills up while model.safetensors arrives (simulated: the write fails with ENOSPC)."""
+    """The disk fills up while model.safetensors arrives (simulated: the hub's write fails with ENOSPC)."""
     import predict
     from deepseek_vl2 import weights
 
-    monkeypatch, weights_dir = isolated_hub
-    hub = _Hub("deepseek-ai/deepseek-vl2-tiny", checkpoint)
-    real_write = weights.BlockWriter._write
-
-    def full_disk(self, data):
-        if self.fh.name.endswith("model.safetensors.incomplete") and self.offset + len(data) > 4096:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(self, data)
-
-    try:
-        monkeypatch.setattr(weights.BlockWriter, "_write", full_disk)
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch, weights_dir, point = isolated_hub
+    with HubStandIn.serving("deepseek-ai/deepseek-vl2-tiny", checkpoint) as hub:
+        point(hub)
+        fill_the_disk_on("model.safetensors", monkeypatch)
         monkeypatch.setenv("DEEPSEEK_VL2_WEIGHTS", "deepseek-ai/deepseek-vl2-tiny")
         with pytest.raises(weights.WeightsError) as caught:
             predict.Predictor().setup()
-    finally:
-        hub.close()
     message = str(caught.value)
-    assert f"cannot write {weights_dir / 'deepseek-vl2-tiny' / 'model.safetensors.incomplete'}" in message
-    assert "no space left on the device" in message and "free" in message
+    assert f"cannot write {weights_dir / 'deepseek-vl2-tiny'}: no space left on the device (" in message, message
+    assert "free, the model's files need" in message and "run again" in message, message
 
 
 def test_read_only_weights_directory(isolated_hub, checkpoint, tmp_path):
@@ -783,7 +740,7 @@ def test_read_only_weights_directory(isolated_hub, checkpoint, tmp_path):
     import predict
     from deepseek_vl2 import weights
 
-    monkeypatch, weights_dir = isolated_hub
+    monkeypatch, weights_dir, point = isolated_hub
     model_dir = _copy(checkpoint, tmp_path / "read-only-model")
     for path in [*model_dir.iterdir(), model_dir]:
         path.chmod(0o555 if path.is_dir() else 0o444)
@@ -800,13 +757,10 @@ def test_read_only_weights_directory(isolated_hub, checkpoint, tmp_path):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
         return real_mkdir(self, *args, **kwargs)
 
-    hub = _Hub("deepseek-ai/deepseek-vl2-tiny", checkpoint)
-    try:
+    with HubStandIn.serving("deepseek-ai/deepseek-vl2-tiny", checkpoint) as hub:
+        point(hub)
         monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("DEEPSEEK_VL2_WEIGHTS", "deepseek-ai/deepseek-vl2-tiny")
         with pytest.raises(weights.WeightsError, match=rf"cannot write {weights_dir / 'deepseek-vl2-tiny'}: "
                                                        "Read-only file system"):
             predict.Predictor().setup()
-    finally:
-        hub.close()

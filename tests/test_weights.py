@@ -1,16 +1,23 @@
-"""Weights resolution: local dir, weights/<name>, HF cache, and download from a loopback hub stand-in."""
+"""Weights resolution: local dir, weights/<name>, the HF cache, and downloads through huggingface_hub from a
+loopback stand-in of the hub (tests/hub_stand_in.py), with its failures (unknown or gated repo, no network,
+offline, full disk, interrupted downloads) each a clear ``WeightsError``."""
 from __future__ import annotations
 
-import http.server
 import json
+import os
 import shutil
-import socketserver
-import threading
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from deepseek_vl2 import weights as W
+from hub_stand_in import HubStandIn, fill_the_disk_on, hub_settings
+
+TINY = "deepseek-ai/deepseek-vl2-tiny"
+BASE = "deepseek-ai/deepseek-vl2"
+NOT_MODEL_FILES = {"README.md": b"# a model card\n", "figures/x.png": b"\x89PNG", "extra/x.safetensors": b"sub"}
 
 
 def _copy_checkpoint(src: Path, dst: Path) -> Path:
@@ -20,188 +27,296 @@ def _copy_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
-class _Hub:
-    """A tiny stand-in for the hub: /api/models/<repo> and /<repo>/resolve/main/<file>, with Range support."""
+def _same_files(got: Path, src: Path) -> None:
+    assert sorted(p.name for p in got.iterdir() if p.name != ".cache") == sorted(p.name for p in src.iterdir())
+    for f in src.iterdir():
+        assert (got / f.name).read_bytes() == f.read_bytes(), f.name
 
-    def __init__(self, repos: dict[str, Path], api: bool = True):
-        self.repos, self.api, self.requests = repos, api, []
-        hub = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                hub.requests.append((self.path, self.headers.get("Range")))
-                parts = self.path.strip("/").split("/")
-                if parts[:2] == ["api", "models"]:
-                    repo = "/".join(parts[2:4])
-                    if not hub.api:
-                        return self._send(500, b"down")
-                    if repo not in hub.repos:
-                        return self._send(404, b"{}")
-                    files = sorted(p.name for p in hub.repos[repo].iterdir()) + ["README.md", "figures/x.png"]
-                    body = json.dumps({"id": repo, "siblings": [{"rfilename": f} for f in files]}).encode()
-                    return self._send(200, body)
-                if len(parts) == 5 and parts[2:4] == ["resolve", "main"]:
-                    repo, name = "/".join(parts[:2]), parts[4]
-                    path = hub.repos.get(repo, Path("/nonexistent")) / name
-                    if not path.is_file():
-                        return self._send(404, b"not found")
-                    data = path.read_bytes()
-                    rng = self.headers.get("Range")
-                    if rng:
-                        start = int(rng.split("=")[1].split("-")[0])
-                        if start >= len(data):
-                            return self._send(416, b"")
-                        return self._send(206, data[start:])
-                    return self._send(200, data)
-                self._send(404, b"?")
-
-            def _send(self, code, body):
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+def _quiet(message: str) -> None:
+    pass
 
 
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
-    """No real HF cache, no real weights dir, no env overrides."""
-    for var in ("DEEPSEEK_VL2_WEIGHTS", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "HF_TOKEN", "HF_ENDPOINT"):
+    """No real HF cache, no real weights dir, no settings from the environment; progress bars off."""
+    for var in ("DEEPSEEK_VL2_WEIGHTS", "DEEPSEEK_VL2_DOWNLOAD_TO", "HF_HOME"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hub_settings(monkeypatch, cache=tmp_path / "hf_cache")
     return tmp_path
+
+
+@pytest.fixture
+def use_hub(isolated, monkeypatch):
+    """``use_hub(hub, **settings)``: this process's huggingface_hub talks to ``hub``."""
+    def point(hub: HubStandIn, **settings) -> None:
+        hub_settings(monkeypatch, cache=isolated / "hf_cache", endpoint=hub.url, **settings)
+    return point
+
+
+def _download_into_cache(use_hub, hub: HubStandIn, repo: str = TINY) -> Path:
+    use_hub(hub)
+    return W.download_weights(repo, None, log=_quiet)
+
+
+# --------------------------------------------------------------------------------------------
+# Local directories and the cache (no network)
 
 
 def test_local_directory_is_used_as_is(fixtures_dir, isolated):
     ckpt = fixtures_dir / "checkpoints" / "mha"
-    assert W.resolve_weights(str(ckpt), weights_dir=isolated / "w", log=lambda m: None) == ckpt
+    assert W.resolve_weights(str(ckpt), weights_dir=isolated / "w", log=_quiet) == ckpt
 
 
 def test_env_variable_is_honoured(fixtures_dir, isolated, monkeypatch):
     ckpt = fixtures_dir / "checkpoints" / "mla-noaux"  # sharded, with an index
     monkeypatch.setenv("DEEPSEEK_VL2_WEIGHTS", str(ckpt))
-    assert W.resolve_weights(weights_dir=isolated / "w", log=lambda m: None) == ckpt
+    assert W.resolve_weights(weights_dir=isolated / "w", log=_quiet) == ckpt
 
 
 def test_incomplete_directory_is_a_clear_error(fixtures_dir, isolated):
     d = _copy_checkpoint(fixtures_dir / "checkpoints" / "mla-noaux", isolated / "broken")
     (d / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(W.WeightsError, match="model-00002-of-00002.safetensors"):
-        W.resolve_weights(str(d), log=lambda m: None)
+        W.resolve_weights(str(d), log=_quiet)
 
 
 def test_not_a_path_nor_repo_id(isolated):
     with pytest.raises(W.WeightsError, match="neither an existing directory nor a Hugging Face repo id"):
-        W.resolve_weights(str(isolated / "does" / "not" / "exist"), log=lambda m: None)
+        W.resolve_weights(str(isolated / "does" / "not" / "exist"), log=_quiet)
 
 
-def test_weights_dir_comes_first(fixtures_dir, isolated):
+def test_weights_dir_comes_first(fixtures_dir, isolated, use_hub):
+    with HubStandIn.serving(TINY, fixtures_dir / "checkpoints" / "mla") as hub:
+        _download_into_cache(use_hub, hub)
     baked = _copy_checkpoint(fixtures_dir / "checkpoints" / "mha", isolated / "w" / "deepseek-vl2-tiny")
-    cache = isolated / "hf_home" / "hub" / "models--deepseek-ai--deepseek-vl2-tiny" / "snapshots" / "abc"
-    _copy_checkpoint(fixtures_dir / "checkpoints" / "mla", cache)
-    got = W.resolve_weights("deepseek-ai/deepseek-vl2-tiny", weights_dir=isolated / "w", download=False,
-                            log=lambda m: None)
-    assert got == baked
+    assert W.resolve_weights(TINY, weights_dir=isolated / "w", download=False, log=_quiet) == baked
 
 
-def test_hf_cache_is_found(fixtures_dir, isolated, monkeypatch):
-    hub_cache = isolated / "custom_cache"
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache))
-    repo = hub_cache / "models--deepseek-ai--deepseek-vl2-small"
-    _copy_checkpoint(fixtures_dir / "checkpoints" / "mla", repo / "snapshots" / "rev1")
-    (repo / "snapshots" / "rev2").mkdir()  # an incomplete snapshot is skipped
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("rev2")
-    got = W.resolve_weights("deepseek-ai/deepseek-vl2-small", weights_dir=isolated / "w", download=False,
-                            log=lambda m: None)
-    assert got == repo / "snapshots" / "rev1"
+def test_hf_cache_is_found_without_the_network(fixtures_dir, isolated, use_hub):
+    src = fixtures_dir / "checkpoints" / "mla-noaux"
+    with HubStandIn.serving(BASE, src) as hub:
+        snapshot = _download_into_cache(use_hub, hub, BASE)
+        assert snapshot == isolated / "hf_cache" / "models--deepseek-ai--deepseek-vl2" / "snapshots" / hub.commit(BASE)
+        hub.requests.clear()
+        logs: list[str] = []
+        got = W.resolve_weights(BASE, weights_dir=isolated / "w", log=logs.append)  # (downloads allowed)
+        assert hub.requests == []
+    assert got == snapshot and logs == [f"weights: using Hugging Face cache {snapshot}"]
+    _same_files(got, src)
+    assert not (isolated / "w").exists()
 
 
-def test_hf_home_is_honoured(fixtures_dir, isolated):
-    snap = isolated / "hf_home" / "hub" / "models--deepseek-ai--deepseek-vl2" / "snapshots" / "r"
-    _copy_checkpoint(fixtures_dir / "checkpoints" / "mla-noaux", snap)
-    assert W.resolve_weights(None, weights_dir=isolated / "w", download=False, log=lambda m: None) == snap
+def test_an_older_complete_revision_is_used_when_main_is_incomplete(fixtures_dir, isolated, use_hub):
+    """A download of a newer revision was interrupted: ``main`` names an incomplete snapshot, and the
+    complete one before it still serves (found through the hub's cache scan)."""
+    src = fixtures_dir / "checkpoints" / "mla-noaux"
+    with HubStandIn.serving(BASE, src) as hub:
+        old = _download_into_cache(use_hub, hub, BASE)
+        hub.repos[BASE]["model-00002-of-00002.safetensors"] += b" "  # a new commit...
+        hub.broken.add("model-00002-of-00002.safetensors")  # ...whose download fails half-way
+        with pytest.raises(W.WeightsError, match="HTTP 500"):
+            W.download_weights(BASE, None, log=_quiet)
+        new_commit = hub.commit(BASE)
+    cache = isolated / "hf_cache" / "models--deepseek-ai--deepseek-vl2"
+    assert (cache / "refs" / "main").read_text() == new_commit != old.name
+    assert W.resolve_weights(BASE, weights_dir=isolated / "w", download=False, log=_quiet) == old
 
 
 def test_missing_without_download_says_what_to_run(isolated):
-    with pytest.raises(W.WeightsError, match="scripts/download_weights.py deepseek-ai/deepseek-vl2-tiny"):
-        W.resolve_weights("deepseek-ai/deepseek-vl2-tiny", weights_dir=isolated / "w", download=False,
-                          log=lambda m: None)
+    with pytest.raises(W.WeightsError, match=f"scripts/download_weights.py {TINY}"):
+        W.resolve_weights(TINY, weights_dir=isolated / "w", download=False, log=_quiet)
 
 
-@pytest.mark.parametrize("api", [True, False], ids=["api-listing", "index-fallback"])
-def test_download_from_hub(fixtures_dir, isolated, monkeypatch, api):
+# --------------------------------------------------------------------------------------------
+# Downloads
+
+
+def test_download_into_weights_dir_fetches_the_model_files_only(fixtures_dir, isolated, use_hub):
     src = fixtures_dir / "checkpoints" / "mla-noaux"
-    with _Hub({"deepseek-ai/deepseek-vl2": src}, api=api) as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    with HubStandIn.serving(BASE, src, extra=NOT_MODEL_FILES) as hub:
+        use_hub(hub)
         logs: list[str] = []
-        got = W.resolve_weights("deepseek-ai/deepseek-vl2", weights_dir=isolated / "w", log=logs.append)
+        got = W.resolve_weights(BASE, weights_dir=isolated / "w", log=logs.append)
     assert got == isolated / "w" / "deepseek-vl2"
-    assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in src.iterdir())
-    for f in src.iterdir():
-        assert (got / f.name).read_bytes() == f.read_bytes()
-    assert any("done" in line for line in logs)
-    fetched = [p for p, _ in hub.requests if "/resolve/main/" in p]
-    assert not any("README" in p or "figures" in p for p in fetched)
+    _same_files(got, src)
+    assert logs[0] == f"weights: {BASE} is not local; downloading it into {got}"
+    assert logs[-1] == f"downloaded {BASE} into {got}"
+    fetched = {path.rsplit("/", 1)[-1] for method, path, _, _ in hub.requests if method == "GET" and "/resolve/" in path}
+    assert fetched == {p.name for p in src.iterdir()}  # no README, figure or sub-folder file
+    assert not (isolated / "hf_cache" / "models--deepseek-ai--deepseek-vl2" / "snapshots").exists()
+    assert W.resolve_weights(BASE, weights_dir=isolated / "w", download=False, log=_quiet) == got
 
 
-def test_download_resumes_a_partial_file(fixtures_dir, isolated, monkeypatch):
+def test_download_into_the_hf_cache_when_asked(fixtures_dir, isolated, use_hub, monkeypatch):
     src = fixtures_dir / "checkpoints" / "mha"
-    target = isolated / "w" / "deepseek-vl2-tiny"
-    target.mkdir(parents=True)
-    data = (src / "model.safetensors").read_bytes()
-    (target / "model.safetensors.incomplete").write_bytes(data[:1000])
-    with _Hub({"deepseek-ai/deepseek-vl2-tiny": src}) as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        got = W.download_weights("deepseek-ai/deepseek-vl2-tiny", target, log=lambda m: None)
-    assert (got / "model.safetensors").read_bytes() == data
-    assert ("/deepseek-ai/deepseek-vl2-tiny/resolve/main/model.safetensors", "bytes=1000-") in hub.requests
-    assert not list(got.glob("*.incomplete"))
+    monkeypatch.setenv("DEEPSEEK_VL2_DOWNLOAD_TO", "hf-cache")
+    with HubStandIn.serving(TINY, src) as hub:
+        use_hub(hub)
+        got = W.resolve_weights(TINY, weights_dir=isolated / "w", log=_quiet)
+        assert got == isolated / "hf_cache" / "models--deepseek-ai--deepseek-vl2-tiny" / "snapshots" / hub.commit(TINY)
+    _same_files(got, src)
+    assert not (isolated / "w").exists()
+    monkeypatch.setenv("DEEPSEEK_VL2_DOWNLOAD_TO", "/somewhere")
+    with pytest.raises(W.WeightsError, match="DEEPSEEK_VL2_DOWNLOAD_TO='/somewhere': use weights or hf-cache"):
+        W.resolve_weights("deepseek-ai/deepseek-vl2-small", weights_dir=isolated / "w", log=_quiet)
 
 
-def test_unknown_repo_is_a_clear_error(isolated, monkeypatch):
-    with _Hub({}) as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        with pytest.raises(W.WeightsError, match="not available"):
-            W.resolve_weights("deepseek-ai/no-such-model", weights_dir=isolated / "w", log=lambda m: None)
+def test_a_dropped_connection_is_resumed_with_a_range_request(fixtures_dir, isolated, use_hub):
+    """The connection drops 15 MiB into a 21 MiB file: the hub asks for the rest with a Range request (from
+    the last 10 MiB it wrote) in the same run, and the file comes out whole."""
+    weights = os.urandom(1 << 20) * 21
+    files = {"config.json": (fixtures_dir / "checkpoints" / "mha" / "config.json").read_bytes(),
+             "model.safetensors": weights}
+    with HubStandIn({TINY: files}) as hub:
+        hub.cut_after["model.safetensors"] = 15 << 20
+        use_hub(hub)
+        got = W.download_weights(TINY, isolated / "w" / "tiny", log=_quiet)
+    assert hub.file_gets("model.safetensors") == [None, f"bytes={10 << 20}-"]
+    assert (got / "model.safetensors").read_bytes() == weights
+
+
+def test_an_interrupted_download_resumes_on_the_next_run(fixtures_dir, isolated, use_hub):
+    """The hub fails on the second shard: the run stops with an error that says to run again, the files that
+    arrived are kept, and the next run fetches only the missing shard."""
+    src = fixtures_dir / "checkpoints" / "mla-noaux"
+    shard = "model-00002-of-00002.safetensors"
+    with HubStandIn.serving(BASE, src) as hub:
+        use_hub(hub)
+        hub.broken.add(shard)
+        with pytest.raises(W.WeightsError) as caught:
+            W.resolve_weights(BASE, weights_dir=isolated / "w", log=_quiet)
+        message = str(caught.value)
+        assert "HTTP 500" in message and "run the same command again" in message, message
+        assert "files already downloaded are kept" in message, message
+        target = isolated / "w" / "deepseek-vl2"
+        assert (target / "model-00001-of-00002.safetensors").is_file() and not (target / shard).exists()
+        hub.broken.clear()
+        hub.requests.clear()
+        got = W.resolve_weights(BASE, weights_dir=isolated / "w", log=_quiet)
+    assert got == target
+    _same_files(got, src)
+    fetched = [path for method, path, _, _ in hub.requests if method == "GET" and "/resolve/" in path]
+    assert [p.rsplit("/", 1)[-1] for p in fetched] == [shard]
+
+
+def test_unknown_repo_is_a_clear_error(isolated, use_hub):
+    with HubStandIn({}) as hub:
+        use_hub(hub)
+        with pytest.raises(W.WeightsError, match=r"deepseek-ai/no-such-model is not available from "
+                                                 r"http://127\.0\.0\.1:\d+ \(HTTP 404\); check the name"):
+            W.resolve_weights("deepseek-ai/no-such-model", weights_dir=isolated / "w", log=_quiet)
 
 
 def test_unreachable_hub_is_a_clear_error(isolated, monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    with pytest.raises(W.WeightsError, match="cannot reach"):
-        W.resolve_weights("deepseek-ai/deepseek-vl2-tiny", weights_dir=isolated / "w", log=lambda m: None)
+    hub_settings(monkeypatch, cache=isolated / "hf_cache", endpoint="http://127.0.0.1:9")
+    with pytest.raises(W.WeightsError, match=r"cannot reach http://127\.0\.0\.1:9 to download .*check the network"):
+        W.resolve_weights(TINY, weights_dir=isolated / "w", log=_quiet)
 
 
-def test_download_script(fixtures_dir, isolated, monkeypatch, project_dir):
-    import subprocess
-    import sys
-
+def test_a_gated_repo_needs_a_token_with_access(fixtures_dir, isolated, use_hub):
     src = fixtures_dir / "checkpoints" / "mha"
-    with _Hub({"deepseek-ai/deepseek-vl2-tiny": src}) as hub:
-        env = {**__import__("os").environ, "HF_ENDPOINT": hub.url}
-        out = subprocess.run(
-            [sys.executable, str(project_dir / "scripts" / "download_weights.py"), "deepseek-ai/deepseek-vl2-tiny",
-             "--dest", str(isolated / "dl")],
-            env=env, capture_output=True, text=True, timeout=120,
-        )
+    with HubStandIn.serving(TINY, src, gated={TINY: "hf_granted"}) as hub:
+        use_hub(hub)
+        with pytest.raises(W.WeightsError, match=r"is a gated model \(HTTP 401\): accept its conditions on "
+                                                 rf"{hub.url}/{TINY}, then set HF_TOKEN"):
+            W.download_weights(TINY, isolated / "w" / "a", log=_quiet)
+        use_hub(hub, token="hf_someone_else")
+        with pytest.raises(W.WeightsError, match=r"the token in HF_TOKEN has no access to it \(HTTP 403\)"):
+            W.download_weights(TINY, isolated / "w" / "b", log=_quiet)
+        use_hub(hub, token="hf_granted")
+        got = W.download_weights(TINY, isolated / "w" / "c", log=_quiet)
+    _same_files(got, src)
+    assert {auth for method, path, _, auth in hub.requests if "/resolve/" in path and method == "GET"} == {
+        "Bearer hf_granted"}
+
+
+def test_offline_without_a_local_copy_is_a_clear_error(fixtures_dir, isolated, use_hub):
+    with HubStandIn.serving(TINY, fixtures_dir / "checkpoints" / "mha") as hub:
+        use_hub(hub, offline=True)
+        with pytest.raises(W.WeightsError, match="HF_HUB_OFFLINE is set and the weights for .* unset HF_HUB_OFFLINE"):
+            W.resolve_weights(TINY, weights_dir=isolated / "w", log=_quiet)
+        with pytest.raises(W.WeightsError, match="HF_HUB_OFFLINE is set and .* unset HF_HUB_OFFLINE"):
+            W.download_weights(TINY, isolated / "w" / "x", log=_quiet)
+    assert hub.requests == []
+
+
+def test_a_full_disk_is_a_clear_error_and_the_next_run_goes_on(fixtures_dir, isolated, use_hub, monkeypatch):
+    src = fixtures_dir / "checkpoints" / "mla-noaux"
+    shard = "model-00002-of-00002.safetensors"
+    target = isolated / "w" / "deepseek-vl2"
+    with HubStandIn.serving(BASE, src) as hub:
+        use_hub(hub)
+        with monkeypatch.context() as patch:
+            fill_the_disk_on(shard, patch)
+            with pytest.raises(W.WeightsError) as caught:
+                W.resolve_weights(BASE, weights_dir=isolated / "w", log=_quiet)
+        size = sum(p.stat().st_size for p in src.iterdir())
+        message = str(caught.value)
+        assert message.startswith(f"cannot write {target}: no space left on the device (")
+        assert f"free, the model's files need {W._human(size)} in all)" in message, message
+        assert "Free some space and run again (the files already downloaded are kept)" in message, message
+        assert not list(target.rglob("*.incomplete"))  # (the partial file is gone: no space held)
+        hub.requests.clear()
+        got = W.resolve_weights(BASE, weights_dir=isolated / "w", log=_quiet)
+    _same_files(got, src)
+    assert [p.rsplit("/", 1)[-1] for m, p, _, _ in hub.requests if m == "GET" and "/resolve/" in p] == [shard]
+
+
+def test_a_repo_without_safetensors_is_not_a_model(fixtures_dir, isolated, use_hub):
+    files = {"config.json": b"{}", "pytorch_model.bin": b"pickle"}
+    with HubStandIn({"someone/other-model": files}) as hub:
+        use_hub(hub)
+        with pytest.raises(W.WeightsError, match="is not a DeepSeek-VL2 model: it lacks model.safetensors or"):
+            W.download_weights("someone/other-model", isolated / "w" / "other", log=_quiet)
+    assert not any(path.endswith(".bin") for _, path, _, _ in hub.requests)
+
+
+# --------------------------------------------------------------------------------------------
+# The settings as a user gives them: environment variables read by huggingface_hub in a new process
+
+
+def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "DEEPSEEK_VL2_"))}
+    return subprocess.run(args, env={**base, "HF_HUB_DISABLE_PROGRESS_BARS": "1", **env}, cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_download_script_then_an_offline_run_finds_the_cache(fixtures_dir, isolated, project_dir):
+    """One command downloads into the shared cache that HF_HOME names; a later process with HF_HUB_OFFLINE=1
+    finds the complete snapshot there and asks the hub nothing."""
+    src = fixtures_dir / "checkpoints" / "mha"
+    hf_home = isolated / "hf_home"
+    script = [sys.executable, str(project_dir / "scripts" / "download_weights.py")]
+    with HubStandIn.serving(TINY, src) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(hf_home)}
+        out = _run([*script, TINY, "--cache"], env, project_dir)
+        assert out.returncode == 0, out.stderr
+        snapshot = hf_home / "hub" / "models--deepseek-ai--deepseek-vl2-tiny" / "snapshots" / hub.commit(TINY)
+        assert out.stdout.strip() == str(snapshot)
+        _same_files(snapshot, src)
+        hub.requests.clear()
+        resolve = ("from pathlib import Path; from deepseek_vl2.weights import resolve_weights; "
+                   f"print(resolve_weights({TINY!r}, weights_dir=Path({str(isolated / 'w')!r})))")
+        out = _run([sys.executable, "-c", resolve], {**env, "HF_HUB_OFFLINE": "1"}, project_dir)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == str(snapshot)
+        assert hub.requests == []
+
+
+def test_download_script_into_a_directory(fixtures_dir, isolated, project_dir):
+    src = fixtures_dir / "checkpoints" / "mha"
+    with HubStandIn.serving(TINY, src, gated={TINY: "hf_granted"}) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(isolated / "hf_home")}
+        script = [sys.executable, str(project_dir / "scripts" / "download_weights.py"), TINY, "--dest", str(isolated / "dl")]
+        out = _run(script, env, project_dir)
+        assert out.returncode == 1
+        assert out.stderr.strip().splitlines()[-1].startswith(f"error: {TINY} is a gated model (HTTP 401)"), out.stderr
+        out = _run(script, {**env, "HF_TOKEN": "hf_granted"}, project_dir)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(isolated / "dl")
-    assert W.is_model_dir(isolated / "dl")
+    _same_files(isolated / "dl", src)
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,77 +400,3 @@ def test_demo_checkpoint_is_complete_and_self_made(project_dir, tmp_path, attent
     assert {v["content"] for v in tc["added_tokens_decoder"].values()} == set(specials)
 
 
-class _RecordingFile:
-    """A raw file stand-in that records each write's offset and length, and accepts at most ``limit``
-    bytes per call (as a raw file may)."""
-
-    def __init__(self, start: int = 0, limit: int | None = None):
-        self.data, self.writes, self.offset, self.limit = bytearray(), [], start, limit
-
-    def write(self, view) -> int:
-        n = len(view) if self.limit is None else min(len(view), self.limit)
-        self.data += bytes(view[:n])
-        self.writes.append((self.offset, n))
-        self.offset += n
-        return n
-
-
-@pytest.mark.parametrize("start", [0, 1000, W.WRITE_BLOCK - 1, 3 * W.WRITE_BLOCK])
-def test_block_writer_writes_aligned_blocks(start):
-    import random
-
-    rng = random.Random(start)
-    payload = rng.randbytes(3 * W.WRITE_BLOCK + 12345)
-    fh = _RecordingFile(start)
-    writer = W.BlockWriter(fh, start)
-    pos = 0
-    while pos < len(payload):  # pieces of uneven sizes, as a download delivers them
-        step = rng.choice([1, 4096, 1 << 20, W.WRITE_BLOCK + 7])
-        writer.write(payload[pos:pos + step])
-        pos += step
-    writer.flush()
-    assert bytes(fh.data) == payload
-    *blocks, last = fh.writes
-    for offset, length in blocks:
-        assert (offset + length) % W.WRITE_BLOCK == 0, (offset, length)  # every block ends on a boundary
-        assert offset % W.WRITE_BLOCK == 0 or offset == start  # and starts on one (but the first)
-        assert length <= W.WRITE_BLOCK
-    assert last[0] + last[1] == start + len(payload)
-
-
-def test_block_writer_completes_short_writes():
-    fh = _RecordingFile(limit=W.WRITE_BLOCK // 3)
-    writer = W.BlockWriter(fh)
-    payload = bytes(range(256)) * (W.WRITE_BLOCK // 128)  # two blocks
-    writer.write(payload)
-    writer.flush()
-    assert bytes(fh.data) == payload
-    assert writer.offset == len(payload)
-
-
-def test_interrupted_download_keeps_what_arrived(fixtures_dir, isolated, monkeypatch):
-    class Broken(Exception):
-        pass
-
-    class Response:
-        status_code = 200
-        headers = {"Content-Length": str(3 * 1000)}
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def iter_content(self, chunk_size):
-            yield b"a" * 1000
-            yield b"b" * 1000
-            raise Broken("connection reset")
-
-    monkeypatch.setattr(W, "_get", lambda *a, **k: Response())
-    dest = isolated / "model.safetensors"
-    with pytest.raises(Broken):
-        W.download_file(None, "http://unused", dest, log=lambda m: None)
-    part = dest.with_name(dest.name + ".incomplete")
-    assert part.read_bytes() == b"a" * 1000 + b"b" * 1000  # buffered, then flushed on the way out
-    assert not dest.exists()

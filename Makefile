@@ -3,6 +3,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
+# The web page's packages (Gradio, gradio_client, selenium) beside those, outside the Cog image.
+WEB_STAMP := $(VENV)/.web-installed-$(shell cat requirements-web.txt | cksum | cut -d' ' -f1)
 
 PORT   ?= 5000
 HOST   ?= 0.0.0.0
@@ -12,7 +14,7 @@ DEMO_MODEL := demo-model
 # make bench BENCH_ARGS="--checkpoint weights/deepseek-vl2-tiny"  (default: random weights, real tiny shape)
 BENCH_ARGS ?= --config tests/fixtures/real-configs/deepseek-vl2-tiny.json
 
-.PHONY: venv kernels demo test predict schema serve serve-stream bench clean
+.PHONY: venv kernels demo test predict schema serve serve-stream bench clean web web-deps browser
 
 # The environment, and the CPU kernels built once here (with a line of progress) so that no request, and
 # no setup, waits for a C++ build; a second run finds them built in a second or two.
@@ -33,8 +35,30 @@ demo: venv
 	DEEPSEEK_VL2_WEIGHTS=$(CURDIR)/$(DEMO_MODEL) $(PY) predict.py --image "$(IMAGE)" --prompt "$(PROMPT)" \
 		--max-length-tokens 48 --random-weights-note
 
-test: venv
+test: venv web-deps browser
 	$(PY) -m pytest -q tests
+
+# Gradio caps pillow below 13, which the model pins: its packages install without their own dependency
+# resolution (requirements-web.txt lists every one, pinned); nothing here touches torch.
+web-deps: $(WEB_STAMP)
+
+$(WEB_STAMP): requirements-web.txt | $(STAMP)
+	$(PY) -m pip install -q --no-deps -r requirements-web.txt
+	$(PY) -c "import gradio, gradio_client, selenium"
+	@rm -f $(VENV)/.web-installed-* && touch $@
+
+# The browser test's headless Chromium and its driver (Debian's packages; Playwright's own download is not
+# reachable), installed when missing.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+# The web page (python -m deepseek_vl2 web): MODEL= a directory or repo id (default: the demo checkpoint,
+# random weights), WEB_HOST/WEB_PORT where it listens.
+WEB_HOST ?= 127.0.0.1
+WEB_PORT ?= 7860
+web: venv web-deps
+	$(PY) -m deepseek_vl2 web $(if $(MODEL),--model "$(MODEL)") --host $(WEB_HOST) --port $(WEB_PORT)
 
 # Real weights: DEEPSEEK_VL2_WEIGHTS=deepseek-ai/deepseek-vl2-tiny make predict IMAGE=... PROMPT=...
 predict: venv

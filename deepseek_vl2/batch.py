@@ -439,6 +439,7 @@ def _answer_all(args: argparse.Namespace, lines: list[tuple[int, Any]], answers:
     except DoesNotFitError as exc:
         raise UsageError(str(exc)) from None
     in_flight = args.concurrency or engine.slots
+    pipeline.warm_up()  # (one-time costs now, and every request on the same paths, as in the Cog server)
     log(f"answering {len(jobs)} request(s), {in_flight} at once")
     progress = _progress_bar(len(lines), skipped + refused_now, args.quiet, stderr)
     run = _Run(pipeline, jobs, answers, base, in_flight, progress)

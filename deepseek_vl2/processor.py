@@ -37,6 +37,7 @@ __all__ = [
     "DeepseekVL2Processor",
     "load_image",
     "to_rgb",
+    "well_formed_text",
     "select_best_resolution",
     "image_token_count",
 ]
@@ -72,6 +73,31 @@ DEFAULT_CANDIDATE_RESOLUTIONS: tuple[tuple[int, int], ...] = (
     (384, 2688), (2688, 384), (384, 3072), (3072, 384), (768, 1536), (1536, 768), (384, 3456),
     (3456, 384), (1152, 1152),
 )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------------------
+
+
+def well_formed_text(text: str) -> str:
+    """``text`` with every lone surrogate (a code point U+D800..U+DFFF, which a Python string and JSON's
+    ``"\\ud800"`` can hold but UTF-8 cannot) replaced as the official stack replaces it.
+
+    The official processor hands the text to ``LlamaTokenizerFast`` with the ``tokenizers`` 0.15 its
+    ``transformers==4.38.2`` pin brings, which takes the string's UTF-8 bytes with the surrogates passed
+    through (``ED A0 80`` for U+D800) and decodes them lossily: one U+FFFD for each byte that is not valid
+    UTF-8, so three per lone surrogate. Newer ``tokenizers`` (ours) refuse such a string with
+    ``TypeError: TextInputSequence must be str``. Python's own ``"replace"`` decoding of the same bytes
+    gives the same characters: the token ids equal the official ones (checked on 315 strings, surrogates
+    alone, in pairs, next to other text and special tokens, with each test tokenizer). Other text is
+    returned unchanged.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,10 +468,11 @@ class DeepseekVL2Processor:
     # ---------------------------------------------------------------- text
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without BOS/EOS (special-token strings in the text are still matched)."""
+        """Token ids of ``text`` without BOS/EOS (special-token strings in the text are still matched; a
+        lone surrogate counts as the official stack counts it, see ``well_formed_text``)."""
         if not text:
             return []
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(well_formed_text(text), add_special_tokens=False).ids
 
     def min_tokens(self, text: str) -> int:
         """A lower bound on ``len(encode(text))`` that costs no tokenizing (0 when none can be given).
@@ -574,9 +601,9 @@ class DeepseekVL2Processor:
         have. A leading system message is shown as ``"{system}\\n\\n"``, like the template's own system slot.
         """
         out = ""
-        system = system_prompt.strip()
+        system = well_formed_text(system_prompt.strip())
         for i, message in enumerate(conversation):
-            role, content = message["role"], str(message.get("content") or "").strip()
+            role, content = message["role"], well_formed_text(str(message.get("content") or "").strip())
             if role in _SYSTEM_ROLES:
                 system = content
             elif role in _USER_ROLES:

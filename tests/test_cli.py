@@ -293,6 +293,24 @@ def test_plain_output_is_the_streamed_answer_and_one_newline(fixtures_dir):
                                      {"role": "<|Assistant|>", "content": "", "images": []}]
 
 
+def test_a_lone_surrogate_in_a_conversation_file_is_answered_as_the_official_stack_reads_it(fixtures_dir, tmp_path):
+    """JSON "\\ud800" (json.load accepts it) is answered as the official stack reads it, three U+FFFD in its
+    place (tests/test_processor.py pins the official token ids), not with a traceback."""
+    image = str(fixtures_dir / "images" / "small_palette_100x80.png")
+
+    def conversation(name: str, content_json: str) -> Path:
+        path = tmp_path / name
+        path.write_text(f'[{{"role": "<|User|>", "content": "<image>\\nWhat is {content_json} here?", '
+                        f'"images": [{json.dumps(image)}]}}, {{"role": "<|Assistant|>", "content": ""}}]')
+        return path
+
+    args = ["--model", fixtures_dir / "checkpoints" / "mha", "--temperature", "0", "--max-new-tokens", "8"]
+    lone = run_cli(*args, "--conversation", conversation("lone.json", "\\ud800"))
+    read_as = run_cli(*args, "--conversation", conversation("fffd.json", "\\ufffd\\ufffd\\ufffd"))
+    assert lone.code == 0 and "Traceback" not in lone.err, lone.err
+    assert lone.out == read_as.out and lone.out.strip()
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: one line on stderr, exit 2, nothing on stdout
 

@@ -328,6 +328,67 @@ def test_to_moves_and_casts_only_pixel_values(proc):
 
 
 # ------------------------------------------------------------------------------------------------
+# Lone surrogates (JSON "\\ud800", which json.load accepts)
+# ------------------------------------------------------------------------------------------------
+
+# Token ids the official stack gives: LlamaTokenizerFast.encode(text, add_special_tokens=False) of
+# transformers 4.38.2 with its tokenizers 0.15.2, on each fixture tokenizer (run here in a separate venv).
+SURROGATE_TEXTS = ["<|User|>: hello \ud800 world\n\n<|Assistant|>:", "\ud83d\ude00 and \U0001F600", "中\udfff文",
+                   "<|ref|>\udc00<|/ref|>"]
+OFFICIAL_SURROGATE_IDS = {
+    "mha": [[1406, 28, 223, 322, 78, 386, 223, 174, 126, 124, 174, 126, 124, 174, 126, 124, 288, 270, 474, 201, 201,
+             1407, 28],
+            [174, 126, 124, 174, 126, 124, 174, 126, 124, 174, 126, 124, 174, 126, 124, 174, 126, 124, 320, 223, 175,
+             256, 249, 225],
+            [938, 258, 174, 126, 124, 174, 126, 124, 174, 126, 124, 165, 247, 232],
+            [1401, 174, 126, 124, 174, 126, 124, 174, 126, 124, 1402]],
+    "mla": [[1509, 25, 220, 319, 75, 383, 220, 171, 123, 121, 171, 123, 121, 171, 123, 121, 285, 267, 471, 198, 198,
+             1510, 25],
+            [171, 123, 121, 171, 123, 121, 171, 123, 121, 171, 123, 121, 171, 123, 121, 171, 123, 121, 317, 220, 172,
+             253, 246, 222],
+            [935, 255, 171, 123, 121, 171, 123, 121, 171, 123, 121, 162, 244, 229],
+            [1504, 171, 123, 121, 171, 123, 121, 171, 123, 121, 1505]],
+}
+
+
+@pytest.mark.parametrize("variant", ["mha", "mla"])
+def test_lone_surrogates_are_tokenized_as_the_official_stack(variant):
+    """Each lone surrogate is taken as the official stack takes it: three U+FFFD (one per byte of its UTF-8
+    form), never a TypeError from the tokenizers library."""
+    processor = processor_for(f"checkpoints/{variant}")
+    assert [processor.encode(text) for text in SURROGATE_TEXTS] == OFFICIAL_SURROGATE_IDS[variant]
+    assert processor.encode("a\ud800b") == processor.encode("a\ufffd\ufffd\ufffdb")
+    for text in SURROGATE_TEXTS:
+        assert processor.min_tokens(text) <= len(processor.encode(text))  # (the cheap bound stays a bound)
+
+
+def test_well_formed_text_replaces_only_lone_surrogates():
+    from deepseek_vl2.processor import well_formed_text
+
+    text = "plain, 中文, \U0001F600 <|ref|>"
+    assert well_formed_text(text) is text
+    assert well_formed_text("x\ud800y\udfff") == "x\ufffd\ufffd\ufffdy\ufffd\ufffd\ufffd"
+    assert well_formed_text(json.loads('"\\ud83d\\ude00"')) == "\U0001F600"  # (JSON joins a real pair itself)
+
+
+def test_a_conversation_with_a_lone_surrogate_is_processed(proc):
+    image = Image.new("RGB", (64, 64), (255, 0, 0))
+    conversation = json.loads('[{"role": "system", "content": "Be \\udfff brief."}, '
+                              '{"role": "<|User|>", "content": "<image>\\nWhat is \\ud800 this?"}, '
+                              '{"role": "<|Assistant|>", "content": "A \\udc00 square."}, '
+                              '{"role": "<|User|>", "content": "Sure?"}, {"role": "<|Assistant|>", "content": ""}]')
+    conversation[1]["images"] = [image]
+    out = proc(conversation)
+    expected = [{**m, "content": m["content"].encode("utf-8", "surrogatepass").decode("utf-8", "replace")}
+                for m in conversation]
+    assert torch.equal(out.input_ids, proc(expected).input_ids)
+    assert out.sft_format == proc(expected).sft_format
+    out.sft_format.encode("utf-8")  # printable: no lone surrogate left
+    via_prompt = proc.process_prompt("What is \ud800 this?", image)
+    assert torch.equal(via_prompt.input_ids, proc.process_prompt("What is \ufffd\ufffd\ufffd this?", image).input_ids)
+
+
+# ------------------------------------------------------------------------------------------------
 # Decoding
 # ------------------------------------------------------------------------------------------------
 

@@ -157,6 +157,25 @@ def test_bad_prompt_fails_clearly_and_server_stays_ready(server, small_image, pr
     assert_failed_clearly(server, resp, needle)
 
 
+def test_a_lone_surrogate_in_the_body_is_refused_readably_and_the_server_stays_ready(server, small_image):
+    """JSON "\\ud800" in the prompt: Cog's own server (coglet's JSON parser, in Rust) refuses the body before
+    the predictor sees it, with HTTP 400 naming the field; the server stays READY. A surrogate pair is one
+    character and is answered. (Given one in Python, the library answers it as the official stack does:
+    test_processor.py.)"""
+    body = '{"input": {"image": "%s", "prompt": "What is \\ud800 this?", "max_length_tokens": 4}}' % small_image
+    resp = requests.post(f"{server.url}/predictions", data=body, headers={"Content-Type": "application/json"},
+                         timeout=60)
+    assert resp.status_code == 400, resp.text
+    assert "Failed to parse the request body as JSON: input.prompt" in resp.text, resp.text
+    assert "Traceback" not in resp.text
+    assert_ready_soon(server)
+    pair = body.replace("\\ud800", "\\ud83d\\ude00")
+    resp = requests.post(f"{server.url}/predictions", data=pair, headers={"Content-Type": "application/json"},
+                         timeout=60)
+    assert resp.status_code == 200 and resp.json()["status"] == "succeeded", resp.text
+    assert_ready_soon(server)
+
+
 @pytest.fixture(scope="module")
 def image_host(fixtures_dir):
     """A loopback web server for the fixture images (an image given by URL)."""

@@ -106,30 +106,42 @@ def well_formed_text(text: str) -> str:
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
 
-_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I;16S"}
+# Single-channel integer modes of more than 8 bits: 16-bit in any byte order, and 32-bit "I".
+_INTEGER_GREY_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "I;16S"}
 
 
 def _high_depth_to_8bit(image: Image.Image) -> Image.Image:
-    """Scale a 16-bit / 32-bit integer / float single-channel image to 8-bit ``L``.
+    """Scale a single-channel image of more than 8 bits (integer or float) to 8-bit ``L``, by its values.
 
-    Pillow's own ``convert("L")`` clips these modes at 255, which turns almost every 16-bit
-    image into a white sheet; we rescale instead.
+    Integer modes (``I;16`` in any byte order, and ``I``), one rule whatever the container:
+
+    * every value in 0..255: kept as it is. That is what the official conversion gives (Pillow's
+      ``convert("RGB")`` clips at 255, which changes nothing here): 8-bit values in a wider container.
+    * every value in 0..65535, some above 255: ``round(value / 257)`` (65535 -> 255 exactly), the 16-bit
+      range onto 8 bits. The official conversion clips these at 255, which turns almost every 16-bit scan
+      or photo into a white sheet; we rescale instead.
+    * anything else (negative values, or more than 16 bits, which only ``I`` holds): stretched from its
+      minimum..maximum onto 0..255.
+
+    So an ``I;16`` image and an ``I`` image with the same values give the same pixels. The price of deciding
+    by the values: a 16-bit image whose values all stay at or below 255 (0.4 % of its range, near black as
+    16-bit data) is shown as 8-bit values, as the official code shows it.
+
+    Float ``F``: values in [0, 1] times 255, else minimum..maximum onto 0..255.
     """
-    arr = np.asarray(image)
-    if image.mode in _SIXTEEN_BIT_MODES:
-        # Full 16-bit range: 65535 / 257 = 255 exactly.
-        out = np.rint(arr.astype(np.float64) / 257.0)
-    elif image.mode == "I":
-        arr = arr.astype(np.float64)
+    arr = np.asarray(image).astype(np.float64)
+    if image.mode in _INTEGER_GREY_MODES:
         lo, hi = float(arr.min()), float(arr.max())
         if lo >= 0 and hi <= 255:
-            out = arr  # 8-bit values stored in a 32-bit container
+            out = arr  # 8-bit values stored in a 16- or 32-bit container
         elif lo >= 0 and hi <= 65535:
-            out = np.rint(arr / 257.0)  # typically a 16-bit image opened as "I"
-        else:
+            out = np.rint(arr / 257.0)  # 16-bit values
+        elif hi > lo:
             out = np.rint((arr - lo) / (hi - lo) * 255.0)
+        else:  # one value outside 0..65535 everywhere
+            out = np.zeros_like(arr)
     else:  # "F"
-        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(arr.min()), float(arr.max())
         if lo >= 0 and hi <= 1:
             out = np.rint(arr * 255.0)  # the usual [0, 1] float convention
@@ -145,11 +157,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
     Ordinary modes (RGB, RGBA, LA, P, L, 1, CMYK, YCbCr) use ``image.convert("RGB")`` exactly as the
     official code does (alpha is dropped, not composited), so results are bit-identical to it.
-    High bit-depth single-channel modes are rescaled to 8 bit first.
+    High bit-depth single-channel modes are brought to 8 bit first, by one rule for 16- and 32-bit integers
+    (``_high_depth_to_8bit``).
     """
     if image.width == 0 or image.height == 0:
         raise InputError(f"The image is empty ({image.width}x{image.height} pixels).")
-    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+    if image.mode in _INTEGER_GREY_MODES or image.mode == "F":
         image = _high_depth_to_8bit(image)
     if image.mode == "RGB":
         return image

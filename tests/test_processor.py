@@ -472,6 +472,40 @@ def test_sixteen_bit_grey_is_rescaled_not_saturated(tmp_path):
     assert arr[0, 0, 0] == 0 and arr[-1, -1, 0] == 255 and 100 < arr.mean() < 155
 
 
+def _grey16(values: np.ndarray, mode: str) -> Image.Image:
+    """A 16-bit grey image of ``mode`` (I;16, I;16B) or a 32-bit ``I`` image holding ``values``."""
+    if mode == "I":
+        return Image.fromarray(values.astype(np.int32))
+    dtype = ">u2" if mode == "I;16B" else "<u2"
+    return Image.frombytes(mode, (values.shape[1], values.shape[0]), values.astype(dtype).tobytes())
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_sixteen_bit_grey_with_8_bit_values_is_kept_as_the_official_conversion(tmp_path, mode):
+    """Values 0..255 in a 16- or 32-bit image: the pixels are those values, the same in every container, and
+    the official conversion's (Pillow's convert("RGB"), which clips at 255 and so changes nothing)."""
+    ramp = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    image = _grey16(ramp, mode)
+    assert image.mode == mode and np.array_equal(np.asarray(image), ramp)
+    ours = np.asarray(load_image(image))
+    assert np.array_equal(ours, np.asarray(image.convert("RGB")))
+    assert np.array_equal(ours[..., 0], ramp) and np.array_equal(ours[..., 2], ramp)
+    path = tmp_path / "g.png"  # a 16-bit PNG file with those values reads the same
+    _grey16(ramp, "I;16").save(path)
+    with Image.open(path) as im:
+        assert im.mode == "I;16"
+    assert np.array_equal(np.asarray(load_image(path)), ours)
+
+
+@pytest.mark.parametrize("top", [256, 1000, 65535])
+def test_sixteen_bit_values_give_the_same_pixels_in_i16_and_i(top):
+    """Values above 255 are 16-bit data in every container: value / 257, rounded."""
+    values = np.linspace(0, top, 64).astype(np.uint16).reshape(8, 8)
+    expected = np.rint(values / 257).astype(np.uint8)
+    for mode in ("I;16", "I;16B", "I"):
+        assert np.array_equal(np.asarray(load_image(_grey16(values, mode)))[..., 1], expected), mode
+
+
 @pytest.mark.parametrize(
     "arr, expect",
     [

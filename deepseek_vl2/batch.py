@@ -371,13 +371,7 @@ def main(argv: Optional[Sequence[str]] = None, *, stderr: Optional[TextIO] = Non
     stderr = stderr if stderr is not None else cli._never_fails(sys.stderr)
     try:
         args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-
-        def log(message: str) -> None:
-            if not args.quiet:
-                stderr.write(message + "\n")
-                stderr.flush()
-
-        return _batch(args, log, stderr, load_pipeline)
+        return _batch(args, cli.logger(stderr, args.quiet), stderr, load_pipeline)
     except (UsageError, InputError) as exc:
         cli._error(stderr, exc)
         return EXIT_BAD_INPUT

@@ -349,6 +349,16 @@ def _chat(session: _Session, conversation: list[dict[str, Any]], images: list[Im
         pending = []
 
 
+def logger(stderr: TextIO, quiet: bool) -> Callable[[str], None]:
+    """``log(message)``: a line on stderr, unless quiet."""
+    def log(message: str) -> None:
+        if not quiet:
+            stderr.write(message + "\n")
+            stderr.flush()
+
+    return log
+
+
 def _error(stderr: TextIO, exc: BaseException) -> None:
     message = " ".join(str(exc).split())  # one line, whatever the exception held
     stderr.write(f"error: {message}\n")
@@ -396,13 +406,7 @@ def main(argv: Optional[Sequence[str]] = None, *, stdin: Optional[TextIO] = None
     stderr = stderr if stderr is not None else _never_fails(sys.stderr)
     try:
         args = build_parser().parse_args(argv)
-        quiet = args.quiet
-
-        def log(message: str) -> None:
-            if not quiet:
-                stderr.write(message + "\n")
-                stderr.flush()
-
+        log = logger(stderr, args.quiet)
         conversation, images = _request(args)
         if args.draw:
             _check_draw_target(args.draw)

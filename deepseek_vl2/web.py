@@ -256,12 +256,7 @@ def main(argv: Optional[Sequence[str]] = None, *, load_pipeline: Callable[..., A
     stderr = cli._never_fails(sys.stderr)
     try:
         args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-
-        def log(message: str) -> None:
-            if not args.quiet:
-                stderr.write(message + "\n")
-                stderr.flush()
-
+        log = cli.logger(stderr, args.quiet)
         if not 0 < args.port < 65536:
             raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
         cli.check_device(args.device)

@@ -20,20 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from test_cli import _cached_loader  # (the fixture checkpoints loaded once for both modules)
+
 from deepseek_vl2 import batch, cli
-from deepseek_vl2.pipeline import VL2Pipeline
 
 EOS = "<｜end▁of▁sentence｜>"
 PROJECT = Path(__file__).resolve().parent.parent
-
-_PIPELINES: dict[Path, VL2Pipeline] = {}
-
-
-def _cached_loader(model_dir: Path, device=None, dtype=None) -> VL2Pipeline:
-    model_dir = Path(model_dir).resolve()
-    if model_dir not in _PIPELINES:
-        _PIPELINES[model_dir] = VL2Pipeline.load(model_dir, device=device, dtype=dtype)
-    return _PIPELINES[model_dir]
 
 
 def run_batch(*argv, loader=_cached_loader) -> tuple[int, str]:

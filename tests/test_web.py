@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 
 from gradio_client import Client, handle_file  # (requirements-web.txt: make test installs it)
+from test_cli import _cached_loader  # (the fixture checkpoints loaded once for the modules that use them)
 
 from deepseek_vl2 import web  # noqa: E402
 from deepseek_vl2.grounding import draw_grounding, grounding_boxes  # noqa: E402
@@ -160,7 +161,7 @@ def test_bad_arguments_are_one_line_and_exit_2(fixtures_dir):
 @pytest.fixture(scope="module")
 def app_on_fixture(fixtures_dir):
     """The page on a loaded fixture pipeline, in this process (to look at its engine)."""
-    pipeline = VL2Pipeline.load(fixtures_dir / "checkpoints" / "mha")
+    pipeline = _cached_loader(fixtures_dir / "checkpoints" / "mha")
     pipeline.warm_up()  # (as the command does before it serves)
     app = web.build_app(pipeline, model_name="mha", random_weights=False)
     port = _free_port()
@@ -233,7 +234,7 @@ def test_without_a_model_it_serves_the_demo_checkpoint_and_says_the_weights_are_
 # A real browser
 
 
-LABEL, BOX = "the gray square", "[[120, 340, 560, 780]]"
+LABEL, BOX = "a sprout", "[[446, 411, 552, 672]]"  # (where examples/stages.png has one)
 
 
 def _grounding_checkpoint(folder: Path, label: str = LABEL, box: str = BOX) -> Path:
@@ -291,8 +292,7 @@ def test_in_a_browser_an_uploaded_image_gets_a_streamed_answer_with_its_box_draw
     from selenium.webdriver.support.ui import WebDriverWait
 
     checkpoint = _grounding_checkpoint(tmp_path / "grounding-model")
-    image_path = tmp_path / "photo.png"
-    Image.new("RGB", (640, 400), (150, 150, 150)).save(image_path)
+    image_path = PROJECT / "examples" / "stages.png"
     answer = f"<|ref|>{LABEL}<|/ref|><|det|>{BOX}<|/det|>"
     server = _Server("--model", str(checkpoint))
     browser = _chrome()
@@ -302,7 +302,7 @@ def test_in_a_browser_an_uploaded_image_gets_a_streamed_answer_with_its_box_draw
         box = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#question textarea"))
         browser.find_element(By.CSS_SELECTOR, "#question input[type=file]").send_keys(str(image_path))
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#question img"))  # the upload's thumbnail
-        box.send_keys("<|grounding|>Where is the gray square?")
+        box.send_keys("<|grounding|>Where is the sprout?")
         box.send_keys(Keys.ENTER)
         # The streamed answer, then the footer that ends it, then the drawing.
         wait.until(lambda b: LABEL in b.find_element(By.ID, "chat").text)
@@ -325,6 +325,6 @@ def test_in_a_browser_an_uploaded_image_gets_a_streamed_answer_with_its_box_draw
         server.close()
     # The picture in the page is the command line's --draw of that answer on the uploaded image.
     expected = draw_grounding(Image.open(image_path), answer)
-    assert grounding_boxes(answer, expected.size)[0]["pixels"] == [76, 136, 358, 312]
+    assert grounding_boxes(answer, expected.size)[0]["box"] == [446, 411, 552, 672]
     assert shown.size == expected.size
     assert shown.tobytes() == expected.convert("RGB").tobytes()

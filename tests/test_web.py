@@ -193,6 +193,28 @@ def test_stop_cancels_the_answer_and_frees_its_engine_slot(app_on_fixture, fixtu
     assert streamed  # (something had streamed before the stop)
 
 
+def test_two_tabs_decode_together_each_with_its_own_conversation(app_on_fixture, fixtures_dir):
+    pipeline, url = app_on_fixture
+    image = handle_file(str(fixtures_dir / "images" / "gray_500x300.png"))
+    pipeline.engine.timeline.clear()
+    results: dict[str, list] = {}
+
+    def tab(name: str, question: str) -> None:
+        client = Client(url, verbose=False)  # (a session of its own, as a browser tab)
+        results[name] = client.predict({"text": question, "files": [image]}, [], 0, 0.9, 1.0, 300, None,
+                                       api_name="/chat")[1]
+
+    threads = [threading.Thread(target=tab, args=(name, f"{name}: describe <image>.")) for name in ("one", "two")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert [m["content"][0].get("text") for m in results["one"] if m["role"] == "user"][-1] == "one: describe <image>."
+    assert [m["content"][0].get("text") for m in results["two"] if m["role"] == "user"][-1] == "two: describe <image>."
+    assert any(kind == "decode" and rows == 2 for kind, rows, _ in pipeline.engine.timeline), \
+        "the two tabs' answers never shared a decode step"
+
+
 def test_chat_keeps_the_history_and_shows_the_seed(app_on_fixture, fixtures_dir):
     pipeline, url = app_on_fixture
     client = Client(url, verbose=False)

@@ -694,7 +694,6 @@ def isolated_hub(tmp_path, quiet_setup):
     """An empty HF cache and weights folder; ``point(hub)`` sends this process's huggingface_hub to ``hub``."""
     from deepseek_vl2 import weights
 
-    quiet_setup.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     quiet_setup.setattr(weights, "WEIGHTS_DIR", tmp_path / "weights")
 
     def point(hub: HubStandIn) -> None:

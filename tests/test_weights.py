@@ -39,10 +39,9 @@ def _quiet(message: str) -> None:
 
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
-    """No real HF cache, no real weights dir, no settings from the environment; progress bars off."""
+    """No real HF cache, no real weights dir, no settings from the environment."""
     for var in ("DEEPSEEK_VL2_WEIGHTS", "DEEPSEEK_VL2_DOWNLOAD_TO", "HF_HOME"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     hub_settings(monkeypatch, cache=tmp_path / "hf_cache")
     return tmp_path
 

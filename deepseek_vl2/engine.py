@@ -197,7 +197,7 @@ class BatchEngine:
             raise ValueError(f"an engine needs at least one slot, got {slots}")
         self.model = model
         self.language: DeepseekV2ForCausalLM = model.language
-        self.device = self.language.lm_head.weight.device
+        self.device = self.language.model.embed_tokens.weight.device
         self.slots = int(slots)
         # Positions per slot: the model's whole context unless told less (a benchmark's short requests).
         self.context = min(int(context or self.language.config.max_position_embeddings),
@@ -477,5 +477,5 @@ def configured_slots(model: DeepseekVL2) -> int:
         if slots < 1:
             raise ValueError(f"DEEPSEEK_VL2_MAX_CONCURRENCY must be a whole number >= 1, got {value!r}")
         return slots
-    weight = model.language.lm_head.weight
+    weight = model.language.model.embed_tokens.weight  # (the model's device and dtype, whatever its linears' format)
     return default_slots(weight.device, cache_bytes_per_request(model.config, weight.dtype))

@@ -158,7 +158,7 @@ def decode_step(language: DeepseekV2ForCausalLM, tokens: list[int], positions: l
     ``slots[b]`` -> logits [B, V] fp32. On the CPU one call into our kernels where they apply (the logits
     then carry ``known_argmaxes``, the argmax of each row found as they were written); else
     ``decode_rows`` in PyTorch. (On CUDA the engine replays ``CudaGraphDecoder`` instead.)"""
-    device = language.lm_head.weight.device
+    device = language.model.embed_tokens.weight.device
     if device.type == "cpu":
         rows_kernel = getattr(language, "decode_rows_cpu", None)
         logits = rows_kernel(tokens, positions, slots) if rows_kernel is not None else None
@@ -209,7 +209,7 @@ class CudaGraphDecoder:
         self.compile_seconds: Optional[float] = None
         self._ready: Optional[object] = None  # a compiled step, waiting for the switch
         self._log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-        device = language.lm_head.weight.device
+        device = language.model.embed_tokens.weight.device
         self.max_bucket = self.bucket_for(max_rows)
         # Rows' tokens, positions and slots: one host-to-device copy per step into these static buffers.
         self.rows = torch.zeros(3, self.max_bucket, dtype=torch.long, device=device)
@@ -225,9 +225,11 @@ class CudaGraphDecoder:
     def supported(language: DeepseekV2ForCausalLM) -> bool:
         from .language import _grouped_mm_ok
 
-        weight = language.lm_head.weight
+        # (None for quantized linears: their experts run one by one with counts read on the host)
+        weight = getattr(language.lm_head, "weight", None)
         return (
-            weight.is_cuda
+            weight is not None
+            and weight.is_cuda
             and _grouped_mm_ok(weight)  # the loop over experts needs host-side counts
             and language.model.rotary.kind != "dynamic"  # its base depends on the length, read on the host
         )

@@ -13,8 +13,8 @@ expert-sized matrix where oneDNN reaches 22-24: the path for CPUs without bf16.
 ``DEEPSEEK_VL2_CPU_GEMV`` (``aten`` / ``native`` / ``onednn`` / ``avx512bf16`` / ``simdf32``) forces one,
 unless this CPU cannot run it (``gemv_path_unavailable``): then it is refused, saying why.
 
-With the extensions, a decode step also runs layer-level kernels (``csrc/decode_layers.h``, built for bf16
-and for fp32): a whole attention sub-layer in one call (``mha_block`` for plain attention, ``mla_block``
+With the extensions, a decode step also runs layer-level kernels (``csrc/step.h`` and the files it
+includes, built for bf16 and for fp32): a whole attention sub-layer in one call (``mha_block`` for plain attention, ``mla_block``
 for latent attention: RMSNorm, projections, RoPE, cache write, attention, output projection, residual),
 the whole feed-forward sub-layer in one call (``ffn_block``: RMSNorm, the router, the chosen and the
 shared experts, the residual), several linears of one input in one call (``linear_many``; bf16 only) and
@@ -25,6 +25,10 @@ per-layer calls): no Python between the layers and one parallel region (tiny: 95
 bound in the slow memory phase of the 2-core EPYC, 86-91 % in its fast one). The step takes several
 sequences at once (``step_rows``: one token in each of B cache slots), streaming each weight once for all of
 them; each row's logits are bit-identical to decoding it alone.
+
+A weight matrix goes to the kernels as a ``Matrix``: ``[weight]`` in the model's dtype, or
+``[weight_packed, weight_scale]`` for int8 and int4 weights (``quantize.py``), whose products run on the
+integers (``csrc/int8.h``, ``csrc/int4.h``).
 """
 
 from __future__ import annotations
@@ -107,7 +111,7 @@ def _one_ninja() -> Iterator[None]:
 
 # What each extension needs of the CPU: the bf16 kernels are written with AVX-512 (BF16) intrinsics; the fp32
 # ones are plain C++ that the compiler vectorises for whatever the CPU has (any x86-64, or any CPU at all).
-_BF16_KERNEL_FLAGS = {"avx512f", "avx512bw", "avx512_bf16"}
+_BF16_KERNEL_FLAGS = {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"}
 KERNEL_SWITCH = "DEEPSEEK_VL2_CPU_KERNEL"
 
 
@@ -175,7 +179,8 @@ def avx512_bf16_extension() -> Optional[Any]:
     where the CPU lacks AVX512-BF16, no compiler/ninja is available or ``DEEPSEEK_VL2_CPU_KERNEL=0``
     (``unavailable_reason("bf16")`` says which)."""
     extension = _build("bf16", _extension_name("deepseek_vl2_decode_bf16"), "decode_bf16.cpp",
-                       ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp"])
+                       ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16",
+                        "-fopenmp"])
     if extension is not None:
         extension.set_tiles(tiles_min_rows())
     return extension
@@ -292,7 +297,7 @@ def _fused_extension(x: torch.Tensor) -> Optional[Any]:
 def linear_many(x: torch.Tensor, layers: list[nn.Linear]) -> Optional[list[torch.Tensor]]:
     """``[layer(x) for layer in layers]`` for one bf16 token on the CPU in one kernel call; None where
     the extension does not apply (the caller then runs the layers one by one)."""
-    if x.dtype != torch.bfloat16 or layers[0].weight.dtype != torch.bfloat16:  # (the kernel checks every weight)
+    if x.dtype != torch.bfloat16 or any(len(matrix_of(layer)) != 1 or layer.weight.dtype != torch.bfloat16 for layer in layers):
         return None  # (checked first: an fp32 token must not build the fp32 extension for nothing)
     extension = _fused_extension(x)
     if extension is None:
@@ -310,7 +315,56 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torc
     return None if extension is None else extension.rms_norm_bf16(x, weight, eps)
 
 
-Expert = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # SwiGLU weights (gate [I, D], up [I, D], down [D, I])
+Matrix = list[torch.Tensor]  # [weight] in the model's dtype, or [weight_packed, weight_scale] (quantize.py)
+Expert = tuple[Matrix, Matrix, Matrix]  # SwiGLU weights (gate [I, D], up [I, D], down [D, I])
+
+# How the kernels name a matrix's format (csrc/matrix.h: Format).
+FORMATS = {"dense": 0, "int8": 1, "int4": 2}
+
+
+def matrix_of(layer: Any) -> Matrix:
+    """A linear layer's (or a bare weight's) matrix as the kernels take it."""
+    if isinstance(layer, torch.Tensor):
+        return [layer]
+    matrix = getattr(layer, "matrix", None)
+    return matrix() if matrix is not None else [layer.weight]
+
+
+def matrix_format(matrix: Matrix) -> tuple[str, int]:
+    """(format name, int4 group size or 0) of a matrix."""
+    if len(matrix) == 1:
+        return "dense", 0
+    packed, scale = matrix
+    if packed.dtype == torch.int8:
+        return "int8", 0
+    return "int4", 2 * packed.shape[-1] // scale.shape[-1]
+
+
+def takes(matrix: Matrix, dtype: torch.dtype) -> bool:
+    """Whether the kernels for activations of ``dtype`` take this matrix: one in that dtype, or a quantized one
+    (int4 with a group size the kernels take: a multiple of 8)."""
+    kind, group = matrix_format(matrix)
+    if kind == "dense":
+        return matrix[0].dtype == dtype
+    return kind == "int8" or (group >= 8 and group % 8 == 0)
+
+
+def quantized_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``F.linear`` of one CPU row with a quantized matrix: our integer products (``gemv_q_*``) where the
+    extension for ``x.dtype`` is built, else PyTorch's ``_weight_int8pack_mm`` for int8 (which reads int8
+    weights at the memory's rate for one row); None where neither applies (the caller dequantizes)."""
+    matrix = [packed, scale]
+    if x.device.type != "cpu" or x.dtype not in _SUFFIX:
+        return None
+    extension = _layer_extension(x.dtype) if takes(matrix, x.dtype) else None
+    if extension is not None:
+        return extension.__getattribute__(f"gemv_q_{_SUFFIX[x.dtype]}")(x, matrix, bias).view(*x.shape[:-1], -1)
+    if packed.dtype == torch.int8 and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(1, -1), packed, scale.view(-1).to(x.dtype))
+        y = y.view(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
+    return None
 
 
 @dataclass(frozen=True)
@@ -326,17 +380,28 @@ class Router:
     topk_group: int
     norm_topk_prob: bool
     scale: float
-    expert_table: torch.Tensor  # int64 [E, 3]: data pointers of each expert's gate, up, down (see expert_table)
+    expert_table: torch.Tensor  # int64 [E, 6]: data pointers of each expert's gate, up, down and their scales
     intermediate: int
+    format: int  # FORMATS of the experts' matrices
+    group: int  # int4's group size (else 0)
 
 
 def expert_table(experts: list[Expert]) -> Optional[torch.Tensor]:
-    """[E, 3] int64 data pointers of compact expert weights (bf16 or fp32, all alike), or None if any is
-    not (the caller keeps the tensors alive)."""
-    dtype = experts[0][0].dtype if experts else None
-    if dtype not in _SUFFIX or any(w.dtype != dtype or not w.is_contiguous() for expert in experts for w in expert):
+    """[E, 6] int64 data pointers of compact expert matrices, one format for all (bf16 or fp32 weights, or
+    int8 / int4 ones): gate, up, down, then their scales (0 for weights in the model's dtype); None if any
+    is not compact or the formats differ (the caller keeps the tensors alive)."""
+    if not experts:
         return None
-    return torch.tensor([[w.data_ptr() for w in expert] for expert in experts], dtype=torch.int64)
+    kind = matrix_format(experts[0][0])
+    first = [t.dtype for t in experts[0][0]]
+    if kind[0] == "dense" and first[0] not in _SUFFIX:
+        return None
+    for expert in experts:
+        for matrix in expert:
+            if matrix_format(matrix) != kind or [t.dtype for t in matrix] != first or not all(t.is_contiguous() for t in matrix):
+                return None
+    return torch.tensor([[m[0].data_ptr() for m in expert] + [m[1].data_ptr() if len(m) == 2 else 0 for m in expert]
+                         for expert in experts], dtype=torch.int64)
 
 
 def ffn_args(norm_weight: torch.Tensor, eps: float, shared: Optional[Expert] = None,
@@ -347,7 +412,7 @@ def ffn_args(norm_weight: torch.Tensor, eps: float, shared: Optional[Expert] = N
     return [norm_weight, eps, *routing, list(shared) if shared is not None else []]
 
 
-_NO_ROUTER = [None, None, "greedy", "softmax", 0, 1, 1, False, 1.0, None, 0]
+_NO_ROUTER = [None, None, "greedy", "softmax", 0, 1, 1, False, 1.0, None, 0, 0, 0]
 
 
 def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, shared: Optional[Expert] = None,
@@ -356,7 +421,7 @@ def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, shared: Op
     dense SwiGLU MLP (``shared`` only) or a MoE layer (``router``: routing and the chosen experts, plus the
     ``shared`` experts if any), rounded like the eager modules. None where the extension does not apply."""
     extension = _fused_extension(x)
-    if extension is None or norm_weight.dtype != x.dtype or (shared is not None and shared[0].dtype != x.dtype):
+    if extension is None or norm_weight.dtype != x.dtype or (shared is not None and not all(takes(m, x.dtype) for m in shared)):
         return None
     return getattr(extension, f"ffn_block_{_SUFFIX[x.dtype]}")(x, *ffn_args(norm_weight, eps, shared, router))
 
@@ -364,11 +429,13 @@ def ffn_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, shared: Op
 def mha_args(norm_weight: torch.Tensor, eps: float, projections: list[nn.Linear], k_cache: torch.Tensor,
              v_cache: torch.Tensor, scale: float) -> Optional[list[Any]]:
     """The arguments of a plain-attention sub-layer for ``DecodeStep.add_layer`` (caches [S, kv_heads, T, d]
-    of every slot); None where the kernels do not apply (they take bf16 or fp32, all alike)."""
+    of every slot); None where the kernels do not apply (they take bf16 or fp32 activations, and weights in
+    that dtype or quantized)."""
     dtype = norm_weight.dtype
-    if dtype not in _SUFFIX or k_cache.dtype != dtype or projections[0].weight.dtype != dtype:  # (the kernel checks every weight)
+    matrices = [matrix_of(p) for p in projections]
+    if dtype not in _SUFFIX or k_cache.dtype != dtype or not all(takes(m, dtype) for m in matrices):
         return None
-    return [norm_weight, eps, [p.weight for p in projections], [p.bias for p in projections], k_cache, v_cache, scale]
+    return [norm_weight, eps, matrices, [p.bias for p in projections], k_cache, v_cache, scale]
 
 
 def mha_block(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, projections: list[nn.Linear], cos: torch.Tensor,
@@ -389,16 +456,18 @@ def mla_args(norm_weight: torch.Tensor, eps: float, attention: nn.Module, latent
              k_pe_cache: torch.Tensor) -> Optional[list[Any]]:
     """The arguments of a multi-head latent attention sub-layer (``language.MultiHeadLatentAttention``) for
     ``mla_block_*`` / ``DecodeStep.add_mla_layer``; caches of every slot ([S, T, rank], [S, T, rope]; one
-    slot for ``mla_block``). None where the kernels do not apply (they take bf16 or fp32, all alike)."""
+    slot for ``mla_block``). None where the kernels do not apply (they take bf16 or fp32 activations, and
+    weights in that dtype or quantized)."""
     dtype = norm_weight.dtype
-    if dtype not in _SUFFIX or latent_cache.dtype != dtype or attention.kv_b_proj.weight.dtype != dtype:  # (the kernel checks every weight)
-        return None
     lora = attention.q_lora_rank is not None
     layers = [attention.q_a_proj if lora else attention.q_proj, attention.kv_a_proj_with_mqa, attention.kv_b_proj, attention.o_proj]
     if lora:
         layers.append(attention.q_b_proj)
+    matrices = [matrix_of(layer) for layer in layers]
+    if dtype not in _SUFFIX or latent_cache.dtype != dtype or not all(takes(m, dtype) for m in matrices):
+        return None
     q_norm = attention.q_a_layernorm if lora else None
-    return [norm_weight, eps, [layer.weight for layer in layers], [layer.bias for layer in layers],
+    return [norm_weight, eps, matrices, [layer.bias for layer in layers],
             attention.kv_a_layernorm.weight, attention.kv_a_layernorm.eps, q_norm.weight if lora else None,
             q_norm.eps if lora else 0.0, latent_cache, k_pe_cache, attention.heads, attention.nope_dim, attention.rope_dim,
             attention.v_dim, attention.softmax_scale]
@@ -416,15 +485,16 @@ def mla_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: i
 
 
 def decode_step(embedding: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, final_norm: torch.Tensor,
-                eps: float, lm_head: torch.Tensor, layers: list[tuple[str, list[Any], list[Any]]]) -> Optional[Any]:
+                eps: float, lm_head: Matrix, layers: list[tuple[str, list[Any], list[Any]]]) -> Optional[Any]:
     """A whole bf16 or fp32 CPU decode step as one kernel call (``DecodeStep``): ``step(token, position)`` ->
     fp32 logits [V] (cache slot 0), ``step_rows(tokens, positions, slots)`` -> [B, V] (one token in each of B
     distinct cache slots, every weight streamed once for all of them). layers: (``"mha"``, ``mha_args``, ``ffn_args``) or (``"mla"``, ``mla_args``, ``ffn_args``)
     of each decoder layer, one kind for all; cos/sin tables: [positions, rotary dims]. None where the
     extension does not apply."""
-    tensors = [embedding, cos_table, sin_table, final_norm, lm_head]
-    dtype = lm_head.dtype
-    if any(t.dtype != dtype or t.device.type != "cpu" for t in tensors) or os.environ.get("DEEPSEEK_VL2_CPU_STEP") == "0":
+    tensors = [embedding, cos_table, sin_table, final_norm]
+    dtype = embedding.dtype
+    if (any(t.dtype != dtype for t in tensors) or any(t.device.type != "cpu" for t in tensors + lm_head)
+            or not takes(lm_head, dtype) or os.environ.get("DEEPSEEK_VL2_CPU_STEP") == "0"):
         return None
     extension = _layer_extension(dtype)
     if extension is None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .config import LanguageConfig
 from .kernels import (
+    FORMATS,
     Expert,
     Linear,
     Router,
@@ -35,11 +36,14 @@ from .kernels import (
     ffn_block,
     linear,
     linear_many,
+    matrix_format,
+    matrix_of,
     mha_args,
     mha_block,
     mla_args,
     mla_block,
     rms_norm,
+    takes,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,6 +159,12 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.mscale).to(dtype), (emb.sin() * self.mscale).to(dtype)
+
+
+def dense_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A linear layer's weight as a float matrix: its own, or a quantized one's dequantized (``quantize.py``)."""
+    dequantized = getattr(layer, "dequantized", None)
+    return dequantized(dtype) if dequantized is not None else layer.weight.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -441,9 +451,9 @@ class MultiHeadLatentAttention(nn.Module):
         On the CPU, bf16 batched matmuls on the strided halves of kv_b_proj copied and converted the
         weights on every step (a third of a decode step for small); these copies cost 2 x the bf16 size.
         """
-        weight = self.kv_b_proj.weight
+        weight = matrix_of(self.kv_b_proj)[0]  # (the stored tensor identifies the weights, whatever their format)
         if self._absorbed_fp32 is None or self._absorbed_fp32[0] is not weight:
-            w = weight.float().view(self.heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            w = dense_weight(self.kv_b_proj, torch.float32).view(self.heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
             w_k = w[:, : self.nope_dim].contiguous()
             w_v_t = w[:, self.nope_dim :].transpose(1, 2).contiguous()
             self._absorbed_fp32 = (weight, w_k, w_v_t)
@@ -464,7 +474,7 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _attend_absorbed(self, q_nope, q_pe, latent, k_pe, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decode: fold kv_b_proj into the query and the output, attend over the latent cache directly."""
-        w = self.kv_b_proj.weight.view(self.heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w = dense_weight(self.kv_b_proj, latent.dtype).view(self.heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_k, w_v = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H, nope, r], [H, v, r]
         q_latent = torch.matmul(q_nope, w_k)  # [B, H, 1, r]
         scores = torch.matmul(q_latent, latent.unsqueeze(1).mT) + torch.matmul(q_pe, k_pe.unsqueeze(1).mT)
@@ -489,7 +499,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def swiglu_weights(self) -> Expert:
-        return self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        return matrix_of(self.gate_proj), matrix_of(self.up_proj), matrix_of(self.down_proj)
 
     def residual_block(self, x: torch.Tensor, norm: RMSNorm) -> Optional[torch.Tensor]:
         """``x + self(norm(x))`` for one bf16 token on the CPU in one kernel call; None elsewhere."""
@@ -497,7 +507,8 @@ class MLP(nn.Module):
 
     def kernel_args(self, norm: RMSNorm) -> Optional[list]:
         """This sub-layer for the whole-step kernel (``kernels.ffn_args``); None where it does not apply."""
-        if norm.weight.dtype not in (torch.bfloat16, torch.float32) or self.gate_proj.weight.dtype != norm.weight.dtype:
+        if norm.weight.dtype not in (torch.bfloat16, torch.float32) or not all(
+                takes(m, norm.weight.dtype) for m in self.swiglu_weights()):
             return None
         return ffn_args(norm.weight, norm.eps, shared=self.swiglu_weights())
 
@@ -587,17 +598,18 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(0, *self.down_proj.shape[1:], dtype=views[0][0].dtype), requires_grad=False)
 
     def swiglu_weights(self) -> list[Expert]:
-        """(gate [I, D], up [I, D], down [D, I]) of every expert: views, nothing copied (made once)."""
-        if self.views is not None:
-            return self.views
-        stacked = (self.gate_up_proj, self.down_proj)
+        """(gate [I, D], up [I, D], down [D, I]) of every expert as kernel matrices: views, nothing copied (made
+        once)."""
+        stacked = (self.gate_up_proj, self.down_proj, self.views)
         cached = self.__dict__.get("_stacked_views")
-        if cached is None or cached[0][0] is not stacked[0] or cached[0][1] is not stacked[1]:
-            gate_up, down = stacked
-            cached = self._stacked_views = (
-                stacked,
-                [(gate_up[e, : self.intermediate], gate_up[e, self.intermediate :], down[e]) for e in range(self.n_experts)],
-            )
+        if cached is None or any(a is not b for a, b in zip(cached[0], stacked)):
+            if self.views is not None:
+                matrices = [tuple([w] for w in expert) for expert in self.views]
+            else:
+                gate_up, down = stacked[:2]
+                matrices = [([gate_up[e, : self.intermediate]], [gate_up[e, self.intermediate :]], [down[e]])
+                            for e in range(self.n_experts)]
+            cached = self._stacked_views = (stacked, matrices)
         return cached[1]
 
     def pointer_table(self) -> Optional[torch.Tensor]:
@@ -728,15 +740,18 @@ class MoE(nn.Module):
         if dtype not in (torch.bfloat16, torch.float32) or not gate.tie_free():
             return None
         table = self.experts.pointer_table()
-        if table is None or self.experts.swiglu_weights()[0][0].dtype != dtype:
+        first = self.experts.swiglu_weights()[0][0]
+        if table is None or not takes(first, dtype):
             return None
         shared = self.shared_experts.swiglu_weights() if self.shared_experts is not None else None
-        if shared is not None and shared[0].dtype != dtype:
+        if shared is not None and (not all(takes(m, dtype) for m in shared) or matrix_format(shared[0]) != matrix_format(first)):
             return None
+        kind, group = matrix_format(first)
         router = Router(
             weight=gate.weight, correction_bias=getattr(gate, "e_score_correction_bias", None), method=gate.method,
             scoring=gate.scoring, top_k=gate.top_k, n_group=gate.n_group, topk_group=gate.topk_group,
             norm_topk_prob=gate.norm_topk_prob, scale=gate.scale, expert_table=table, intermediate=self.experts.intermediate,
+            format=FORMATS[kind], group=group,
         )
         return router, shared
 
@@ -799,7 +814,7 @@ class DeepseekV2ForCausalLM(nn.Module):
             raise ValueError(f"{max_seq_len} positions exceed the model's context of {self.config.max_position_embeddings}")
         if self.max_seq_len >= max_seq_len and self.cache_batch == batch:
             return  # stale contents are harmless: finite (zeros at allocation) and masked or overwritten
-        param = self.lm_head.weight
+        param = self.model.embed_tokens.weight  # (the model's dtype and device, whatever the linears' format)
         attentions = [layer.self_attn for layer in self.model.layers]
         for attention in attentions:
             attention.make_cache(batch, max_seq_len, None)  # free the old cache before allocating
@@ -868,7 +883,7 @@ class DeepseekV2ForCausalLM(nn.Module):
     def _cpu_step(self) -> Optional[Any]:
         # The kernel holds raw pointers to the weights and caches: made again when the caches are
         # reallocated (cache_version) or the weights were replaced (their storage moved).
-        key = (self.cache_version, self.lm_head.weight.data_ptr(), self.model.embed_tokens.weight.data_ptr())
+        key = (self.cache_version, matrix_of(self.lm_head)[0].data_ptr(), self.model.embed_tokens.weight.data_ptr())
         cached = self.__dict__.get("_cpu_step_cache")
         if cached is None or cached[0] != key:
             cached = self._cpu_step_cache = (key, self._make_cpu_step())
@@ -876,7 +891,8 @@ class DeepseekV2ForCausalLM(nn.Module):
 
     def _make_cpu_step(self) -> Optional[Any]:
         rotary = self.model.rotary
-        if self.lm_head.weight.device.type != "cpu" or self.max_seq_len == 0 or rotary.kind == "dynamic":
+        embedding = self.model.embed_tokens.weight
+        if embedding.device.type != "cpu" or self.max_seq_len == 0 or rotary.kind == "dynamic":
             return None
         layers = []
         for layer in self.model.layers:
@@ -886,9 +902,8 @@ class DeepseekV2ForCausalLM(nn.Module):
                 return None
             kind = "mla" if isinstance(layer.self_attn, MultiHeadLatentAttention) else "mha"
             layers.append((kind, attention, ffn))
-        cos, sin = rotary.table(self.lm_head.weight.dtype, self.lm_head.weight.device)
-        return decode_step(self.model.embed_tokens.weight, cos, sin, self.model.norm.weight, self.model.norm.eps,
-                           self.lm_head.weight, layers)
+        cos, sin = rotary.table(embedding.dtype, embedding.device)
+        return decode_step(embedding, cos, sin, self.model.norm.weight, self.model.norm.eps, matrix_of(self.lm_head), layers)
 
     def decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, window: int) -> torch.Tensor:
         """One decode step of several sequences, with static shapes and no host sync (CUDA-graph capture).

@@ -1,5 +1,7 @@
-// Batch-1 (decode) kernels for bf16 weights on x86 CPUs with AVX512-BF16 (the layer kernels themselves
-// are in decode_layers.h, shared with the fp32 build).
+// Decode kernels for bf16 activations on x86 CPUs with AVX512-BF16: the products of bf16 weight rows
+// (dense.h's dot, dots, AMX tiles; MLA's fp32 row helpers; one head's attention), and the layer bodies and
+// whole step of step.h instantiated for bf16 (shared with the fp32 build; int8 and int4 weights run their
+// own products, int8.h and int4.h, with AVX512-VNNI).
 //
 // vdpbf16ps multiplies 32 bf16 pairs and accumulates them into 16 fp32 lanes in one instruction, with no
 // separate bf16 -> fp32 conversion; PyTorch's generic bf16 kernel converts first and tops out at ~47 GB/s
@@ -9,7 +11,7 @@
 #include <immintrin.h>
 #include <omp.h>
 
-#include "decode_layers.h"
+#include "step.h"
 
 #include <cpuid.h>
 #include <sys/syscall.h>
@@ -262,7 +264,7 @@ void attend_head(const uint16_t* q, const uint16_t* k, int64_t k_row_stride, con
   }
 }
 
-// ---- AMX tiles (see tiles_min_rows in decode_layers.h) ----
+// ---- AMX tiles (see tiles_min_rows in dense.h) ----
 
 // The tile registers' shapes, as LDTILECFG reads them (palette 1: 8 tiles of up to 16 rows x 64 bytes).
 struct alignas(64) TileConfig {
@@ -425,15 +427,15 @@ torch::Tensor rows_linear_bf16(const torch::Tensor& xs, const torch::Tensor& w) 
   const int64_t cols = w.size(1);
   auto out = torch::empty({count, w.size(0)}, w.options());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const Matrix<uint16_t> matrix = matrix_of<uint16_t>({w}, "rows_linear_bf16");
   RowClaims claims;
   claims.reset(w.size(0), pool_threads());
   in_parallel([&](int thread, int team) {
     const uint16_t* inputs[kMaxRows];
     row_pointers<uint16_t>(data_of<uint16_t>(x), cols, count, inputs);
-    const Packed<uint16_t> packed = pack_inputs<uint16_t>(inputs, count, cols);
+    const Operands<uint16_t> in = operands<uint16_t>(Format::kDense, inputs, count, cols);
     claims.run(thread, chunk_rows(cols * 2), [&](int64_t begin, int64_t end) {
-      gemv_rows_multi(data_of<uint16_t>(w), w.stride(0), cols, inputs, count, begin, end,
-                      [&](int64_t n, int j, float sum) { op[j * w.size(0) + n] = float_to_bf16(sum); }, packed);
+      gemv_rows_multi(matrix, in, begin, end, [&](int64_t n, int j, float sum) { op[j * w.size(0) + n] = float_to_bf16(sum); });
     });
   });
   return out;

@@ -1,5 +1,6 @@
 // Batch-1 (decode) kernels for fp32 weights on any x86-64 CPU: the linear y[n] = w[n, :] . x (+ bias[n])
-// and the layer kernels of decode_layers.h (shared with the bf16 build) instantiated for fp32.
+// and the layer bodies and whole step of step.h (shared with the bf16 build) instantiated for fp32 (int8 and
+// int4 weights run their own products, int8.h and int4.h: with AVX512-VNNI where the build machine has it).
 //
 // CPUs without bf16 instructions decode in fp32, where every step streams ~2.4 GB of tiny's weights.
 // PyTorch's fp32 paths reach 14 (MKL) to 22 (oneDNN) GB/s on an expert-sized 4.6 MB matrix on the
@@ -9,7 +10,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include "decode_layers.h"
+#include "step.h"
 
 namespace decode {
 

@@ -1,4 +1,4 @@
-// Argument checks of the batch-1 linear kernel (decode_layers.h: gemv, bound as gemv_bf16 and gemv_f32).
+// Argument checks of the batch-1 linear kernel (step.h: gemv, bound as gemv_bf16 and gemv_f32).
 #pragma once
 #include <torch/extension.h>
 

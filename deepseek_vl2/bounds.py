@@ -6,7 +6,9 @@ the limit the machine allows:
 
 * **decode bound** (tokens/s) = memory read bandwidth / bytes that *must* be read per generated token:
   the weights a token touches (attention, the dense MLP or the router + top-k routed + shared experts
-  of every layer, norms, final norm, ``lm_head`` and one embedding row) plus the KV cache so far.
+  of every layer, norms, final norm, ``lm_head`` and one embedding row) plus the KV cache so far. With a
+  quantization scheme (``scheme``: ``quantize.QuantScheme``) the language model's linears count their
+  quantized bytes, scales included.
 * **prefill bound** (seconds) = FLOPs / matmul throughput, per phase (vision tower + projector, then
   the language prefill), each phase at least the time to read the weights it touches once.
 
@@ -18,9 +20,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:  # (only its matrix_bytes: bounds stays below the model's modules)
+    from .quantize import QuantScheme
 
 from .config import DeepseekVL2Config, LanguageConfig, ProjectorConfig, VisionConfig
 from .hardware import best_seconds
@@ -111,6 +116,29 @@ def projector_parameters(p: ProjectorConfig) -> int:
     return sum(_linear(a, b, bias=True) for a, b in _projector_dims(p))
 
 
+def attention_matrices(lang: LanguageConfig) -> list[tuple[int, int]]:
+    """(out, in) of one decoder layer's attention projections."""
+    h, heads = lang.hidden_size, lang.num_attention_heads
+    if not lang.use_mla:
+        d, kv = lang.mha_head_dim, lang.kv_heads
+        return [(heads * d, h), (kv * d, h), (kv * d, h), (h, heads * d)]
+    q_dim = heads * lang.q_head_dim
+    q = [(lang.q_lora_rank, h), (q_dim, lang.q_lora_rank)] if lang.q_lora_rank else [(q_dim, h)]
+    return q + [(lang.kv_lora_rank + lang.qk_rope_head_dim, h),
+                (heads * (lang.qk_nope_head_dim + lang.v_head_dim), lang.kv_lora_rank), (h, heads * lang.v_head_dim)]
+
+
+def swiglu_matrices(h: int, inter: int) -> list[tuple[int, int]]:
+    return [(inter, h), (inter, h), (h, inter)]
+
+
+def matrices_bytes(matrices: list[tuple[int, int]], dtype: torch.dtype, scheme: Optional["QuantScheme"] = None) -> int:
+    """Bytes of weight matrices (out, in): in ``dtype``, or quantized in ``scheme`` (scales included)."""
+    if scheme is None:
+        return sum(o * i for o, i in matrices) * dtype_bytes(dtype)
+    return sum(scheme.matrix_bytes(o, i) for o, i in matrices)
+
+
 def attention_parameters(lang: LanguageConfig) -> int:
     """One decoder layer's attention projections (no norms except MLA's internal ones)."""
     h, heads = lang.hidden_size, lang.num_attention_heads
@@ -194,14 +222,16 @@ def kv_cache_bytes(config: DeepseekVL2Config, context: int, dtype: torch.dtype) 
 
 
 def decode_bytes_per_token(
-    config: DeepseekVL2Config, dtype: torch.dtype, context: int = 0, kv_dtype: Optional[torch.dtype] = None
+    config: DeepseekVL2Config, dtype: torch.dtype, context: int = 0, kv_dtype: Optional[torch.dtype] = None,
+    scheme: Optional["QuantScheme"] = None,
 ) -> dict[str, int]:
     """Bytes of weights (and KV cache at ``context`` cached tokens) read to generate one token.
 
     Only what a batch-1 decode step must touch: per layer both RMSNorms and the attention projections
     (MLA: q or q_a/q_b, kv_a (+norm), kv_b, o; MHA: q/k/v/o), then the dense MLP, or the router, the
     ``num_experts_per_tok`` routed experts and the shared experts; then the final norm, ``lm_head`` and
-    one embedding row. The vision tower and projector are not read during decode.
+    one embedding row. The vision tower and projector are not read during decode. ``scheme``: the linears
+    quantized (their norms, biases, the router and the embedding stay in ``dtype``).
     """
     lang = config.language
     b = dtype_bytes(dtype)
@@ -209,15 +239,18 @@ def decode_bytes_per_token(
     parts = moe_parts(lang)
     n_moe = sum(lang.is_moe_layer(i) for i in range(lang.num_hidden_layers))
     n_dense = lang.num_hidden_layers - n_moe
+    attention_matrix_params = sum(o * i for o, i in attention_matrices(lang))
+    attention_other = (attention_parameters(lang) - attention_matrix_params) * b  # (biases, MLA's inner norms)
+    shared = swiglu_matrices(h, lang.moe_intermediate_size * lang.n_shared_experts) if lang.n_shared_experts else []
     out = {
         "embedding_row": h * b,
         "norms": (2 * h * lang.num_hidden_layers + h) * b,
-        "attention": lang.num_hidden_layers * attention_parameters(lang) * b,
-        "dense_mlp": n_dense * _swiglu(h, lang.intermediate_size) * b,
+        "attention": lang.num_hidden_layers * (matrices_bytes(attention_matrices(lang), dtype, scheme) + attention_other),
+        "dense_mlp": n_dense * matrices_bytes(swiglu_matrices(h, lang.intermediate_size), dtype, scheme),
         "router": n_moe * parts["router"] * 4,  # the router is kept in fp32 at every dtype
-        "routed_experts": n_moe * (lang.num_experts_per_tok or 0) * parts["expert"] * b,
-        "shared_experts": n_moe * parts["shared"] * b,
-        "lm_head": lang.vocab_size * h * b,
+        "routed_experts": n_moe * (lang.num_experts_per_tok or 0) * expert_bytes(lang, dtype, scheme),
+        "shared_experts": n_moe * matrices_bytes(shared, dtype, scheme),
+        "lm_head": matrices_bytes([(lang.vocab_size, h)], dtype, scheme),
     }
     out["weights"] = sum(out.values())
     out["kv_cache"] = kv_cache_bytes(config, context, kv_dtype or dtype)
@@ -225,32 +258,61 @@ def decode_bytes_per_token(
     return out
 
 
+def expert_bytes(lang: LanguageConfig, dtype: torch.dtype, scheme: Optional["QuantScheme"] = None) -> int:
+    """Bytes of one routed expert's three matrices."""
+    return matrices_bytes(swiglu_matrices(lang.hidden_size, lang.moe_intermediate_size), dtype, scheme)
+
+
 def batch_step_bytes(
-    config: DeepseekVL2Config, dtype: torch.dtype, rows: int, context: int = 0, experts: Optional[float] = None
+    config: DeepseekVL2Config, dtype: torch.dtype, rows: int, context: int = 0, experts: Optional[float] = None,
+    scheme: Optional["QuantScheme"] = None,
 ) -> int:
     """Bytes one decode step of ``rows`` sequences (each ``context`` cached tokens) must read: every weight
     of a batch-1 step once, each distinct routed expert the rows chose once (``experts`` per MoE layer:
     measured, or by default the expectation for independent uniform choices, ``experts_touched``), and each
     row's own KV cache."""
     lang = config.language
-    one = decode_bytes_per_token(config, dtype, context)
+    one = decode_bytes_per_token(config, dtype, context, scheme=scheme)
     n_moe = sum(lang.is_moe_layer(i) for i in range(lang.num_hidden_layers))
     if experts is None:
         experts = experts_touched(lang.n_routed_experts or 0, lang.num_experts_per_tok or 0, rows)
-    routed = n_moe * experts * moe_parts(lang)["expert"] * dtype_bytes(dtype)
+    routed = n_moe * experts * expert_bytes(lang, dtype, scheme)
     return int(one["weights"] - one["routed_experts"] - one["embedding_row"] + rows * one["embedding_row"] + routed
                + rows * one["kv_cache"])
 
 
 def decode_bound_tok_s(
-    config: DeepseekVL2Config, dtype: torch.dtype, bandwidth_gbs: float, context: int = 0
+    config: DeepseekVL2Config, dtype: torch.dtype, bandwidth_gbs: float, context: int = 0,
+    scheme: Optional["QuantScheme"] = None,
 ) -> float:
     """Upper limit of batch-1 decode tokens/s: read bandwidth / bytes per token."""
-    return bandwidth_gbs * 1e9 / decode_bytes_per_token(config, dtype, context)["total"]
+    return bandwidth_gbs * 1e9 / decode_bytes_per_token(config, dtype, context, scheme=scheme)["total"]
 
 
-def weight_bytes(config: DeepseekVL2Config, dtype: torch.dtype, include_attn_pool: bool = False) -> int:
-    return count_parameters(config, include_attn_pool)["total"] * dtype_bytes(dtype)
+def language_matrices(lang: LanguageConfig) -> list[tuple[int, int]]:
+    """(out, in) of every matrix a quantization scheme quantizes: each layer's attention projections, the
+    dense MLPs, the shared and every routed expert, the LM head."""
+    h = lang.hidden_size
+    out: list[tuple[int, int]] = []
+    for i in range(lang.num_hidden_layers):
+        out += attention_matrices(lang)
+        if lang.is_moe_layer(i):
+            out += swiglu_matrices(h, lang.moe_intermediate_size) * (lang.n_routed_experts or 0)
+            if lang.n_shared_experts:
+                out += swiglu_matrices(h, lang.moe_intermediate_size * lang.n_shared_experts)
+        else:
+            out += swiglu_matrices(h, lang.intermediate_size)
+    return out + [(lang.vocab_size, h)]
+
+
+def weight_bytes(config: DeepseekVL2Config, dtype: torch.dtype, include_attn_pool: bool = False,
+                 scheme: Optional["QuantScheme"] = None) -> int:
+    """Bytes of the model's weights in ``dtype``; with ``scheme`` the language model's linears quantized."""
+    total = count_parameters(config, include_attn_pool)["total"] * dtype_bytes(dtype)
+    if scheme is None:
+        return total
+    matrices = language_matrices(config.language)
+    return total - matrices_bytes(matrices, dtype) + matrices_bytes(matrices, dtype, scheme)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,15 +397,15 @@ def experts_touched(n_experts: int, top_k: int, n_tokens: int) -> float:
     return n_experts * (1.0 - (1.0 - top_k / n_experts) ** n_tokens)
 
 
-def prefill_weight_bytes(config: DeepseekVL2Config, dtype: torch.dtype, n_text_tokens: int) -> dict[str, int]:
+def prefill_weight_bytes(config: DeepseekVL2Config, dtype: torch.dtype, n_text_tokens: int,
+                         scheme: Optional["QuantScheme"] = None) -> dict[str, int]:
     """Weights each prefill phase must read at least once (the memory floor of a phase)."""
     b = dtype_bytes(dtype)
     lang = config.language
-    parts = moe_parts(lang)
     touched = experts_touched(lang.n_routed_experts or 0, lang.num_experts_per_tok or 0, n_text_tokens)
     n_moe = sum(lang.is_moe_layer(i) for i in range(lang.num_hidden_layers))
-    language = decode_bytes_per_token(config, dtype)["weights"]
-    language += int(n_moe * (touched - (lang.num_experts_per_tok or 0)) * parts["expert"] * b)
+    language = decode_bytes_per_token(config, dtype, scheme=scheme)["weights"]
+    language += int(n_moe * (touched - (lang.num_experts_per_tok or 0)) * expert_bytes(lang, dtype, scheme))
     vision = (vision_parameters(config.vision) + projector_parameters(config.projector)) * b
     return {"vision_total": vision, "language_total": language}
 
@@ -367,11 +429,12 @@ def prefill_bound(
     n_tiles: int,
     flops_per_s: float,
     bandwidth_gbs: Optional[float] = None,
+    scheme: Optional["QuantScheme"] = None,
 ) -> PrefillBound:
     """Lower limit of the time to first token (preprocessing excluded): per phase
     max(FLOPs / matmul throughput, weights read / bandwidth), phases added."""
     f = prefill_flops(config, n_text_tokens, n_tiles)
-    mem = prefill_weight_bytes(config, dtype, n_text_tokens)
+    mem = prefill_weight_bytes(config, dtype, n_text_tokens, scheme)
     bw = (bandwidth_gbs or float("inf")) * 1e9
     vis_c = f["vision_total"] / flops_per_s if n_tiles else 0.0
     lang_c = f["language_total"] / flops_per_s

@@ -207,6 +207,9 @@ class DeepseekVL2Config:
     candidate_resolutions: list[list[int]] = field(
         default_factory=lambda: [list(r) for r in DEFAULT_CANDIDATE_RESOLUTIONS]
     )
+    # A quantized checkpoint's ``quantization_config`` as written (deepseek_vl2/quantize.py reads it); None
+    # for the released float checkpoints.
+    quantization_config: Optional[dict[str, Any]] = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DeepseekVL2Config":
@@ -226,6 +229,10 @@ class DeepseekVL2Config:
             global_view_pos=top.global_view_pos,
             candidate_resolutions=top.candidate_resolutions,
         )
+        quantization = values.get("quantization_config")
+        if quantization is not None and not isinstance(quantization, dict):
+            raise ConfigError("quantization_config must be an object")
+        config.quantization_config = quantization
         # Keys absent from the file that took the official defaults (legitimately so for some released
         # configs): named by the loader when the weights then do not match.
         config.defaulted = [*(name for name in sections if name not in values), *config.vision.defaulted,

@@ -8,12 +8,15 @@ one sentence: the model, the memory it needs and what for, the memory there is.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from . import bounds
 from .config import DeepseekVL2Config
+
+if TYPE_CHECKING:
+    from .quantize import QuantScheme
 
 GB = 1e9
 
@@ -83,11 +86,13 @@ def check_fits(name: str, parts: dict[str, int], device: torch.device) -> None:
     )
 
 
-def check_model_fits(name: str, config: DeepseekVL2Config, device: torch.device, dtype: torch.dtype) -> None:
-    """Before loading: the weights in ``dtype``, one request's cache and working memory must fit."""
+def check_model_fits(name: str, config: DeepseekVL2Config, device: torch.device, dtype: torch.dtype,
+                     scheme: Optional["QuantScheme"] = None) -> None:
+    """Before loading: the weights in ``dtype`` (the language model's linears in ``scheme``), one request's
+    cache and working memory must fit."""
     device = torch.device(device)
     check_fits(name, {
-        "weights": bounds.weight_bytes(config, dtype),
+        f"weights{f' in {scheme.name}' if scheme is not None else ''}": bounds.weight_bytes(config, dtype, scheme=scheme),
         "cache for one request": cache_bytes_per_request(config, dtype),
         "working memory": WORKING_BYTES.get(device.type, WORKING_BYTES["cpu"]),
     }, device)

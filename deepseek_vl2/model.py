@@ -9,6 +9,10 @@ and are scattered into the text embeddings at the ``<image>`` positions.
 names): the model is built on the meta device, every parameter is allocated once in the target dtype
 on the target device, and each tensor is read from the file straight into it (no second copy of the
 weights, no pickles). Missing keys, unexpected keys and wrong shapes are reported by name.
+
+With a quantization scheme (``quantize.py``) the language model's linears are built quantized and a
+float checkpoint is quantized while it loads, tensor by tensor (never the whole model in 16 bits); a
+checkpoint written by ``python -m deepseek_vl2 quantize`` loads as it is stored.
 """
 
 from __future__ import annotations
@@ -28,6 +32,17 @@ from torch import nn
 from .config import SHAPE_KEYS, DeepseekVL2Config
 from .language import DeepseekV2ForCausalLM, Experts, RotaryEmbedding
 from .projector import MlpProjector
+from .quantize import (
+    QuantizationError,
+    QuantizedExperts,
+    QuantizedLinear,
+    QuantScheme,
+    parse_scheme,
+    quantize_into,
+    quantize_modules,
+    scheme_from_config,
+    unpack_from_file,
+)
 from .vision import VisionTransformer
 
 
@@ -168,13 +183,31 @@ _SAFETENSORS_DTYPES = {
 
 @dataclass
 class _Slot:
-    """Where one checkpoint tensor goes: a parameter (``owner.<name>``), or one expert's matrix."""
+    """Where one checkpoint tensor goes: a parameter (``owner.<name>``), or one expert's matrix; for a
+    quantized matrix (``kind`` other than "tensor"), the float weight to quantize into ``target`` and
+    ``scale`` ("weight"), or the stored form's parts ("weight_packed", "weight_scale", "weight_shape")."""
 
-    target: torch.Tensor  # the parameter, or the expert's slice of the stacked parameter
+    target: torch.Tensor  # the parameter, or the expert's slice of the stacked parameter (quantized: the packed values)
     shape: tuple[int, ...]
     owner: nn.Module
     name: str  # parameter name in ``owner``; for experts "gate_proj" / "up_proj" / "down_proj"
     expert: Optional[int] = None
+    kind: str = "tensor"
+    scale: Optional[torch.Tensor] = None  # quantized: the scales (view)
+    matrix: str = ""  # quantized: the checkpoint name of the matrix (its key without the part)
+
+
+def _quantized_slots(key: str, packed: torch.Tensor, scale: torch.Tensor, out_features: int, in_features: int,
+                     scheme: QuantScheme, owner: nn.Module, name: str, expert: Optional[int] = None) -> dict[str, _Slot]:
+    """The keys a quantized matrix takes: its float ``.weight`` (quantized while loading) or the stored parts."""
+    words = -(-in_features * scheme.bits // 32)
+    common = dict(owner=owner, name=name, expert=expert, scale=scale, matrix=key)
+    return {
+        f"{key}.weight": _Slot(packed, (out_features, in_features), kind="weight", **common),
+        f"{key}.weight_packed": _Slot(packed, (out_features, words), kind="weight_packed", **common),
+        f"{key}.weight_scale": _Slot(packed, tuple(scale.shape), kind="weight_scale", **common),
+        f"{key}.weight_shape": _Slot(packed, (2,), kind="weight_shape", **common),
+    }
 
 
 def _checkpoint_slots(model: DeepseekVL2) -> dict[str, _Slot]:
@@ -182,6 +215,19 @@ def _checkpoint_slots(model: DeepseekVL2) -> dict[str, _Slot]:
     slots: dict[str, _Slot] = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, QuantizedLinear):
+            slots.update(_quantized_slots(module_name, module.weight_packed.data, module.weight_scale.data,
+                                          module.out_features, module.in_features, module.scheme, module, "weight"))
+            if module.bias is not None:
+                slots[prefix + "bias"] = _Slot(module.bias.data, tuple(module.bias.shape), module, "bias")
+            continue
+        if isinstance(module, QuantizedExperts):
+            for e in range(module.n_experts):
+                for name, (packed, scale) in zip(("gate_proj", "up_proj", "down_proj"), module.expert_matrices(e)):
+                    rows, cols = (module.hidden, module.intermediate) if name == "down_proj" else (module.intermediate, module.hidden)
+                    slots.update(_quantized_slots(f"{prefix}{e}.{name}", packed.data, scale.data, rows, cols, module.scheme,
+                                                  module, name, e))
+            continue
         if isinstance(module, Experts):
             half = module.intermediate
             for e in range(module.gate_up_proj.shape[0]):
@@ -253,6 +299,11 @@ def load_state(model: DeepseekVL2, files: Iterable[Path], progress: Optional[Cal
     a view of the file, mapped copy-on-write. The page cache already holds a freshly read or downloaded
     checkpoint, so loading then costs no second copy and no new memory (on this VM, first-touching fresh
     memory alone runs at ~1.5 GB/s); routed experts stay per-expert views (``Experts.use_views``).
+
+    Quantized matrices (``QuantizedLinear``, ``QuantizedExperts``) take either the float ``<matrix>.weight``,
+    read into a buffer of its own (not mapped: the mapped pages would stay resident) and quantized in row
+    chunks into the model's packed values, or the stored ``weight_packed`` / ``weight_scale`` /
+    ``weight_shape`` of a quantized checkpoint.
     """
     slots = _checkpoint_slots(model)
     files = list(files)
@@ -260,6 +311,7 @@ def load_state(model: DeepseekVL2, files: Iterable[Path], progress: Optional[Cal
     total = sum(end - start for _, header, _ in headers for start, end in (h["data_offsets"] for h in header.values()))
     problems: list[str] = []
     seen: set[str] = set()
+    quantized_parts: dict[str, set[str]] = {slot.matrix: set() for slot in slots.values() if slot.kind != "tensor"}
     expert_views: dict[Experts, dict[tuple[int, str], tuple[torch.Tensor, _Slot]]] = {}
     done = 0
     for path, header, data_start in headers:
@@ -282,12 +334,26 @@ def load_state(model: DeepseekVL2, files: Iterable[Path], progress: Optional[Cal
                     problems.append(f"shape mismatch for {key}: checkpoint {list(shape)}, model {list(slot.shape)}")
                     continue
                 stored_dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-                if stored_dtype is None or stored_dtype in (torch.bool,) or not stored_dtype.is_floating_point:
-                    problems.append(f"{key} has dtype {info['dtype']}, expected a floating-point tensor")
+                expected = _STORED_KINDS.get(slot.kind, "a floating-point tensor")
+                integer_part = slot.kind in ("weight_packed", "weight_shape")
+                if stored_dtype is None or stored_dtype == torch.bool or stored_dtype.is_floating_point == integer_part \
+                        or (slot.kind == "weight_packed" and stored_dtype != torch.int32):
+                    problems.append(f"{key} has dtype {info['dtype']}, expected {expected}")
                     continue
                 offset = data_start + start
                 if data_start + end > file_size:
                     problems.append(f"{path.name} ends before the data of {key} (truncated file?)")
+                    continue
+                if slot.kind != "tensor":
+                    problem = _load_quantized_part(f, offset, end - start, stored_dtype, shape, slot, key)
+                    if problem:
+                        problems.append(problem)
+                        continue
+                    quantized_parts[slot.matrix].add(slot.kind)
+                    seen.add(key)
+                    done += end - start
+                    if progress:
+                        progress(done, total)
                     continue
                 view = None
                 if mapped is not None and _mappable(slot.target, stored_dtype, offset):
@@ -308,11 +374,44 @@ def load_state(model: DeepseekVL2, files: Iterable[Path], progress: Optional[Cal
         else:  # only some were mappable: copy those into the stacked tensors like the rest
             for view, slot in views.values():
                 slot.target.copy_(view)
-    missing = sorted(set(slots) - seen)
+    missing = sorted(key for key, slot in slots.items() if slot.kind == "tensor" and key not in seen)
+    for matrix, parts in sorted(quantized_parts.items()):
+        if "weight" not in parts and not {"weight_packed", "weight_scale"} <= parts:
+            missing.append(f"{matrix}.weight" if not parts else f"{matrix}.{'weight_scale' if 'weight_packed' in parts else 'weight_packed'}")
     problems += [f"missing key {key}" for key in missing]
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(shown))
+
+
+_STORED_KINDS = {"weight_packed": "int32 (packed values)", "weight_shape": "an integer tensor"}
+
+
+def _read_tensor(f, offset: int, nbytes: int, stored_dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """One stored tensor, read into memory of its own."""
+    f.seek(offset)
+    buffer = bytearray(nbytes)
+    if f.readinto(buffer) != nbytes:
+        raise CheckpointError(f"{f.name} ends early")
+    return torch.frombuffer(buffer, dtype=stored_dtype).view(shape) if nbytes else torch.empty(shape, dtype=stored_dtype)
+
+
+def _load_quantized_part(f, offset: int, nbytes: int, stored_dtype: torch.dtype, shape: tuple[int, ...], slot: _Slot,
+                         key: str) -> Optional[str]:
+    """One tensor of a quantized matrix into the model (see ``load_state``); a problem to report, or None."""
+    stored = _read_tensor(f, offset, nbytes, stored_dtype, shape)
+    scheme: QuantScheme = slot.owner.scheme
+    out_features, in_features = slot.target.shape[0], slot.target.shape[-1] * 8 // scheme.bits
+    if slot.kind == "weight":
+        quantize_into(stored, slot.target, slot.scale, scheme)
+    elif slot.kind == "weight_packed":
+        slot.target.copy_(unpack_from_file(stored, scheme, in_features))
+    elif slot.kind == "weight_scale":
+        slot.scale.copy_(stored)
+    else:  # weight_shape: what the stored matrix was
+        if [int(v) for v in stored.tolist()] != [out_features, in_features]:
+            return f"{key} says {stored.tolist()}, the model's matrix is [{out_features}, {in_features}]"
+    return None
 
 
 def _read_ahead(path: Path) -> None:
@@ -327,7 +426,9 @@ def _mappable(target: torch.Tensor, stored_dtype: torch.dtype, offset: int) -> b
     return target.device.type == "cpu" and target.dtype == stored_dtype and offset % target.element_size() == 0
 
 
-def _target_dtype(module: nn.Module, dtype: torch.dtype) -> torch.dtype:
+def _target_dtype(module: nn.Module, name: str, param: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    if name in getattr(module, "keep_dtypes", ()):  # (quantized values and their scales)
+        return param.dtype
     return torch.float32 if getattr(module, "keep_fp32", False) and dtype != torch.float64 else dtype
 
 
@@ -343,9 +444,9 @@ def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype
     device = torch.device(device)
     slots = []  # (module, name, shape, dtype, bytes)
     for module in model.modules():
-        target = _target_dtype(module, dtype)
         for name, param in module._parameters.items():
             if param is not None:
+                target = _target_dtype(module, name, param, dtype)
                 slots.append((module, name, param.shape, target, math.prod(param.shape) * target.itemsize))
     arena = None
     if device.type == "cpu":
@@ -357,10 +458,12 @@ def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype
             offset += _aligned(nbytes)
         else:
             data = torch.empty(shape, dtype=target, device=device)
-        if init is not None:
+        if init is not None and name not in getattr(module, "keep_dtypes", ()):
             init(data)
         module._parameters[name] = nn.Parameter(data, requires_grad=False)
     for module in model.modules():
+        if init is not None and isinstance(module, (QuantizedLinear, QuantizedExperts)) and isinstance(init, RandomInit):
+            module.fill_random(init.generator if device.type == "cpu" else None, init.std)
         if isinstance(module, RotaryEmbedding):  # its buffer was computed on meta: recompute for real
             module.register_buffer("inv_freq", _fresh_inv_freq(module, device), persistent=False)
 
@@ -375,27 +478,50 @@ def _fresh_inv_freq(rotary: RotaryEmbedding, device: torch.device) -> torch.Tens
 
 
 def build_model(config: DeepseekVL2Config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                init: Optional[Callable[[torch.Tensor], None]] = None) -> DeepseekVL2:
-    """The model with allocated (uninitialised or ``init``-filled) parameters, no second copy anywhere."""
+                init: Optional[Callable[[torch.Tensor], None]] = None,
+                quantize: Optional[QuantScheme] = None) -> DeepseekVL2:
+    """The model with allocated (uninitialised or ``init``-filled) parameters, no second copy anywhere; with
+    ``quantize`` its language linears in that scheme (``quantize.quantize_modules``: raises
+    ``QuantizationError`` naming a matrix the scheme cannot hold)."""
     with torch.device("meta"):
         model = DeepseekVL2(config)
+        if quantize is not None:
+            quantize_modules(model.language, quantize)
     materialize(model, device, dtype, init)
     return model.eval()
 
 
+def checkpoint_scheme(config: DeepseekVL2Config, asked: Optional[QuantScheme | str], where: str = "the checkpoint"
+                      ) -> Optional[QuantScheme]:
+    """The scheme to build the model in: the one asked for, or the checkpoint's own (its config.json's
+    ``quantization_config``). A quantized checkpoint asked for another scheme raises ``QuantizationError``."""
+    if isinstance(asked, str):
+        asked = parse_scheme(asked)
+    stored = scheme_from_config(config.quantization_config, f"{where}/config.json")
+    if stored is not None and asked is not None and stored != asked:
+        raise QuantizationError(f"{where} is quantized as {stored.name} and cannot be loaded as {asked.name}: leave "
+                                f"the scheme unset (or set it to {stored.name}), or quantize the original weights to "
+                                f"{asked.name}")
+    return asked or stored
+
+
 def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               progress: Optional[Callable[[int, int], None]] = None, mmap: Optional[bool] = None) -> DeepseekVL2:
+               progress: Optional[Callable[[int, int], None]] = None, mmap: Optional[bool] = None,
+               quantize: Optional[QuantScheme | str] = None) -> DeepseekVL2:
     """Load an official DeepSeek-VL2 model directory (config.json + safetensors) for inference.
 
     ``mmap`` (default: on for the CPU, unless ``DEEPSEEK_VL2_MMAP=0``): weights already in the wanted
     dtype are used in place from the mapped files instead of being copied (see ``load_state``).
+    ``quantize`` (a ``QuantScheme`` or its name: int8, int4): the language model's linears in that scheme,
+    quantized while loading; a checkpoint written quantized loads in its own scheme (``checkpoint_scheme``).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     config = DeepseekVL2Config.from_pretrained(model_dir)
+    scheme = checkpoint_scheme(config, quantize, str(model_dir))
     files = checkpoint_files(model_dir)
-    model = build_model(config, device, dtype)
+    model = build_model(config, device, dtype, quantize=scheme)
     if mmap is None:
         mmap = torch.device(device).type == "cpu" and os.environ.get("DEEPSEEK_VL2_MMAP", "1") != "0"
     try:
@@ -412,14 +538,20 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu", dtype:
     return model
 
 
-def random_init(std: float = 0.02, seed: int = 0) -> Callable[[torch.Tensor], None]:
-    """An ``init`` for ``build_model``: matrices ~ N(0, std); vectors (norm weights, biases) ~ N(1, std)."""
-    generator = torch.Generator().manual_seed(seed)
+class RandomInit:
+    """An ``init`` for ``build_model``: matrices ~ N(0, std); vectors (norm weights, biases) ~ N(1, std);
+    quantized matrices uniform integers with the scale that gives them the same spread (``fill_random``)."""
 
-    def init(t: torch.Tensor) -> None:
+    def __init__(self, std: float = 0.02, seed: int = 0) -> None:
+        self.std = std
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, t: torch.Tensor) -> None:
         if t.device.type != "cpu":
-            t.normal_(1.0 if t.dim() == 1 else 0.0, std)
+            t.normal_(1.0 if t.dim() == 1 else 0.0, self.std)
         else:
-            t.normal_(1.0 if t.dim() == 1 else 0.0, std, generator=generator)
+            t.normal_(1.0 if t.dim() == 1 else 0.0, self.std, generator=self.generator)
 
-    return init
+
+def random_init(std: float = 0.02, seed: int = 0) -> RandomInit:
+    return RandomInit(std, seed)

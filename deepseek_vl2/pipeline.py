@@ -87,10 +87,13 @@ class VL2Pipeline:
 
     def __init__(self, model: Any, processor: DeepseekVL2Processor, *, device: torch.device, dtype: torch.dtype,
                  context_length: int, model_dir: Optional[Path] = None) -> None:
+        from .quantize import model_scheme
+
         self.model = model
         self.processor = processor
         self.device = torch.device(device)
         self.dtype = dtype
+        self.scheme = model_scheme(model)  # the language weights' quantization (None: the model's dtype)
         self.context_length = int(context_length)
         self.model_dir = model_dir
         self.last_stats: Optional[RequestStats] = None  # of the last ``stream``/``run`` of this thread's caller
@@ -115,10 +118,15 @@ class VL2Pipeline:
 
     @classmethod
     def load(cls, model_dir: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
-             dtype: Optional[torch.dtype] = None) -> "VL2Pipeline":
-        """Load the model once; device and dtype default to the fastest the hardware handles natively."""
+             dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None) -> "VL2Pipeline":
+        """Load the model once; device and dtype default to the fastest the hardware handles natively.
+
+        ``quantize`` (``int8``, ``int4`` or ``int4:N``; default ``DEEPSEEK_VL2_QUANTIZE``, else none): the
+        language model's weights in that scheme, quantized while loading (``quantize.py``); a checkpoint
+        written quantized loads in its own scheme. A bad scheme raises ``QuantizationError``."""
         from .hardware import check_cpu_dtype, default_device, default_dtype
-        from .model import load_model
+        from .model import checkpoint_scheme, load_model
+        from .quantize import env_scheme, parse_scheme
 
         model_dir = Path(model_dir)
         device = torch.device(device) if device is not None else default_device()
@@ -127,9 +135,10 @@ class VL2Pipeline:
         else:
             check_cpu_dtype(device, dtype)  # (a dtype asked for that this CPU would only emulate: refused)
         config = DeepseekVL2Config.from_pretrained(model_dir)
-        check_model_fits(model_dir.name, config, device, dtype)  # (before any memory is taken)
+        scheme = checkpoint_scheme(config, parse_scheme(quantize) if quantize else env_scheme(), str(model_dir))
+        check_model_fits(model_dir.name, config, device, dtype, scheme)  # (before any memory is taken)
         processor = DeepseekVL2Processor.from_pretrained(model_dir)
-        model = load_model(model_dir, device=device, dtype=dtype)
+        model = load_model(model_dir, device=device, dtype=dtype, quantize=scheme)
         return cls(model, processor, device=device, dtype=dtype,
                    context_length=config.language.max_position_embeddings, model_dir=model_dir)
 

@@ -319,13 +319,13 @@ class _Run:
             self.progress.update(1)
 
     def _answer(self, worker: int, job: _Job) -> Optional[dict[str, Any]]:
-        started = time.perf_counter()
         conversation = _conversation(job, self.base)
         settings = dict(job.settings)
         settings["seed"] = cli.seed_for(settings["seed"], settings["temperature"], settings["top_p"])
         with self._engine_places:
             if self.stop.is_set():
                 return None
+            started = time.perf_counter()
             pieces, stats = cli.stream_answer(self.pipeline, conversation, **settings)
             submitted = time.perf_counter()
             with self.lock:
@@ -347,7 +347,8 @@ class _Run:
             "prompt_tokens": stats.prompt_tokens if stats else None,
             "new_tokens": stats.new_tokens if stats else 0,
             "seed": settings["seed"],
-            # from the start of this request (images opened and processed) to its first token, and to its end
+            # from the moment it took its place among those in flight (its images already opened; their
+            # processing included) to its first token, and to its end
             "ttft_s": round(submitted - started + stats.first_token_s, 4) if stats else None,
             "total_s": round(ended - started, 4),
         }

@@ -3,7 +3,8 @@
 Inputs: image, prompt, top_p, temperature, max_length_tokens, repetition_penalty. Output: the answer.
 Weights: ``DEEPSEEK_VL2_WEIGHTS`` = a model directory or a Hugging Face repo id (default
 ``deepseek-ai/deepseek-vl2``), resolved by ``deepseek_vl2.weights.resolve_weights``.
-``DEEPSEEK_VL2_DTYPE`` (bfloat16 / float16 / float32) overrides the automatic dtype.
+``DEEPSEEK_VL2_DTYPE`` (bfloat16 / float16 / float32) overrides the automatic dtype; ``DEEPSEEK_VL2_QUANTIZE``
+(int8 / int4) quantizes the language model's weights while loading (a quantized checkpoint needs no setting).
 
 Concurrency: ``predict`` is async and serves up to ``MAX_CONCURRENCY`` predictions at once
 (``DEEPSEEK_VL2_MAX_CONCURRENCY``, default 16 on a GPU and 8 on a CPU); they share decode steps in the
@@ -132,7 +133,8 @@ class Predictor(BasePredictor):
         watch_cog_server(lambda: engine.in_flight,
                          lambda: engine.stop("The server is shutting down: this prediction was stopped before it finished."))
         print(
-            f"DeepSeek-VL2 loaded from {model_dir} on {self.pipeline.device} ({self.pipeline.dtype}) "
+            f"DeepSeek-VL2 loaded from {model_dir} on {self.pipeline.device} ({self.pipeline.dtype}"
+            f"{f', weights in {self.pipeline.scheme.name}' if self.pipeline.scheme else ''}) "
             f"in {time.perf_counter() - started:.1f} s; {MAX_CONCURRENCY} predictions at once, "
             f"{self.pipeline.engine.slots} decoding together",
             flush=True,

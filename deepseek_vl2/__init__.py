@@ -13,7 +13,8 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .config import DeepseekVL2Config  # noqa: E402
-from .generation import GenerationConfig, generate, generate_stream  # noqa: E402
+from .engine import generate, generate_stream  # noqa: E402
+from .generation import GenerationConfig  # noqa: E402
 from .model import CheckpointError, DeepseekVL2, load_model  # noqa: E402
 from .pipeline import VL2Pipeline  # noqa: E402
 from .processor import DeepseekVL2Processor, InputError, ProcessedInputs, load_image  # noqa: E402

@@ -57,7 +57,7 @@ _SEED_RANGE = 2**31
 
 # ``python -m deepseek_vl2 NAME ...`` runs ``deepseek_vl2.<module>.main(argv)`` (each with its own options and
 # --help); anything else is a question to the model (the options below).
-SUBCOMMANDS: dict[str, str] = {"web": "web", "batch": "batch"}
+SUBCOMMANDS: dict[str, str] = {"web": "web", "batch": "batch", "quantize": "quantize_checkpoint"}
 
 
 def _subcommand(name: str) -> Any:
@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     hardware = parser.add_argument_group("hardware")
     hardware.add_argument("--device", help="cpu, cuda or cuda:N (default: a GPU if there is one)")
+    hardware.add_argument("--quantize", metavar="SCHEME",
+                          help="int8 or int4 (int4:N for groups of N): the language model's weights quantized while "
+                          "loading (default: $DEEPSEEK_VL2_QUANTIZE, else none; a quantized checkpoint loads in its own)")
     hardware.add_argument("--dtype", help="bfloat16, float16 or float32 (default: $DEEPSEEK_VL2_DTYPE, "
                           "else the fastest the hardware handles natively)")
     return parser
@@ -368,7 +371,9 @@ def _error(stderr: TextIO, exc: BaseException) -> None:
 def _load(args: argparse.Namespace, log: Callable[[str], None],
           load_pipeline: Callable[..., Any]) -> Any:
     from .hardware import parse_dtype
+    from .memory import DoesNotFitError
     from .model import CheckpointError
+    from .quantize import QuantizationError
     from .weights import WeightsError, resolve_weights
 
     dtype_name = args.dtype or os.environ.get("DEEPSEEK_VL2_DTYPE", "").strip()
@@ -379,17 +384,20 @@ def _load(args: argparse.Namespace, log: Callable[[str], None],
     try:
         model_dir = resolve_weights(args.model, log=log)
         started = time.perf_counter()
-        pipeline = load_pipeline(model_dir, device=args.device, dtype=dtype)
-    except (WeightsError, CheckpointError, FileNotFoundError) as exc:
+        quantize = getattr(args, "quantize", None)  # (only when asked: loaders that predate it take no such argument)
+        pipeline = load_pipeline(model_dir, device=args.device, dtype=dtype, **({"quantize": quantize} if quantize else {}))
+    except (WeightsError, CheckpointError, QuantizationError, DoesNotFitError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
-    log(f"model {model_dir} on {pipeline.device} ({pipeline.dtype}), loaded in {time.perf_counter() - started:.1f} s")
+    scheme = getattr(pipeline, "scheme", None)
+    log(f"model {model_dir} on {pipeline.device} ({pipeline.dtype}{f', weights in {scheme.name}' if scheme else ''}), "
+        f"loaded in {time.perf_counter() - started:.1f} s")
     return pipeline
 
 
-def _default_loader(model_dir: Path, device: Optional[str], dtype: Any) -> Any:
+def _default_loader(model_dir: Path, device: Optional[str], dtype: Any, quantize: Optional[str] = None) -> Any:
     from .pipeline import VL2Pipeline
 
-    return VL2Pipeline.load(model_dir, device=device, dtype=dtype)
+    return VL2Pipeline.load(model_dir, device=device, dtype=dtype, quantize=quantize)
 
 
 def main(argv: Optional[Sequence[str]] = None, *, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None,
@@ -467,6 +475,17 @@ def _check_settings(args: argparse.Namespace) -> None:
     check_settings(args.temperature, args.top_p, args.repetition_penalty, args.max_new_tokens, args.seed,
                    name=lambda key: "--" + key.replace("_", "-"))
     check_device(args.device)
+    check_quantize(args.quantize)
+
+
+def check_quantize(scheme: Optional[str], option: str = "--quantize") -> None:
+    """A quantization scheme that exists (``quantize.parse_scheme``), before the model is loaded."""
+    from .quantize import QuantizationError, parse_scheme
+
+    try:
+        parse_scheme(scheme)
+    except QuantizationError as exc:
+        raise UsageError(f"{option} {scheme}: {exc}") from None
 
 
 def check_device(device_name: Optional[str]) -> None:

@@ -479,3 +479,24 @@ def configured_slots(model: DeepseekVL2) -> int:
         return slots
     weight = model.language.model.embed_tokens.weight  # (the model's device and dtype, whatever its linears' format)
     return default_slots(weight.device, cache_bytes_per_request(model.config, weight.dtype))
+
+
+def generate_stream(model: DeepseekVL2, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int) -> Iterator[int]:
+    """Yield new token ids one by one until eos (not yielded) or ``max_new_tokens``, through the model's
+    batching engine (``engine.engine_for``: requests from other threads share its steps).
+
+    ``max_new_tokens`` is clamped to the context left after the prompt; a prompt that alone fills the
+    context raises ``ValueError``.
+    """
+    limit = model.language.config.max_position_embeddings
+    prompt_len = int(inputs.input_ids.shape[-1])
+    if prompt_len >= limit:
+        raise ValueError(f"the prompt is {prompt_len} tokens; the model's context is {limit}")
+    if config.max_new_tokens <= 0:
+        return iter(())
+    return iter(engine_for(model).submit(inputs, config, eos_token_id))
+
+
+def generate(model: DeepseekVL2, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int) -> list[int]:
+    """All new token ids (without the end-of-sentence id)."""
+    return list(generate_stream(model, inputs, config, eos_token_id))

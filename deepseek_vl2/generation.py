@@ -21,13 +21,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 
 from .kernels import draw_top_k, first_argmax, sampling_candidates
 from .language import DeepseekV2ForCausalLM
-from .model import DeepseekVL2, ImageInputs
 
 
 @dataclass
@@ -330,26 +329,3 @@ class CudaGraphDecoder:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             logits = step(tokens, positions, slots, window)
         return graph, logits
-
-
-def generate_stream(model: DeepseekVL2, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int) -> Iterator[int]:
-    """Yield new token ids one by one until eos (not yielded) or ``max_new_tokens``, through the model's
-    batching engine (``engine.engine_for``: requests from other threads share its steps).
-
-    ``max_new_tokens`` is clamped to the context left after the prompt; a prompt that alone fills the
-    context raises ``ValueError``.
-    """
-    from .engine import engine_for
-
-    limit = model.language.config.max_position_embeddings
-    prompt_len = int(inputs.input_ids.shape[-1])
-    if prompt_len >= limit:
-        raise ValueError(f"the prompt is {prompt_len} tokens; the model's context is {limit}")
-    if config.max_new_tokens <= 0:
-        return iter(())
-    return iter(engine_for(model).submit(inputs, config, eos_token_id))
-
-
-def generate(model: DeepseekVL2, inputs: ImageInputs, config: GenerationConfig, eos_token_id: int) -> list[int]:
-    """All new token ids (without the end-of-sentence id)."""
-    return list(generate_stream(model, inputs, config, eos_token_id))

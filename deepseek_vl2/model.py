@@ -24,7 +24,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import torch
 from torch import nn
@@ -414,6 +414,29 @@ def _load_quantized_part(f, offset: int, nbytes: int, stored_dtype: torch.dtype,
     return None
 
 
+def read_tensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of every tensor of safetensors ``files``, in file order, each read into memory of its own
+    (never the whole checkpoint at once); ``CheckpointError`` for a file that is not safetensors or ends early."""
+    for path in files:
+        header, data_start = _read_safetensors_header(path)
+        with open(path, "rb") as f:
+            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                start, end = info["data_offsets"]
+                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise CheckpointError(f"{path.name}: {key} has dtype {info['dtype']}, which this loader does not read")
+                yield key, _read_tensor(f, data_start + start, end - start, dtype, tuple(info["shape"]))
+
+
+def quantization_targets(config: DeepseekVL2Config, scheme: QuantScheme) -> dict[str, tuple[int, int]]:
+    """The float checkpoint keys (``<matrix>.weight``) that ``scheme`` quantizes, with their (out, in), from a
+    model on the meta device; ``QuantizationError`` names a matrix the scheme cannot hold."""
+    with torch.device("meta"):
+        model = DeepseekVL2(config)
+        quantize_modules(model.language, scheme)
+    return {key: slot.shape for key, slot in _checkpoint_slots(model).items() if slot.kind == "weight"}
+
+
 def _read_ahead(path: Path) -> None:
     """Ask the kernel to pull a mapped file into the page cache in the background, so that the first
     request does not fault weights in from disk one page at a time (no-op where unsupported)."""
@@ -462,8 +485,9 @@ def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype
             init(data)
         module._parameters[name] = nn.Parameter(data, requires_grad=False)
     for module in model.modules():
-        if init is not None and isinstance(module, (QuantizedLinear, QuantizedExperts)) and isinstance(init, RandomInit):
-            module.fill_random(init.generator if device.type == "cpu" else None, init.std)
+        fill_quantized = getattr(init, "fill_quantized", None)
+        if fill_quantized is not None and isinstance(module, (QuantizedLinear, QuantizedExperts)):
+            fill_quantized(module)
         if isinstance(module, RotaryEmbedding):  # its buffer was computed on meta: recompute for real
             module.register_buffer("inv_freq", _fresh_inv_freq(module, device), persistent=False)
 
@@ -551,6 +575,10 @@ class RandomInit:
             t.normal_(1.0 if t.dim() == 1 else 0.0, self.std)
         else:
             t.normal_(1.0 if t.dim() == 1 else 0.0, self.std, generator=self.generator)
+
+    def fill_quantized(self, module: nn.Module) -> None:
+        """A quantized module's values and scales (``materialize`` skips them in ``__call__``)."""
+        module.fill_random(self.generator, self.std)
 
 
 def random_init(std: float = 0.02, seed: int = 0) -> RandomInit:

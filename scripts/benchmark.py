@@ -20,10 +20,14 @@ Examples::
     python scripts/benchmark.py --config tests/fixtures/real-configs/deepseek-vl2-tiny.json --json
     python scripts/benchmark.py --checkpoint weights/deepseek-vl2-tiny --dtype float32 --repeat 3
     python scripts/benchmark.py --config tiny.json --layers 4     # same widths, fewer decoder layers
+    python scripts/benchmark.py --config tiny.json --quantize int8   # the language weights in int8 (or int4)
 
 ``--config`` builds a random-weight model of exactly that shape directly at the target dtype (no
 checkpoint file), with synthetic prompt ids: for one 384x384 image the reference workload is 438 prompt
-tokens (421 image tokens + 17 text tokens). With ``--json`` the last line of stdout is one JSON object.
+tokens (421 image tokens + 17 text tokens). With ``--quantize`` the language model's linears are built
+directly in that scheme (random integers, no float copy: base in int4 without its 55 GB of bf16), or a
+checkpoint is quantized while it loads; the decode bound then counts the quantized bytes. With ``--json``
+the last line of stdout is one JSON object.
 """
 
 from __future__ import annotations
@@ -137,7 +141,7 @@ def peak_rss_bytes() -> int:
 
 def huge_page_bytes() -> Optional[dict[str, int]]:
     """Bytes of this process mapped with 2 MiB pages: ``anonymous`` (memory the model allocated) and
-    ``file`` (mapped weight files whose page cache is in 2 MiB folios; see ``weights.BlockWriter``).
+    ``file`` (mapped weight files whose page cache is in 2 MiB folios).
     The rest is mapped in 4 KiB pages, which cost decode up to ~10 points of the bound. None where
     /proc/self/smaps_rollup is missing."""
     try:
@@ -182,6 +186,8 @@ def fast_random_init(seed: int = 0, block_elems: int = 1 << 24):
             flat[done : done + n].copy_(src[offset : offset + n])
             done += n
 
+    # Quantized matrices: random integers with the same spread (quantize.fill_random), straight into their format.
+    init.fill_quantized = lambda module: module.fill_random(gen, 0.02)
     return init
 
 
@@ -452,6 +458,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="--config: text tokens around the image (default 17: 438 tokens with one 384x384 image)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="auto", help="auto (fastest native: probed), float32, bfloat16, float16")
+    p.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="int8 or int4 (int4:N for groups of N): the language weights in that scheme (default: none)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--repeat", type=int, default=3, help="measured runs (default 3); figures are their median")
@@ -501,6 +509,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else default_device()
+    from deepseek_vl2.quantize import QuantizationError, parse_scheme
+
+    try:
+        scheme = parse_scheme(args.quantize)
+    except QuantizationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.dtype == "auto":
         log("probing the fastest native dtype ...")
         dtype = default_dtype(device)
@@ -524,7 +539,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     log(f"  {flops / 1e9:.0f} GFLOP/s; batch-1 linear reaches {gemv_bw:.1f} GB/s")
 
     # --- load / build ---
-    from deepseek_vl2.model import build_model, checkpoint_files, load_model
+    from deepseek_vl2.model import build_model, checkpoint_files, checkpoint_scheme, load_model
 
     load_before = os.getloadavg()[0]
     rss_reset = reset_peak_rss()
@@ -534,6 +549,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     file_bytes = 0
     if args.checkpoint:
         config = DeepseekVL2Config.from_pretrained(args.checkpoint)
+        try:
+            scheme = checkpoint_scheme(config, scheme, str(args.checkpoint))
+        except QuantizationError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         files = checkpoint_files(args.checkpoint)
         file_bytes = sum(f.stat().st_size for f in files)
         log(f"loading {args.checkpoint} ({file_bytes / 1e9:.2f} GB in {len(files)} file(s)) ...")
@@ -546,16 +566,21 @@ def main(argv: Optional[list[str]] = None) -> int:
                 log(f"  loaded {done / 1e9:.2f} / {total / 1e9:.2f} GB")
 
         t = time.perf_counter()
-        model = load_model(args.checkpoint, device=device, dtype=dtype, progress=progress)
+        model = load_model(args.checkpoint, device=device, dtype=dtype, progress=progress, quantize=scheme)
         _sync(device)
         load_s = time.perf_counter() - t
         load_kind = "load"
     else:
         config = reduced_config(DeepseekVL2Config.from_json_file(args.config), args.layers, args.vision_layers)
         n = bounds.count_parameters(config, include_attn_pool=False)["total"]
-        log(f"building {args.config.name} with random weights: {n / 1e9:.3f} B parameters at {dtype} ...")
+        log(f"building {args.config.name} with random weights: {n / 1e9:.3f} B parameters at {dtype}"
+            + (f", the language linears in {scheme.name}" if scheme else "") + " ...")
         t = time.perf_counter()
-        model = build_model(config, device=device, dtype=dtype, init=fast_random_init())
+        try:
+            model = build_model(config, device=device, dtype=dtype, init=fast_random_init(), quantize=scheme)
+        except QuantizationError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         _sync(device)
         load_s = time.perf_counter() - t
         load_kind = "random build"
@@ -662,19 +687,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
     prompt_tokens, n_tiles, generated = runs[0]["prompt_tokens"], runs[0]["n_tiles"], runs[0]["generated"]
     avg_context = prompt_tokens + generated // 2
-    per_token = bounds.decode_bytes_per_token(config, dtype, context=avg_context)
+    per_token = bounds.decode_bytes_per_token(config, dtype, context=avg_context, scheme=scheme)
     # Decode against the bandwidth of its own window, run by run (median), and against the best ever seen.
     window_bounds = [r["window_bandwidth_gbs"] * 1e9 / per_token["total"] for r in runs]
     decode_bound = statistics.median(window_bounds)
     decode_pct = statistics.median(100 * r["decode_tok_s"] / b for r, b in zip(runs, window_bounds))
     best_bound = bandwidth * 1e9 / per_token["total"]
-    pb = bounds.prefill_bound(config, dtype, prompt_tokens, n_tiles, flops, bandwidth)
+    pb = bounds.prefill_bound(config, dtype, prompt_tokens, n_tiles, flops, bandwidth, scheme=scheme)
     pf = bounds.prefill_flops(config, prompt_tokens, n_tiles)
 
     result: dict[str, Any] = {
         "machine": machine,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
+        "quantize": scheme.name if scheme else None,
         "source": str(args.checkpoint or args.config),
         "random_weights": args.config is not None,
         "layers": config.language.num_hidden_layers,
@@ -734,7 +760,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     lines = [
         f"DeepSeek-VL2 benchmark: {result['source']} ({'random weights' if result['random_weights'] else 'checkpoint'}), "
         f"{config.language.num_hidden_layers} decoder layers",
-        f"machine: {where}; device {device}; dtype {result['dtype']}" + ("; mallopt tuned" if malloc_tuned else ""),
+        f"machine: {where}; device {device}; dtype {result['dtype']}"
+        + (f"; language weights in {scheme.name}" if scheme else "") + ("; mallopt tuned" if malloc_tuned else ""),
         f"workload: {prompt_tokens} prompt tokens ({n_tiles} tiles), {generated} new tokens, {workload}; "
         f"median of {args.repeat}"
         + (f"; other processes kept {other_cores:.2f} of {m['cpu_count']} cores busy meanwhile" if other_cores is not None else ""),

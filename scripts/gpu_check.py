@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deepseek_vl2.config import DeepseekVL2Config  # noqa: E402
-from deepseek_vl2.engine import BatchEngine  # noqa: E402
-from deepseek_vl2.generation import GenerationConfig, generate  # noqa: E402
+from deepseek_vl2.engine import BatchEngine, generate  # noqa: E402
+from deepseek_vl2.generation import GenerationConfig  # noqa: E402
 from deepseek_vl2.model import build_model, load_model, random_init  # noqa: E402
 
 RESULTS: dict = {}

@@ -9,12 +9,11 @@ import torch
 from PIL import Image
 
 from conftest import FIXTURES_DIR
+from deepseek_vl2.engine import generate, generate_stream
 from deepseek_vl2.generation import (
     GenerationConfig,
     apply_repetition_penalty,
     decode_one_token,
-    generate,
-    generate_stream,
     prefill,
     sample,
     sampling_probs,

@@ -953,7 +953,8 @@ def test_without_a_compiler_or_with_the_switch_off_pytorch_decodes_alike(variabl
     import sys
 
     from conftest import FIXTURES_DIR
-    from deepseek_vl2.generation import GenerationConfig, generate
+    from deepseek_vl2.engine import generate
+    from deepseek_vl2.generation import GenerationConfig
     from test_generation import _inputs, _load
 
     processor, model = _load("mla")
@@ -963,7 +964,8 @@ import json, sys, warnings
 sys.path.insert(0, "tests")
 warnings.simplefilter("error")  # (nothing to warn about: the reason is known before any build is tried)
 from deepseek_vl2 import kernels
-from deepseek_vl2.generation import GenerationConfig, generate
+from deepseek_vl2.engine import generate
+from deepseek_vl2.generation import GenerationConfig
 from test_generation import _inputs, _load
 import torch
 processor, model = _load("mla")

@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import FIXTURES_DIR
-from deepseek_vl2.generation import GenerationConfig, apply_repetition_penalty, generate, sampling_probs
+from deepseek_vl2.engine import generate
+from deepseek_vl2.generation import GenerationConfig, apply_repetition_penalty, sampling_probs
 from deepseek_vl2.model import DeepseekVL2, load_model
 from deepseek_vl2.processor import DeepseekVL2Processor, ProcessedInputs
 

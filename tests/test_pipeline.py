@@ -72,7 +72,7 @@ def test_golden_greedy_answer(fixtures_dir, golden_case):
 
 
 def test_stream_pieces_join_to_the_decoded_ids(mha, image_path):
-    from deepseek_vl2.generation import generate
+    from deepseek_vl2.engine import generate
 
     kwargs = dict(temperature=0, top_p=0.9, max_length_tokens=20, repetition_penalty=1.1)
     pieces = list(mha.stream(image_path, "Describe this image.", **kwargs))

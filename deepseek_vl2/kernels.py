@@ -111,7 +111,7 @@ def _one_ninja() -> Iterator[None]:
 
 # What each extension needs of the CPU: the bf16 kernels are written with AVX-512 (BF16) intrinsics; the fp32
 # ones are plain C++ that the compiler vectorises for whatever the CPU has (any x86-64, or any CPU at all).
-_BF16_KERNEL_FLAGS = {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"}
+_BF16_KERNEL_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"}
 KERNEL_SWITCH = "DEEPSEEK_VL2_CPU_KERNEL"
 
 
@@ -179,7 +179,7 @@ def avx512_bf16_extension() -> Optional[Any]:
     where the CPU lacks AVX512-BF16, no compiler/ninja is available or ``DEEPSEEK_VL2_CPU_KERNEL=0``
     (``unavailable_reason("bf16")`` says which)."""
     extension = _build("bf16", _extension_name("deepseek_vl2_decode_bf16"), "decode_bf16.cpp",
-                       ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16",
+                       ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16",
                         "-fopenmp"])
     if extension is not None:
         extension.set_tiles(tiles_min_rows())

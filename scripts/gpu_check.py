@@ -1,7 +1,9 @@
 """CUDA checks and timings in one run (for a lent GPU): parity on the golden cases, graphs vs eager, speed
-alone and with 16 requests in flight (the batching engine).
+alone and with 16 requests in flight (the batching engine), and the quantized weights (``quant``: int8 and
+int4 on CUDA against the CPU's quantized model, then tiny in bf16 / int8 / int4 and base in int4, speed and
+memory).
 
-    python scripts/gpu_check.py [--fixtures DIR] [--sections tiny,small,parity]
+    python scripts/gpu_check.py [--fixtures DIR] [--sections parity,tiny,small,quant]
 
 Prints one line per check and a JSON summary last. Nothing here runs in CI (no GPU there).
 """
@@ -198,17 +200,73 @@ def speed(name: str, config_path: Path, prompt_tokens: int, tiles: int, new_toke
     torch.cuda.empty_cache()
 
 
+def quantized(fixtures: Path) -> None:
+    """Quantized weights on CUDA: (1) each fixture checkpoint in int8 and int4 (groups of 8, what their widths
+    allow), fp32, CUDA against the CPU (the same quantized values; CUDA runs PyTorch's paths: int8 as
+    gpt-fast's int8 matmul scaled after, int4 dequantized per call); (2) tiny at full size in bf16, int8
+    and int4, decode alone and 16 in flight (eager steps: quantized experts read their counts on the host,
+    so no CUDA graphs), peak memory; (3) base in int4, built directly quantized (15.7 GB of weights)."""
+    from types import SimpleNamespace
+
+    from deepseek_vl2.processor import DeepseekVL2Processor
+
+    for variant in ("mha", "mla", "mla-noaux"):
+        ckpt = fixtures / "checkpoints" / variant
+        inputs = DeepseekVL2Processor.from_pretrained(ckpt).process_prompt("Describe the picture in detail.", [])
+        for scheme in ("int8", "int4:8"):
+            with torch.inference_mode():
+                cpu = load_model(ckpt, "cpu", torch.float32, quantize=scheme).forward_logits(inputs)
+                gpu = load_model(ckpt, "cuda", torch.float32, quantize=scheme).forward_logits(inputs).cpu()
+            err = ((gpu - cpu).abs().max() / cpu.abs().max()).item()
+            RESULTS[f"quant_{variant}_{scheme}_cuda_vs_cpu"] = err
+            log(f"quant {variant} {scheme}: CUDA vs CPU logits {err:.1e} {'OK' if err < 1e-3 else 'FAIL'}")
+    tiny = fixtures / "real-configs/deepseek-vl2-tiny.json"
+    prompt_tokens, new_tokens = 438, 64
+    cfg = GenerationConfig(max_new_tokens=new_tokens, repetition_penalty=1.1)
+    runs = [("tiny_bf16", tiny, None), ("tiny_int8", tiny, "int8"), ("tiny_int4", tiny, "int4"),
+            ("base_int4", fixtures / "real-configs/deepseek-vl2.json", "int4")]
+    for name, config_path, scheme in runs:
+        config = DeepseekVL2Config.from_json_file(config_path)
+        torch.cuda.reset_peak_memory_stats()
+        t_build, model = cuda_time(lambda: build_model(config, "cuda", torch.bfloat16, random_init(), quantize=scheme))
+        inputs = SimpleNamespace(
+            input_ids=torch.randint(100, 1000, (prompt_tokens,), device="cuda"),
+            images_seq_mask=torch.zeros(prompt_tokens, dtype=torch.bool, device="cuda"),
+            pixel_values=torch.zeros(0, 3, 384, 384, device="cuda", dtype=torch.bfloat16),
+            images_spatial_crop=torch.zeros(1, 2, dtype=torch.long, device="cuda"),
+        )
+        engine = fresh_engine(model, graphs=scheme is None, compile=False)
+        res = {"build_s": round(t_build, 1)}
+        for rows in (1, 16):
+            engine.timeline.clear()
+            list(engine.submit(inputs, cfg, -1))  # (warm-up: the first step's kernels)
+            engine.timeline.clear()
+            outs = [engine.submit(inputs, cfg, -1) for _ in range(rows)]
+            for out in outs:
+                list(out)
+            steps = [(n, sec) for kind, n, sec in engine.timeline if kind == "decode" and n == rows]
+            res[f"decode_tok_s_{rows}"] = round(sum(n for n, _ in steps) / max(1e-9, sum(sec for _, sec in steps)), 1)
+        res["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        res["weights_gb"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9, 2)
+        log(f"quant speed {name}: {res}")
+        RESULTS[f"quant_{name}"] = res
+        model.__dict__.pop("_engine").stop()
+        del model, engine
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     in_project = Path(__file__).resolve().parent.parent / "tests" / "fixtures"  # the golden fixtures' copy in the project
     parser.add_argument("--fixtures", type=Path, default=Path(os.environ.get("DEEPSEEK_VL2_FIXTURES") or in_project))
-    parser.add_argument("--sections", default="parity,tiny,small",
-                        help="comma-separated, run in this order: parity, tiny, small (default: all three)")
+    parser.add_argument("--sections", default="parity,tiny,small,quant",
+                        help="comma-separated, run in this order: parity, tiny, small, quant (default: all four)")
     args = parser.parse_args()
     sections = {
         "parity": lambda: parity(args.fixtures),
         "tiny": lambda: speed("tiny_438tok_1tile", args.fixtures / "real-configs/deepseek-vl2-tiny.json", 438, 2, 128),
         "small": lambda: speed("small_1400tok_5tiles", args.fixtures / "real-configs/deepseek-vl2-small.json", 1400, 5, 128),
+        "quant": lambda: quantized(args.fixtures),
     }
     chosen = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in sections]

@@ -849,7 +849,7 @@ def _avx2_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("forced, dtype, why", [
-    ("avx512bf16", torch.bfloat16, r"this CPU has no avx512_bf16, avx512_vnni, avx512bw, avx512f \(capped by DEEPSEEK_VL2_CPU_ISA=avx2\)"),
+    ("avx512bf16", torch.bfloat16, r"this CPU has no avx512_bf16, avx512_vnni, avx512bw, avx512f, avx512vl \(capped by DEEPSEEK_VL2_CPU_ISA=avx2\)"),
     ("onednn", torch.bfloat16, r"oneDNN has no bf16 primitives on this CPU \(capped by DEEPSEEK_VL2_CPU_ISA=avx2\)"),
     ("simdf32", torch.bfloat16, "simdf32 takes float32 weights only"),
     ("avx512bf16", torch.float32, "avx512bf16 takes bfloat16 weights only"),

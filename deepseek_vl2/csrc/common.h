@@ -180,7 +180,7 @@ void rms_norm_row(const T* x, const T* weight, int64_t d, float eps, T* out) {
 }
 
 // The sum of 16 lanes in the order of GCC's _mm512_reduce_add_ps (halves, then quarters, then pairs), so
-// that the vector and the plain builds of a kernel add their lanes alike.
+// that the vector and the plain builds of a kernel add their lanes alike (the tests compare them bit for bit).
 inline float reduce16(const float* lanes) {
   float half[8], quarter[4];
   for (int i = 0; i < 8; ++i) half[i] = lanes[8 + i] + lanes[i];

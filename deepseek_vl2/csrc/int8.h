@@ -18,7 +18,7 @@
 #pragma once
 #include "common.h"
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define DECODE_INT8_VNNI 1
 #endif
@@ -56,28 +56,90 @@ inline float block_max(const T* x, int64_t begin, int64_t end) {
   return finite ? best : NAN;
 }
 
+// One value already multiplied by 127 / (its block's largest) as an 8-bit integer: round(v), clamped.
+inline int value_of(float v) { return int(std::min(127.0f, std::max(-127.0f, std::nearbyint(v)))); }
+
+// Its two limbs (int8): d1 = value_of(v) and d2 = round((v - d1) * 128), clamped to +-64 (both exact: v - d1
+// is a float's own fraction).
+inline void limbs_of(float v, int& d1, int& d2) {
+  d1 = value_of(v);
+  d2 = int(std::min(64.0f, std::max(-64.0f, std::nearbyint((v - float(d1)) * 128.0f))));
+}
+
+#ifdef DECODE_INT8_VNNI
+// 16 activation values as fp32 (the first `count`, the rest 0).
+inline __m512 load16_f32(const uint16_t* x, int count) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(__mmask16((1u << count) - 1), x);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m512 load16_f32(const float* x, int count) { return _mm512_maskz_loadu_ps(__mmask16((1u << count) - 1), x); }
+
+// The block's largest |x| (NaN where a value is not finite), as block_max, 16 values at a time.
+template <typename T>
+inline float block_max_vector(const T* x, int64_t begin, int64_t end) {
+  __m512 best = _mm512_setzero_ps();
+  __mmask16 odd = 0;
+  for (int64_t i = begin; i < end; i += 16) {
+    const __m512 v = _mm512_abs_ps(load16_f32(x + i, int(std::min<int64_t>(16, end - i))));
+    odd |= ~_mm512_cmp_ps_mask(v, _mm512_set1_ps(INFINITY), _CMP_LT_OQ);  // (NaN or infinite)
+    best = _mm512_max_ps(best, v);
+  }
+  return odd ? NAN : _mm512_reduce_max_ps(best);
+}
+
+// 16 values as value_of makes them (rounded, clamped floats), and their limbs as limbs_of, as int32 lanes.
+inline __m512 value16_f32(__m512 v) {
+  return _mm512_min_ps(_mm512_set1_ps(127.0f), _mm512_max_ps(_mm512_set1_ps(-127.0f),
+                       _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+}
+inline __m512i value16(__m512 v) { return _mm512_cvtps_epi32(value16_f32(v)); }
+inline void limbs16(__m512 v, __m512i& d1, __m512i& d2) {
+  const __m512 first = value16_f32(v);
+  const __m512 second = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, first), _mm512_set1_ps(128.0f)),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  d1 = _mm512_cvtps_epi32(first);
+  d2 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_set1_ps(64.0f), _mm512_max_ps(_mm512_set1_ps(-64.0f), second)));
+}
+#endif
+
 // x (cols values of the storage type) as int8's limbs in `buffer` (int8_input_bytes(cols), 4-byte aligned).
+// A block whose largest value is 0 or not finite gets zero limbs (and a scale of 0 or NaN).
 template <typename T>
 QuantInput prepare_int8(const T* x, int64_t cols, uint8_t* buffer) {
   using S = Storage<T>;
   const int64_t padded = int8_padded(cols), blocks = int8_blocks(cols);
   uint8_t *hi = buffer, *lo = buffer + padded;
   float* scale = reinterpret_cast<float*>(buffer + 2 * padded);
+  std::memset(buffer, 128, size_t(2 * padded));  // (zero limbs: padding, unusable blocks)
   for (int64_t block = 0; block < blocks; ++block) {
     const int64_t begin = block * kInt8Block, end = std::min(cols, begin + kInt8Block);
+#ifdef DECODE_INT8_VNNI
+    const float largest = block_max_vector(x, begin, end);
+#else
     const float largest = block_max(x, begin, end);
+#endif
     const bool usable = largest > 0.0f && std::isfinite(largest);
-    const float inv = usable ? 127.0f / largest : 0.0f;
     scale[block] = usable ? largest / (127.0f * 128.0f) : (largest == 0.0f ? 0.0f : NAN);
-    for (int64_t i = begin; i < end; ++i) {
-      const float v = S::load(x[i]) * inv;
-      const float d1 = std::min(127.0f, std::max(-127.0f, std::nearbyint(v)));
-      const float d2 = std::min(64.0f, std::max(-64.0f, std::nearbyint((v - d1) * 128.0f)));
-      hi[i] = uint8_t(int(d1) + 128);
-      lo[i] = uint8_t(int(d2) + 128);
+    if (!usable) continue;
+    const float inv = 127.0f / largest;
+    int64_t i = begin;
+#ifdef DECODE_INT8_VNNI
+    for (; i < end; i += 16) {
+      const int count = int(std::min<int64_t>(16, end - i));
+      __m512i d1, d2;
+      limbs16(_mm512_mul_ps(load16_f32(x + i, count), _mm512_set1_ps(inv)), d1, d2);
+      const __m512i bias = _mm512_set1_epi32(128);
+      _mm_mask_storeu_epi8(hi + i, __mmask16((1u << count) - 1), _mm512_cvtepi32_epi8(_mm512_add_epi32(d1, bias)));
+      _mm_mask_storeu_epi8(lo + i, __mmask16((1u << count) - 1), _mm512_cvtepi32_epi8(_mm512_add_epi32(d2, bias)));
+    }
+#endif
+    for (; i < end; ++i) {
+      int d1, d2;
+      limbs_of(S::load(x[i]) * inv, d1, d2);
+      hi[i] = uint8_t(d1 + 128);
+      lo[i] = uint8_t(d2 + 128);
     }
   }
-  for (int64_t i = cols; i < padded; ++i) hi[i] = lo[i] = 128;  // (zeros)
   return {hi, lo, scale, nullptr};
 }
 
@@ -137,11 +199,7 @@ inline void int8_dots_block(const int8_t* w, const QuantInput* xs, int64_t cols,
       total[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(xs[j].scale[first / (kInt8Block / 64)]), total[j]);
     }
   }
-  alignas(64) float lanes[16];
-  for (int j = 0; j < kCount; ++j) {
-    _mm512_store_ps(lanes, total[j]);
-    out[j] = reduce16(lanes);
-  }
+  for (int j = 0; j < kCount; ++j) out[j] = _mm512_reduce_add_ps(total[j]);  // (in reduce16's order)
 }
 #endif
 

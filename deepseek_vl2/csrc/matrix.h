@@ -19,12 +19,13 @@ struct Matrix {
   const void* data = nullptr;        // row n at data + n * row_stride elements (T; bytes for int8 / int4)
   int64_t row_stride = 0;
   const uint16_t* scales = nullptr;  // bf16: int8 one per row; int4 `cols / group` per row
+  int64_t scale_stride = 1;          // scales per row
   int64_t rows = 0, cols = 0, group = 0;
 
   const T* dense_row(int64_t n) const { return static_cast<const T*>(data) + n * row_stride; }
   const int8_t* int8_row(int64_t n) const { return static_cast<const int8_t*>(data) + n * row_stride; }
   const uint8_t* int4_row(int64_t n) const { return static_cast<const uint8_t*>(data) + n * row_stride; }
-  const uint16_t* scale_row(int64_t n) const { return scales + n * (format == Format::kInt4 ? cols / group : 1); }
+  const uint16_t* scale_row(int64_t n) const { return scales + n * scale_stride; }
   int64_t row_bytes() const {
     return format == Format::kDense ? cols * int64_t(sizeof(T)) : format == Format::kInt8 ? cols : cols / 2;
   }
@@ -61,6 +62,7 @@ Matrix<T> matrix_of(const std::vector<torch::Tensor>& parts, const char* what) {
     m.format = Format::kInt4, m.cols = 2 * w.size(1);
     DECODE_CHECK(m.cols % s.size(1) == 0, what, ": ", s.size(1), " groups do not divide ", m.cols, " inputs");
     m.group = m.cols / s.size(1);
+    m.scale_stride = s.size(1);
     DECODE_CHECK(int4_group_ok(m.group), what, ": int4 groups of ", m.group, " inputs (the kernels take multiples of 8)");
   }
   return m;
@@ -80,6 +82,7 @@ Matrix<T> compact_matrix(Format format, const void* data, const void* scales, in
   Matrix<T> m;
   m.format = format, m.data = data, m.scales = static_cast<const uint16_t*>(scales), m.rows = rows, m.cols = cols;
   m.group = format == Format::kInt4 ? group : 0;
+  m.scale_stride = format == Format::kInt4 ? cols / group : 1;
   m.row_stride = format == Format::kDense ? cols : m.row_bytes();
   return m;
 }
@@ -173,12 +176,14 @@ inline void gemv_rows_multi(const Matrix<T>& w, const Operands<T>& in, int64_t b
         for (int j = 0; j < count; ++j) store(n, j, sums[j]);
       }
       return;
-    case Format::kInt4:
+    case Format::kInt4: {
+      const Int4Layout layout(w.cols, w.group);
       for (int64_t n = begin; n < end; ++n) {
-        int4_dots(w.int4_row(n), w.scale_row(n), w.group, in.q, count, w.cols, sums);
+        int4_dots(w.int4_row(n), w.scale_row(n), layout, in.q, count, sums);
         for (int j = 0; j < count; ++j) store(n, j, sums[j]);
       }
       return;
+    }
   }
 }
 

@@ -468,3 +468,56 @@ def test_quantizing_tiny_while_loading_stays_within_the_quantized_size_plus_2_gb
     size, peak = map(int, run.stdout.split())
     assert 3.5e9 < size < 4.5e9, size
     assert peak <= size + 2e9, (peak / 1e9, size / 1e9)
+
+
+# --------------------------------------------------------------------------------------------------
+# Serving
+
+def test_the_server_serves_the_documented_api_with_int8_weights(project_dir, fixtures_dir, tmp_path):
+    from cog_server import golden_request, make_serve
+
+    request, _, _ = golden_request(fixtures_dir, "mla", "grounding")
+    with make_serve("serve", project_dir, tmp_path / "server.log", DEEPSEEK_VL2_QUANTIZE="int8",
+                    DEEPSEEK_VL2_WEIGHTS=str(fixtures_dir / "checkpoints" / "mla")) as server:
+        resp = server.predict(request)
+        assert "weights in int8" in server.logs(), server.logs()  # (setup's line: the model as loaded)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["status"] == "succeeded" and isinstance(body["output"], str) and body["output"], body
+        inputs = server_schema_inputs(server)
+        assert inputs == {"image", "prompt", "top_p", "temperature", "max_length_tokens", "repetition_penalty"}
+
+
+def server_schema_inputs(server) -> set[str]:
+    import requests
+
+    schema = requests.get(f"{server.url}/openapi.json", timeout=10).json()
+    return set(schema["components"]["schemas"]["Input"]["properties"])
+
+
+@pytest.mark.parametrize("variant, setting, words", [
+    ("mla", "int2", ["DEEPSEEK_VL2_QUANTIZE: unknown quantization scheme 'int2'"]),
+    ("mha", "int4", ["language.model.layers.0.mlp.down_proj", "112 inputs are not a multiple of the group size 64"]),
+])
+def test_a_bad_setting_fails_the_setup_with_its_line(project_dir, fixtures_dir, tmp_path, variant, setting, words):
+    from cog_server import make_serve
+
+    with make_serve("serve", project_dir, tmp_path / "server.log", expect="SETUP_FAILED", DEEPSEEK_VL2_QUANTIZE=setting,
+                    DEEPSEEK_VL2_WEIGHTS=str(fixtures_dir / "checkpoints" / variant)) as server:
+        logs = server.health()["setup"]["logs"]
+    assert all(word in logs for word in words), logs[-2000:]
+
+
+def test_the_command_line_takes_quantize_and_refuses_bad_schemes(fixtures_dir):
+    from deepseek_vl2 import cli
+
+    def run(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.main([str(a) for a in argv], stdin=io.StringIO(""), stdout=out, stderr=err)
+        return code, out.getvalue(), err.getvalue()
+
+    code, out, err = run("--model", fixtures_dir / "checkpoints" / "mla", "--prompt", "Hello", "--quantize", "int8",
+                         "--temperature", "0", "--max-new-tokens", "5")
+    assert code == 0 and out.strip() and "weights in int8" in err, err
+    code, _, err = run("--model", fixtures_dir / "checkpoints" / "mla", "--prompt", "Hello", "--quantize", "int5")
+    assert code == 2 and err.count("error:") == 1 and "--quantize int5: unknown quantization scheme" in err, err

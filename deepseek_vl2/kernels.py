@@ -367,6 +367,17 @@ def quantized_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     return None
 
 
+def dequantized(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A quantized CPU matrix's values ``q * scale`` as ``dtype`` (bf16 or fp32), in one parallel call into an
+    extension already built (never builds one); None elsewhere (the caller unpacks in PyTorch)."""
+    matrix = [packed, scale]
+    if packed.device.type != "cpu" or dtype not in _SUFFIX or not takes(matrix, dtype):
+        return None
+    build = avx512_bf16_extension if dtype == torch.bfloat16 else fp32_extension
+    extension = build() if build.cache_info().currsize else None
+    return None if extension is None else getattr(extension, f"dequantized_{_SUFFIX[dtype]}")(matrix)
+
+
 @dataclass(frozen=True)
 class Router:
     """What the feed-forward kernel needs of a MoE layer: the router and a table of its experts."""

@@ -303,7 +303,8 @@ def quantized_linear(x: torch.Tensor, matrix: list[torch.Tensor], scheme: QuantS
     if scheme.bits == 8 and x.is_cuda:  # (gpt-fast's WeightOnlyInt8Linear: fused into the matmul when compiled)
         y = F.linear(x, packed.to(x.dtype)) * scale.view(-1).to(x.dtype)
         return y if bias is None else y + bias
-    return F.linear(x, dequantize(packed, scale, scheme, x.dtype), bias)
+    weight = kernels.dequantized(packed, scale, x.dtype) if x.device.type == "cpu" else None
+    return F.linear(x, weight if weight is not None else dequantize(packed, scale, scheme, x.dtype), bias)
 
 
 class QuantizedExperts(Experts):

@@ -312,6 +312,17 @@ def test_integer_products_equal_the_plain_path_and_the_dequantized_weights(name,
         assert torch.equal(one, fast[1].to(dtype))
 
 
+@pytest.mark.parametrize("name", ["int8", "int4", "int4:8", "int4:256"])
+def test_the_kernels_dequantize_to_the_same_values(name):
+    scheme = parse_scheme(name)
+    packed, scale = quantize.quantize_weight(torch.randn(33, 512) * 0.02, scheme)
+    for dtype in (torch.bfloat16, torch.float32):
+        made = kernels.dequantized(packed, scale, dtype)
+        if made is None:
+            continue  # (no extension built for this dtype here: PyTorch unpacks)
+        assert torch.equal(made, quantize.dequantize(packed, scale, scheme, dtype))
+
+
 def test_non_finite_activations_give_non_finite_results():
     scheme = parse_scheme("int8")
     packed, scale = quantize.quantize_weight(torch.randn(4, 256), scheme)

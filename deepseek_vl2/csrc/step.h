@@ -490,6 +490,25 @@ torch::Tensor quantized_gemv(const torch::Tensor& x, const std::vector<torch::Te
   return out;
 }
 
+// A quantized matrix [weight_packed, weight_scale] as [rows, cols] values of the storage type: q * scale in
+// fp32, rounded once (quantize.dequantize's values), every thread its share of the rows. A prompt's rows
+// multiply the dequantized matrix: PyTorch's unpacking took ~8 ns a weight, half of tiny's quantized prefill.
+template <typename T>
+torch::Tensor dequantized(const std::vector<torch::Tensor>& matrix) {
+  DECODE_CHECK(matrix.size() == 2, "dequantized: a quantized matrix [weight_packed, weight_scale]");
+  const Matrix<T> w = matrix_of<T>(matrix, "dequantized");
+  torch::Tensor out = torch::empty({w.rows, w.cols}, torch::dtype(Storage<T>::kType));
+  T* op = reinterpret_cast<T*>(out.data_ptr());
+  at::parallel_for(0, w.rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(w.cols);
+    for (int64_t n = begin; n < end; ++n) {
+      dequantize_row(w, n, row.data());
+      for (int64_t i = 0; i < w.cols; ++i) op[n * w.cols + i] = Storage<T>::store(row[i]);
+    }
+  });
+  return out;
+}
+
 // For the tests and benchmarks of the products alone: the fp32 sums w[n, :] . xs[j] [count, N] of a matrix
 // in any format (matrix.h) with the rows of xs [count, K] (storage type), through the step's row products;
 // `plain`: quantized rows through the plain C++ path whatever the CPU has (the vector path's reference).
@@ -535,6 +554,8 @@ void bind_layer_kernels(pybind11::module_& m, const std::string& suffix) {
   m.def("draw_top_k", &draw_top_k, "one token drawn from the top-k candidates after the penalty, temperature and top-p");
   m.def(("gemv_q_" + suffix).c_str(), &quantized_gemv<T>, ReleaseGil(), "a quantized linear of one row (int8 or int4 weights)",
         pybind11::arg("x"), pybind11::arg("matrix"), pybind11::arg("bias") = pybind11::none());
+  m.def(("dequantized_" + suffix).c_str(), &dequantized<T>, ReleaseGil(), "a quantized matrix's values (q * scale)",
+        pybind11::arg("matrix"));
   m.def(("matrix_rows_" + suffix).c_str(), &matrix_rows<T>, ReleaseGil(),
         "fp32 sums of a matrix (any format) with each row of xs, through the step's row products", pybind11::arg("xs"),
         pybind11::arg("matrix"), pybind11::arg("plain") = false);

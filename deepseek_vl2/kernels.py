@@ -367,6 +367,26 @@ def quantized_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     return None
 
 
+QUANTIZED_ROWS_MAX = 64  # (the kernels' most rows at once: csrc/common.h kMaxRows)
+
+
+def quantized_rows(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``F.linear`` of 2 to 64 CPU rows (a prompt's tokens routed to one expert, a short chunk) with a quantized
+    matrix, through the step's integer products, in an extension already built (never builds one); None
+    elsewhere. Dequantizing an expert's matrix for a few rows cost more than multiplying them."""
+    rows = x.numel() // max(1, x.shape[-1])
+    matrix = [packed, scale]
+    if x.device.type != "cpu" or x.dtype not in _SUFFIX or not 2 <= rows <= QUANTIZED_ROWS_MAX or not takes(matrix, x.dtype):
+        return None
+    build = avx512_bf16_extension if x.dtype == torch.bfloat16 else fp32_extension
+    extension = build() if build.cache_info().currsize else None
+    if extension is None:
+        return None
+    out = getattr(extension, f"rows_q_{_SUFFIX[x.dtype]}")(x.reshape(rows, x.shape[-1]), matrix, bias)
+    return out.view(*x.shape[:-1], packed.shape[0])
+
+
 def dequantized(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
     """A quantized CPU matrix's values ``q * scale`` as ``dtype`` (bf16 or fp32), in one parallel call into an
     extension already built (never builds one); None elsewhere (the caller unpacks in PyTorch)."""

@@ -258,8 +258,9 @@ class QuantizedLinear(nn.Module):
 
     On the CPU one row (a decode step outside the whole-step kernel) goes through ``kernels.quantized_gemv``
     (our integer products where the extension is built, PyTorch's ``_weight_int8pack_mm`` for int8
-    elsewhere). Otherwise (a prompt's rows, CUDA) int8 multiplies the int8 matrix converted to the
-    activations' dtype and scales the output (gpt-fast's form, which ``torch.compile`` fuses on CUDA); int4
+    elsewhere), 2 to 64 rows (a prompt's tokens routed to one expert) through ``kernels.quantized_rows``, and
+    more rows multiply the matrix dequantized per call. On CUDA int8 multiplies the int8 matrix converted to
+    the activations' dtype and scales the output (gpt-fast's form, which ``torch.compile`` fuses); int4
     dequantizes per call.
     """
 
@@ -296,10 +297,11 @@ def quantized_linear(x: torch.Tensor, matrix: list[torch.Tensor], scheme: QuantS
                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear`` with a quantized matrix ([packed, scale]) on any device (see ``QuantizedLinear``)."""
     packed, scale = matrix
-    if x.device.type == "cpu" and x.numel() == x.shape[-1]:
-        one = kernels.quantized_gemv(x, packed, scale, bias)
-        if one is not None:
-            return one
+    if x.device.type == "cpu":
+        few = kernels.quantized_gemv(x, packed, scale, bias) if x.numel() == x.shape[-1] else \
+            kernels.quantized_rows(x, packed, scale, bias)
+        if few is not None:
+            return few
     if scheme.bits == 8 and x.is_cuda:  # (gpt-fast's WeightOnlyInt8Linear: fused into the matmul when compiled)
         y = F.linear(x, packed.to(x.dtype)) * scale.view(-1).to(x.dtype)
         return y if bias is None else y + bias

@@ -312,6 +312,23 @@ def test_integer_products_equal_the_plain_path_and_the_dequantized_weights(name,
         assert torch.equal(one, fast[1].to(dtype))
 
 
+@pytest.mark.parametrize("name", ["int8", "int4", "int4:32"])
+def test_a_few_rows_multiply_the_stored_integers(name):
+    """2 to 64 rows (a prompt's tokens routed to one expert) through the step's products: each row as the
+    products give it alone, and within the activation's precision of the dequantized matrix."""
+    scheme = parse_scheme(name)
+    packed, scale = quantize.quantize_weight(torch.randn(40, 256) * 0.02, scheme)
+    for extension, dtype, suffix in _extensions():
+        x = torch.randn(3, 5, 256).to(dtype)
+        y = kernels.quantized_rows(x, packed, scale)
+        assert y is not None and y.shape == (3, 5, 40) and y.dtype == dtype
+        rows = getattr(extension, f"matrix_rows_{suffix}")(x.view(15, 256), [packed, scale], False)
+        assert torch.equal(y.view(15, 40), rows.to(dtype))
+        reference = F.linear(x.double(), quantize.dequantize(packed, scale, scheme).double())
+        assert ((y.double() - reference).abs().max() / reference.abs().max()).item() < 0.02
+    assert kernels.quantized_rows(torch.randn(65, 256), packed, scale) is None  # (more rows: dequantized)
+
+
 @pytest.mark.parametrize("name", ["int8", "int4", "int4:8", "int4:256"])
 def test_the_kernels_dequantize_to_the_same_values(name):
     scheme = parse_scheme(name)

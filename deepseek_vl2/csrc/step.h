@@ -490,6 +490,38 @@ torch::Tensor quantized_gemv(const torch::Tensor& x, const std::vector<torch::Te
   return out;
 }
 
+// y[j] = w @ xs[j] (+ bias) for the rows of xs [count, K] (storage type) with a quantized matrix (matrix.h):
+// [count, N] of the storage type, each sum rounded once, every thread of the pool claiming chunks of the
+// weight rows. A few prompt rows routed to one expert multiply the stored integers without dequantizing
+// the matrix first (quantize.quantized_linear).
+template <typename T>
+torch::Tensor quantized_rows(const torch::Tensor& xs, const std::vector<torch::Tensor>& matrix,
+                             const c10::optional<torch::Tensor>& bias) {
+  DECODE_CHECK(matrix.size() == 2, "rows_q: a quantized matrix [weight_packed, weight_scale]");
+  const Matrix<T> w = matrix_of<T>(matrix, "rows_q");
+  const auto x = xs.contiguous();
+  DECODE_CHECK(x.scalar_type() == Storage<T>::kType && x.dim() == 2 && x.size(1) == w.cols && x.size(0) >= 1 &&
+                   x.size(0) <= kMaxRows, "rows_q: xs must be [1..", kMaxRows, ", ", w.cols, "] ", Storage<T>::kType);
+  const int count = int(x.size(0));
+  const torch::Tensor bias_f32 = fp32_bias("rows_q", bias, w.rows);
+  const float* bp = bias_f32.defined() ? bias_f32.data_ptr<float>() : nullptr;
+  torch::Tensor out = torch::empty({count, w.rows}, x.options());
+  T* op = reinterpret_cast<T*>(out.data_ptr());
+  const T* inputs[kMaxRows];
+  row_pointers<T>(data_of<T>(x), w.cols, count, inputs);
+  RowClaims claims;
+  claims.reset(w.rows, pool_threads());
+  in_parallel([&](int thread, int team) {
+    const Operands<T> in = operands<T>(w.format, inputs, count, w.cols);
+    claims.run(thread, chunk_rows(w.row_bytes()), [&](int64_t begin, int64_t end) {
+      gemv_rows_multi(w, in, begin, end, [&](int64_t n, int j, float sum) {
+        op[j * w.rows + n] = Storage<T>::store(bp ? sum + bp[n] : sum);
+      });
+    });
+  });
+  return out;
+}
+
 // A quantized matrix [weight_packed, weight_scale] as [rows, cols] values of the storage type: q * scale in
 // fp32, rounded once (quantize.dequantize's values), every thread its share of the rows. A prompt's rows
 // multiply the dequantized matrix: PyTorch's unpacking took ~8 ns a weight, half of tiny's quantized prefill.
@@ -556,6 +588,8 @@ void bind_layer_kernels(pybind11::module_& m, const std::string& suffix) {
         pybind11::arg("x"), pybind11::arg("matrix"), pybind11::arg("bias") = pybind11::none());
   m.def(("dequantized_" + suffix).c_str(), &dequantized<T>, ReleaseGil(), "a quantized matrix's values (q * scale)",
         pybind11::arg("matrix"));
+  m.def(("rows_q_" + suffix).c_str(), &quantized_rows<T>, ReleaseGil(), "a quantized linear of up to 64 rows",
+        pybind11::arg("xs"), pybind11::arg("matrix"), pybind11::arg("bias") = pybind11::none());
   m.def(("matrix_rows_" + suffix).c_str(), &matrix_rows<T>, ReleaseGil(),
         "fp32 sums of a matrix (any format) with each row of xs, through the step's row products", pybind11::arg("xs"),
         pybind11::arg("matrix"), pybind11::arg("plain") = false);

@@ -469,16 +469,21 @@ def last_level_cache_bytes() -> int:
 
 
 class ReadProbe:
-    """A buffer far larger than the caches (>= 16x L3, at least 512 MiB on CPU), filled with random values,
+    """A buffer far larger than the caches (16x L3 up to 2 GiB, at least 512 MiB on CPU), filled with random values,
     whose repeated ``sum()`` measures the read bandwidth with torch's threads. Kept alive between
     measurements where they bracket other work: allocating and freeing 512 MiB right before a decode
     slowed steps ~2 s later to 2-7x (measured on the 2-core EPYC VM: the kernel's work on the freed
     pages competes for the two cores), while a buffer kept for the whole run left them alone."""
 
+    # At most this much: a VM reports its host's L3 (480 MiB on the Sapphire Rapids VM), and 16x that, 7.7 GB,
+    # left no room beside small in int8 or base in int4 on a 24 GB machine (the benchmark was killed for it).
+    MAX_CPU_BYTES = 2 * 1024**3
+
     def __init__(self, size_bytes: Optional[int] = None, device: str = "cpu") -> None:
         self.device = torch.device(device)
         if size_bytes is None:
-            size_bytes = max(512 * 1024**2, 16 * last_level_cache_bytes()) if self.device.type == "cpu" else 2 * 1024**3
+            size_bytes = (max(512 * 1024**2, min(16 * last_level_cache_bytes(), self.MAX_CPU_BYTES))
+                          if self.device.type == "cpu" else 2 * 1024**3)
         self.size_bytes = size_bytes // 4 * 4
         # Random contents, all pages touched: identical (e.g. all-ones or zero) pages could be merged by the
         # hypervisor/KSM into one cached physical page and read impossibly fast.

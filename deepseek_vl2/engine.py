@@ -41,6 +41,7 @@ import torch
 
 from .generation import CudaGraphDecoder, GenerationConfig, decode_step, next_token_id, prefill
 from .hardware import release_openmp_workers
+from .kernels import load_cpu_kernels
 from .language import DeepseekV2ForCausalLM
 from .memory import cache_bytes_per_request, memory_budget
 from .model import DeepseekVL2, ImageInputs
@@ -212,6 +213,12 @@ class BatchEngine:
             spare = 1
         self.cache_batch = self.slots + spare
         self._own_cache()
+        if self.device.type == "cpu":
+            # The kernels that decode this model's dtype, loaded now (built if need be): sampling takes them
+            # from the first token on. Loaded only by the first decode step, they had left a fresh process's
+            # first sampled token to PyTorch's sampler, whose draws differ: the same seed gave another text
+            # than in a process that had decoded before.
+            load_cpu_kernels(self.language.model.embed_tokens.weight.dtype)
         if spare:
             self.graphs = CudaGraphDecoder(self.language, max_rows=self.slots, spare_slot=self.slots,
                                            compile=os.environ.get("DEEPSEEK_VL2_COMPILE", "1") == "1")

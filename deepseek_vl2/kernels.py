@@ -241,6 +241,13 @@ def _layer_extension(dtype: torch.dtype) -> Optional[Any]:
     return None
 
 
+def load_cpu_kernels(dtype: torch.dtype) -> Optional[Any]:
+    """The extension with the layer kernels for ``dtype``, else the fp32 one (both carry the sampling kernels),
+    loaded (or built) now, so that sampling takes the same path from a process's first token on; None where
+    there is none (switched off, no compiler, ...)."""
+    return _layer_extension(dtype) or fp32_extension()
+
+
 _BUILT: list[Any] = []  # the extension that argmax and sampling call, once one is found built
 
 

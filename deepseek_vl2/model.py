@@ -503,10 +503,12 @@ def _fresh_inv_freq(rotary: RotaryEmbedding, device: torch.device) -> torch.Tens
 
 def build_model(config: DeepseekVL2Config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 init: Optional[Callable[[torch.Tensor], None]] = None,
-                quantize: Optional[QuantScheme] = None) -> DeepseekVL2:
+                quantize: Optional[QuantScheme | str] = None) -> DeepseekVL2:
     """The model with allocated (uninitialised or ``init``-filled) parameters, no second copy anywhere; with
-    ``quantize`` its language linears in that scheme (``quantize.quantize_modules``: raises
-    ``QuantizationError`` naming a matrix the scheme cannot hold)."""
+    ``quantize`` (a scheme or its name) its language linears in that scheme (``quantize.quantize_modules``:
+    raises ``QuantizationError`` naming a matrix the scheme cannot hold)."""
+    if isinstance(quantize, str):
+        quantize = parse_scheme(quantize)
     with torch.device("meta"):
         model = DeepseekVL2(config)
         if quantize is not None:

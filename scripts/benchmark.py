@@ -468,7 +468,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--vision-layers", type=int, default=None, help="--config: override vision layers")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of the decode steps")
     p.add_argument("--probe-seconds", type=float, default=1.0, help="time per bandwidth probe")
-    p.add_argument("--probe-mb", type=int, default=None, help="bandwidth probe buffer (default: max(512 MiB, 16x L3))")
+    p.add_argument("--probe-mb", type=int, default=None, help="bandwidth probe buffer (default: 16x L3, at least 512 MiB, at most 2 GiB)")
     p.add_argument("--mallopt", action="store_true",
                    help="glibc: no mmap/trim for big temporaries (see tune_malloc); to measure its effect")
     p.add_argument("--json", action="store_true", help="last stdout line: one JSON object with every figure")

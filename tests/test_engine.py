@@ -329,3 +329,34 @@ def test_an_unexpected_error_in_the_loop_fails_the_requests_and_the_engine_goes_
         list(engine.submit(inputs, GenerationConfig(max_new_tokens=4), processor.eos_id))
     monkeypatch.setattr(engine, "_prefill_unit", real)
     assert list(engine.submit(inputs, GenerationConfig(max_new_tokens=4), processor.eos_id)) == expected
+
+
+def test_a_fresh_process_samples_its_first_request_as_later_ones() -> None:
+    """The same seed gives the same text from a process's first request on: the first token of a fresh
+    process once went through PyTorch's sampler (the kernels were loaded only by the first decode step), and
+    later ones through the kernels', whose draws differ."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import PROJECT_DIR
+
+    script = (
+        "import torch\n"
+        "from deepseek_vl2.engine import BatchEngine\n"
+        "from deepseek_vl2.generation import GenerationConfig\n"
+        "from deepseek_vl2.model import load_model\n"
+        "from deepseek_vl2.processor import DeepseekVL2Processor\n"
+        f"path = {str(FIXTURES_DIR / 'checkpoints' / 'mha')!r}\n"
+        "model, processor = load_model(path), DeepseekVL2Processor.from_pretrained(path)\n"
+        "inputs = processor.process_prompt('Tell me a story.', [])\n"
+        "engine = BatchEngine(model, 2)\n"
+        "config = GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=7)\n"
+        "print([list(engine.submit(inputs, config, eos_token_id=-1)) for _ in range(2)])\n"
+        "engine.stop()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(PROJECT_DIR)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    first, second = json.loads(run.stdout.strip().splitlines()[-1])
+    assert first == second and len(first) == 8

@@ -36,6 +36,7 @@ from deepseek_vl2.config import DeepseekVL2Config  # noqa: E402
 from deepseek_vl2.hardware import parse_dtype  # noqa: E402
 from deepseek_vl2.language import DeepseekV2ForCausalLM  # noqa: E402
 from deepseek_vl2.model import materialize  # noqa: E402
+from deepseek_vl2.quantize import parse_scheme, quantize_modules  # noqa: E402
 from scripts.benchmark import CpuContention, fast_random_init, reduced_config  # noqa: E402
 
 
@@ -43,10 +44,12 @@ def log(message: str) -> None:
     print(f"[bench_rows] {message}", file=sys.stderr, flush=True)
 
 
-def build_language(config: DeepseekVL2Config, dtype: torch.dtype) -> DeepseekV2ForCausalLM:
-    """The language model of ``config``, random weights, on the CPU."""
+def build_language(config: DeepseekVL2Config, dtype: torch.dtype, scheme: Optional[str] = None) -> DeepseekV2ForCausalLM:
+    """The language model of ``config``, random weights, on the CPU (its linears in ``scheme`` if given)."""
     with torch.device("meta"):
         language = DeepseekV2ForCausalLM(config.language)
+        if scheme:
+            quantize_modules(language, parse_scheme(scheme))
     materialize(language, "cpu", dtype, fast_random_init())
     return language.eval()
 
@@ -65,6 +68,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--config", type=Path, required=True, help="config.json of the model to build")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (same widths)")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32")
+    p.add_argument("--quantize", default=None, metavar="SCHEME", help="int8 or int4: the linears in that scheme")
     p.add_argument("--rows", default="1,2,4,8,16", help="row counts to time, comma-separated")
     p.add_argument("--position", type=int, default=438, help="cache position of the first step (438: the reference prompt)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per row count and round")
@@ -79,7 +83,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = [int(r) for r in args.rows.split(",")]
     log(f"building {args.config.name} ({args.layers or 'all'} layers) at {dtype} ...")
     model_config = reduced_config(DeepseekVL2Config.from_json_file(args.config), args.layers, None)
-    language = build_language(model_config, dtype)
+    language = build_language(model_config, dtype, args.quantize)
+    scheme = parse_scheme(args.quantize)
     slots = max(rows)
     context = args.position + (args.rounds + 1) * (args.steps + 1) + 2
     language.setup_cache(context, batch=slots)
@@ -136,13 +141,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     # B-row step (shared weights once, the experts independent rows would choose, each row's KV cache) at
     # the run's mean cache position. Reaching it means streaming as fast as one row does.
     mean_context = args.position + args.rounds * args.steps // 2
-    one_row_bytes = batch_step_bytes(model_config, dtype, 1, mean_context)
+    one_row_bytes = batch_step_bytes(model_config, dtype, 1, mean_context, scheme=scheme)
     moe = bool(config.n_routed_experts)
     for name, (count, _) in kinds.items():
         median = statistics.median(times[name])
         results[name] = {"rows": count, "step_ms": median * 1e3, "tok_s": count / median,
                          "step_ms_min": min(times[name]) * 1e3, "step_ms_max": max(times[name]) * 1e3,
-                         "bound_x_single": count * one_row_bytes / batch_step_bytes(model_config, dtype, count, mean_context)}
+                         "bound_x_single": count * one_row_bytes / batch_step_bytes(model_config, dtype, count, mean_context,
+                                                                                    scheme=scheme)}
         if moe and routed[name][0]:
             # The experts a step streams set its cost; random tokens should choose about as many as
             # independent choices would (more sharing would flatter the rate of several rows).
@@ -152,6 +158,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if count == 1 and single is None:
             single = results[name]["tok_s"]
     print(f"{args.config.name} layers={args.layers or language.config.num_hidden_layers} dtype={args.dtype} "
+          f"weights={args.quantize or args.dtype} "
           f"threads={args.threads} (other processes kept {other_cores or 0:.2f} cores busy)")
     print(f"{'kind':>10} {'step ms':>9} {'min':>7} {'max':>7} {'tok/s':>8} {'x single':>8} {'bound x':>8} {'of bound':>8} "
           f"{'experts/layer (independent)':>28}")

@@ -366,6 +366,13 @@ float router_dot(const float* w, const float* x, int64_t n) {
   return sum;
 }
 
+// fp32 rows with fp32 inputs (dense.h's contract for fp32): in this build only for MLA's fp32 context, whose
+// quantized kv_b rows go through matrix.h with fp32 operands (the dense branch is there but never taken).
+float dot(const float* w, const float* x, int64_t n) { return router_dot(w, x, n); }
+void dots(const float* w, const float* const* xs, int count, int64_t n, float* out) {
+  for (int j = 0; j < count; ++j) out[j] = router_dot(w, xs[j], n);
+}
+
 }  // namespace decode
 
 using namespace decode;

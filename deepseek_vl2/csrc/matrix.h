@@ -187,7 +187,8 @@ inline void gemv_rows_multi(const Matrix<T>& w, const Operands<T>& in, int64_t b
   }
 }
 
-// Row n of a quantized matrix as fp32 values q * scale (cols values into out).
+// Row n of a quantized matrix as fp32 values q * scale (cols values into out). Plain loops without a
+// reduction, which the compiler vectorises.
 template <typename T>
 inline void dequantize_row(const Matrix<T>& w, int64_t n, float* out) {
   const uint16_t* scales = w.scale_row(n);
@@ -198,31 +199,61 @@ inline void dequantize_row(const Matrix<T>& w, int64_t n, float* out) {
     return;
   }
   const uint8_t* bytes = w.int4_row(n);
+  const int64_t half = w.group / 2;
   for (int64_t g = 0; g < w.cols / w.group; ++g) {
     const float s = bf16_to_float(scales[g]);
-    for (int64_t i = g * w.group; i < (g + 1) * w.group; i += 2) {
-      out[i] = float(int(bytes[i / 2] & 0x0F) - 8) * s;
-      out[i + 1] = float(int(bytes[i / 2] >> 4) - 8) * s;
+    const uint8_t* b = bytes + g * half;
+    float* o = out + g * w.group;
+    for (int64_t i = 0; i < half; ++i) {
+      o[2 * i] = float(int(b[i] & 0x0F) - 8) * s;
+      o[2 * i + 1] = float(int(b[i] >> 4) - 8) * s;
     }
   }
 }
 
-// MLA's absorbed attention takes single rows of kv_b against fp32 vectors (mla.h). Quantized rows are
-// made fp32 first (`scratch`: cols floats).
+// MLA's absorbed attention takes single rows of kv_b against fp32 vectors (mla.h). Quantized rows are made
+// fp32 first (`scratch`: cols floats), then go through the vectorised fp32 product (router_dot: fp32 rows
+// with fp32 inputs). (A plain C++ sum here is a chain the compiler may not reorder: kv_b's rows took ~4x
+// the time of the whole rest of a layer of base in int4.)
 template <typename T>
 inline float row_dot_f32(const Matrix<T>& w, int64_t n, const float* x, float* scratch) {
   if (w.format == Format::kDense) return dot_f32(w.dense_row(n), x, w.cols);
   dequantize_row(w, n, scratch);
-  float sum = 0.0f;
-  for (int64_t i = 0; i < w.cols; ++i) sum += scratch[i] * x[i];
-  return sum;
+  return router_dot(scratch, x, w.cols);
 }
 
+// acc[i] += a * w[n, i]: quantized rows scaled as they are read (plain loops the compiler vectorises).
 template <typename T>
-inline void row_axpy_f32(const Matrix<T>& w, int64_t n, float a, float* acc, float* scratch) {
+inline void row_axpy_f32(const Matrix<T>& w, int64_t n, float a, float* acc, float*) {
   if (w.format == Format::kDense) return axpy_f32(acc, a, w.dense_row(n), w.cols);
-  dequantize_row(w, n, scratch);
-  for (int64_t i = 0; i < w.cols; ++i) acc[i] += a * scratch[i];
+  const uint16_t* scales = w.scale_row(n);
+  if (w.format == Format::kInt8) {
+    const int8_t* q = w.int8_row(n);
+    const float as = a * bf16_to_float(scales[0]);
+    for (int64_t i = 0; i < w.cols; ++i) acc[i] += as * float(q[i]);
+    return;
+  }
+  const uint8_t* bytes = w.int4_row(n);
+  const int64_t half = w.group / 2;
+  for (int64_t g = 0; g < w.cols / w.group; ++g) {
+    const float as = a * bf16_to_float(scales[g]);
+    const uint8_t* b = bytes + g * half;
+    float* o = acc + g * w.group;
+    for (int64_t i = 0; i < half; ++i) {
+      o[2 * i] += as * float(int(b[i] & 0x0F) - 8);
+      o[2 * i + 1] += as * float(int(b[i] >> 4) - 8);
+    }
+  }
+}
+
+// The same rows and scales seen as a matrix for fp32 inputs (a quantized matrix's products take any
+// storage type's inputs once prepared: MLA's fp32 context against kv_b).
+template <typename T>
+inline Matrix<float> as_fp32_inputs(const Matrix<T>& w) {
+  Matrix<float> m;
+  m.format = w.format, m.data = w.data, m.row_stride = w.row_stride, m.scales = w.scales, m.scale_stride = w.scale_stride;
+  m.rows = w.rows, m.cols = w.cols, m.group = w.group;
+  return m;
 }
 
 }  // namespace decode

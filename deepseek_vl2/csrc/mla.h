@@ -173,7 +173,14 @@ void attend_latent_heads(const MlaSpec<T>& s, const T* latent, const T* k_pe, co
   for (int64_t j = 0; j < count; ++j) {
     const int64_t h = begin + j;
     const int64_t w_uv = h * (s.nope + s.v) + s.nope;  // (W_UV's rows of head h in kv_b)
-    for (int64_t c = 0; c < s.v; ++c) out[h * s.v + c] = S::store(row_dot_f32(s.kv_b, w_uv + c, &context[j * rank], row.data()));
+    if (s.kv_b.format == Format::kDense) {
+      for (int64_t c = 0; c < s.v; ++c) out[h * s.v + c] = S::store(row_dot_f32(s.kv_b, w_uv + c, &context[j * rank], row.data()));
+    } else {  // quantized: the head's context prepared once as the format takes it, W_UV's rows by the format's products
+      const float* input = &context[j * rank];
+      const Operands<float> in = operands<float>(s.kv_b.format, &input, 1, rank, 1);
+      gemv_rows_multi(as_fp32_inputs(s.kv_b), in, w_uv, w_uv + s.v,
+                      [&](int64_t n, int, float sum) { out[h * s.v + n - w_uv] = S::store(sum); });
+    }
   }
 }
 

@@ -179,7 +179,7 @@ def avx512_bf16_extension() -> Optional[Any]:
     where the CPU lacks AVX512-BF16, no compiler/ninja is available or ``DEEPSEEK_VL2_CPU_KERNEL=0``
     (``unavailable_reason("bf16")`` says which)."""
     extension = _build("bf16", _extension_name("deepseek_vl2_decode_bf16"), "decode_bf16.cpp",
-                       ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16",
+                       ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16", "-mamx-int8",
                         "-fopenmp"])
     if extension is not None:
         extension.set_tiles(tiles_min_rows())

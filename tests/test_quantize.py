@@ -265,6 +265,18 @@ def test_the_command_keeps_existing_directories_and_quantized_sources(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # The kernels' integer products
 
+@pytest.fixture
+def no_tiles():
+    """The bf16 kernels without AMX tiles for this test (the vector path: the plain path's bits)."""
+    extension = kernels.avx512_bf16_extension()
+    before = extension.tiles_min_rows() if extension is not None else 0
+    if extension is not None:
+        extension.set_tiles(0)
+    yield
+    if extension is not None:
+        extension.set_tiles(before)
+
+
 def _extensions():
     found = []
     if kernels.avx512_bf16_extension() is not None:
@@ -279,7 +291,7 @@ def _extensions():
 @pytest.mark.parametrize("name, cols", [("int8", 1280), ("int8", 933), ("int8", 70), ("int4", 1280), ("int4", 6848),
                                         ("int4:8", 72), ("int4:32", 320), ("int4:128", 384), ("int4:256", 768),
                                         ("int4:16", 80), ("int4:24", 120)])
-def test_integer_products_equal_the_plain_path_and_the_dequantized_weights(name, cols):
+def test_integer_products_equal_the_plain_path_and_the_dequantized_weights(name, cols, no_tiles):
     """The vector path (AVX512-VNNI) and the plain one make the same sums bit for bit, whatever the number of
     inputs in the call; both are within the activation limbs' precision of the float product."""
     scheme = parse_scheme(name)
@@ -310,6 +322,46 @@ def test_integer_products_equal_the_plain_path_and_the_dequantized_weights(name,
         assert bool(((fast.double() - reference).abs() <= limb_error_bound(x) + slack).all()), (suffix, name)
         one = getattr(extension, f"gemv_q_{suffix}")(x[1], [packed, scale])
         assert torch.equal(one, fast[1].to(dtype))
+
+
+@pytest.mark.parametrize("cols, n", [(1280, 37), (933, 21), (70, 5), (256, 40)])
+def test_int8_on_amx_tiles_is_the_sum_and_does_not_depend_on_the_other_inputs(cols, n):
+    """Where the CPU has AMX-INT8, the bf16 kernels' int8 products of 3 or more inputs (auto) run on tiles:
+    16 weight rows by 15 inputs a tile (a 16th column gives each row's sum of q), tails of rows and of
+    columns, and 16 or 40 inputs (several tiles) included. The integer sums are exact, so each result is
+    within the limbs' precision of the dequantized product, within fp32 sum order of the vector path's,
+    and the same bit for bit alone (on tiles) as among any others."""
+    extension = kernels.avx512_bf16_extension()
+    if extension is None:
+        pytest.skip(f"no bf16 kernels here ({kernels.unavailable_reason('bf16')})")
+    before = extension.tiles_min_rows()
+    try:
+        extension.set_tiles(1)
+        if not extension.int8_tiles():
+            pytest.skip("no AMX-INT8 here (or tiles are not allowed)")
+        scheme = parse_scheme("int8")
+        torch.manual_seed(cols)
+        packed, scale = quantize.quantize_weight(torch.randn(n, cols) * 0.02, scheme)
+        reference_weights = quantize.dequantize(packed, scale, scheme).double()
+        x = torch.randn(40, cols).to(torch.bfloat16)
+        x[3, 11] = 30.0
+        tiles = extension.matrix_rows_bf16(x, [packed, scale], False)
+        extension.set_tiles(0)
+        vectors = extension.matrix_rows_bf16(x, [packed, scale], False)
+        assert not torch.equal(tiles, vectors)  # (another path: the check below can fail)
+        assert ((tiles - vectors).abs() <= 1e-5 * vectors.abs().amax(-1, keepdim=True)).all()
+        reference = x.double() @ reference_weights.T
+        # (the limbs: each activation within half a step of its 256-value block's largest / (127 * 128))
+        step = F.pad(x.double().abs(), (0, -cols % 256)).view(40, -1, 256).amax(-1) / (127 * 128)
+        mass = F.pad(reference_weights.abs(), (0, -cols % 256)).view(n, -1, 256).sum(-1)
+        bound = 0.5 * step @ mass.T + 1e-5 * reference.abs().amax(-1, keepdim=True)
+        assert ((tiles.double() - reference).abs() <= bound).all()
+        extension.set_tiles(1)
+        for first, count in ((0, 1), (0, 3), (5, 15), (0, 16), (7, 1), (20, 20)):
+            assert torch.equal(extension.matrix_rows_bf16(x[first:first + count], [packed, scale], False),
+                               tiles[first:first + count]), (first, count)
+    finally:
+        extension.set_tiles(before)
 
 
 @pytest.mark.parametrize("name", ["int8", "int4", "int4:32"])

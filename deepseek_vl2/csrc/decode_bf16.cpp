@@ -293,8 +293,19 @@ bool tiles_available() {
 
 // Tiles for steps of at least `min_rows` rows (where the CPU and the OS allow them), or never (0); returns
 // the minimum now in force (0 where tiles are unavailable). Not while a step runs.
+// AMX-INT8 too (CPUID leaf 7 EDX bit 25): int8 matrices on tiles (int8.h) wherever bf16 ones are.
+std::atomic<bool>& int8_tiles_on() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+bool int8_tiles_available() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return tiles_available() && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & (1u << 25));
+}
+
 int set_tiles(int min_rows) {
   tiles_min_rows().store(min_rows > 0 && tiles_available() ? min_rows : 0);
+  int8_tiles_on().store(tiles_min_rows().load() > 0 && int8_tiles_available());
   return tiles_min_rows().load();
 }
 
@@ -353,6 +364,93 @@ void tile_rows(const uint16_t* w, int64_t row_stride, int64_t cols, const uint16
       _tile_dpbf16ps(SUMS_TILE, WEIGHTS_TILE, INPUTS_TILE);
     }
     _tile_stored(SUMS_TILE, sums + 16 * t, width * 4);
+  }
+}
+
+// Tiles of the int8 products (int8.h): sums of the two limbs (C, 16 x 16 int32), weights (A: 16 rows x 64
+// signed bytes), the inputs' limbs (B: 16 quads x 16 columns, unsigned bytes).
+#define HI_SUMS_TILE 0
+#define LO_SUMS_TILE 1
+#define INT8_WEIGHTS_TILE 2
+#define HI_INPUTS_TILE 3
+#define LO_INPUTS_TILE 4
+
+Int8Tiles pack_int8_tiles(const uint16_t*, const QuantInput* xs, int count, int64_t cols, int slot) {
+  if (!int8_tiles_on().load(std::memory_order_relaxed)) return {};
+  thread_local std::vector<uint8_t> buffers[3];
+  Int8Tiles packed;
+  packed.count = count, packed.cols = cols;
+  const int64_t chunks = packed.chunks(), blocks = int8_blocks(cols), group_bytes = packed.group_bytes();
+  std::vector<uint8_t>& buffer = buffers[slot];
+  const size_t need = size_t(packed.groups() * group_bytes + 64);
+  if (buffer.size() < need) buffer.resize(need);
+  uint8_t* base = buffer.data() + (64 - reinterpret_cast<uintptr_t>(buffer.data()) % 64) % 64;
+  std::memset(base, 0, size_t(packed.groups() * group_bytes));
+  for (int g = 0; g < packed.groups(); ++g) {
+    uint8_t* hi = base + g * group_bytes;
+    uint8_t* lo = hi + chunks * 1024;
+    float* scales = reinterpret_cast<float*>(lo + chunks * 1024);
+    for (int64_t quad = 0; quad < chunks * 16; ++quad) std::memset(hi + 64 * quad + 4 * kInt8TileInputs, 1, 4);  // (sum q)
+    for (int c = 0; c < kInt8TileInputs && g * kInt8TileInputs + c < count; ++c) {
+      const QuantInput& x = xs[g * kInt8TileInputs + c];
+      for (int64_t quad = 0; quad < chunks * 16; ++quad) {  // (values 4 quad .. 4 quad + 3: row quad % 16 of chunk quad / 16)
+        std::memcpy(hi + 64 * quad + 4 * c, x.a + 4 * quad, 4);
+        std::memcpy(lo + 64 * quad + 4 * c, x.b + 4 * quad, 4);
+      }
+      for (int64_t b = 0; b < blocks; ++b) scales[16 * b + c] = x.scale[b];
+    }
+  }
+  packed.data = base;
+  return packed;
+}
+
+// (No software prefetch, as tile_rows: the hardware prefetchers follow the 16 rows' streams.)
+void int8_tile_rows(const uint16_t*, const int8_t* w, int64_t row_stride, const uint16_t* row_scales,
+                    const Int8Tiles& packed, int rows, float* sums) {
+  TileConfig config;
+  config.rows[HI_SUMS_TILE] = config.rows[LO_SUMS_TILE] = config.rows[INT8_WEIGHTS_TILE] = uint8_t(rows);
+  config.rows[HI_INPUTS_TILE] = config.rows[LO_INPUTS_TILE] = 16;
+  for (int t = 0; t <= LO_INPUTS_TILE; ++t) config.bytes_per_row[t] = 64;
+  _tile_loadconfig(&config);
+  const int64_t cols = packed.cols, chunks = packed.chunks(), whole = cols / 64;
+  const int64_t blocks = int8_blocks(cols), width = 16 * packed.groups();
+  alignas(64) int32_t hi_sums[16 * 16], lo_sums[16 * 16];
+  alignas(64) int8_t last[16 * 64];  // (the last cols % 64 weights of each row, zero-padded)
+  if (whole < chunks) {
+    std::memset(last, 0, sizeof(last));
+    for (int r = 0; r < rows; ++r) std::memcpy(last + 64 * r, w + r * row_stride + 64 * whole, size_t(cols - 64 * whole));
+  }
+  for (int g = 0; g < packed.groups(); ++g) {
+    const uint8_t* hi = packed.data + g * packed.group_bytes();
+    const uint8_t* lo = hi + chunks * 1024;
+    const float* scales = reinterpret_cast<const float*>(lo + chunks * 1024);
+    __m512 total[16];
+    for (int r = 0; r < 16; ++r) total[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      _tile_zero(HI_SUMS_TILE);
+      _tile_zero(LO_SUMS_TILE);
+      for (int64_t k = b * (kInt8Block / 64); k < std::min(chunks, (b + 1) * (kInt8Block / 64)); ++k) {
+        if (k < whole) _tile_loadd(INT8_WEIGHTS_TILE, w + 64 * k, row_stride);
+        else _tile_loadd(INT8_WEIGHTS_TILE, last, 64);
+        _tile_loadd(HI_INPUTS_TILE, hi + 1024 * k, 64);
+        _tile_loadd(LO_INPUTS_TILE, lo + 1024 * k, 64);
+        _tile_dpbsud(HI_SUMS_TILE, INT8_WEIGHTS_TILE, HI_INPUTS_TILE);
+        _tile_dpbsud(LO_SUMS_TILE, INT8_WEIGHTS_TILE, LO_INPUTS_TILE);
+      }
+      _tile_stored(HI_SUMS_TILE, hi_sums, 64);
+      _tile_stored(LO_SUMS_TILE, lo_sums, 64);
+      const __m512 block_scales = _mm512_load_ps(scales + 16 * b);
+      for (int r = 0; r < rows; ++r) {
+        const __m512i sum_q = _mm512_set1_epi32(hi_sums[16 * r + kInt8TileInputs]);
+        const __m512i offset = _mm512_add_epi32(_mm512_slli_epi32(sum_q, 14), _mm512_slli_epi32(sum_q, 7));
+        const __m512i exact = _mm512_sub_epi32(
+            _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(hi_sums + 16 * r), 7), _mm512_load_si512(lo_sums + 16 * r)),
+            offset);
+        total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), block_scales, total[r]);
+      }
+    }
+    for (int r = 0; r < rows; ++r)
+      _mm512_storeu_ps(sums + r * width + 16 * g, _mm512_mul_ps(total[r], _mm512_set1_ps(bf16_to_float(row_scales[r]))));
   }
 }
 
@@ -480,6 +578,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_linear_bf16", &rows_linear_bf16, ReleaseGil(), "w @ xs[j] for each row of xs, through the step kernels' row products");
   m.def("set_tiles", &set_tiles, "AMX tiles for steps of at least min_rows rows (where the CPU and OS allow), 0: never; "
         "returns the minimum in force", pybind11::arg("min_rows"));
+  m.def("int8_tiles", []() { return int8_tiles_on().load(); }, "whether int8 matrices run on AMX-INT8 tiles in steps "
+        "of tiles_min_rows rows or more");
   m.def("tiles_min_rows", []() { return tiles_min_rows().load(); }, "the fewest rows of a step that AMX tiles carry (0: never)");
   bind_layer_kernels<uint16_t>(m, "bf16");
 }

@@ -221,4 +221,38 @@ inline void int8_dots(const int8_t* w, float scale, const QuantInput* xs, int co
   for (int j = 0; j < count; ++j) out[j] *= scale;
 }
 
+
+// ---- AMX-INT8 (decode_bf16.cpp only: the fp32 extension never uses tiles) ----
+// In a step of at least tiles_min_rows() rows (dense.h) on a CPU with AMX-INT8, the int8 matrices every row
+// multiplies (attention, shared experts or dense MLP, LM head) take 16 weight rows by up to 15 inputs at
+// once: TDPBSUD makes 16 x 16 x 64 byte products in one instruction where vpdpbusd makes 64 for one input,
+// and with 8 rows those matrices were bound by vpdpbusd, not by memory (two limbs: 16 of them per 64 weight
+// bytes). The 16th column of the first limb's inputs holds ones, which gives each weight row's sum(q) per
+// block. The integer sums are exact, as on the vector path; the block's fp32 sum is then made over the whole
+// block at once instead of per lane, so a row's result differs from the vector path's in the order of its
+// fp32 sums (as bf16's tiles do: see tiles_min_rows) and never depends on the other inputs of its tile.
+constexpr int kInt8TileInputs = 15;
+
+// A phase's prepared int8 inputs laid out as tiles, per group of kInt8TileInputs inputs: the first limbs
+// [chunks of 64 values][16 value quads][16 columns x 4 bytes], the second limbs alike, then the block
+// scales [blocks][16 columns] (fp32).
+struct Int8Tiles {
+  const uint8_t* data = nullptr;
+  int count = 0;
+  int64_t cols = 0;
+  int64_t chunks() const { return int8_padded(cols) / 64; }
+  int64_t group_bytes() const { return 2 * chunks() * 1024 + int8_blocks(cols) * 64; }
+  int groups() const { return (count + kInt8TileInputs - 1) / kInt8TileInputs; }
+};
+
+// `count` prepared inputs (prepare_int8) as tiles in this thread's buffer `slot`; empty where the CPU has no
+// AMX-INT8 or tiles are off (the storage type tells the extensions apart).
+Int8Tiles pack_int8_tiles(const uint16_t*, const QuantInput* xs, int count, int64_t cols, int slot);
+inline Int8Tiles pack_int8_tiles(const float*, const QuantInput*, int, int64_t, int) { return {}; }
+// sums[r * 16 * groups + 16 * g + c] = scale_r * (w[r, :] . input 15 g + c) for weight rows r < rows (at most 16)
+// and every packed input.
+void int8_tile_rows(const uint16_t*, const int8_t* w, int64_t row_stride, const uint16_t* row_scales,
+                    const Int8Tiles& packed, int rows, float* sums);
+inline void int8_tile_rows(const float*, const int8_t*, int64_t, const uint16_t*, const Int8Tiles&, int, float*) {}
+
 }  // namespace decode

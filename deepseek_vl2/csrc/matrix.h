@@ -97,6 +97,7 @@ struct Operands {
   const T* x[kMaxRows] = {};
   QuantInput q[kMaxRows] = {};
   Packed<T> tiles;
+  Int8Tiles int8_tiles;  // (int8 matrices on AMX-INT8: int8.h)
 
   // Inputs rows[0..n) of these (no tiles: a routed expert's few rows run on vectors).
   Operands pick(const int* rows, int n) const {
@@ -137,6 +138,8 @@ Operands<T> operands(Format format, const T* const* xs, int count, int64_t cols,
     if (tiles) in.tiles = pack_inputs<T>(xs, count, cols);
   } else {
     prepare_inputs(format, xs, count, cols, slot, in.q);
+    if (tiles && format == Format::kInt8 && tiles_for(static_cast<const T*>(nullptr), count))
+      in.int8_tiles = pack_int8_tiles(static_cast<const T*>(nullptr), in.q, count, cols, slot);
   }
   return in;
 }
@@ -171,6 +174,19 @@ inline void gemv_rows_multi(const Matrix<T>& w, const Operands<T>& in, int64_t b
       return;
     }
     case Format::kInt8:
+      if (in.int8_tiles.data != nullptr) {
+        const int width = 16 * in.int8_tiles.groups();
+        float tile_sums[16 * 16 * ((kMaxRows + kInt8TileInputs - 1) / kInt8TileInputs)];
+        for (int64_t n = begin; n < end; n += 16) {
+          const int rows = int(std::min<int64_t>(16, end - n));
+          int8_tile_rows(static_cast<const T*>(nullptr), w.int8_row(n), w.row_stride, w.scales + n, in.int8_tiles, rows,
+                         tile_sums);
+          for (int r = 0; r < rows; ++r)
+            for (int j = 0; j < count; ++j)
+              store(n + r, j, tile_sums[r * width + 16 * (j / kInt8TileInputs) + j % kInt8TileInputs]);
+        }
+        return;
+      }
       for (int64_t n = begin; n < end; ++n) {
         int8_dots(w.int8_row(n), bf16_to_float(w.scales[n]), in.q, count, w.cols, sums);
         for (int j = 0; j < count; ++j) store(n, j, sums[j]);

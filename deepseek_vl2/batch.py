@@ -17,8 +17,8 @@ completes (so in the order they complete)::
 
     {"id": "a1", "text": "...", "prompt_tokens": 612, "new_tokens": 87, "seed": 1234, "ttft_s": 1.9, "total_s": 6.2}
 
-A line that cannot be answered (not JSON, no id, a duplicate id, a missing or broken image, a prompt too long
-for the context, a setting out of range) gets ``{"id", "line", "error"}`` instead and the batch goes on.
+A line that cannot be answered (not JSON, no id, an id that is not text such as "\\ud800", a duplicate id, a
+missing or broken image, a prompt too long for the context, a setting out of range) gets ``{"id", "line", "error"}`` instead and the batch goes on.
 
 Running again with the same output resumes: the requests already answered (or refused) there are skipped,
 and a last line torn by a kill is dropped and its request answered again, so that every request has exactly
@@ -100,6 +100,23 @@ def _id_key(request_id: Any) -> str:
     return json.dumps(request_id)  # (1 and "1" are different ids)
 
 
+def _is_text(value: str) -> bool:
+    """Whether ``value`` can be written as UTF-8: JSON can escape half of a surrogate pair alone ("\\ud800"),
+    which Python reads into a string that is no text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _usable_id(request_id: Any) -> bool:
+    """A string (that is text) or an integer: an id the answers can be written under and found by."""
+    if isinstance(request_id, str):
+        return _is_text(request_id)
+    return isinstance(request_id, int) and not isinstance(request_id, bool)
+
+
 def _read_requests(path: Path) -> list[tuple[int, Any]]:
     """(line number, parsed JSON object or the ``_Refused`` saying why not) for each non-blank line."""
     try:
@@ -133,6 +150,9 @@ def _job(number: int, data: Any) -> _Job:
         raise _Refused(f"line {number} has no id")
     if isinstance(request_id, bool) or not isinstance(request_id, (str, int)):
         raise _Refused(f"the id on line {number} must be a string or an integer, got {json.dumps(request_id)}")
+    if not _usable_id(request_id):
+        raise _Refused(f"the id on line {number} is not text: {json.dumps(request_id)} holds half of a surrogate pair "
+                       "alone, which UTF-8 cannot hold (the answers are written in UTF-8)")
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
         raise _Refused(f"unknown field {unknown[0]!r} on line {number} (known: {', '.join(_FIELDS)})")
@@ -246,7 +266,7 @@ class _Answers:
         temp = self.path.with_name(self.path.name + ".rewrite")
         with open(temp, "w", encoding="utf-8", newline="\n") as fh:
             for record in records:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+                fh.write(_record_line(record))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(temp, self.path)
@@ -255,7 +275,7 @@ class _Answers:
         return line in self.refused_lines or (request_id is not None and _id_key(request_id) in self.answered)
 
     def write(self, record: dict[str, Any]) -> None:
-        text = json.dumps(record, ensure_ascii=False) + "\n"  # (one write: a kill can tear only the last line)
+        text = _record_line(record)  # (one write: a kill can tear only the last line)
         with self._lock:
             if self._file is not None:
                 self._file.write(text)
@@ -266,6 +286,13 @@ class _Answers:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+
+def _record_line(record: dict[str, Any]) -> str:
+    """A record as one line of JSON, characters as they are; a lone surrogate anywhere in it (a message
+    quoting the input) escaped instead, as JSON allows, so that writing never fails."""
+    text = json.dumps(record, ensure_ascii=False)
+    return (text if _is_text(text) else json.dumps(record)) + "\n"
 
 
 def _error_record(line: int, request_id: Any, exc: BaseException) -> dict[str, Any]:
@@ -404,7 +431,7 @@ def _answer_all(args: argparse.Namespace, lines: list[tuple[int, Any]], answers:
     skipped = refused_now = 0
     for number, data in lines:
         request_id = data.get("id") if isinstance(data, dict) else None
-        key = _id_key(request_id) if isinstance(request_id, (str, int)) and not isinstance(request_id, bool) else None
+        key = _id_key(request_id) if _usable_id(request_id) else None
         duplicate_of = first_line.get(key) if key is not None else None
         if key is not None and duplicate_of is None:
             first_line[key] = number

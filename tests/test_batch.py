@@ -162,6 +162,44 @@ def test_bad_lines_get_error_records_and_the_batch_goes_on(fixtures_dir, tmp_pat
         assert "Traceback" not in errors[line]["error"] and "\n" not in errors[line]["error"]
 
 
+def test_an_id_with_a_lone_surrogate_gets_an_error_record_and_the_batch_goes_on(fixtures_dir, tmp_path):
+    """JSON can escape half of a surrogate pair alone ("\\ud800"), which no UTF-8 output can hold: that id is
+    refused with a readable record (its line, no id) instead of killing the worker that wrote it; a prompt with
+    one is answered (the processor reads it as the official stack does), and running again skips the line."""
+    model = fixtures_dir / "checkpoints" / "mha"
+    image = json.dumps(str(fixtures_dir / "images" / "gray_500x300.png"))
+    good = f'"images": [{image}], "temperature": 0, "max_new_tokens": 3'
+    lines = [
+        f'{{"id": "first", "prompt": "Describe.", {good}}}',
+        f'{{"id": "\\ud800", "prompt": "Describe.", {good}}}',            # 2: the id is no text
+        f'{{"id": "a\\udfffb", "prompt": "Describe.", {good}}}',          # 3: a low half, inside
+        f'{{"id": "prompt", "prompt": "Describe \\ud800.", {good}}}',     # 4: answered
+        f'{{"id": "\\ud83d\\ude00", "prompt": "Describe.", {good}}}',   # 5: a whole pair is an emoji: answered
+        f'{{"id": "last", "prompt": "Describe.", {good}}}',
+    ]
+    requests = tmp_path / "r.jsonl"
+    requests.write_text("\n".join(lines) + "\n", encoding="ascii")
+    answers = tmp_path / "a.jsonl"
+    code, err = run_batch(requests, "-o", answers, "--model", model, "--concurrency", 2)
+    assert code == 0, err
+    assert "Traceback" not in err and "UnicodeEncodeError" not in err, err
+    records = _records(answers)  # (the file is UTF-8 throughout: read_text would raise otherwise)
+    assert len(records) == len(lines)
+    assert {r["id"] for r in records if "text" in r} == {"first", "prompt", "\U0001F600", "last"}
+    errors = {r["line"]: r for r in records if "error" in r}
+    assert set(errors) == {2, 3}
+    for line, shown in ((2, "\\ud800"), (3, "\\udfff")):
+        assert errors[line]["id"] is None
+        message = errors[line]["error"]
+        assert f"the id on line {line} is not text" in message and shown in message and "surrogate" in message, message
+    # run again: every line has its record, nothing is answered or refused twice
+    assert run_batch(requests, "-o", answers, "--model", model)[0] == 0
+    assert _records(answers) == records
+    # anything else that quotes such a character is still written (escaped, as JSON allows), never a crash
+    assert json.loads(batch._record_line({"id": "x", "line": 1, "error": "half \ud800 of a pair"})) == {
+        "id": "x", "line": 1, "error": "half \ud800 of a pair"}
+
+
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path):
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded although the arguments were refused")

@@ -46,11 +46,7 @@ QuantInput prepare_int4(const T* x, int64_t cols, uint8_t* buffer) {
     for (int half = 0; half < 2; ++half) {
       const int64_t begin = piece * kInt4Piece + half * kInt4ScaleRun, end = std::min(cols, begin + kInt4ScaleRun);
       if (begin >= cols) break;
-#ifdef DECODE_INT8_VNNI
-      const float largest = block_max_vector(x, begin, end);
-#else
-      const float largest = block_max(x, begin, end);
-#endif
+      const float largest = largest_in(x, begin, end);
       const bool usable = largest > 0.0f && std::isfinite(largest);
       const float s = usable ? largest / 127.0f : (largest == 0.0f ? 0.0f : NAN);
       for (int lane = 8 * half; lane < 8 * half + 8; ++lane) scale[piece * 16 + lane] = s;

@@ -102,6 +102,16 @@ inline void limbs16(__m512 v, __m512i& d1, __m512i& d2) {
 }
 #endif
 
+// The largest |x[begin, end)| (NaN where a value is not finite), on vectors where the CPU has them.
+template <typename T>
+inline float largest_in(const T* x, int64_t begin, int64_t end) {
+#ifdef DECODE_INT8_VNNI
+  return block_max_vector(x, begin, end);
+#else
+  return block_max(x, begin, end);
+#endif
+}
+
 // x (cols values of the storage type) as int8's limbs in `buffer` (int8_input_bytes(cols), 4-byte aligned).
 // A block whose largest value is 0 or not finite gets zero limbs (and a scale of 0 or NaN).
 template <typename T>
@@ -113,11 +123,7 @@ QuantInput prepare_int8(const T* x, int64_t cols, uint8_t* buffer) {
   std::memset(buffer, 128, size_t(2 * padded));  // (zero limbs: padding, unusable blocks)
   for (int64_t block = 0; block < blocks; ++block) {
     const int64_t begin = block * kInt8Block, end = std::min(cols, begin + kInt8Block);
-#ifdef DECODE_INT8_VNNI
-    const float largest = block_max_vector(x, begin, end);
-#else
-    const float largest = block_max(x, begin, end);
-#endif
+    const float largest = largest_in(x, begin, end);
     const bool usable = largest > 0.0f && std::isfinite(largest);
     scale[block] = usable ? largest / (127.0f * 128.0f) : (largest == 0.0f ? 0.0f : NAN);
     if (!usable) continue;

@@ -6,10 +6,11 @@ Weights: ``DEEPSEEK_VL2_WEIGHTS`` = a model directory or a Hugging Face repo id 
 ``DEEPSEEK_VL2_DTYPE`` (bfloat16 / float16 / float32) overrides the automatic dtype; ``DEEPSEEK_VL2_QUANTIZE``
 (int8 / int4) quantizes the language model's weights while loading (a quantized checkpoint needs no setting).
 
-Concurrency: ``predict`` is async and serves up to ``MAX_CONCURRENCY`` predictions at once
-(``DEEPSEEK_VL2_MAX_CONCURRENCY``, default 16 on a GPU and 8 on a CPU); they share decode steps in the
-model's batching engine (``deepseek_vl2/engine.py``). Cog's server must be told the same number
-(``COG_MAX_CONCURRENCY``: ``make serve`` sets it; ``cog.yaml``'s ``concurrency.max`` for an image).
+Concurrency: ``predict`` is async and serves ``MAX_CONCURRENCY`` clients without a refusal
+(``DEEPSEEK_VL2_MAX_CONCURRENCY``, default 16 on a GPU and 8 on a CPU); their predictions share decode steps
+in the model's batching engine (``deepseek_vl2/engine.py``). Cog's server admits ``SERVER_CONCURRENCY``, twice
+that (``COG_MAX_CONCURRENCY``: ``make serve`` sets it; ``cog.yaml``'s ``concurrency.max`` for an image); the
+engine queues what is beyond its slots. See ``server_concurrency`` for why.
 
 Run it without Cog's CLI:  python predict.py --image examples/stages.png --prompt "Describe this image."
 """
@@ -87,23 +88,34 @@ _bound_downloads()
 
 
 def max_concurrency() -> int:
-    """Predictions served at once: ``DEEPSEEK_VL2_MAX_CONCURRENCY`` (a whole number >= 1), else 16 on a GPU
-    and 8 on a CPU. Read when this module is imported: Cog takes it from ``@concurrent`` (and the server
-    from ``COG_MAX_CONCURRENCY``, which it follows when only that is set). Memory may give the engine fewer cache slots than this (see
-    ``deepseek_vl2.engine.default_slots``); predictions beyond them wait their turn inside the engine
-    instead of being refused."""
-    for name in ("DEEPSEEK_VL2_MAX_CONCURRENCY", "COG_MAX_CONCURRENCY"):  # (an operator may set Cog's alone)
+    """Clients served without a refusal, each with one prediction in flight: ``DEEPSEEK_VL2_MAX_CONCURRENCY``
+    (a whole number >= 1), else 16 on a GPU and 8 on a CPU; the engine's cache slots. Read when this module
+    is imported. An operator may set Cog's ``COG_MAX_CONCURRENCY`` alone: it is what Cog's server admits
+    (``SERVER_CONCURRENCY``), so half of it (at least 1) is served. Memory may give the engine fewer cache
+    slots than this (see ``deepseek_vl2.engine.default_slots``); predictions beyond them wait their turn
+    inside the engine instead of being refused."""
+    for name in ("DEEPSEEK_VL2_MAX_CONCURRENCY", "COG_MAX_CONCURRENCY"):
         value = os.environ.get(name, "").strip()
         if value:
             if not value.isdigit() or int(value) < 1:
                 raise SystemExit(f"{name} must be a whole number >= 1, got {value!r}")
-            return int(value)
+            return int(value) if name == "DEEPSEEK_VL2_MAX_CONCURRENCY" else max(1, int(value) // 2)
     import torch
 
     return 16 if torch.cuda.is_available() else 8
 
 
+def server_concurrency(clients: int) -> int:
+    """Predictions Cog's server admits at once (beyond them it answers HTTP 409) so that ``clients`` clients
+    never see a 409: twice as many. Cog frees a prediction's slot only after it has sent the answer, so a
+    client that sends its next request as soon as it has read an answer can find its previous slot still
+    taken: each client holds at most that slot and its new one (a second slot would outlive a whole
+    prediction). The predictions beyond the engine's slots wait in its queue, as any beyond its cache do."""
+    return 2 * clients
+
+
 MAX_CONCURRENCY = max_concurrency()
+SERVER_CONCURRENCY = server_concurrency(MAX_CONCURRENCY)
 
 # The documented inputs (the Replicate API), shared by both predictors.
 IMAGE = Input(description="Input image file")
@@ -135,12 +147,17 @@ class Predictor(BasePredictor):
         print(
             f"DeepSeek-VL2 loaded from {model_dir} on {self.pipeline.device} ({self.pipeline.dtype}"
             f"{f', weights in {self.pipeline.scheme.name}' if self.pipeline.scheme else ''}) "
-            f"in {time.perf_counter() - started:.1f} s; {MAX_CONCURRENCY} predictions at once, "
+            f"in {time.perf_counter() - started:.1f} s; {MAX_CONCURRENCY} clients at once without a refusal, "
             f"{self.pipeline.engine.slots} decoding together",
             flush=True,
         )
+        admitted = os.environ.get("COG_MAX_CONCURRENCY", "").strip()
+        if admitted.isdigit() and int(admitted) < SERVER_CONCURRENCY:
+            print(f"Warning: Cog's server admits {admitted} predictions at once (COG_MAX_CONCURRENCY); with "
+                  f"{MAX_CONCURRENCY} clients sending one request after another some will get HTTP 409. "
+                  f"Set COG_MAX_CONCURRENCY={SERVER_CONCURRENCY} (make serve does).", flush=True)
 
-    @concurrent(max=MAX_CONCURRENCY)
+    @concurrent(max=SERVER_CONCURRENCY)
     async def predict(
         self,
         image: Path = IMAGE,
@@ -173,7 +190,7 @@ class StreamingPredictor(Predictor):
     ``predict: "predict.py:StreamingPredictor"`` in cog.yaml; ``make serve-stream`` serves it locally."""
 
     @streaming  # (Server-Sent Events: `Accept: text/event-stream`)
-    @concurrent(max=MAX_CONCURRENCY)
+    @concurrent(max=SERVER_CONCURRENCY)
     async def predict(  # type: ignore[override]
         self,
         image: Path = IMAGE,

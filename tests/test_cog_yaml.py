@@ -56,22 +56,25 @@ def test_dev_requirements_pinned(project_dir):
     assert {"pytest", "pyyaml", "jsonschema"} <= set(pins)
 
 
-def test_the_image_serves_as_many_at_once_as_the_engine_decodes(cog_yaml, project_dir):
-    """Cog's server (concurrency.max) and the predictor (DEEPSEEK_VL2_MAX_CONCURRENCY) agree on the GPU
-    image's number of predictions at once; with fewer server slots the engine would idle, with more the
-    server would queue where it could answer 409."""
+def test_the_image_admits_twice_the_clients_the_engine_serves(cog_yaml, project_dir):
+    """Cog's server (concurrency.max) admits twice the GPU image's clients served without a refusal
+    (DEEPSEEK_VL2_MAX_CONCURRENCY, the engine's slots), as predict.py's SERVER_CONCURRENCY says: Cog frees a
+    slot only after it has sent the answer, so with no margin a client sending back to back could get a 409."""
+    import os
     import subprocess
     import sys
 
     env = dict(item.split("=", 1) for item in cog_yaml["environment"])
-    assert int(env["DEEPSEEK_VL2_MAX_CONCURRENCY"]) == cog_yaml["concurrency"]["max"] >= 2
-    # predict.py reads it as the image will (its module-level @concurrent value)
+    clients = int(env["DEEPSEEK_VL2_MAX_CONCURRENCY"])
+    assert cog_yaml["concurrency"]["max"] == 2 * clients and clients >= 2
+    # predict.py reads them as the image will (COG_MAX_CONCURRENCY baked in; its module-level @concurrent value)
     out = subprocess.run([sys.executable, "-c", "import predict; print(predict.MAX_CONCURRENCY, "
-                          "predict.Predictor.predict.__cog_concurrent_max__)"],
+                          "predict.SERVER_CONCURRENCY, predict.Predictor.predict.__cog_concurrent_max__)"],
                          cwd=project_dir, capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "DEEPSEEK_VL2_MAX_CONCURRENCY": env["DEEPSEEK_VL2_MAX_CONCURRENCY"]})
+                         env={**os.environ, "DEEPSEEK_VL2_MAX_CONCURRENCY": str(clients),
+                              "COG_MAX_CONCURRENCY": str(cog_yaml["concurrency"]["max"])})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [env["DEEPSEEK_VL2_MAX_CONCURRENCY"]] * 2
+    assert out.stdout.split() == [str(clients), str(2 * clients), str(2 * clients)]
 
 
 def test_the_image_has_a_compiler_for_torch_compile(cog_yaml):

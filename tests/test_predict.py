@@ -134,6 +134,30 @@ def test_dtype_override(monkeypatch, fixtures_dir):
                 p.setup()
 
 
+def test_cog_admits_twice_the_clients_served_without_a_refusal(monkeypatch):
+    """DEEPSEEK_VL2_MAX_CONCURRENCY is the number of clients served without a 409; Cog's server admits twice
+    that (a client's next request may come before Cog has freed its previous slot). Cog's own setting alone
+    is what the server admits: half of it is served. A bad value stops with its name."""
+    import predict
+
+    monkeypatch.delenv("COG_MAX_CONCURRENCY", raising=False)
+    monkeypatch.setenv("DEEPSEEK_VL2_MAX_CONCURRENCY", "8")
+    assert predict.max_concurrency() == 8 and predict.server_concurrency(8) == 16
+    monkeypatch.setenv("COG_MAX_CONCURRENCY", "16")  # (what make serve passes to the worker beside it)
+    assert predict.max_concurrency() == 8
+    monkeypatch.delenv("DEEPSEEK_VL2_MAX_CONCURRENCY")
+    for admitted, clients in (("16", 8), ("5", 2), ("1", 1)):
+        monkeypatch.setenv("COG_MAX_CONCURRENCY", admitted)
+        assert predict.max_concurrency() == clients
+    for bad in ("0", "eight", "-2"):
+        monkeypatch.setenv("COG_MAX_CONCURRENCY", bad)
+        with pytest.raises(SystemExit, match="COG_MAX_CONCURRENCY must be a whole number"):
+            predict.max_concurrency()
+    # what @concurrent tells Cog, read as the module is imported
+    assert predict.Predictor.predict.__cog_concurrent_max__ == predict.SERVER_CONCURRENCY == 2 * predict.MAX_CONCURRENCY
+    assert predict.StreamingPredictor.predict.__cog_concurrent_max__ == predict.SERVER_CONCURRENCY
+
+
 def test_cli_and_make_demo(project_dir, tmp_path):
     """`make demo`'s two steps: a random checkpoint made here, then one prediction via the real Predictor."""
     model = tmp_path / "demo-model"

@@ -10,6 +10,7 @@ import json
 import os
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -23,6 +24,9 @@ GOLDEN_CASE = ("mha", "single_tiled")
 CONCURRENCY = 8
 # Back-to-back predictions in test_back_to_back_predictions_never_see_409 (the acceptance run uses 300).
 BACK_TO_BACK = int(os.environ.get("DEEPSEEK_VL2_BACK_TO_BACK", "100"))
+# Greedy predictions each of CONCURRENCY clients sends back to back in
+# test_clients_within_the_concurrency_sending_back_to_back_never_see_409 (issue 23's acceptance: 40).
+CLIENT_BACK_TO_BACK = int(os.environ.get("DEEPSEEK_VL2_CLIENT_BACK_TO_BACK", "40"))
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +290,31 @@ def test_back_to_back_predictions_never_see_409(server, golden, small_image):
             wrong.append(i)
     assert statuses.count(200) == BACK_TO_BACK, {code: statuses.count(code) for code in set(statuses)}
     assert not wrong
+
+
+def test_clients_within_the_concurrency_sending_back_to_back_never_see_409(server, golden):
+    """CONCURRENCY clients, each sending CLIENT_BACK_TO_BACK greedy golden predictions one after another (the
+    next as soon as its answer is read): every one is a 200 with exactly the golden answer, and the server is
+    READY afterwards. Cog frees a slot only after it has sent the answer, so a client's next request can come
+    before its own slot is free: with Cog admitting no more than the engine's slots, 9 of 320 were 409s."""
+    request, expected, _ = golden
+    start = threading.Barrier(CONCURRENCY)
+
+    def client(_: int) -> list[tuple[int, object]]:
+        start.wait()  # (all at once: they finish together and all come back in the same moment)
+        replies = []
+        for _ in range(CLIENT_BACK_TO_BACK):
+            resp = server.predict(request)
+            replies.append((resp.status_code, resp.json().get("output") if resp.status_code == 200 else resp.text[:200]))
+        return replies
+
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        replies = [reply for replies in pool.map(client, range(CONCURRENCY)) for reply in replies]
+    statuses = Counter(status for status, _ in replies)
+    assert statuses == {200: CONCURRENCY * CLIENT_BACK_TO_BACK}, (statuses, [r for r in replies if r[0] != 200][:3])
+    wrong = [output for _, output in replies if output != expected]
+    assert not wrong, (len(wrong), wrong[:3])
+    assert_ready_soon(server)
 
 
 def test_eight_clients_at_once_each_get_their_own_answer(server, golden, bad_images):

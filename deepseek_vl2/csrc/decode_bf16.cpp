@@ -367,13 +367,11 @@ void tile_rows(const uint16_t* w, int64_t row_stride, int64_t cols, const uint16
   }
 }
 
-// Tiles of the int8 products (int8.h): sums of the two limbs (C, 16 x 16 int32), weights (A: 16 rows x 64
-// signed bytes), the inputs' limbs (B: 16 quads x 16 columns, unsigned bytes).
+// Tiles of the int8 products (int8.h): sums of the two limbs (C, 16 x 16 int32), and two sets of operands
+// taken by turns, chunk by chunk (so that one chunk's loads need not wait for the last chunk's products):
+// weights (A: 16 rows x 64 signed bytes) and the inputs' two limbs (B: 16 quads x 16 columns, unsigned).
 #define HI_SUMS_TILE 0
 #define LO_SUMS_TILE 1
-#define INT8_WEIGHTS_TILE 2
-#define HI_INPUTS_TILE 3
-#define LO_INPUTS_TILE 4
 
 Int8Tiles pack_int8_tiles(const uint16_t*, const QuantInput* xs, int count, int64_t cols, int slot) {
   if (!int8_tiles_on().load(std::memory_order_relaxed)) return {};
@@ -404,13 +402,14 @@ Int8Tiles pack_int8_tiles(const uint16_t*, const QuantInput* xs, int count, int6
   return packed;
 }
 
-// (No software prefetch, as tile_rows: the hardware prefetchers follow the 16 rows' streams.)
+// The weights of 16 rows come as 16 short streams (a row is 1-2 KiB), which the hardware prefetchers barely
+// ramp up on: the next 16 rows are asked for into L2 while these are multiplied.
 void int8_tile_rows(const uint16_t*, const int8_t* w, int64_t row_stride, const uint16_t* row_scales,
                     const Int8Tiles& packed, int rows, float* sums) {
   TileConfig config;
-  config.rows[HI_SUMS_TILE] = config.rows[LO_SUMS_TILE] = config.rows[INT8_WEIGHTS_TILE] = uint8_t(rows);
-  config.rows[HI_INPUTS_TILE] = config.rows[LO_INPUTS_TILE] = 16;
-  for (int t = 0; t <= LO_INPUTS_TILE; ++t) config.bytes_per_row[t] = 64;
+  config.rows[HI_SUMS_TILE] = config.rows[LO_SUMS_TILE] = config.rows[2] = config.rows[5] = uint8_t(rows);  // (C, A)
+  config.rows[3] = config.rows[4] = config.rows[6] = config.rows[7] = 16;  // (B)
+  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64;
   _tile_loadconfig(&config);
   const int64_t cols = packed.cols, chunks = packed.chunks(), whole = cols / 64;
   const int64_t blocks = int8_blocks(cols), width = 16 * packed.groups();
@@ -430,12 +429,24 @@ void int8_tile_rows(const uint16_t*, const int8_t* w, int64_t row_stride, const 
       _tile_zero(HI_SUMS_TILE);
       _tile_zero(LO_SUMS_TILE);
       for (int64_t k = b * (kInt8Block / 64); k < std::min(chunks, (b + 1) * (kInt8Block / 64)); ++k) {
-        if (k < whole) _tile_loadd(INT8_WEIGHTS_TILE, w + 64 * k, row_stride);
-        else _tile_loadd(INT8_WEIGHTS_TILE, last, 64);
-        _tile_loadd(HI_INPUTS_TILE, hi + 1024 * k, 64);
-        _tile_loadd(LO_INPUTS_TILE, lo + 1024 * k, 64);
-        _tile_dpbsud(HI_SUMS_TILE, INT8_WEIGHTS_TILE, HI_INPUTS_TILE);
-        _tile_dpbsud(LO_SUMS_TILE, INT8_WEIGHTS_TILE, LO_INPUTS_TILE);
+        if (g == 0)  // (the next 16 rows, 1 KiB per chunk: they follow these in memory when the rows are compact)
+          for (int line = 0; line < 16; ++line)
+            _mm_prefetch(reinterpret_cast<const char*>(w + 16 * row_stride + 1024 * k + 64 * line), _MM_HINT_T1);
+        const int8_t* weights = k < whole ? w + 64 * k : last;
+        const int64_t stride = k < whole ? row_stride : 64;
+        if (k % 2 == 0) {
+          _tile_loadd(2, weights, stride);
+          _tile_loadd(3, hi + 1024 * k, 64);
+          _tile_loadd(4, lo + 1024 * k, 64);
+          _tile_dpbsud(HI_SUMS_TILE, 2, 3);
+          _tile_dpbsud(LO_SUMS_TILE, 2, 4);
+        } else {
+          _tile_loadd(5, weights, stride);
+          _tile_loadd(6, hi + 1024 * k, 64);
+          _tile_loadd(7, lo + 1024 * k, 64);
+          _tile_dpbsud(HI_SUMS_TILE, 5, 6);
+          _tile_dpbsud(LO_SUMS_TILE, 5, 7);
+        }
       }
       _tile_stored(HI_SUMS_TILE, hi_sums, 64);
       _tile_stored(LO_SUMS_TILE, lo_sums, 64);

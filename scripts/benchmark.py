@@ -21,6 +21,7 @@ Examples::
     python scripts/benchmark.py --checkpoint weights/deepseek-vl2-tiny --dtype float32 --repeat 3
     python scripts/benchmark.py --config tiny.json --layers 4     # same widths, fewer decoder layers
     python scripts/benchmark.py --config tiny.json --quantize int8   # the language weights in int8 (or int4)
+    python scripts/benchmark.py --config tiny.json --concurrency 1,8,poisson:0.4   # 8 at once; 16 arriving at 0.4/s
 
 ``--config`` builds a random-weight model of exactly that shape directly at the target dtype (no
 checkpoint file), with synthetic prompt ids: for one 384x384 image the reference workload is 438 prompt
@@ -28,21 +29,30 @@ tokens (421 image tokens + 17 text tokens). With ``--quantize`` the language mod
 directly in that scheme (random integers, no float copy: base in int4 without its 55 GB of bf16), or a
 checkpoint is quantized while it loads; the decode bound then counts the quantized bytes. With ``--json``
 the last line of stdout is one JSON object.
+
+``--concurrency`` levels, after the single-stream runs: a whole number N submits N requests at once; a level
+``poisson:R`` offers ``--arrival-requests`` requests (default 16) one by one at R requests/s on average, at
+the gaps of a Poisson process drawn from ``--arrival-seed`` (default 0: every run offers the same schedule),
+as real traffic arrives: there a stream that is already decoding stalls while a newcomer's prompt is
+prefilled. Every level reports decode tok/s, ttft p50/p95 (from each request's arrival) and itl p50/p95/max
+(every gap between two tokens of every request, others' prefill included).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
+import random
 import re
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -353,20 +363,92 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+@dataclasses.dataclass(frozen=True)
+class PoissonLevel:
+    """A ``--concurrency`` level ``poisson:RATE``: requests arrive one by one, ``rate`` per second on average,
+    at exponentially distributed gaps (a Poisson process), instead of all at once."""
+
+    rate: float  # requests offered per second
+
+    @property
+    def name(self) -> str:
+        """The level as written on the command line and keyed in the JSON (``poisson:0.4``)."""
+        return f"poisson:{self.rate:g}"
+
+
+Level = Union[int, PoissonLevel]
+
+
+def level_name(level: Level) -> str:
+    return level.name if isinstance(level, PoissonLevel) else str(level)
+
+
+def poisson_arrivals(rate: float, count: int, seed: int = 0) -> list[float]:
+    """Arrival times (seconds after the first arrival) of ``count`` requests of a Poisson process of ``rate``
+    requests per second: the first at 0, each next one an Exp(rate) gap later (mean 1/rate). The gaps come from
+    ``random.Random(seed)``, so a seed gives the same schedule on every machine and run."""
+    if not rate > 0 or rate == float("inf"):
+        raise ValueError(f"the arrival rate must be a positive number of requests per second, got {rate!r}")
+    if count < 1:
+        raise ValueError(f"a Poisson level needs at least one request, got {count}")
+    draw = random.Random(seed)
+    times = [0.0]
+    for _ in range(count - 1):
+        times.append(times[-1] + draw.expovariate(rate))
+    return times
+
+
+def latency_summary(arrivals: list[float], stamps: list[list[float]]) -> dict[str, float]:
+    """Latency figures of requests that arrived at ``arrivals`` (clock times) and whose tokens came at ``stamps``
+    (one list of clock times per request, in the same order). ttft: from a request's arrival to its first token
+    (queueing and the others' prefill included). itl: every gap between two consecutive tokens of one request,
+    pooled over all the requests; ``itl_ms_max`` is the longest of them all, the worst freeze a reader saw."""
+    gaps = [b - a for s in stamps for a, b in zip(s, s[1:])]
+    ttfts = [s[0] - arrived for arrived, s in zip(arrivals, stamps) if s]
+    return {
+        "ttft_s_p50": _percentile(ttfts, 50),
+        "ttft_s_p95": _percentile(ttfts, 95),
+        "itl_ms_p50": 1e3 * _percentile(gaps, 50),
+        "itl_ms_p95": 1e3 * _percentile(gaps, 95),
+        "itl_ms_max": 1e3 * max(gaps) if gaps else float("nan"),
+    }
+
+
 def run_concurrent(model, make_inputs, in_flight: int, new_tokens: int, device: torch.device) -> dict[str, Any]:
-    """``in_flight`` requests of the workload submitted at once to the engine (eos disabled), each read by its
-    own thread that stamps every token as it arrives. Their prompts differ (other text ids, or a number after
-    the prompt) and each samples (temperature 1, top-k 50, its own seed), so that their tokens, and the
-    experts those choose, differ as real requests' do: identical requests choose the same experts, and greedy
-    decoding of random weights falls into the same few tokens whatever the prompt (measured: 8 greedy rows
-    ran 3.9x one row, above the union-of-experts bound), both of which overstate what batching gains.
+    """``in_flight`` requests of the workload submitted at once to the engine (see run_requests).
 
     decode_tok_s_total: tokens per second of the engine's decode steps that carried all ``in_flight`` rows
-    (the steady state, between the joins and the first finish), from the engine's own timeline. itl: the
-    time between two tokens of one request, prefill stalls included (``itl_ms_max``: the longest decode
-    stall, which another request's prefill causes). ttft: from submit to the first token, queueing behind
-    the others' prefill included. experts_per_layer (bf16/fp32 CPU kernels only): the routed experts a MoE
-    layer's decode step streamed on average, next to what independent uniform choices of as many rows would
+    (the steady state, between the joins and the first finish), from the engine's own timeline. ttft: from
+    submit to the first token, queueing behind the others' prefill included."""
+    return run_requests(model, make_inputs, [0.0] * in_flight, new_tokens, device, steady_rows=in_flight)
+
+
+def run_poisson(model, make_inputs, level: PoissonLevel, count: int, seed: int, new_tokens: int,
+                device: torch.device) -> dict[str, Any]:
+    """``count`` requests offered at ``level.rate`` per second (``poisson_arrivals(rate, count, seed)``), each
+    submitted at its arrival time (see run_requests). decode_tok_s_total: tokens per second of all the engine's
+    decode steps, whatever rows they carried (``decode_rows_mean`` of them on average); ttft from each
+    request's arrival."""
+    arrivals = poisson_arrivals(level.rate, count, seed)
+    result = run_requests(model, make_inputs, arrivals, new_tokens, device)
+    return {"arrival_rate": level.rate, "arrival_seed": seed, "arrival_span_s": arrivals[-1], **result}
+
+
+def run_requests(model, make_inputs, arrivals: list[float], new_tokens: int, device: torch.device,
+                 steady_rows: Optional[int] = None) -> dict[str, Any]:
+    """One request of the workload per entry of ``arrivals`` (seconds after the start), each submitted to the
+    engine at that time (eos disabled) and read by its own thread that stamps every token as it arrives. Their
+    prompts differ (other text ids, or a number after the prompt) and each samples (temperature 1, top-k 50,
+    its own seed), so that their tokens, and the experts those choose, differ as real requests' do: identical
+    requests choose the same experts, and greedy decoding of random weights falls into the same few tokens
+    whatever the prompt (measured: 8 greedy rows ran 3.9x one row, above the union-of-experts bound), both of
+    which overstate what batching gains.
+
+    decode_tok_s_total: tokens per second of the engine's decode steps that carried ``steady_rows`` rows (all
+    of them when None or none did), from the engine's own timeline. ttft and itl: ``latency_summary`` from
+    each request's scheduled arrival (``itl_ms_max``: the longest decode stall, which another request's
+    prefill causes). experts_per_layer (bf16/fp32 CPU kernels only): the routed experts a MoE layer's decode
+    step streamed on average, next to what independent uniform choices of as many rows would
     (experts_per_layer_independent): fewer means the rows shared experts more than real requests would, and
     the total rate flatters batching."""
     from concurrent.futures import ThreadPoolExecutor
@@ -375,7 +457,7 @@ def run_concurrent(model, make_inputs, in_flight: int, new_tokens: int, device: 
     from deepseek_vl2.generation import GenerationConfig
 
     engine = engine_for(model)
-    inputs = [make_inputs(i) for i in range(in_flight)]
+    inputs = [make_inputs(i) for i in range(len(arrivals))]
     engine.timeline.clear()
     step = model.language._cpu_step()
     routed_counts = getattr(step, "take_routed_counts", None)
@@ -389,15 +471,18 @@ def run_concurrent(model, make_inputs, in_flight: int, new_tokens: int, device: 
         return [time.perf_counter() for _ in request]
 
     started = time.perf_counter()
-    requests = [engine.submit(x, GenerationConfig(max_new_tokens=new_tokens, temperature=1.0, seed=i), eos_token_id=-1)
-                for i, x in enumerate(inputs)]
-    with ThreadPoolExecutor(in_flight) as pool:
-        stamps = list(pool.map(consume, requests))
+    with ThreadPoolExecutor(len(arrivals)) as pool:
+        readers = []
+        for i, (offset, x) in enumerate(zip(arrivals, inputs)):
+            wait = started + offset - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            request = engine.submit(x, GenerationConfig(max_new_tokens=new_tokens, temperature=1.0, seed=i), eos_token_id=-1)
+            readers.append(pool.submit(consume, request))
+        stamps = [reader.result() for reader in readers]
     wall_s = time.perf_counter() - started
     steps = [(rows, seconds) for kind, rows, seconds in engine.timeline if kind == "decode"]
-    full = [(rows, seconds) for rows, seconds in steps if rows == in_flight] or steps
-    gaps = [b - a for s in stamps for a, b in zip(s, s[1:])]
-    ttfts = [s[0] - started for s in stamps if s]
+    full = [(rows, seconds) for rows, seconds in steps if rows == steady_rows] or steps
     prefill_units = [seconds for kind, _, seconds in engine.timeline if kind == "prefill"]
     routing: dict[str, float] = {}
     if routed_counts:
@@ -410,12 +495,10 @@ def run_concurrent(model, make_inputs, in_flight: int, new_tokens: int, device: 
     return {
         "decode_tok_s_total": sum(r for r, _ in full) / sum(t for _, t in full) if full else float("nan"),
         "steady_steps": len(full),
-        "ttft_s_p50": _percentile(ttfts, 50),
-        "ttft_s_p95": _percentile(ttfts, 95),
-        "itl_ms_p50": 1e3 * _percentile(gaps, 50),
-        "itl_ms_p95": 1e3 * _percentile(gaps, 95),
-        "itl_ms_max": 1e3 * max(gaps) if gaps else float("nan"),
+        "decode_rows_mean": statistics.mean(r for r, _ in steps) if steps else float("nan"),
+        **latency_summary([started + offset for offset in arrivals], stamps),
         "prefill_unit_s_max": max(prefill_units) if prefill_units else float("nan"),
+        "requests": len(arrivals),
         "tokens": sum(len(s) for s in stamps),
         "wall_s": wall_s,
         "peak_memory_gb": (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()) / 1e9,
@@ -473,25 +556,53 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="glibc: no mmap/trim for big temporaries (see tune_malloc); to measure its effect")
     p.add_argument("--json", action="store_true", help="last stdout line: one JSON object with every figure")
     p.add_argument("--concurrency", type=_levels, default=[],
-                   help="e.g. 1,2,4,8,16: after the single-stream runs, that many requests in flight at each level "
-                        "(the engine gets as many slots as the largest level)")
+                   help="e.g. 1,2,4,8,16: after the single-stream runs, that many requests submitted at once at each "
+                        "level (the engine gets as many slots as the largest level); a level poisson:R (e.g. "
+                        "1,8,poisson:0.4) offers --arrival-requests requests one by one, R per second on average "
+                        "(Poisson arrivals: exponential gaps from --arrival-seed), as real traffic comes")
+    p.add_argument("--arrival-requests", type=int, default=16,
+                   help="requests of each poisson:R level (default 16)")
+    p.add_argument("--arrival-seed", type=int, default=0,
+                   help="seed of the poisson:R levels' arrival gaps (default 0: the same schedule every run)")
     p.add_argument("--slots", type=int, default=None,
-                   help="engine slots (default: the largest --concurrency level, else what the server would use)")
+                   help="engine slots (default: the largest whole-number --concurrency level, else what the server "
+                        "would use; a poisson:R level's requests beyond the slots queue, as in the server)")
     args = p.parse_args(argv)
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (one to time the prefill, one decode step)")
     if (args.layers is not None or args.vision_layers is not None) and args.config is None:
         p.error("--layers/--vision-layers need --config")
+    if args.arrival_requests < 1:
+        p.error(f"--arrival-requests must be at least 1, got {args.arrival_requests}")
     return args
 
 
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"levels must be whole numbers >= 1, got {text!r}")
+def _levels(text: str) -> list[Level]:
+    """``1,8,poisson:0.4`` -> [1, 8, PoissonLevel(0.4)]."""
+    levels: list[Level] = []
+    for part in (part.strip() for part in text.split(",")):
+        if not part:
+            continue
+        if part.lower().startswith("poisson:"):
+            try:
+                rate = float(part.split(":", 1)[1])
+            except ValueError:
+                rate = float("nan")
+            if not 0 < rate < float("inf"):
+                raise argparse.ArgumentTypeError(
+                    f"a Poisson level is poisson:RATE with RATE > 0 requests per second (e.g. poisson:0.4), got {part!r}")
+            levels.append(PoissonLevel(rate))
+            continue
+        try:
+            level = int(part)
+        except ValueError:
+            level = 0
+        if level < 1:
+            raise argparse.ArgumentTypeError(
+                f"levels are whole numbers >= 1 or poisson:RATE, separated by commas; got {part!r} in {text!r}")
+        levels.append(level)
+    if not levels:
+        raise argparse.ArgumentTypeError(f"no level in {text!r}")
     return levels
 
 
@@ -614,7 +725,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # --- the engine: as the server makes it, with slots for the largest level, each slot as long as a request ---
     from deepseek_vl2.engine import configured_slots, engine_for
 
-    slots = args.slots or (max(args.concurrency) if args.concurrency else configured_slots(model))
+    at_once = [level for level in args.concurrency if isinstance(level, int)]
+    slots = args.slots or (max(at_once) if at_once else configured_slots(model))
     sample = make_inputs()
     engine = engine_for(model, slots, context=int(sample.input_ids.numel()) + args.new_tokens + 1)
     log(f"engine: {engine.slots} slots of {engine.context} positions, prefill chunks of {engine.prefill_chunk} tokens")
@@ -656,10 +768,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     concurrency: dict[str, dict[str, Any]] = {}
     for level in args.concurrency:
+        if isinstance(level, PoissonLevel):
+            run_level = functools.partial(run_poisson, model, make_inputs, level, args.arrival_requests,
+                                          args.arrival_seed, args.new_tokens, device)
+            log(f"{args.arrival_requests} requests arriving at {level.rate:g}/s (Poisson, seed {args.arrival_seed}), "
+                f"{args.new_tokens} new tokens each ...")
+        else:
+            run_level = functools.partial(run_concurrent, model, make_inputs, level, args.new_tokens, device)
+            log(f"{level} request(s) in flight, {args.new_tokens} new tokens each ...")
         if device.type == "cuda":  # (each batch bucket's graph is captured on first use: not in the timing)
-            run_concurrent(model, make_inputs, level, args.new_tokens, device)
-        log(f"{level} request(s) in flight, {args.new_tokens} new tokens each ...")
-        concurrency[str(level)] = c = run_concurrent(model, make_inputs, level, args.new_tokens, device)
+            run_level()
+        concurrency[level_name(level)] = c = run_level()
         if c["peak_memory_is_since_level_start"]:
             c["peak_memory_gb"] -= probe_resident / 1e9  # (the probe's buffer, resident since, is not the engine's)
         log(f"  decode {c['decode_tok_s_total']:.1f} tok/s in all; ttft p50 {c['ttft_s_p50']:.2f} s; "
@@ -793,18 +912,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         lines.append(f"(first, cold request: time to first token {cold['ttft_s']:.3f} s)")
     if concurrency:
         single = concurrency.get("1", {}).get("decode_tok_s_total")
-        lines += ["", f"{'in flight':>9}{'decode tok/s':>14}{'x one':>7}{'ttft p50':>10}{'ttft p95':>10}{'itl p50':>10}"
+        lines += ["", f"{'in flight':>13}{'decode tok/s':>14}{'x one':>7}{'ttft p50':>10}{'ttft p95':>10}{'itl p50':>10}"
                       f"{'itl p95':>10}{'itl max':>10}{'peak mem':>10}{'experts/layer (indep.)':>24}"]
         for level, c in concurrency.items():
             ratio = f"{c['decode_tok_s_total'] / single:.2f}" if single else "-"
             experts = (f"{c['experts_per_layer']:.1f} ({c['experts_per_layer_independent']:.1f})"
                        if "experts_per_layer" in c else "-")
-            lines.append(f"{level:>9}{c['decode_tok_s_total']:>14.1f}{ratio:>7}{c['ttft_s_p50']:>9.2f}s{c['ttft_s_p95']:>9.2f}s"
+            lines.append(f"{level:>13}{c['decode_tok_s_total']:>14.1f}{ratio:>7}{c['ttft_s_p50']:>9.2f}s{c['ttft_s_p95']:>9.2f}s"
                          f"{c['itl_ms_p50']:>8.1f}ms{c['itl_ms_p95']:>8.1f}ms{c['itl_ms_max']:>8.0f}ms{c['peak_memory_gb']:>8.2f}GB"
                          f"{experts:>24}")
         lines.append("(decode tok/s: the engine's steps that carried every request in flight; itl: time between two "
                      "tokens of one request, others' prefill included; ttft from submit; experts/layer: routed experts a "
                      "MoE layer's step streamed, and in brackets what independent choices would)")
+        for level, c in concurrency.items():
+            if "arrival_rate" in c:
+                lines.append(f"({level}: {c['requests']} requests arriving at {c['arrival_rate']:g}/s on average (Poisson, "
+                             f"seed {c['arrival_seed']}, the last {c['arrival_span_s']:.1f} s after the first), "
+                             f"{c['decode_rows_mean']:.1f} rows per decode step on average; its decode tok/s: every "
+                             "decode step, whatever rows it carried)")
     print("\n".join(lines), flush=True)
     for phase, table in profile_tables.items():
         print(f"\nprofile of {phase} (self time, top ops):\n{table}", flush=True)

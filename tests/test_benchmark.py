@@ -174,6 +174,7 @@ def _load_benchmark_module():
 
     spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up while the file runs)
     spec.loader.exec_module(module)
     return module
 
@@ -247,18 +248,131 @@ def test_benchmark_smoke_checkpoint():
     assert huge is None or (0 <= huge["file"] <= result["peak_rss_gb"] and huge["anonymous"] >= 0)
 
 
+def test_poisson_arrivals_follow_the_seeded_schedule():
+    """poisson_arrivals: the first request at 0, then exponential gaps of mean 1/rate (so 1 - 1/e of them
+    shorter than the mean, and as spread as they are long), the same schedule for the same seed."""
+    bench = _load_benchmark_module()
+    rate, count = 0.4, 20_000
+    times = bench.poisson_arrivals(rate, count, seed=0)
+    assert len(times) == count and times[0] == 0.0
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert min(gaps) >= 0
+    mean = sum(gaps) / len(gaps)
+    assert mean == pytest.approx(1 / rate, rel=0.03)  # (the sample mean's spread is 0.7 %)
+    assert sum(g < mean for g in gaps) / len(gaps) == pytest.approx(1 - 1 / 2.718281828, abs=0.015)
+    spread = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5
+    assert spread / mean == pytest.approx(1.0, abs=0.05)  # (evenly spaced arrivals would give 0)
+    assert bench.poisson_arrivals(rate, 16, seed=0) == times[:16]  # reproducible, a prefix of the longer one
+    assert bench.poisson_arrivals(rate, 16, seed=1) != times[:16]
+    # twice the rate: the same draws, half the gaps
+    assert bench.poisson_arrivals(2 * rate, 16, seed=0) == pytest.approx([t / 2 for t in times[:16]])
+    assert bench.poisson_arrivals(rate, 1) == [0.0]
+    for bad_rate, bad_count in ((0.0, 4), (-1.0, 4), (float("nan"), 4), (float("inf"), 4), (0.4, 0)):
+        with pytest.raises(ValueError):
+            bench.poisson_arrivals(bad_rate, bad_count)
+
+
+def test_concurrency_levels_take_poisson_rates():
+    bench = _load_benchmark_module()
+    args = bench.parse_args(["--config", "c.json", "--concurrency", "1,8,poisson:0.4", "--arrival-requests", "5"])
+    assert args.concurrency == [1, 8, bench.PoissonLevel(0.4)] and args.arrival_requests == 5 and args.arrival_seed == 0
+    assert [bench.level_name(level) for level in args.concurrency] == ["1", "8", "poisson:0.4"]
+    assert bench.parse_args(["--config", "c.json"]).arrival_requests == 16
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--concurrency", "1,poisson:0"], "poisson:RATE with RATE > 0"),
+    (["--concurrency", "poisson:fast"], "poisson:RATE with RATE > 0"),
+    (["--concurrency", "1,two"], "whole numbers >= 1 or poisson:RATE"),
+    (["--concurrency", "poisson:1", "--arrival-requests", "0"], "--arrival-requests must be at least 1"),
+])
+def test_bad_levels_are_refused_with_a_message(argv, message, capsys):
+    bench = _load_benchmark_module()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--config", "c.json", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_latency_summary_pools_every_gap_of_every_request():
+    """itl_ms_max is the longest gap of any request (here the second one's, a prefill stall in the middle of
+    its stream), never below p95; ttft counts from each request's own arrival."""
+    bench = _load_benchmark_module()
+    arrivals = [100.0, 101.0, 103.0]
+    stamps = [
+        [100.5 + 0.05 * k for k in range(20)],
+        [101.2 + 0.05 * k for k in range(10)] + [101.65 + 1.2 + 0.05 * k for k in range(10)],
+        [104.0 + 0.05 * k for k in range(20)],
+    ]
+    s = bench.latency_summary(arrivals, stamps)
+    assert s["itl_ms_max"] == pytest.approx(1200.0)
+    assert s["itl_ms_p50"] == pytest.approx(50.0) and s["itl_ms_p95"] == pytest.approx(50.0)
+    assert s["itl_ms_max"] >= s["itl_ms_p95"]
+    assert s["ttft_s_p50"] == pytest.approx(0.5) and s["ttft_s_p95"] == pytest.approx(0.95)
+    empty = bench.latency_summary([0.0], [[]])
+    assert all(value != value for value in empty.values())  # (nan: no token came)
+
+
+def test_a_poisson_level_submits_each_request_at_its_arrival(monkeypatch):
+    """run_poisson hands request i to the engine at poisson_arrivals(rate, n, seed)[i] after the start (an
+    engine stand-in records when), not all at once, and times its first token from that arrival."""
+    import collections
+    import time
+    import types
+
+    import deepseek_vl2.engine
+
+    bench = _load_benchmark_module()
+    submitted: list[float] = []
+
+    class Engine:
+        timeline: collections.deque = collections.deque()
+
+        def submit(self, inputs, config, eos_token_id):
+            submitted.append(time.perf_counter())
+
+            def tokens():
+                for _ in range(config.max_new_tokens):
+                    time.sleep(0.01)
+                    self.timeline.append(("decode", 1, 0.01))
+                    yield 5
+
+            return tokens()
+
+    monkeypatch.setattr(deepseek_vl2.engine, "engine_for", lambda model: Engine())
+    model = types.SimpleNamespace(language=types.SimpleNamespace(_cpu_step=lambda: None))
+    level, count, seed = bench.PoissonLevel(8.0), 4, 3
+    started = time.perf_counter()
+    result = bench.run_poisson(model, lambda i: i, level, count, seed, 3, torch.device("cpu"))
+    schedule = bench.poisson_arrivals(level.rate, count, seed)
+    offsets = [t - started for t in submitted]
+    assert len(offsets) == count
+    for offset, planned in zip(offsets, schedule):
+        assert planned <= offset < planned + 0.15, (offsets, schedule)
+    assert result["arrival_rate"] == 8.0 and result["requests"] == count and result["tokens"] == 3 * count
+    assert result["arrival_span_s"] == schedule[-1] and result["arrival_seed"] == seed
+    assert 0.01 <= result["ttft_s_p50"] < 0.15  # (one 10 ms token after its own arrival, not after the start)
+    assert result["itl_ms_max"] >= result["itl_ms_p95"] >= result["itl_ms_p50"] >= 10.0
+
+
 def test_benchmark_smoke_config():
     cfg = FIXTURES / "checkpoints" / "mla" / "config.json"
     if not cfg.is_file():
         pytest.skip(f"fixture config not found at {cfg}")
     pytest.importorskip("deepseek_vl2.generation")
-    result = _run_benchmark("--config", str(cfg), "--concurrency", "1,3")
+    result = _run_benchmark("--config", str(cfg), "--concurrency", "1,3,poisson:20", "--arrival-requests", "3")
     assert result["random_weights"] is True
     assert result["prompt_tokens"] == 438 and result["n_tiles"] == 2
     config = DeepseekVL2Config.from_json_file(cfg).language
-    for level, rows in (("1", 1), ("3", 3)):
+    assert list(result["concurrency"]) == ["1", "3", "poisson:20"]
+    poisson = result["concurrency"]["poisson:20"]
+    assert poisson["arrival_rate"] == 20 and poisson["requests"] == 3 and poisson["arrival_seed"] == 0
+    bench = _load_benchmark_module()
+    assert poisson["arrival_span_s"] == pytest.approx(bench.poisson_arrivals(20, 3, 0)[-1])
+    for level, rows in (("1", 1), ("3", 3), ("poisson:20", 3)):
         c = result["concurrency"][level]
         assert c["tokens"] == 4 * rows and c["decode_tok_s_total"] > 0
+        assert c["ttft_s_p95"] >= c["ttft_s_p50"] > 0
+        assert c["itl_ms_max"] >= c["itl_ms_p95"] >= c["itl_ms_p50"] > 0
         if "experts_per_layer" in c:  # (where the CPU step kernel decodes)
             assert c["experts_per_layer_independent"] <= bounds.experts_touched(
                 config.n_routed_experts, config.num_experts_per_tok, rows) + 1e-9

@@ -35,7 +35,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator, Optional, Union
+from typing import Any, AsyncIterator, Generator, Iterator, Optional, Union
 
 import torch
 
@@ -50,6 +50,10 @@ from .model import DeepseekVL2, ImageInputs
 # chunk at a time, so a decoding request waits at most one chunk per step (see docs/performance.md for the
 # measured stall); a whole 1-image prompt of tiny (438 tokens) is one chunk.
 DEFAULT_PREFILL_CHUNK = 512
+# Vision blocks times tiles per unit (DEEPSEEK_VL2_VISION_UNIT): a joining request's images go through the
+# tower a few blocks at a time, the others' decode steps between (SigLIP's 27 blocks take ~27 ms a tile each
+# on 2 Sapphire Rapids cores: 8 is a unit of ~0.2 s, where a whole 2-tile image was ~0.7 s).
+DEFAULT_VISION_UNIT = 8
 
 
 class RequestCancelled(Exception):
@@ -103,6 +107,7 @@ class Request:
         self.slot: Optional[int] = None
         self.max_new = 0
         self.embeds: Optional[torch.Tensor] = None  # [1, T, D] until prefilled
+        self.embedding: Optional[Generator[None, None, torch.Tensor]] = None  # the vision tower's pieces, while it runs
         self.prefilled = 0  # prompt tokens written to the cache
         self.generated = 0
         self.last_token = -1  # the token the next decode step feeds
@@ -171,7 +176,7 @@ class Request:
             return
         self.finished = True
         self.stats.total_s = time.perf_counter() - self.submitted
-        self.embeds = None
+        self.embeds = self.embedding = None
         self._deliver(error if error is not None else _END)
 
 
@@ -206,6 +211,11 @@ class BatchEngine:
         self.prefill_chunk = int(prefill_chunk or os.environ.get("DEEPSEEK_VL2_PREFILL_CHUNK", DEFAULT_PREFILL_CHUNK))
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
+        # Vision blocks times tiles per unit: the tower of a joining request runs in pieces, the others
+        # decoding between them (a whole 2-tile image took ~0.7 s of tiny's decode on 2 cores).
+        self.vision_unit = int(os.environ.get("DEEPSEEK_VL2_VISION_UNIT", DEFAULT_VISION_UNIT))
+        if self.vision_unit < 1:
+            raise ValueError(f"DEEPSEEK_VL2_VISION_UNIT must be at least 1, got {self.vision_unit}")
         # CUDA graphs pad a batch to its bucket with rows that write to one spare slot (never a request's).
         self.graphs: Optional[CudaGraphDecoder] = None
         spare = 0
@@ -349,8 +359,14 @@ class BatchEngine:
     def _prefill_unit(self, request: Request) -> None:
         started = time.perf_counter()
         try:
-            if request.embeds is None and request.prefilled == 0:
-                self._embed(request)
+            if request.embeds is None and request.prefilled == 0:  # (the images: a few vision blocks a unit)
+                if request.embedding is None:
+                    self._start_embedding(request)
+                try:
+                    next(request.embedding)
+                except StopIteration as done:
+                    request.embedding = None
+                    self._embedded(request, done.value)
                 self.timeline.append(("prefill", 0, time.perf_counter() - started))
                 return
             if request.max_new == 0:
@@ -370,13 +386,19 @@ class BatchEngine:
         except Exception as exc:  # noqa: BLE001 - this request fails alone; the others go on
             self._leave(request, exc)
 
-    def _embed(self, request: Request) -> None:
+    def _start_embedding(self, request: Request) -> None:
         config = request.config
         context = min(self.context, self.language.config.max_position_embeddings)  # (the config may say less now)
         if request.prompt_len >= context:
             raise ValueError(f"the prompt is {request.prompt_len} tokens; the model's context is {context}")
         request.max_new = max(0, min(config.max_new_tokens, context - request.prompt_len))
-        request.embeds = self.model.prepare_inputs_embeds(request.inputs)
+        pixels = request.inputs.pixel_values
+        tiles = int(pixels.shape[0]) if pixels is not None else 0
+        request.embedding = self.model.prepare_inputs_embeds_steps(request.inputs, max(1, self.vision_unit // max(1, tiles)))
+
+    def _embedded(self, request: Request, embeds: torch.Tensor) -> None:
+        config = request.config
+        request.embeds = embeds
         request.inputs = None  # (its pixel values are not needed any more)
         request.stats.embedded_s = time.perf_counter() - request.submitted
         if config.do_sample:

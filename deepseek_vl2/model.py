@@ -24,7 +24,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Protocol
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ from .quantize import (
     scheme_from_config,
     unpack_from_file,
 )
-from .vision import VisionTransformer
+from .vision import VisionTransformer, run_steps
 
 
 class ImageInputs(Protocol):
@@ -87,7 +87,13 @@ class DeepseekVL2(nn.Module):
         Per image the layout is: global view as h rows of (w tokens + newline), the view separator, then
         the local tiles stitched into (nh*h) rows of (nw*w tokens + newline) (global last for "tail").
         """
-        features = self._tile_features(pixel_values.to(self.device, self.dtype), images_spatial_crop)
+        return run_steps(self.encode_images_steps(pixel_values, images_spatial_crop, self.config.vision.layers))
+
+    def encode_images_steps(self, pixel_values: torch.Tensor, images_spatial_crop: torch.Tensor,
+                            blocks_per_step: int) -> Generator[None, None, torch.Tensor]:
+        """``encode_images`` in pieces of ``blocks_per_step`` vision blocks (see ``VisionTransformer.steps``)."""
+        features = yield from self._tile_features(pixel_values.to(self.device, self.dtype), images_spatial_crop,
+                                                  blocks_per_step)
         n_tiles, tokens, width = features.shape
         side = int(tokens**0.5)
         grid = features.view(n_tiles, side, side, width)
@@ -110,7 +116,8 @@ class DeepseekVL2(nn.Module):
             raise ValueError(f"images_spatial_crop describes {tile} tiles but {n_tiles} were given")
         return torch.cat(pieces)
 
-    def _tile_features(self, pixel_values: torch.Tensor, images_spatial_crop: torch.Tensor) -> torch.Tensor:
+    def _tile_features(self, pixel_values: torch.Tensor, images_spatial_crop: torch.Tensor,
+                       blocks_per_step: int) -> Generator[None, None, torch.Tensor]:
         """Vision tower + projector over all tiles, [n_tiles, h*w, D], each distinct tile computed once.
 
         An image tiled 1x1 (any image whose best resolution is a single 384 tile, and every image when
@@ -127,8 +134,8 @@ class DeepseekVL2(nn.Module):
             tile += 1 + n_wide * n_high
         unique = sorted(set(source))
         if len(unique) == len(source):
-            return self.projector(self.vision(pixel_values))
-        features = self.projector(self.vision(pixel_values[unique]))
+            return self.projector((yield from self.vision.steps(pixel_values, blocks_per_step)))
+        features = self.projector((yield from self.vision.steps(pixel_values[unique], blocks_per_step)))
         position = {t: i for i, t in enumerate(unique)}
         return features[[position[s] for s in source]]
 
@@ -139,6 +146,11 @@ class DeepseekVL2(nn.Module):
 
     def prepare_inputs_embeds(self, inputs: ImageInputs) -> torch.Tensor:
         """Text embeddings with every image position replaced by the image embeddings, [1, T, D]."""
+        return run_steps(self.prepare_inputs_embeds_steps(inputs, self.config.vision.layers))
+
+    def prepare_inputs_embeds_steps(self, inputs: ImageInputs, blocks_per_step: int) -> Generator[None, None, torch.Tensor]:
+        """``prepare_inputs_embeds`` in pieces of ``blocks_per_step`` vision blocks (the serving engine's
+        units: the other requests decode between them)."""
         input_ids = inputs.input_ids.to(self.device).view(-1)
         embeds = self.language.model.embed_tokens(input_ids)
         mask = inputs.images_seq_mask.to(self.device).view(-1).bool()
@@ -146,7 +158,7 @@ class DeepseekVL2(nn.Module):
         crops = inputs.images_spatial_crop
         has_images = inputs.pixel_values is not None and inputs.pixel_values.shape[0] > 0 and int(crops.sum()) > 0
         if has_images:
-            image_embeds = self.encode_images(inputs.pixel_values, crops.view(-1, 2))
+            image_embeds = yield from self.encode_images_steps(inputs.pixel_values, crops.view(-1, 2), blocks_per_step)
             if image_embeds.shape[0] != n_image_positions:
                 raise ValueError(
                     f"the prompt has {n_image_positions} image-token positions but the images give "

@@ -9,6 +9,8 @@ loader drops those weights and they cost neither memory nor compute.
 
 from __future__ import annotations
 
+from typing import Generator, TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,7 +94,27 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(config.width, eps=LAYER_NORM_EPS)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return run_steps(self.steps(pixels, len(self.blocks)))
+
+    def steps(self, pixels: torch.Tensor, blocks_per_step: int) -> Generator[None, None, torch.Tensor]:
+        """``forward`` in pieces: yields after every ``blocks_per_step`` blocks (the serving engine runs a
+        decode step of the other requests there), returns [n_tiles, 729, width]. The same operations in
+        the same order as one call."""
         x = self.patch_embed(pixels) + self.pos_embed
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
             x = block(x)
+            if (index + 1) % blocks_per_step == 0 and index + 1 < len(self.blocks):
+                yield
         return self.norm(x)
+
+
+T = TypeVar("T")
+
+
+def run_steps(steps: Generator[None, None, T]) -> T:
+    """Run a stepwise computation to its end and return its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

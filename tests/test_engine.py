@@ -203,6 +203,34 @@ def test_prompts_are_prefilled_in_chunks_between_the_others_steps() -> None:
     decoding.cancel()
 
 
+def test_a_joining_requests_images_go_through_the_tower_in_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vision tower of a joining request runs DEEPSEEK_VL2_VISION_UNIT // tiles blocks a unit, a decode
+    step of the others after each, and the request's answer is the one it gets alone."""
+    processor, model = _load("mha")
+    monkeypatch.setenv("DEEPSEEK_VL2_VISION_UNIT", "4")
+    joining = _prompt(processor, size=(900, 600), color=(20, 90, 160))
+    tiles, layers = int(joining.pixel_values.shape[0]), model.config.vision.layers
+    blocks = max(1, 4 // tiles)
+    _, engine = _engine("mha", slots=2)
+    assert engine.vision_unit == 4
+    alone = list(engine.submit(joining, GenerationConfig(max_new_tokens=6, repetition_penalty=1.0), processor.eos_id))
+    decoding = engine.submit(_prompt(processor), GenerationConfig(max_new_tokens=3000, repetition_penalty=1.0), processor.eos_id)
+    stream = iter(decoding)
+    next(stream)
+    engine.timeline.clear()
+    together = list(engine.submit(joining, GenerationConfig(max_new_tokens=6, repetition_penalty=1.0), processor.eos_id))
+    decoding.cancel()
+    assert together == alone
+    kinds = [(kind, tokens) for kind, tokens, _ in engine.timeline]
+    vision_units = [i for i, (kind, tokens) in enumerate(kinds) if kind == "prefill" and tokens == 0]
+    assert len(vision_units) == -(-layers // blocks) > 1
+    for a, b in zip(vision_units, vision_units[1:]):  # (a decode step of the other request between two units)
+        assert any(kind == "decode" for kind, _ in kinds[a + 1: b])
+    monkeypatch.setenv("DEEPSEEK_VL2_VISION_UNIT", "0")
+    with pytest.raises(ValueError, match="DEEPSEEK_VL2_VISION_UNIT must be at least 1"):
+        BatchEngine(model, 1)
+
+
 def test_each_chosen_expert_runs_once_per_step_on_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Batched MoE (the PyTorch rows path): in one decode step of several rows, each expert that any row
     chose runs once, on all the rows routed to it."""

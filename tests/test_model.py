@@ -179,7 +179,7 @@ def test_identical_global_and_local_tile_run_the_tower_once() -> None:
     inputs = processor.process_prompt("<image>\nWhat is this?", [Image.new("RGB", (384, 384), (10, 200, 30))])
     assert inputs.images_spatial_crop.tolist() == [[1, 1]] and inputs.pixel_values.shape[0] == 2
     seen: list[int] = []
-    hook = model.vision.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    hook = model.vision.patch_embed.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     try:
         with torch.inference_mode():
             deduplicated = model.encode_images(inputs.pixel_values, inputs.images_spatial_crop)
@@ -190,6 +190,33 @@ def test_identical_global_and_local_tile_run_the_tower_once() -> None:
         full = model.projector(model.vision(inputs.pixel_values))
     side = 14
     assert torch.allclose(deduplicated[: side * (side + 1)].view(side, side + 1, -1)[:, :side].reshape(-1, full.shape[-1]), full[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("blocks_per_step", [1, 2, 5])
+def test_the_tower_in_pieces_gives_the_same_embeddings(blocks_per_step: int) -> None:
+    """prepare_inputs_embeds_steps yields between pieces of the vision tower (the serving engine's units)
+    and returns exactly what prepare_inputs_embeds returns in one call."""
+    from PIL import Image
+
+    from deepseek_vl2.processor import DeepseekVL2Processor
+
+    path = FIXTURES_DIR / "checkpoints" / "mla"
+    processor, model = DeepseekVL2Processor.from_pretrained(path), load_model(path)
+    inputs = processor.process_prompt("<image> and <image>", [Image.new("RGB", (700, 300), (10, 200, 30)),
+                                                              Image.new("RGB", (300, 300), (200, 10, 30))])
+    with torch.inference_mode():
+        whole = model.prepare_inputs_embeds(inputs)
+        steps = model.prepare_inputs_embeds_steps(inputs, blocks_per_step)
+        pauses = 0
+        while True:
+            try:
+                next(steps)
+                pauses += 1
+            except StopIteration as done:
+                pieces = done.value
+                break
+    assert pauses == -(-model.config.vision.layers // blocks_per_step) - 1
+    assert torch.equal(pieces, whole)
 
 
 @pytest.mark.parametrize("mmap", [False, True], ids=["copied", "mapped"])

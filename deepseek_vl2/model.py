@@ -92,8 +92,8 @@ class DeepseekVL2(nn.Module):
     def encode_images_steps(self, pixel_values: torch.Tensor, images_spatial_crop: torch.Tensor,
                             blocks_per_step: int) -> Generator[None, None, torch.Tensor]:
         """``encode_images`` in pieces of ``blocks_per_step`` vision blocks (see ``VisionTransformer.steps``)."""
-        features = yield from self._tile_features(pixel_values.to(self.device, self.dtype), images_spatial_crop,
-                                                  blocks_per_step)
+        features = yield from self._tile_features_steps(pixel_values.to(self.device, self.dtype), images_spatial_crop,
+                                                        blocks_per_step)
         n_tiles, tokens, width = features.shape
         side = int(tokens**0.5)
         grid = features.view(n_tiles, side, side, width)
@@ -116,8 +116,12 @@ class DeepseekVL2(nn.Module):
             raise ValueError(f"images_spatial_crop describes {tile} tiles but {n_tiles} were given")
         return torch.cat(pieces)
 
-    def _tile_features(self, pixel_values: torch.Tensor, images_spatial_crop: torch.Tensor,
-                       blocks_per_step: int) -> Generator[None, None, torch.Tensor]:
+    def _tile_features(self, pixel_values: torch.Tensor, images_spatial_crop: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector over all tiles, [n_tiles, h*w, D] (``_tile_features_steps`` in one go)."""
+        return run_steps(self._tile_features_steps(pixel_values, images_spatial_crop, self.config.vision.layers))
+
+    def _tile_features_steps(self, pixel_values: torch.Tensor, images_spatial_crop: torch.Tensor,
+                             blocks_per_step: int) -> Generator[None, None, torch.Tensor]:
         """Vision tower + projector over all tiles, [n_tiles, h*w, D], each distinct tile computed once.
 
         An image tiled 1x1 (any image whose best resolution is a single 384 tile, and every image when

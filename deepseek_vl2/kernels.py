@@ -232,13 +232,13 @@ def _avx512bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
-def _layer_extension(dtype: torch.dtype) -> Optional[Any]:
-    """The extension with the layer kernels for CPU weights of ``dtype``: bf16 (AVX512-BF16 CPUs) or fp32."""
-    if dtype == torch.bfloat16:
-        return avx512_bf16_extension()
-    if dtype == torch.float32:
-        return fp32_extension()
-    return None
+def _layer_extension(dtype: torch.dtype, build: bool = True) -> Optional[Any]:
+    """The extension with the layer kernels for CPU weights of ``dtype``: bf16 (AVX512-BF16 CPUs) or fp32;
+    with ``build=False`` only one already built (or found missing), never building it now."""
+    extension = {torch.bfloat16: avx512_bf16_extension, torch.float32: fp32_extension}.get(dtype)
+    if extension is None or (not build and not extension.cache_info().currsize):
+        return None
+    return extension()
 
 
 def load_cpu_kernels(dtype: torch.dtype) -> Optional[Any]:
@@ -386,8 +386,7 @@ def quantized_rows(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     matrix = [packed, scale]
     if x.device.type != "cpu" or x.dtype not in _SUFFIX or not 2 <= rows <= QUANTIZED_ROWS_MAX or not takes(matrix, x.dtype):
         return None
-    build = avx512_bf16_extension if x.dtype == torch.bfloat16 else fp32_extension
-    extension = build() if build.cache_info().currsize else None
+    extension = _layer_extension(x.dtype, build=False)
     if extension is None:
         return None
     out = getattr(extension, f"rows_q_{_SUFFIX[x.dtype]}")(x.reshape(rows, x.shape[-1]), matrix, bias)
@@ -400,8 +399,7 @@ def dequantized(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -
     matrix = [packed, scale]
     if packed.device.type != "cpu" or dtype not in _SUFFIX or not takes(matrix, dtype):
         return None
-    build = avx512_bf16_extension if dtype == torch.bfloat16 else fp32_extension
-    extension = build() if build.cache_info().currsize else None
+    extension = _layer_extension(dtype, build=False)
     return None if extension is None else getattr(extension, f"dequantized_{_SUFFIX[dtype]}")(matrix)
 
 

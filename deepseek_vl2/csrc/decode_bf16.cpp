@@ -291,21 +291,24 @@ bool tiles_available() {
   return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
 }
 
-// Tiles for steps of at least `min_rows` rows (where the CPU and the OS allow them), or never (0); returns
-// the minimum now in force (0 where tiles are unavailable). Not while a step runs.
-// AMX-INT8 too (CPUID leaf 7 EDX bit 25): int8 matrices on tiles (int8.h) wherever bf16 ones are.
+// Whether int8 matrices go on tiles too (int8.h): wherever bf16 ones do and the CPU has AMX-INT8.
 std::atomic<bool>& int8_tiles_on() {
   static std::atomic<bool> on{false};
   return on;
 }
-bool int8_tiles_available() {
+
+// AMX-INT8 in CPUID leaf 7 (EDX bit 25).
+bool has_amx_int8() {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  return tiles_available() && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & (1u << 25));
+  return __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx & (1u << 25));
 }
 
+// Tiles for steps of at least `min_rows` rows (where the CPU and the OS allow them), or never (0); returns
+// the minimum now in force (0 where tiles are unavailable). Not while a step runs.
 int set_tiles(int min_rows) {
-  tiles_min_rows().store(min_rows > 0 && tiles_available() ? min_rows : 0);
-  int8_tiles_on().store(tiles_min_rows().load() > 0 && int8_tiles_available());
+  const bool on = min_rows > 0 && tiles_available();
+  tiles_min_rows().store(on ? min_rows : 0);
+  int8_tiles_on().store(on && has_amx_int8());
   return tiles_min_rows().load();
 }
 

@@ -287,6 +287,7 @@ class _Session:
                 "generation_s": round(stats.total_s, 4) if stats else None,
                 "total_s": round(elapsed, 4),  # the whole request, image processing included
                 "seed": self.seed,
+                "quantize": scheme.name if (scheme := getattr(self.pipeline, "scheme", None)) else None,  # (weights' scheme)
                 "image_size": list(image.size) if image is not None else None,
                 "boxes": grounding_boxes(text, image.size if image is not None else None),
                 "drawn": drawn,

@@ -197,7 +197,8 @@ def build_app(pipeline: Any, *, model_name: str, random_weights: bool) -> Any:
             raise fail(exc) from None
 
     with gr.Blocks(title="DeepSeek-VL2", analytics_enabled=False) as app:
-        gr.Markdown(f"## DeepSeek-VL2 · `{model_name}`")
+        scheme = getattr(pipeline, "scheme", None)
+        gr.Markdown(f"## DeepSeek-VL2 · `{model_name}`" + (f" · weights in {scheme.name}" if scheme else ""))
         if random_weights:
             gr.Markdown("**The weights are random** (the demo checkpoint of `make demo`): the answers are "
                         "gibberish. Start with `--model` for a real model.", elem_id="random-weights")

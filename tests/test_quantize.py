@@ -599,5 +599,11 @@ def test_the_command_line_takes_quantize_and_refuses_bad_schemes(fixtures_dir):
     code, out, err = run("--model", fixtures_dir / "checkpoints" / "mla", "--prompt", "Hello", "--quantize", "int8",
                          "--temperature", "0", "--max-new-tokens", "5")
     assert code == 0 and out.strip() and "weights in int8" in err, err
+    code, out, err = run("--model", fixtures_dir / "checkpoints" / "mla", "--prompt", "Hello", "--quantize", "int8",
+                         "--temperature", "0", "--max-new-tokens", "5", "--json")
+    assert code == 0 and json.loads(out)["quantize"] == "int8", out
+    code, out, err = run("--model", fixtures_dir / "checkpoints" / "mla", "--prompt", "Hello", "--temperature", "0",
+                         "--max-new-tokens", "5", "--json")
+    assert code == 0 and json.loads(out)["quantize"] is None, out
     code, _, err = run("--model", fixtures_dir / "checkpoints" / "mla", "--prompt", "Hello", "--quantize", "int5")
     assert code == 2 and err.count("error:") == 1 and "--quantize int5: unknown quantization scheme" in err, err

@@ -393,6 +393,46 @@ def quantized_rows(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     return out.view(*x.shape[:-1], packed.shape[0])
 
 
+def _tiles_extension(x: torch.Tensor) -> Optional[Any]:
+    """The bf16 extension, already built, with AMX tiles on, for a bf16 CPU tensor; else None."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16:
+        return None
+    extension = _layer_extension(torch.bfloat16, build=False)
+    return extension if extension is not None and extension.tiles_min_rows() > 0 else None
+
+
+def routed_experts_rows(x: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, top_k: int,
+                        experts: list[Expert], table: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A prompt's bf16 rows ``x`` [N, D] through the routed experts of one MoE layer in one call, on AMX tiles
+    (``csrc/experts_prefill.h``): [N * top_k, D], position p holding expert(x[order[p] // top_k]) in the
+    expert-grouped order (``counts[e]`` positions per expert, in expert order). None where it does not apply:
+    not bf16 on the CPU, experts not compact dense bf16 (``table`` None, or quantized), or no tiles."""
+    extension = _tiles_extension(x)
+    if extension is None or table is None or x.shape[0] < 2:
+        return None
+    if matrix_format(experts[0][0]) != ("dense", 0) or experts[0][0][0].dtype != torch.bfloat16:
+        return None
+    intermediate = experts[0][0][0].shape[0]
+    return extension.experts_prefill_bf16(x, order, counts, top_k, table, intermediate)
+
+
+def vision_attention(qkv: torch.Tensor, heads: int) -> Optional[torch.Tensor]:
+    """``scaled_dot_product_attention`` of the vision tower's heads from its qkv projection [B, N, 3W] (q | k |
+    v, heads side by side) -> [B, N, W], on AMX tiles (``csrc/vision.h``); None where that does not apply."""
+    extension = _tiles_extension(qkv)
+    return None if extension is None else extension.vision_attention_bf16(qkv, heads)
+
+
+def gelu_tanh_(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``F.gelu(x, approximate="tanh")`` written into ``x`` (a fresh bf16 CPU activation); None (x untouched)
+    where the kernel does not apply."""
+    extension = _tiles_extension(x)
+    if extension is None or not x.is_contiguous():
+        return None
+    extension.gelu_tanh_bf16_(x)
+    return x
+
+
 def dequantized(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
     """A quantized CPU matrix's values ``q * scale`` as ``dtype`` (bf16 or fp32), in one parallel call into an
     extension already built (never builds one); None elsewhere (the caller unpacks in PyTorch)."""

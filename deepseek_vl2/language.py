@@ -43,6 +43,7 @@ from .kernels import (
     mla_args,
     mla_block,
     rms_norm,
+    routed_experts_rows,
     takes,
 )
 
@@ -635,15 +636,18 @@ class Experts(nn.Module):
         n_experts = self.n_experts
         flat_ids = ids.flatten()
         order = flat_ids.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        grouped_x = x[order // top_k]
         if x.is_cuda and _grouped_mm_ok(x):
             # Counted with scatter_add (bincount would read its maximum back to the host).
             counts = torch.zeros(n_experts, dtype=torch.int32, device=x.device)
             counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
-            grouped_out = self._grouped_mm(grouped_x, counts)
+            grouped_out = self._grouped_mm(x[order // top_k], counts)
         else:
             counts = torch.bincount(flat_ids, minlength=n_experts)
-            grouped_out = self._loop(grouped_x, counts.tolist())
+            # A prompt's bf16 rows on the CPU: every expert's SwiGLU in one kernel call, where it applies.
+            grouped_out = None if x.is_cuda else routed_experts_rows(x, order, counts, top_k, self.swiglu_weights(),
+                                                                      self.pointer_table())
+            if grouped_out is None:
+                grouped_out = self._loop(x[order // top_k], counts.tolist())
         if not x.is_cuda and top_k < _SEQUENTIAL_SUM_BELOW:
             return self._weighted_sum(grouped_out, order, weights)
         out = torch.empty_like(grouped_out)

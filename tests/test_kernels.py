@@ -1071,3 +1071,139 @@ def test_a_model_off_the_cpu_never_builds_cpu_kernels(monkeypatch: pytest.Monkey
         assert kernels.first_argmax(logits) is None
         assert kernels.sampling_candidates(logits, torch.empty(2, dtype=torch.long, device="meta"), 1.1, 5) is None
         assert F.linear(x, big[:, :hidden]).device.type == "meta"
+
+
+def _eager_experts(x: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, top_k: int,
+                   weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eager path's grouped outputs (PyTorch's bf16 ops: gate, up, silu, product, down) and, for the
+    tolerance, sum |down| |h| of every output value in fp64."""
+    grouped_x = x[order // top_k]
+    out, spread, start = torch.empty_like(grouped_x), torch.empty(grouped_x.shape, dtype=torch.float64), 0
+    for expert, count in enumerate(counts.tolist()):
+        gate, up, down = weights[expert]
+        rows = slice(start, start + count)
+        h = torch.nn.functional.silu(grouped_x[rows] @ gate.T) * (grouped_x[rows] @ up.T)
+        out[rows] = h @ down.T
+        spread[rows] = h.double().abs() @ down.double().abs().T
+        start += count
+    return out, spread
+
+
+@pytest.mark.parametrize("tiles", [ALL_TILES], ids=["tiles"], indirect=True)
+@pytest.mark.parametrize("tokens,hidden,inter,experts,top_k", [(438, 128, 96, 16, 6), (40, 80, 24, 6, 2), (9, 64, 40, 8, 2),
+                                                               (150, 96, 48, 3, 2), (2, 33, 17, 4, 1)])
+def test_a_prompts_rows_through_the_routed_experts_in_one_call(tokens: int, hidden: int, inter: int, experts: int,
+                                                               top_k: int, tiles: int) -> None:
+    """``experts_prefill_bf16`` (every expert's SwiGLU for all its rows at once, on AMX tiles) against the eager
+    ops it replaces: odd widths, experts without tokens, experts with more than 64 rows (several groups of
+    input tiles). Each product's fp32 sum may be ordered otherwise, so a rounded gate or up value may move by
+    one bf16 step (2^-8 of it), which moves an output by at most ~2^-7 of sum |down| |h|; a final rounding
+    adds half a step. Most values must be bit-identical. And a token's outputs are the same bits whatever
+    the other tokens of the call."""
+    extension = kernels.avx512_bf16_extension()
+    if extension is None:
+        pytest.skip("no bf16 kernels here (no AVX512-BF16, or no C++ compiler/ninja)")
+    generator = torch.Generator().manual_seed(tokens + 7 * hidden + inter)
+    weights = [tuple((torch.randn(shape, generator=generator) * scale).to(torch.bfloat16)
+                     for shape, scale in (((inter, hidden), hidden**-0.5), ((inter, hidden), hidden**-0.5), ((hidden, inter), inter**-0.5)))
+               for _ in range(experts)]
+    table = kernels.expert_table([tuple([m] for m in expert) for expert in weights])
+    x = torch.randn(tokens, hidden, generator=generator).to(torch.bfloat16)
+    chosen_from = experts - 1 if experts > top_k else experts  # (the last expert gets no token where it can)
+    ids = torch.stack([torch.randperm(chosen_from, generator=generator)[:top_k] for _ in range(tokens)])
+    flat = ids.flatten()
+    order, counts = flat.argsort(stable=True), torch.bincount(flat, minlength=experts)
+    got = extension.experts_prefill_bf16(x, order, counts, top_k, table, inter)
+    want, spread = _eager_experts(x, order, counts, top_k, weights)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    error = (got.double() - want.double()).abs()
+    assert (error <= 2.0**-7 * spread + 2.0**-8 * want.double().abs()).all()
+    assert (error == 0).double().mean() > 0.95
+    # The first half of the tokens alone: their outputs bit for bit.
+    half = max(1, tokens // 2)
+    flat_half = ids[:half].flatten()
+    order_half, counts_half = flat_half.argsort(stable=True), torch.bincount(flat_half, minlength=experts)
+    alone = extension.experts_prefill_bf16(x[:half], order_half, counts_half, top_k, table, inter)
+    by_pair = {int(p): got[i] for i, p in enumerate(order.tolist())}
+    for i, p in enumerate(order_half.tolist()):
+        assert torch.equal(alone[i], by_pair[int(p)]), f"token {p // top_k}, choice {p % top_k}"
+
+
+@pytest.mark.parametrize("tiles", [ALL_TILES, VECTORS], ids=["tiles", "vectors"], indirect=True)
+def test_the_moe_layer_takes_the_one_call_path_where_tiles_are_on(tiles: int) -> None:
+    """Experts.forward on a prompt's bf16 rows: the one-call kernel where tiles are on, the eager loop where not,
+    the same values within the tolerance above."""
+    if kernels.avx512_bf16_extension() is None:
+        pytest.skip("no bf16 kernels here (no AVX512-BF16, or no C++ compiler/ninja)")
+    from deepseek_vl2.language import Experts
+
+    generator = torch.Generator().manual_seed(3)
+    layer = Experts(8, 64, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.gate_up_proj.copy_(torch.randn(layer.gate_up_proj.shape, generator=generator) * 0.125)
+        layer.down_proj.copy_(torch.randn(layer.down_proj.shape, generator=generator) * 0.18)
+    x = torch.randn(20, 64, generator=generator).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(8, generator=generator)[:2] for _ in range(20)])
+    weights = torch.rand(20, 2, generator=generator)
+    flat = ids.flatten()
+    order, counts = flat.argsort(stable=True), torch.bincount(flat, minlength=8)
+    one_call = kernels.routed_experts_rows(x, order, counts, 2, layer.swiglu_weights(), layer.pointer_table())
+    assert (one_call is not None) == (tiles == ALL_TILES)
+    with torch.inference_mode():
+        got = layer(x, weights, ids)
+        eager = layer._weighted_sum(layer._loop(x[order // 2], counts.tolist()), order, weights)
+    assert torch.allclose(got.float(), eager.float(), rtol=2**-6, atol=2**-6 * eager.float().abs().max().item())
+    if one_call is None:
+        assert torch.equal(got, eager)
+
+
+@pytest.mark.parametrize("tiles", [ALL_TILES], ids=["tiles"], indirect=True)
+@pytest.mark.parametrize("batch,tokens,heads,head_dim", [(1, 729, 2, 72), (2, 37, 3, 24), (1, 16, 1, 32), (3, 5, 2, 16), (1, 100, 4, 40)])
+def test_vision_attention_on_tiles_is_as_close_to_exact_as_pytorchs(batch: int, tokens: int, heads: int, head_dim: int,
+                                                                    tiles: int) -> None:
+    """``vision_attention_bf16`` (one pass over all keys on AMX tiles) against fp64 attention: no further from it
+    than PyTorch's bf16 attention (twice its error, plus a quarter of a bf16 step of the largest output),
+    over odd token counts (a last query block and key tile partly filled) and head sizes that do not fill a
+    32-value piece."""
+    extension = kernels.avx512_bf16_extension()
+    if extension is None:
+        pytest.skip("no bf16 kernels here (no AVX512-BF16, or no C++ compiler/ninja)")
+    generator = torch.Generator().manual_seed(tokens * heads + head_dim)
+    width = heads * head_dim
+    qkv = (torch.randn(batch, tokens, 3 * width, generator=generator) * 1.5).to(torch.bfloat16)
+
+    def attention(values: torch.Tensor) -> torch.Tensor:
+        q, k, v = values.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, width)
+
+    exact, theirs = attention(qkv.double()), attention(qkv).double()
+    ours = extension.vision_attention_bf16(qkv, heads)
+    assert ours.shape == (batch, tokens, width) and ours.dtype == torch.bfloat16
+    allowed = 2 * (theirs - exact).abs().max().item() + 2.0**-10 * exact.abs().max().item()
+    assert (ours.double() - exact).abs().max().item() <= allowed
+
+
+def test_gelu_in_place_is_the_tanh_gelu_within_a_bf16_step() -> None:
+    """``gelu_tanh_bf16_`` (x * sigmoid(2y), no cancellation) against the fp64 tanh GELU rounded to bf16: within
+    one bf16 step everywhere, equal on at least as many values as PyTorch's bf16 gelu, and the extremes
+    (-0 far below zero, x far above, inf) as fp32 gives them. Odd lengths leave the values past them alone."""
+    extension = kernels.avx512_bf16_extension()
+    if extension is None:
+        pytest.skip("no bf16 kernels here (no AVX512-BF16, or no C++ compiler/ninja)")
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(100_003, generator=generator) * 3).to(torch.bfloat16)
+    x[:6] = torch.tensor([-200.0, 200.0, 0.0, -1e30, 1e30, float("inf")])
+    wide = x.double()
+    # 0.5 x (1 + tanh y) = x sigmoid(2y): the latter without fp64's own cancellation where tanh y is near -1
+    exact = (wide * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (wide + 0.044715 * wide**3))).to(torch.bfloat16)
+    exact[4:6] = x[4:6]  # (inf * sigmoid(inf): the limit is x)
+    theirs = torch.nn.functional.gelu(x, approximate="tanh")
+    ours = x.clone()
+    extension.gelu_tanh_bf16_(ours[:-1])  # (a view: the last value must stay)
+    assert ours[-1] == x[-1]
+    ours, exact, theirs = ours[:-1], exact[:-1], theirs[:-1]
+    step = 2.0 ** (torch.frexp(exact.float().abs().clamp_min(1e-30))[1].double() - 8)
+    error = torch.where(ours == exact, 0.0, (ours.double() - exact.double()).abs())  # (inf == inf: no inf - inf)
+    assert (error <= step).all()
+    assert (ours == exact).sum() >= (theirs == exact).sum()
+    assert ours[0] == 0 and torch.signbit(ours[0]) and ours[1] == 200 and ours[4] == x[4] and torch.isinf(ours[5])

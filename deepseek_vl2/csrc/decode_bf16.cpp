@@ -582,6 +582,9 @@ torch::Tensor row_claims_trace(int64_t n, int64_t chunk, int64_t slow_us) {
   return owner;
 }
 
+#include "experts_prefill.h"  // (these two after the tile products and exp_ps above, which they use)
+#include "vision.h"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_claims_trace", &row_claims_trace, "test hook: the thread that processed each row claimed in chunks");
   m.def("gemv_bf16", [](const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
@@ -590,6 +593,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_bf16", &rms_norm_bf16, ReleaseGil(), "RMSNorm of bf16 rows");
   m.def("gemv_bf16_many", &gemv_bf16_many, ReleaseGil(), "several bf16 batch-1 linears in one parallel region");
   m.def("rows_linear_bf16", &rows_linear_bf16, ReleaseGil(), "w @ xs[j] for each row of xs, through the step kernels' row products");
+  m.def("experts_prefill_bf16", &experts_prefill_bf16, ReleaseGil(),
+        "a prompt's rows through the routed experts of one MoE layer on AMX tiles, in the expert-grouped order",
+        pybind11::arg("x"), pybind11::arg("order"), pybind11::arg("counts"), pybind11::arg("top_k"), pybind11::arg("table"),
+        pybind11::arg("intermediate"));
+  m.def("vision_attention_bf16", &vision_attention_bf16, ReleaseGil(),
+        "softmax(q k^T / sqrt(d)) v of every head of the vision tower on AMX tiles: qkv [B, N, 3W] -> [B, N, W]",
+        pybind11::arg("qkv"), pybind11::arg("heads"));
+  m.def("gelu_tanh_bf16_", &gelu_tanh_bf16_, ReleaseGil(), "GELU (tanh approximation) in place on bf16 values",
+        pybind11::arg("x"));
   m.def("set_tiles", &set_tiles, "AMX tiles for steps of at least min_rows rows (where the CPU and OS allow), 0: never; "
         "returns the minimum in force", pybind11::arg("min_rows"));
   m.def("int8_tiles", []() { return int8_tiles_on().load(); }, "whether int8 matrices run on AMX-INT8 tiles in steps "

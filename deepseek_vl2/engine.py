@@ -5,10 +5,11 @@ from any thread (``submit``) and leave as a stream of token ids (``Request``: it
 it on an event loop). The thread loops over:
 
 1. admission: a waiting request takes a free cache slot (first come, first served);
-2. at most one unit of prefill for the oldest joining request: its image and prompt embedded (vision
-   tower + projector), or the next chunk of ``prefill_chunk`` prompt tokens written to its slot; its first
-   token is sampled when the last chunk is done. Requests already decoding keep decoding in between,
-   each waiting at most one unit, never a whole prompt;
+2. prefill units of the joining requests, oldest first: a few blocks of its images through the vision
+   tower (+ projector), or the next chunk of ``prefill_chunk`` prompt tokens written to its slot; its first
+   token is sampled when the last chunk is done. Units run back to back while their predicted durations
+   fit in ``prefill_budget_s`` (at least one), so requests already decoding keep decoding in between,
+   each waiting about one budget, never a whole prompt;
 3. one decode step for every decoding request together (``DeepseekV2ForCausalLM.decode_rows``: each matrix
    runs once on all rows, each chosen expert once on the rows routed to it; on the CPU one call into our
    kernels where they are built, on CUDA a CUDA graph per batch-size bucket), then each row samples its
@@ -54,6 +55,12 @@ DEFAULT_PREFILL_CHUNK = 512
 # tower a few blocks at a time, the others' decode steps between (SigLIP's 27 blocks take ~27 ms a tile each
 # on 2 Sapphire Rapids cores: 8 is a unit of ~0.2 s, where a whole 2-tile image was ~0.7 s).
 DEFAULT_VISION_UNIT = 8
+# Milliseconds of prefill work between two decode steps (DEEPSEEK_VL2_PREFILL_BUDGET_MS): units of the joining
+# requests run back to back while their predicted durations fit, at least one, then the decoding requests
+# take a step. A step after every unit (0) made a joining 1-image request of tiny wait for 8 of the others'
+# steps; tiny bf16, 8 requests at once on 2 cores: last first token 13.4 s at 0, 11.5 s at 250, 10.4 s at
+# 500, the longest pause ~0.6 s at each (the 512-token prompt unit) (docs/performance.md).
+DEFAULT_PREFILL_BUDGET_MS = 500
 
 
 class RequestCancelled(Exception):
@@ -198,7 +205,7 @@ class BatchEngine:
     """Continuous batching over ``slots`` cache slots of ``model`` (see the module docstring)."""
 
     def __init__(self, model: DeepseekVL2, slots: int, prefill_chunk: Optional[int] = None,
-                 context: Optional[int] = None) -> None:
+                 context: Optional[int] = None, prefill_budget_ms: Optional[float] = None) -> None:
         if slots < 1:
             raise ValueError(f"an engine needs at least one slot, got {slots}")
         self.model = model
@@ -216,6 +223,13 @@ class BatchEngine:
         self.vision_unit = int(os.environ.get("DEEPSEEK_VL2_VISION_UNIT", DEFAULT_VISION_UNIT))
         if self.vision_unit < 1:
             raise ValueError(f"DEEPSEEK_VL2_VISION_UNIT must be at least 1, got {self.vision_unit}")
+        # Prefill work between two decode steps (0: one unit, as small as the units go).
+        if prefill_budget_ms is None:
+            prefill_budget_ms = float(os.environ.get("DEEPSEEK_VL2_PREFILL_BUDGET_MS", DEFAULT_PREFILL_BUDGET_MS))
+        if not prefill_budget_ms >= 0:
+            raise ValueError(f"DEEPSEEK_VL2_PREFILL_BUDGET_MS must be 0 or more, got {prefill_budget_ms:g}")
+        self.prefill_budget_s = prefill_budget_ms / 1000
+        self._unit_seconds: dict[str, float] = {}  # the last vision / prompt unit's duration, to predict the next
         # CUDA graphs pad a batch to its bucket with rows that write to one spare slot (never a request's).
         self.graphs: Optional[CudaGraphDecoder] = None
         spare = 0
@@ -339,7 +353,7 @@ class BatchEngine:
         for request in [r for r in self._joining + self._decoding if r.cancelled]:
             self._leave(request, RequestCancelled())
         if self._joining:
-            self._prefill_unit(self._joining[0])
+            self._prefill_work()
         if self._decoding:
             self._decode_step()
 
@@ -356,6 +370,25 @@ class BatchEngine:
 
     # ---- prefill --------------------------------------------------------------------------------------
 
+    def _prefill_work(self) -> None:
+        """Prefill units of the joining requests, oldest first: one when nobody is decoding (the loop comes back
+        at once, admitting and cancelling in between), else as many as fit in ``prefill_budget_s`` by their
+        predicted durations, at least one."""
+        started = time.perf_counter()
+        ran = False
+        while self._joining:
+            request = self._joining[0]
+            if ran and (not self._decoding or time.perf_counter() - started + self._predicted(request) > self.prefill_budget_s):
+                return
+            self._prefill_unit(request)
+            ran = True
+
+    def _predicted(self, request: Request) -> float:
+        """How long the request's next prefill unit should take: the last unit of its kind (vision or prompt),
+        unknown (inf) before one ran."""
+        kind = "vision" if request.embeds is None and request.prefilled == 0 else "prompt"
+        return self._unit_seconds.get(kind, float("inf"))
+
     def _prefill_unit(self, request: Request) -> None:
         started = time.perf_counter()
         try:
@@ -367,7 +400,8 @@ class BatchEngine:
                 except StopIteration as done:
                     request.embedding = None
                     self._embedded(request, done.value)
-                self.timeline.append(("prefill", 0, time.perf_counter() - started))
+                self._unit_seconds["vision"] = time.perf_counter() - started
+                self.timeline.append(("prefill", 0, self._unit_seconds["vision"]))
                 return
             if request.max_new == 0:
                 self._leave(request)
@@ -376,7 +410,8 @@ class BatchEngine:
             end = min(start + self.prefill_chunk, request.prompt_len)
             logits = prefill(self.language, request.embeds[:, start:end], start_pos=start, slot=request.slot)
             request.prefilled = end
-            self.timeline.append(("prefill", end - start, time.perf_counter() - started))
+            self._unit_seconds["prompt"] = time.perf_counter() - started
+            self.timeline.append(("prefill", end - start, self._unit_seconds["prompt"]))
             if end < request.prompt_len:
                 return
             request.embeds = None

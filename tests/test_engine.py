@@ -185,7 +185,7 @@ def test_a_failing_request_fails_alone() -> None:
 
 
 def test_prompts_are_prefilled_in_chunks_between_the_others_steps() -> None:
-    processor, engine = _engine("mha", slots=2, prefill_chunk=128)
+    processor, engine = _engine("mha", slots=2, prefill_chunk=128, prefill_budget_ms=0)  # (0: a step after every unit)
     decoding = engine.submit(_prompt(processor), GenerationConfig(max_new_tokens=3000, repetition_penalty=1.0), processor.eos_id)
     stream = iter(decoding)
     next(stream)
@@ -208,6 +208,7 @@ def test_a_joining_requests_images_go_through_the_tower_in_pieces(monkeypatch: p
     step of the others after each, and the request's answer is the one it gets alone."""
     processor, model = _load("mha")
     monkeypatch.setenv("DEEPSEEK_VL2_VISION_UNIT", "4")
+    monkeypatch.setenv("DEEPSEEK_VL2_PREFILL_BUDGET_MS", "0")  # (a step after every unit)
     joining = _prompt(processor, size=(900, 600), color=(20, 90, 160))
     tiles, layers = int(joining.pixel_values.shape[0]), model.config.vision.layers
     blocks = max(1, 4 // tiles)
@@ -229,6 +230,45 @@ def test_a_joining_requests_images_go_through_the_tower_in_pieces(monkeypatch: p
     monkeypatch.setenv("DEEPSEEK_VL2_VISION_UNIT", "0")
     with pytest.raises(ValueError, match="DEEPSEEK_VL2_VISION_UNIT must be at least 1"):
         BatchEngine(model, 1)
+
+
+def test_prefill_units_run_back_to_back_within_the_budget_then_the_others_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a budget, a joining request's units (vision pieces, prompt chunks) run back to back while their
+    predicted durations fit in it (at least one), then the decoding requests take a step: fewer steps between
+    its units than with budget 0, none of its units skipped, and its answer the one it gets alone. A unit
+    predicted to overrun the budget waits for the next turn. Bad budgets are refused."""
+    processor, model = _load("mha")
+    monkeypatch.setenv("DEEPSEEK_VL2_VISION_UNIT", "4")
+    joining = _prompt(processor, size=(900, 600), color=(90, 20, 160))
+    config = GenerationConfig(max_new_tokens=6, repetition_penalty=1.0)
+    steps_between = {}
+    for budget in (0, 60_000):
+        _, engine = _engine("mha", slots=2, prefill_chunk=128, prefill_budget_ms=budget)
+        alone = list(engine.submit(joining, config, processor.eos_id))
+        decoding = engine.submit(_prompt(processor), GenerationConfig(max_new_tokens=3000, repetition_penalty=1.0), processor.eos_id)
+        stream = iter(decoding)
+        next(stream)
+        engine.timeline.clear()
+        assert list(engine.submit(joining, config, processor.eos_id)) == alone
+        decoding.cancel()
+        kinds = [kind for kind, _, _ in engine.timeline]
+        first, last = kinds.index("prefill"), len(kinds) - 1 - kinds[::-1].index("prefill")
+        assert kinds[first: last + 1].count("prefill") > 4
+        steps_between[budget] = kinds[first: last + 1].count("decode")
+    assert steps_between[60_000] == 0 < steps_between[0]
+    # A unit longer than the budget: each turn runs one, then a step.
+    _, engine = _engine("mha", slots=2, prefill_chunk=128, prefill_budget_ms=1e-3)
+    decoding = engine.submit(_prompt(processor), GenerationConfig(max_new_tokens=3000, repetition_penalty=1.0), processor.eos_id)
+    stream = iter(decoding)  # (kept: a stream dropped early cancels its request)
+    next(stream)
+    engine.timeline.clear()
+    list(engine.submit(joining, config, processor.eos_id))
+    decoding.cancel()
+    kinds = [kind for kind, _, _ in engine.timeline]
+    units = [i for i, kind in enumerate(kinds) if kind == "prefill"]
+    assert all("decode" in kinds[a + 1: b] for a, b in zip(units, units[1:]))
+    with pytest.raises(ValueError, match="DEEPSEEK_VL2_PREFILL_BUDGET_MS must be 0 or more"):
+        BatchEngine(model, 1, prefill_budget_ms=-1)
 
 
 def test_each_chosen_expert_runs_once_per_step_on_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:

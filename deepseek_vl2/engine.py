@@ -40,7 +40,7 @@ from typing import Any, AsyncIterator, Generator, Iterator, Optional, Union
 
 import torch
 
-from .generation import CudaGraphDecoder, GenerationConfig, decode_step, next_token_id, prefill
+from .generation import CudaGraphDecoder, GenerationConfig, decode_step, next_token_id, prefill_steps
 from .hardware import release_openmp_workers
 from .kernels import load_cpu_kernels
 from .language import DeepseekV2ForCausalLM
@@ -61,6 +61,10 @@ DEFAULT_VISION_UNIT = 8
 # steps; tiny bf16, 8 requests at once on 2 cores: last first token 13.4 s at 0, 11.5 s at 250, 10.4 s at
 # 500, the longest pause ~0.6 s at each (the 512-token prompt unit) (docs/performance.md).
 DEFAULT_PREFILL_BUDGET_MS = 500
+# Decoder layers per unit of a prompt chunk (DEEPSEEK_VL2_PREFILL_LAYERS): a chunk's layers in pieces, the
+# others decoding between them, so that a pause is a few layers' prefill, not the chunk's (~0.55 s for tiny's
+# 438-token prompt on 2 cores), while each expert's weights are still read once for the chunk. 0: whole chunks.
+DEFAULT_PREFILL_LAYERS = 6
 
 
 class RequestCancelled(Exception):
@@ -115,6 +119,7 @@ class Request:
         self.max_new = 0
         self.embeds: Optional[torch.Tensor] = None  # [1, T, D] until prefilled
         self.embedding: Optional[Generator[None, None, torch.Tensor]] = None  # the vision tower's pieces, while it runs
+        self.chunk: Optional[Generator[None, None, torch.Tensor]] = None  # a prompt chunk's layer pieces, while it runs
         self.prefilled = 0  # prompt tokens written to the cache
         self.generated = 0
         self.last_token = -1  # the token the next decode step feeds
@@ -183,7 +188,7 @@ class Request:
             return
         self.finished = True
         self.stats.total_s = time.perf_counter() - self.submitted
-        self.embeds = self.embedding = None
+        self.embeds = self.embedding = self.chunk = None
         self._deliver(error if error is not None else _END)
 
 
@@ -229,6 +234,10 @@ class BatchEngine:
         if not prefill_budget_ms >= 0:
             raise ValueError(f"DEEPSEEK_VL2_PREFILL_BUDGET_MS must be 0 or more, got {prefill_budget_ms:g}")
         self.prefill_budget_s = prefill_budget_ms / 1000
+        # Decoder layers per unit of a prompt chunk (DEEPSEEK_VL2_PREFILL_LAYERS; 0: the whole chunk in one unit).
+        self.prefill_layers = int(os.environ.get("DEEPSEEK_VL2_PREFILL_LAYERS", DEFAULT_PREFILL_LAYERS))
+        if self.prefill_layers < 0:
+            raise ValueError(f"DEEPSEEK_VL2_PREFILL_LAYERS must be 0 or more, got {self.prefill_layers}")
         self._unit_seconds: dict[str, float] = {}  # the last vision / prompt unit's duration, to predict the next
         # CUDA graphs pad a batch to its bucket with rows that write to one spare slot (never a request's).
         self.graphs: Optional[CudaGraphDecoder] = None
@@ -259,7 +268,7 @@ class BatchEngine:
         self.steps = 0  # decode steps run (for tests and logs)
         self.max_rows_seen = 0
         # What the loop did, most recent last: ("decode", rows, seconds) or ("prefill", prompt tokens, seconds)
-        # (the vision tower and projector count as a prefill unit of 0 tokens). For benchmarks.
+        # (a piece of the vision tower, or of a chunk's layers before its last, counts 0 tokens). For benchmarks.
         self.timeline: collections.deque[tuple[str, int, float]] = collections.deque(maxlen=100_000)
 
     # ---- public ---------------------------------------------------------------------------------------
@@ -408,9 +417,19 @@ class BatchEngine:
                 return
             start = request.prefilled
             end = min(start + self.prefill_chunk, request.prompt_len)
-            logits = prefill(self.language, request.embeds[:, start:end], start_pos=start, slot=request.slot)
-            request.prefilled = end
+            if request.chunk is None:
+                request.chunk = prefill_steps(self.language, request.embeds[:, start:end], start_pos=start,
+                                              slot=request.slot, layers_per_step=self.prefill_layers)
+            try:
+                next(request.chunk)
+                logits = None
+            except StopIteration as done:
+                request.chunk, logits = None, done.value
             self._unit_seconds["prompt"] = time.perf_counter() - started
+            if logits is None:  # (a piece of the chunk's layers: its tokens count when the last is done)
+                self.timeline.append(("prefill", 0, self._unit_seconds["prompt"]))
+                return
+            request.prefilled = end
             self.timeline.append(("prefill", end - start, self._unit_seconds["prompt"]))
             if end < request.prompt_len:
                 return

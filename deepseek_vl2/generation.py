@@ -27,6 +27,7 @@ import torch
 
 from .kernels import draw_top_k, first_argmax, sampling_candidates
 from .language import DeepseekV2ForCausalLM
+from .steps import Steps, run_steps
 
 
 @dataclass
@@ -149,7 +150,16 @@ def _draw_among(ids: torch.Tensor, logits: torch.Tensor, config: GenerationConfi
 def prefill(language: DeepseekV2ForCausalLM, inputs_embeds: torch.Tensor, start_pos: int = 0, slot: int = 0) -> torch.Tensor:
     """Run prompt embeddings [1, S, D] at positions start_pos.. through the decoder, filling cache slot
     ``slot``; logits of the last one [V]. A prompt goes in whole or in chunks, each after the ones before."""
-    return language(inputs_embeds, start_pos=start_pos, use_cache=True, last_only=True, slot=slot)[0, -1]
+    return run_steps(prefill_steps(language, inputs_embeds, start_pos, slot))
+
+
+def prefill_steps(language: DeepseekV2ForCausalLM, inputs_embeds: torch.Tensor, start_pos: int = 0, slot: int = 0,
+                  layers_per_step: Optional[int] = None) -> Steps[torch.Tensor]:
+    """``prefill`` in pieces of ``layers_per_step`` decoder layers (the serving engine's units), returning the
+    same logits [V]."""
+    logits = yield from language.forward_steps(inputs_embeds, start_pos=start_pos, use_cache=True, last_only=True,
+                                               slot=slot, layers_per_step=layers_per_step)
+    return logits[0, -1]
 
 
 def decode_step(language: DeepseekV2ForCausalLM, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:

@@ -394,10 +394,12 @@ def quantized_rows(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 
 
 def _tiles_extension(x: torch.Tensor) -> Optional[Any]:
-    """The bf16 extension, already built, with AMX tiles on, for a bf16 CPU tensor; else None."""
+    """The bf16 extension with AMX tiles on, for a bf16 CPU tensor (loaded, or built, on first use, as the
+    row products of ``linear`` load it: so a process's first forward takes the same kernels as its later
+    ones); else None."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16:
         return None
-    extension = _layer_extension(torch.bfloat16, build=False)
+    extension = _layer_extension(torch.bfloat16)
     return extension if extension is not None and extension.tiles_min_rows() > 0 else None
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LanguageConfig
+from .steps import Steps, run_steps
 from .kernels import (
     FORMATS,
     Expert,
@@ -847,6 +848,15 @@ class DeepseekV2ForCausalLM(nn.Module):
         ``slot``..``slot + B - 1``) and attention covers every cached position before them: a whole prompt, or
         one chunk of it after the others.
         """
+        return run_steps(self.forward_steps(inputs_embeds, start_pos, use_cache, last_only, slot))
+
+    def forward_steps(self, inputs_embeds: torch.Tensor, start_pos: int = 0, use_cache: bool = False,
+                      last_only: bool = False, slot: int = 0, layers_per_step: Optional[int] = None) -> Steps[torch.Tensor]:
+        """``forward`` in pieces: yields after every ``layers_per_step`` decoder layers (None: all in one piece),
+        returns the logits. The serving engine runs the other requests' decode steps between the pieces of a
+        prompt chunk: a pause bounded by a few layers' prefill instead of the whole chunk's, with every weight
+        still read once for the chunk (a smaller chunk reads the experts again). The same operations in the
+        same order as one call."""
         batch, seq = inputs_embeds.shape[:2]
         if use_cache and start_pos + seq > self.max_seq_len:
             raise ValueError(f"positions {start_pos}..{start_pos + seq} exceed the cache ({self.max_seq_len}); call setup_cache")
@@ -855,7 +865,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         positions = torch.arange(start_pos, start_pos + seq, device=inputs_embeds.device)
         cos, sin = self.model.rotary(positions, inputs_embeds.dtype)
         ctx = AttentionContext(cos=cos, sin=sin, start_pos=start_pos, use_cache=use_cache, slot=slot)
-        return self._decoder(inputs_embeds, ctx, last_only)
+        return (yield from self._decoder_steps(inputs_embeds, ctx, last_only, layers_per_step))
 
     def decode_step_cpu(self, token: int, position: int) -> Optional[torch.Tensor]:
         """Logits [V] (fp32) of one token at ``position`` as one kernel call on a bf16 or fp32 CPU model
@@ -925,8 +935,15 @@ class DeepseekV2ForCausalLM(nn.Module):
         return self._decoder(embeds, ctx, last_only=True)[:, -1]
 
     def _decoder(self, x: torch.Tensor, ctx: AttentionContext, last_only: bool) -> torch.Tensor:
-        for layer in self.model.layers:
+        return run_steps(self._decoder_steps(x, ctx, last_only))
+
+    def _decoder_steps(self, x: torch.Tensor, ctx: AttentionContext, last_only: bool,
+                       layers_per_step: Optional[int] = None) -> Steps[torch.Tensor]:
+        layers = self.model.layers
+        for index, layer in enumerate(layers):
             x = layer(x, ctx)
+            if layers_per_step and (index + 1) % layers_per_step == 0 and index + 1 < len(layers):
+                yield
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()

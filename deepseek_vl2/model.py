@@ -43,7 +43,8 @@ from .quantize import (
     scheme_from_config,
     unpack_from_file,
 )
-from .vision import VisionTransformer, run_steps
+from .steps import run_steps
+from .vision import VisionTransformer
 
 
 class ImageInputs(Protocol):

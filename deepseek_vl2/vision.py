@@ -9,7 +9,7 @@ loader drops those weights and they cost neither memory nor compute.
 
 from __future__ import annotations
 
-from typing import Generator, TypeVar
+from typing import Generator
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import VisionConfig
 from .kernels import gelu_tanh_, vision_attention
+from .steps import run_steps
 
 LAYER_NORM_EPS = 1e-6
 
@@ -112,15 +113,3 @@ class VisionTransformer(nn.Module):
             if (index + 1) % blocks_per_step == 0 and index + 1 < len(self.blocks):
                 yield
         return self.norm(x)
-
-
-T = TypeVar("T")
-
-
-def run_steps(steps: Generator[None, None, T]) -> T:
-    """Run a stepwise computation to its end and return its result."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value

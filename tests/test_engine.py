@@ -271,6 +271,41 @@ def test_prefill_units_run_back_to_back_within_the_budget_then_the_others_step(m
         BatchEngine(model, 1, prefill_budget_ms=-1)
 
 
+def test_a_prompt_chunks_layers_run_in_pieces_between_the_others_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DEEPSEEK_VL2_PREFILL_LAYERS=1: every prompt chunk goes through the decoder one layer a unit, a decode
+    step of the others after each (budget 0), its tokens counted when its last layer is done; the answer is
+    the one it gets alone and the one it gets with whole chunks. Bad settings are refused."""
+    processor, model = _load("mha")
+    layers = model.config.language.num_hidden_layers
+    joining = _prompt(processor, size=(900, 600), color=(160, 120, 20))
+    length = int(joining.input_ids.shape[0])
+    config = GenerationConfig(max_new_tokens=6, repetition_penalty=1.0)
+    monkeypatch.setenv("DEEPSEEK_VL2_PREFILL_LAYERS", "0")
+    _, engine = _engine("mha", slots=2, prefill_chunk=128, prefill_budget_ms=0)
+    assert engine.prefill_layers == 0
+    whole_chunks = list(engine.submit(joining, config, processor.eos_id))
+    monkeypatch.setenv("DEEPSEEK_VL2_PREFILL_LAYERS", "1")
+    _, engine = _engine("mha", slots=2, prefill_chunk=128, prefill_budget_ms=0)
+    assert list(engine.submit(joining, config, processor.eos_id)) == whole_chunks
+    decoding = engine.submit(_prompt(processor), GenerationConfig(max_new_tokens=3000, repetition_penalty=1.0), processor.eos_id)
+    stream = iter(decoding)
+    next(stream)
+    engine.timeline.clear()
+    assert list(engine.submit(joining, config, processor.eos_id)) == whole_chunks
+    decoding.cancel()
+    units = [(i, tokens) for i, (kind, tokens, _) in enumerate(engine.timeline) if kind == "prefill"]
+    chunks = [tokens for _, tokens in units if tokens]
+    assert sum(chunks) == length and len(chunks) == -(-length // 128)
+    # each chunk: layers - 1 pieces of 0 tokens before the one that counts its tokens
+    counted = [n for n, (_, tokens) in enumerate(units) if tokens]
+    assert all(all(units[n - k][1] == 0 for k in range(1, layers)) for n in counted)
+    kinds = [kind for kind, _, _ in engine.timeline]
+    assert all("decode" in kinds[a + 1: b] for (a, _), (b, _) in zip(units, units[1:]))
+    monkeypatch.setenv("DEEPSEEK_VL2_PREFILL_LAYERS", "-1")
+    with pytest.raises(ValueError, match="DEEPSEEK_VL2_PREFILL_LAYERS must be 0 or more"):
+        BatchEngine(model, 1)
+
+
 def test_each_chosen_expert_runs_once_per_step_on_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """Batched MoE (the PyTorch rows path): in one decode step of several rows, each expert that any row
     chose runs once, on all the rows routed to it."""

@@ -317,8 +317,20 @@ class _Run:
         self.lock = threading.Lock()
         self.answered = self.refused = self.new_tokens = 0
         self.running: dict[int, Any] = {}  # worker -> the RequestStats of its request in the engine
-        self.threads = [threading.Thread(target=self._work, args=(n,), name=f"batch-{n}", daemon=True)
+        # Not daemons, and never join()ed where Ctrl-C can land: the interpreter must wait for every worker at
+        # exit. A worker still inside a PyTorch op (its next request's image tensors) when the interpreter
+        # shut down was ended from within that op's GIL release guard, a noexcept destructor: "terminate called
+        # without an active exception", SIGABRT after the batch printed that it was interrupted (core dumps).
+        # Daemon workers were not waited for; and a KeyboardInterrupt inside Thread.join() makes CPython 3.11
+        # release a running thread's state lock and mark it stopped (its bpo-45274 handling), so it is not
+        # waited for either. The main thread waits on ``all_done`` instead; every way out of _answer_all sets
+        # ``stop``, and a worker stops at its next token.
+        self.threads = [threading.Thread(target=self._work, args=(n,), name=f"batch-{n}")
                         for n in range(min(len(jobs), 2 * in_flight))]
+        self._workers_left = len(self.threads)
+        self.all_done = threading.Event()
+        if not self.threads:
+            self.all_done.set()
 
     def tokens_so_far(self) -> int:
         with self.lock:
@@ -329,6 +341,15 @@ class _Run:
             return None if self.stop.is_set() else next(self._jobs, None)
 
     def _work(self, worker: int) -> None:
+        try:
+            self._work_through(worker)
+        finally:
+            with self.lock:
+                self._workers_left -= 1
+                if self._workers_left == 0:
+                    self.all_done.set()
+
+    def _work_through(self, worker: int) -> None:
         while (job := self._next()) is not None:
             try:
                 record = self._answer(worker, job)
@@ -469,21 +490,19 @@ def _answer_all(args: argparse.Namespace, lines: list[tuple[int, Any]], answers:
     try:
         for thread in run.threads:
             thread.start()
-        for thread in run.threads:
-            while thread.is_alive():
-                thread.join(0.5)
-                rate = run.tokens_so_far() / max(time.perf_counter() - started, 1e-9)
-                progress.set_postfix_str(f"{rate:.1f} tok/s", refresh=True)
+        while not run.all_done.wait(0.5):
+            rate = run.tokens_so_far() / max(time.perf_counter() - started, 1e-9)
+            progress.set_postfix_str(f"{rate:.1f} tok/s", refresh=True)
     except KeyboardInterrupt:
         run.stop.set()  # each worker stops at its next token (cancelling its request) and writes nothing more
-        deadline = time.monotonic() + 5
-        for thread in run.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        run.all_done.wait(5)
         answers.close()
         progress.close()
         stderr.write(f"\ninterrupted: {run.answered} answered in this run, {len(jobs) - run.answered - run.refused} "
                      f"left; run the same command again to go on\n")
         return EXIT_INTERRUPTED
+    finally:
+        run.stop.set()  # (whatever the way out: the workers, not daemons, stop at their next token)
     progress.close()
     elapsed = time.perf_counter() - started
     log(f"{run.answered} answered, {refused_now + run.refused} refused (error records), {skipped} done before; "

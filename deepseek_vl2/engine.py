@@ -58,12 +58,13 @@ DEFAULT_VISION_UNIT = 8
 # Milliseconds of prefill work between two decode steps (DEEPSEEK_VL2_PREFILL_BUDGET_MS): units of the joining
 # requests run back to back while their predicted durations fit, at least one, then the decoding requests
 # take a step. A step after every unit (0) made a joining 1-image request of tiny wait for 8 of the others'
-# steps; tiny bf16, 8 requests at once on 2 cores: last first token 13.4 s at 0, 11.5 s at 250, 10.4 s at
-# 500, the longest pause ~0.6 s at each (the 512-token prompt unit) (docs/performance.md).
-DEFAULT_PREFILL_BUDGET_MS = 500
+# steps. Tiny bf16, 8 requests at once on 2 cores, prompt chunks in pieces of 6 layers: at 350 the last first
+# token came after 9.8-9.9 s and the p95 pause was 0.40-0.43 s; at 500, 9.3 s and 0.58 s (docs/performance.md).
+DEFAULT_PREFILL_BUDGET_MS = 350
 # Decoder layers per unit of a prompt chunk (DEEPSEEK_VL2_PREFILL_LAYERS): a chunk's layers in pieces, the
-# others decoding between them, so that a pause is a few layers' prefill, not the chunk's (~0.55 s for tiny's
-# 438-token prompt on 2 cores), while each expert's weights are still read once for the chunk. 0: whole chunks.
+# others decoding between them, so that a pause is a few layers' prefill, not the chunk's (~0.5 s for tiny's
+# 438-token prompt on 2 cores; 6 of its 12 layers: ~0.25 s), while each expert's weights are still read once
+# for the chunk (smaller chunks read them again). 0: whole chunks.
 DEFAULT_PREFILL_LAYERS = 6
 
 

@@ -184,12 +184,19 @@ def test_a_failing_request_fails_alone() -> None:
         fits.input_ids.shape[0])
 
 
-def test_prompts_are_prefilled_in_chunks_between_the_others_steps() -> None:
-    processor, engine = _engine("mha", slots=2, prefill_chunk=128, prefill_budget_ms=0)  # (0: a step after every unit)
+def _decoding_in_the_background(engine: BatchEngine, processor: DeepseekVL2Processor):
+    """A long request already decoding (its first token read; its stream returned too, to keep: a stream
+    dropped early cancels its request), with the engine's timeline cleared after it joined."""
     decoding = engine.submit(_prompt(processor), GenerationConfig(max_new_tokens=3000, repetition_penalty=1.0), processor.eos_id)
     stream = iter(decoding)
     next(stream)
     engine.timeline.clear()
+    return decoding, stream
+
+
+def test_prompts_are_prefilled_in_chunks_between_the_others_steps() -> None:
+    processor, engine = _engine("mha", slots=2, prefill_chunk=128, prefill_budget_ms=0)  # (0: a step after every unit)
+    decoding, stream = _decoding_in_the_background(engine, processor)
     joining = _prompt(processor, size=(900, 600))  # tiled: 4-5 chunks of 128
     length = int(joining.input_ids.shape[0])
     list(engine.submit(joining, GenerationConfig(max_new_tokens=2), processor.eos_id))
@@ -215,10 +222,7 @@ def test_a_joining_requests_images_go_through_the_tower_in_pieces(monkeypatch: p
     _, engine = _engine("mha", slots=2)
     assert engine.vision_unit == 4
     alone = list(engine.submit(joining, GenerationConfig(max_new_tokens=6, repetition_penalty=1.0), processor.eos_id))
-    decoding = engine.submit(_prompt(processor), GenerationConfig(max_new_tokens=3000, repetition_penalty=1.0), processor.eos_id)
-    stream = iter(decoding)
-    next(stream)
-    engine.timeline.clear()
+    decoding, stream = _decoding_in_the_background(engine, processor)
     together = list(engine.submit(joining, GenerationConfig(max_new_tokens=6, repetition_penalty=1.0), processor.eos_id))
     decoding.cancel()
     assert together == alone
@@ -245,10 +249,7 @@ def test_prefill_units_run_back_to_back_within_the_budget_then_the_others_step(m
     for budget in (0, 60_000):
         _, engine = _engine("mha", slots=2, prefill_chunk=128, prefill_budget_ms=budget)
         alone = list(engine.submit(joining, config, processor.eos_id))
-        decoding = engine.submit(_prompt(processor), GenerationConfig(max_new_tokens=3000, repetition_penalty=1.0), processor.eos_id)
-        stream = iter(decoding)
-        next(stream)
-        engine.timeline.clear()
+        decoding, stream = _decoding_in_the_background(engine, processor)
         assert list(engine.submit(joining, config, processor.eos_id)) == alone
         decoding.cancel()
         kinds = [kind for kind, _, _ in engine.timeline]
@@ -258,10 +259,7 @@ def test_prefill_units_run_back_to_back_within_the_budget_then_the_others_step(m
     assert steps_between[60_000] == 0 < steps_between[0]
     # A unit longer than the budget: each turn runs one, then a step.
     _, engine = _engine("mha", slots=2, prefill_chunk=128, prefill_budget_ms=1e-3)
-    decoding = engine.submit(_prompt(processor), GenerationConfig(max_new_tokens=3000, repetition_penalty=1.0), processor.eos_id)
-    stream = iter(decoding)  # (kept: a stream dropped early cancels its request)
-    next(stream)
-    engine.timeline.clear()
+    decoding, stream = _decoding_in_the_background(engine, processor)
     list(engine.submit(joining, config, processor.eos_id))
     decoding.cancel()
     kinds = [kind for kind, _, _ in engine.timeline]
@@ -287,10 +285,7 @@ def test_a_prompt_chunks_layers_run_in_pieces_between_the_others_steps(monkeypat
     monkeypatch.setenv("DEEPSEEK_VL2_PREFILL_LAYERS", "1")
     _, engine = _engine("mha", slots=2, prefill_chunk=128, prefill_budget_ms=0)
     assert list(engine.submit(joining, config, processor.eos_id)) == whole_chunks
-    decoding = engine.submit(_prompt(processor), GenerationConfig(max_new_tokens=3000, repetition_penalty=1.0), processor.eos_id)
-    stream = iter(decoding)
-    next(stream)
-    engine.timeline.clear()
+    decoding, stream = _decoding_in_the_background(engine, processor)
     assert list(engine.submit(joining, config, processor.eos_id)) == whole_chunks
     decoding.cancel()
     units = [(i, tokens) for i, (kind, tokens, _) in enumerate(engine.timeline) if kind == "prefill"]

@@ -36,7 +36,8 @@ inline __m512i pair_bf16(__m512 lo, __m512 hi) {
   return _mm512_or_si512(low, high);
 }
 
-// tile_rows (decode_bf16.cpp) for a prompt's rows, which meet every weight row with several input tiles:
+// tile_rows (decode_bf16.cpp) for many inputs (a prompt's rows; the vision attention's keys and values), which meet
+// every weight row with several input tiles:
 // sums[r * 16 * tiles + c] = w[r, :] . input c for weight rows r < rows (at most 16) and inputs c < columns.
 // Each 16 x 32 piece of the weights is loaded once for up to four input tiles (sums tiles 0-3), the weight
 // and input tiles taken by turns so that a load need not wait for the product before it; tile_rows loads

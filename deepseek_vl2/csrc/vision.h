@@ -44,52 +44,6 @@ inline void pack_columns_as_tiles(const uint16_t* first, int64_t stride, int64_t
   }
 }
 
-// Tile registers of the attention: sums 0-3, the left operand 4-5 and the right one 6-7 by turns.
-#define VISION_PRODUCT(t, left, right, right_tiles)                 \
-  if (t < group) {                                                  \
-    _tile_loadd(right, (right_tiles) + (first + t) * chunks * 256 + 256 * k, 64); \
-    _tile_dpbf16ps(t, left, right);                                 \
-  }
-#define VISION_PIECE(left, left_rows, left_stride, right_tiles)     \
-  _tile_loadd(left, (left_rows) + 32 * k, left_stride);             \
-  VISION_PRODUCT(0, left, 6, right_tiles) VISION_PRODUCT(1, left, 7, right_tiles) \
-  VISION_PRODUCT(2, left, 6, right_tiles) VISION_PRODUCT(3, left, 7, right_tiles)
-
-// sums[r * 16 * tiles + c] = left[r, :] . right column c for 16 rows of `left` (bf16, `left_stride` bytes
-// apart, `chunks` pieces of 32 values, zero-padded) and the 16 * tiles columns of `right` (input tiles:
-// [tiles][chunks][16 pairs][16 columns]).
-inline void tile_products(const uint16_t* left, int64_t left_stride, int64_t chunks, const uint32_t* right, int tiles,
-                          float* sums) {
-  const int64_t width = 16 * tiles;
-  for (int first = 0; first < tiles; first += 4) {
-    const int group = std::min(4, tiles - first);
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t k = 0; k < chunks; ++k) {
-      if (k % 2 == 0) {
-        VISION_PIECE(4, left, left_stride, right)
-      } else {
-        VISION_PIECE(5, left, left_stride, right)
-      }
-    }
-    float* out = sums + 16 * first;
-    _tile_stored(0, out, width * 4);
-    if (group > 1) _tile_stored(1, out + 16, width * 4);
-    if (group > 2) _tile_stored(2, out + 32, width * 4);
-    if (group > 3) _tile_stored(3, out + 48, width * 4);
-  }
-}
-#undef VISION_PIECE
-#undef VISION_PRODUCT
-
-inline void configure_square_tiles() {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
-  _tile_loadconfig(&config);
-}
-
 // softmax(q k^T / sqrt(d)) v for every head of every image: qkv [B, N, 3 * W] bf16 (q | k | v, each W =
 // heads * d values, head-major), returns [B, N, W] bf16 (the heads side by side, as the output projection
 // takes them). Every thread takes whole (image, head) pairs: packs that head's keys and values once, then
@@ -109,7 +63,6 @@ torch::Tensor vision_attention_bf16(const torch::Tensor& qkv_in, int64_t heads) 
   const float scale = 1.0f / std::sqrt(float(d));
   std::atomic<int64_t> next{0};
   in_parallel([&](int, int) {
-    configure_square_tiles();
     std::vector<uint32_t> keys(size_t(key_tiles * d_chunks * 256 + 16)), values(size_t(d_groups * key_chunks * 256 + 16));
     std::vector<uint16_t> queries(size_t(16 * 32 * d_chunks + 32)), probs(size_t(16 * padded_keys + 32));
     std::vector<float> scores(size_t(16 * 16 * key_tiles)), sums(size_t(16 * 16 * d_groups));
@@ -128,7 +81,9 @@ torch::Tensor vision_attention_bf16(const torch::Tensor& qkv_in, int64_t heads) 
         std::memset(q_rows, 0, size_t(16 * 32 * d_chunks) * 2);
         for (int64_t r = 0; r < count; ++r)
           std::memcpy(q_rows + r * 32 * d_chunks, rows + (q0 + r) * 3 * width + h * d, size_t(d) * 2);
-        tile_products(q_rows, 64 * d_chunks, d_chunks, key_tiles_p, int(key_tiles), scores.data());
+        // (tile_rows_wide: 16 query rows against up to four key tiles per load of the queries)
+        tile_rows_wide(q_rows, 32 * d_chunks, 32 * d_chunks, reinterpret_cast<const uint16_t*>(key_tiles_p),
+                       int(16 * key_tiles), 16, 0, scores.data());
         float total[16];
         const int64_t stride = 16 * key_tiles;
         const __mmask16 tail = __mmask16((1u << (tokens % 16 ? tokens % 16 : 16)) - 1);
@@ -157,7 +112,8 @@ torch::Tensor vision_attention_bf16(const torch::Tensor& qkv_in, int64_t heads) 
         }
         // out[q] = (p[q] @ v) / total[q]: p's rows on the left (16 queries x 32 keys a piece), the values'
         // columns on the right.
-        tile_products(p_rows, padded_keys * 2, key_chunks, value_tiles_p, int(d_groups), sums.data());
+        tile_rows_wide(p_rows, padded_keys, padded_keys, reinterpret_cast<const uint16_t*>(value_tiles_p),
+                       int(16 * d_groups), 16, 0, sums.data());
         for (int64_t r = 0; r < count; ++r) {
           const float inverse = 1.0f / total[r];
           uint16_t* o = op + (b * tokens + q0 + r) * width + h * d;

@@ -216,7 +216,11 @@ def test_answer_keeps_special_tokens_but_not_eos(mha, image_path, monkeypatch):
 
     monkeypatch.setattr(mha.engine, "prefill_chunk", 10**6)  # (one prefill call: it "chooses" the first id)
     monkeypatch.setattr(engine, "decode_step", scripted_logits)
-    monkeypatch.setattr(engine, "prefill", lambda language, embeds, start_pos, slot: scripted_logits(language, [0], [0], [0])[0])
+    def scripted_prefill(language, embeds, start_pos, slot, layers_per_step=None):  # (the engine's units: a generator)
+        yield from ()
+        return scripted_logits(language, [0], [0], [0])[0]
+
+    monkeypatch.setattr(engine, "prefill_steps", scripted_prefill)
     text = mha.run(image_path, "Find the box.", temperature=0, top_p=1, max_length_tokens=50, repetition_penalty=1)
     assert text == "<|ref|>box<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>"
     assert EOS not in text

@@ -315,6 +315,10 @@ def test_clients_within_the_concurrency_sending_back_to_back_never_see_409(serve
     wrong = [output for _, output in replies if output != expected]
     assert not wrong, (len(wrong), wrong[:3])
     assert_ready_soon(server)
+    # Coglet frees these clients' slots a moment after their answers (READY says only that one is free):
+    # 8 new clients sent 12-30 ms after the last answers met slots not yet freed, and one saw a 409 (once,
+    # in a CI run). The next test's clients are other clients, so let these leave first.
+    time.sleep(1.0)
 
 
 def test_eight_clients_at_once_each_get_their_own_answer(server, golden, bad_images):

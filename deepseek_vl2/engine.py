@@ -58,9 +58,10 @@ DEFAULT_VISION_UNIT = 8
 # Milliseconds of prefill work between two decode steps (DEEPSEEK_VL2_PREFILL_BUDGET_MS): units of the joining
 # requests run back to back while their predicted durations fit, at least one, then the decoding requests
 # take a step. A step after every unit (0) made a joining 1-image request of tiny wait for 8 of the others'
-# steps. Tiny bf16, 8 requests at once on 2 cores, prompt chunks in pieces of 6 layers: at 350 the last first
-# token came after 9.8-9.9 s and the p95 pause was 0.40-0.43 s; at 500, 9.3 s and 0.58 s (docs/performance.md).
-DEFAULT_PREFILL_BUDGET_MS = 350
+# steps. Tiny bf16, 8 requests at once on 2 cores, prompt chunks in pieces of 6 layers, one request's units a
+# turn: at 450 the last first token came after 9.8 s and the p95 pause was 0.48 s; at 350, 10.4 s and 0.40 s
+# (docs/performance.md).
+DEFAULT_PREFILL_BUDGET_MS = 450
 # Decoder layers per unit of a prompt chunk (DEEPSEEK_VL2_PREFILL_LAYERS): a chunk's layers in pieces, the
 # others decoding between them, so that a pause is a few layers' prefill, not the chunk's (~0.5 s for tiny's
 # 438-token prompt on 2 cores; 6 of its 12 layers: ~0.25 s), while each expert's weights are still read once
@@ -381,17 +382,18 @@ class BatchEngine:
     # ---- prefill --------------------------------------------------------------------------------------
 
     def _prefill_work(self) -> None:
-        """Prefill units of the joining requests, oldest first: one when nobody is decoding (the loop comes back
-        at once, admitting and cancelling in between), else as many as fit in ``prefill_budget_s`` by their
-        predicted durations, at least one."""
+        """Prefill units of the oldest joining request: one when nobody is decoding (the loop comes back at once,
+        admitting and cancelling in between), else as many of its units as fit in ``prefill_budget_s`` by their
+        predicted durations, at least one. One request a turn: requests that join together then start (and
+        finish) a step apart, not all in the same step, whose burst of answers left Cog's server short of
+        free slots for a moment (HTTP 409s to clients within the concurrency)."""
         started = time.perf_counter()
-        ran = False
-        while self._joining:
-            request = self._joining[0]
-            if ran and (not self._decoding or time.perf_counter() - started + self._predicted(request) > self.prefill_budget_s):
+        request = self._joining[0]
+        self._prefill_unit(request)
+        while self._decoding and self._joining and self._joining[0] is request:
+            if time.perf_counter() - started + self._predicted(request) > self.prefill_budget_s:
                 return
             self._prefill_unit(request)
-            ran = True
 
     def _predicted(self, request: Request) -> float:
         """How long the request's next prefill unit should take: the last unit of its kind (vision or prompt),

@@ -36,7 +36,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Generator, Iterator, Optional, Union
+from typing import Any, AsyncIterator, Iterator, Optional, Union
 
 import torch
 
@@ -46,6 +46,7 @@ from .kernels import load_cpu_kernels
 from .language import DeepseekV2ForCausalLM
 from .memory import cache_bytes_per_request, memory_budget
 from .model import DeepseekVL2, ImageInputs
+from .steps import Steps, advance
 
 # Prompt tokens per prefill unit. A joining request's prefill runs between the others' decode steps, one
 # chunk at a time, so a decoding request waits at most one chunk per step (see docs/performance.md for the
@@ -120,8 +121,8 @@ class Request:
         self.slot: Optional[int] = None
         self.max_new = 0
         self.embeds: Optional[torch.Tensor] = None  # [1, T, D] until prefilled
-        self.embedding: Optional[Generator[None, None, torch.Tensor]] = None  # the vision tower's pieces, while it runs
-        self.chunk: Optional[Generator[None, None, torch.Tensor]] = None  # a prompt chunk's layer pieces, while it runs
+        self.embedding: Optional[Steps[torch.Tensor]] = None  # the vision tower's pieces, while it runs
+        self.chunk: Optional[Steps[torch.Tensor]] = None  # a prompt chunk's layer pieces, while it runs
         self.prefilled = 0  # prompt tokens written to the cache
         self.generated = 0
         self.last_token = -1  # the token the next decode step feeds
@@ -395,23 +396,26 @@ class BatchEngine:
                 return
             self._prefill_unit(request)
 
+    @staticmethod
+    def _unit_kind(request: Request) -> str:
+        """What the request's next prefill unit is: "vision" (a few blocks of its images) or "prompt"."""
+        return "vision" if request.embeds is None and request.prefilled == 0 else "prompt"
+
     def _predicted(self, request: Request) -> float:
-        """How long the request's next prefill unit should take: the last unit of its kind (vision or prompt),
-        unknown (inf) before one ran."""
-        kind = "vision" if request.embeds is None and request.prefilled == 0 else "prompt"
-        return self._unit_seconds.get(kind, float("inf"))
+        """How long the request's next prefill unit should take: the last unit of its kind, unknown (inf)
+        before one ran."""
+        return self._unit_seconds.get(self._unit_kind(request), float("inf"))
 
     def _prefill_unit(self, request: Request) -> None:
         started = time.perf_counter()
         try:
-            if request.embeds is None and request.prefilled == 0:  # (the images: a few vision blocks a unit)
+            if self._unit_kind(request) == "vision":  # (the images: a few vision blocks a unit)
                 if request.embedding is None:
                     self._start_embedding(request)
-                try:
-                    next(request.embedding)
-                except StopIteration as done:
+                finished, embeds = advance(request.embedding)
+                if finished:
                     request.embedding = None
-                    self._embedded(request, done.value)
+                    self._embedded(request, embeds)
                 self._unit_seconds["vision"] = time.perf_counter() - started
                 self.timeline.append(("prefill", 0, self._unit_seconds["vision"]))
                 return
@@ -423,15 +427,12 @@ class BatchEngine:
             if request.chunk is None:
                 request.chunk = prefill_steps(self.language, request.embeds[:, start:end], start_pos=start,
                                               slot=request.slot, layers_per_step=self.prefill_layers)
-            try:
-                next(request.chunk)
-                logits = None
-            except StopIteration as done:
-                request.chunk, logits = None, done.value
+            finished, logits = advance(request.chunk)
             self._unit_seconds["prompt"] = time.perf_counter() - started
-            if logits is None:  # (a piece of the chunk's layers: its tokens count when the last is done)
+            if not finished:  # (a piece of the chunk's layers: its tokens count when the last is done)
                 self.timeline.append(("prefill", 0, self._unit_seconds["prompt"]))
                 return
+            request.chunk = None
             request.prefilled = end
             self.timeline.append(("prefill", end - start, self._unit_seconds["prompt"]))
             if end < request.prompt_len:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LanguageConfig
-from .steps import Steps, run_steps
+from .steps import Steps, piece_ends, run_steps
 from .kernels import (
     FORMATS,
     Expert,
@@ -942,7 +942,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         layers = self.model.layers
         for index, layer in enumerate(layers):
             x = layer(x, ctx)
-            if layers_per_step and (index + 1) % layers_per_step == 0 and index + 1 < len(layers):
+            if piece_ends(index + 1, layers_per_step, len(layers)):
                 yield
         if last_only:
             x = x[:, -1:]

@@ -24,7 +24,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ from .quantize import (
     scheme_from_config,
     unpack_from_file,
 )
-from .steps import run_steps
+from .steps import Steps, run_steps
 from .vision import VisionTransformer
 
 
@@ -91,7 +91,7 @@ class DeepseekVL2(nn.Module):
         return run_steps(self.encode_images_steps(pixel_values, images_spatial_crop, self.config.vision.layers))
 
     def encode_images_steps(self, pixel_values: torch.Tensor, images_spatial_crop: torch.Tensor,
-                            blocks_per_step: int) -> Generator[None, None, torch.Tensor]:
+                            blocks_per_step: int) -> Steps[torch.Tensor]:
         """``encode_images`` in pieces of ``blocks_per_step`` vision blocks (see ``VisionTransformer.steps``)."""
         features = yield from self._tile_features_steps(pixel_values.to(self.device, self.dtype), images_spatial_crop,
                                                         blocks_per_step)
@@ -122,7 +122,7 @@ class DeepseekVL2(nn.Module):
         return run_steps(self._tile_features_steps(pixel_values, images_spatial_crop, self.config.vision.layers))
 
     def _tile_features_steps(self, pixel_values: torch.Tensor, images_spatial_crop: torch.Tensor,
-                             blocks_per_step: int) -> Generator[None, None, torch.Tensor]:
+                             blocks_per_step: int) -> Steps[torch.Tensor]:
         """Vision tower + projector over all tiles, [n_tiles, h*w, D], each distinct tile computed once.
 
         An image tiled 1x1 (any image whose best resolution is a single 384 tile, and every image when
@@ -153,7 +153,7 @@ class DeepseekVL2(nn.Module):
         """Text embeddings with every image position replaced by the image embeddings, [1, T, D]."""
         return run_steps(self.prepare_inputs_embeds_steps(inputs, self.config.vision.layers))
 
-    def prepare_inputs_embeds_steps(self, inputs: ImageInputs, blocks_per_step: int) -> Generator[None, None, torch.Tensor]:
+    def prepare_inputs_embeds_steps(self, inputs: ImageInputs, blocks_per_step: int) -> Steps[torch.Tensor]:
         """``prepare_inputs_embeds`` in pieces of ``blocks_per_step`` vision blocks (the serving engine's
         units: the other requests decode between them)."""
         input_ids = inputs.input_ids.to(self.device).view(-1)

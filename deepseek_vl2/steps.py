@@ -7,17 +7,31 @@ The vision tower yields every few blocks (``VisionTransformer.steps``), the deco
 
 from __future__ import annotations
 
-from typing import Generator, TypeVar
+from typing import Generator, Optional, TypeVar
 
 T = TypeVar("T")
 
 Steps = Generator[None, None, T]
 
 
+def piece_ends(done: int, per_step: Optional[int], total: int) -> bool:
+    """Whether a stepwise loop over ``total`` items yields after its first ``done``: every ``per_step`` items
+    (None or 0: never), but not after the last."""
+    return bool(per_step) and done % per_step == 0 and done < total
+
+
+def advance(steps: Steps[T]) -> tuple[bool, Optional[T]]:
+    """Run one piece: (False, None) where the computation yielded, (True, its result) where it ended."""
+    try:
+        next(steps)
+    except StopIteration as done:
+        return True, done.value
+    return False, None
+
+
 def run_steps(steps: Steps[T]) -> T:
     """Run a stepwise computation to its end and return its result."""
     while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+        finished, result = advance(steps)
+        if finished:
+            return result

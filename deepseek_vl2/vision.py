@@ -9,15 +9,13 @@ loader drops those weights and they cost neither memory nor compute.
 
 from __future__ import annotations
 
-from typing import Generator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
 from .kernels import gelu_tanh_, vision_attention
-from .steps import run_steps
+from .steps import Steps, piece_ends, run_steps
 
 LAYER_NORM_EPS = 1e-6
 
@@ -103,13 +101,13 @@ class VisionTransformer(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return run_steps(self.steps(pixels, len(self.blocks)))
 
-    def steps(self, pixels: torch.Tensor, blocks_per_step: int) -> Generator[None, None, torch.Tensor]:
+    def steps(self, pixels: torch.Tensor, blocks_per_step: int) -> Steps[torch.Tensor]:
         """``forward`` in pieces: yields after every ``blocks_per_step`` blocks (the serving engine runs a
         decode step of the other requests there), returns [n_tiles, 729, width]. The same operations in
         the same order as one call."""
         x = self.patch_embed(pixels) + self.pos_embed
         for index, block in enumerate(self.blocks):
             x = block(x)
-            if (index + 1) % blocks_per_step == 0 and index + 1 < len(self.blocks):
+            if piece_ends(index + 1, blocks_per_step, len(self.blocks)):
                 yield
         return self.norm(x)

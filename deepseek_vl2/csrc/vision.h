@@ -11,24 +11,6 @@
 
 namespace decode {
 
-// Rows of `count` vectors of `cols` bf16 values each as input tiles (pack_tiles' layout, into `out`):
-// [count / 16][cols / 32][16 value pairs][16 vectors], zeros past the last value; out holds
-// 256 * ceil(count / 16) * ceil(cols / 32) uint32.
-inline void pack_rows_as_tiles(const uint16_t* first, int64_t stride, int64_t count, int64_t cols, uint32_t* out) {
-  const int64_t chunks = (cols + 31) / 32, tiles = (count + 15) / 16;
-  std::memset(out, 0, size_t(tiles * chunks * 256) * 4);
-  for (int64_t j = 0; j < count; ++j) {
-    uint32_t* column = out + (j / 16) * chunks * 256 + j % 16;
-    const uint16_t* x = first + j * stride;
-    for (int64_t p = 0; p < cols / 2; ++p) {
-      uint32_t pair;
-      std::memcpy(&pair, x + 2 * p, sizeof(pair));
-      column[16 * p] = pair;
-    }
-    if (cols % 2) column[16 * (cols / 2)] = x[cols - 1];
-  }
-}
-
 // `count` rows of `cols` values (the values of one head, a row per key) as the tiles that multiply a matrix
 // of key weights from the left: [cols / 16][count / 32][16 key pairs][16 columns], pair p of column c
 // holding (row 2p, row 2p + 1); zeros past the last row and column.
@@ -63,18 +45,20 @@ torch::Tensor vision_attention_bf16(const torch::Tensor& qkv_in, int64_t heads) 
   const float scale = 1.0f / std::sqrt(float(d));
   std::atomic<int64_t> next{0};
   in_parallel([&](int, int) {
-    std::vector<uint32_t> keys(size_t(key_tiles * d_chunks * 256 + 16)), values(size_t(d_groups * key_chunks * 256 + 16));
+    std::vector<const uint16_t*> key_rows(static_cast<size_t>(tokens));
+    std::vector<uint32_t> values(size_t(d_groups * key_chunks * 256 + 16));
     std::vector<uint16_t> queries(size_t(16 * 32 * d_chunks + 32)), probs(size_t(16 * padded_keys + 32));
     std::vector<float> scores(size_t(16 * 16 * key_tiles)), sums(size_t(16 * 16 * d_groups));
     auto aligned = [](auto* p) { return p + (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64 / sizeof(*p); };
-    uint32_t* key_tiles_p = aligned(keys.data());
     uint32_t* value_tiles_p = aligned(values.data());
     uint16_t* q_rows = aligned(queries.data());
     uint16_t* p_rows = aligned(probs.data());
     for (int64_t item; (item = next.fetch_add(1)) < batch * heads;) {
       const int64_t b = item / heads, h = item % heads;
       const uint16_t* rows = base + b * tokens * 3 * width;  // token t of this image: rows + t * 3 * width
-      pack_rows_as_tiles(rows + width + h * d, 3 * width, tokens, d, key_tiles_p);
+      for (int64_t t = 0; t < tokens; ++t) key_rows[t] = rows + t * 3 * width + width + h * d;
+      // (pack_tiles: this thread's buffer; the columns past the last key are never read, masked below)
+      const uint16_t* packed_keys = pack_tiles(key_rows.data(), int(tokens), d);
       pack_columns_as_tiles(rows + 2 * width + h * d, 3 * width, tokens, d, value_tiles_p);
       for (int64_t q0 = 0; q0 < tokens; q0 += 16) {
         const int64_t count = std::min<int64_t>(16, tokens - q0);
@@ -82,8 +66,7 @@ torch::Tensor vision_attention_bf16(const torch::Tensor& qkv_in, int64_t heads) 
         for (int64_t r = 0; r < count; ++r)
           std::memcpy(q_rows + r * 32 * d_chunks, rows + (q0 + r) * 3 * width + h * d, size_t(d) * 2);
         // (tile_rows_wide: 16 query rows against up to four key tiles per load of the queries)
-        tile_rows_wide(q_rows, 32 * d_chunks, 32 * d_chunks, reinterpret_cast<const uint16_t*>(key_tiles_p),
-                       int(16 * key_tiles), 16, 0, scores.data());
+        tile_rows_wide(q_rows, 32 * d_chunks, 32 * d_chunks, packed_keys, int(16 * key_tiles), 16, 0, scores.data());
         float total[16];
         const int64_t stride = 16 * key_tiles;
         const __mmask16 tail = __mmask16((1u << (tokens % 16 ? tokens % 16 : 16)) - 1);

@@ -418,11 +418,24 @@ def routed_experts_rows(x: torch.Tensor, order: torch.Tensor, counts: torch.Tens
     return extension.experts_prefill_bf16(x, order, counts, top_k, table, intermediate)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int = -1) -> Optional[torch.Tensor]:
+    """``softmax(scale q k^T) v`` of every head on AMX tiles (``csrc/prefill_attention.h``): q [B, H, S, dk], k [B, Hk,
+    T, dk], v [B, Hk, T, dv] bf16 (query head h reads key head h // (H // Hk)) -> [B, S, H, dv], the heads side by
+    side. With ``causal_offset`` >= 0, query s sees the keys up to position causal_offset + s. None where it does
+    not apply (no tiles, not bf16 on the CPU)."""
+    extension = _tiles_extension(q)
+    if extension is None or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (k, v)):
+        return None
+    return extension.attention_bf16(q, k, v, causal_offset, scale)
+
+
 def vision_attention(qkv: torch.Tensor, heads: int) -> Optional[torch.Tensor]:
     """``scaled_dot_product_attention`` of the vision tower's heads from its qkv projection [B, N, 3W] (q | k |
-    v, heads side by side) -> [B, N, W], on AMX tiles (``csrc/vision.h``); None where that does not apply."""
-    extension = _tiles_extension(qkv)
-    return None if extension is None else extension.vision_attention_bf16(qkv, heads)
+    v, heads side by side) -> [B, N, W] (``attention``); None where that does not apply."""
+    batch, tokens, width3 = qkv.shape
+    q, k, v = qkv.view(batch, tokens, 3, heads, width3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    out = attention(q, k, v, (width3 // (3 * heads)) ** -0.5)
+    return None if out is None else out.view(batch, tokens, width3 // 3)
 
 
 def gelu_tanh_(x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -433,6 +446,49 @@ def gelu_tanh_(x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
     extension.gelu_tanh_bf16_(x)
     return x
+
+
+def _rows_extension(*tensors: torch.Tensor) -> Optional[Any]:
+    """The bf16 extension (AVX512-BF16 CPUs), for bf16 CPU tensors with more than one row of work (one token
+    decoding has its own kernels); else None."""
+    if any(t.device.type != "cpu" or t.dtype != torch.bfloat16 for t in tensors) or tensors[0].numel() == tensors[0].shape[-1]:
+        return None
+    return _layer_extension(torch.bfloat16)
+
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
+    """``weight * F.rms_norm(x)`` for a prompt's bf16 rows in one parallel pass (``csrc/prefill_rows.h``; within
+    one bf16 step of the eager module); None where it does not apply."""
+    extension = _rows_extension(x, weight)
+    return None if extension is None else extension.rms_norm_rows_bf16(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[torch.Tensor]:
+    """``x * cos + rotate_half(x) * sin`` for bf16 x [B, H, S, d] or [B, S, d] (any dense layout) and cos, sin
+    [S, d], in one pass with the eager ops' roundings (bit-identical); None where it does not apply."""
+    if x.dim() not in (3, 4) or cos.dim() != 2 or x.stride(-1) != 1:
+        return None
+    extension = _rows_extension(x, cos, sin)
+    if extension is None:
+        return None
+    return extension.rope_bf16(x.unsqueeze(1), cos, sin).squeeze(1) if x.dim() == 3 else extension.rope_bf16(x, cos, sin)
+
+
+def weighted_sum(grouped: torch.Tensor, position: torch.Tensor, weights: torch.Tensor) -> Optional[torch.Tensor]:
+    """``sum_j weights[:, j] * grouped[position[:, j]]`` in fp32, choice by choice, rounded to bf16 at the end:
+    the routed experts' outputs [P, D] bf16 combined per token [N, D] in one pass (bit-identical to
+    ``Experts._weighted_sum``'s eager ops); None where it does not apply."""
+    extension = _rows_extension(grouped)
+    if extension is None or weights.dtype != torch.float32:
+        return None
+    return extension.weighted_sum_bf16(grouped, position, weights)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> Optional[torch.Tensor]:
+    """``F.silu(gate) * up`` for bf16 rows in one pass (within one bf16 step of the eager ops); None where it
+    does not apply."""
+    extension = _rows_extension(gate, up)
+    return None if extension is None or gate.shape != up.shape else extension.silu_mul_bf16(gate, up)
 
 
 def dequantized(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -722,6 +778,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         return cpu_gemv(x.dtype)(x, weight, bias)
     few = _few_rows_linear(x, weight, bias)
     return F.linear(x, weight, bias) if few is None else few
+
+
+def biased_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear`` (the same bits); for bf16 CPU rows with a bias, through oneDNN's linear with the bias added
+    in its kernel (``mkldnn._linear_pointwise``): F.linear's addmm first copies the bias into every output
+    row (~0.5 ms of a vision tile's [729, 4304] fc1, 25 ms of a 2-tile image)."""
+    fused = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if (bias is None or fused is None or x.device.type != "cpu" or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
+            or bias.dtype != torch.bfloat16 or x.numel() == x.shape[-1] or not _onednn_has_bf16()):
+        return F.linear(x, weight, bias)
+    return fused(x, weight, bias, "none", [], "")
 
 
 class Linear(nn.Linear):

@@ -31,6 +31,7 @@ from .kernels import (
     Expert,
     Linear,
     Router,
+    attention,
     decode_step,
     expert_table,
     ffn_args,
@@ -44,8 +45,12 @@ from .kernels import (
     mla_args,
     mla_block,
     rms_norm,
+    rms_norm_rows,
+    rope,
     routed_experts_rows,
+    silu_mul,
     takes,
+    weighted_sum,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -61,9 +66,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, scale in the activation dtype, like the official code. The fused kernel
         # computes in fp32 for bf16 input and rounds once: bit-identical to upcasting first.
-        one_token = rms_norm(x, self.weight, self.eps)  # CPU decode in bf16: one cheap call
-        if one_token is not None:
-            return one_token
+        fused = rms_norm(x, self.weight, self.eps)  # CPU decode in bf16: one cheap call
+        if fused is None:
+            fused = rms_norm_rows(x, self.weight, self.eps)  # a prompt's bf16 rows on the CPU: one parallel pass
+        if fused is not None:
+            return fused
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
@@ -217,7 +224,8 @@ class AttentionContext:
     def rope(self, x: torch.Tensor) -> torch.Tensor:
         """RoPE on x [B, H, S, d] or [B, S, d]: the chunk's positions, or one position per row."""
         if not self.rows:
-            return apply_rope(x, self.cos, self.sin)
+            fused = rope(x, self.cos, self.sin)  # a prompt's bf16 rows on the CPU: one pass, the same values
+            return fused if fused is not None else apply_rope(x, self.cos, self.sin)
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (self.cos.shape[-1],)
         return apply_rope(x, self.cos.view(shape), self.sin.view(shape))
 
@@ -321,6 +329,10 @@ class MultiHeadAttention(nn.Module):
         else:
             if ctx.use_cache:
                 k, v = self.cache.update(ctx.start_pos, k, v, ctx.slot)
+            # A prompt chunk's bf16 heads on AMX tiles: one pass over the keys each query sees.
+            fused = attention(q, k, v, self.head_dim**-0.5, causal_offset=k.shape[2] - seq) if seq > 1 else None
+            if fused is not None:
+                return self.o_proj(fused.view(batch, seq, self.heads * self.head_dim))
             mask = _causal_mask(seq, k.shape[2], x.device)
         if seq == 1 and batch == 1 and not x.is_cuda and not ctx.rows:
             out = self._attend_one_query(q, k, v)
@@ -444,6 +456,9 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.heads, -1, -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        fused = attention(q, k, v, self.softmax_scale, causal_offset=kv_len - q.shape[2])  # (bf16 on AMX tiles)
+        if fused is not None:
+            return fused.transpose(1, 2)
         mask = _causal_mask(q.shape[2], kv_len, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
 
@@ -515,7 +530,9 @@ class MLP(nn.Module):
         return ffn_args(norm.weight, norm.eps, shared=self.swiglu_weights())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        fused = silu_mul(gate, up)  # bf16 rows on the CPU: one pass
+        return self.down_proj(fused if fused is not None else F.silu(gate) * up)
 
 
 class MoEGate(nn.Module):
@@ -667,6 +684,9 @@ class Experts(nn.Module):
         position = torch.empty_like(order)
         position[order] = torch.arange(order.numel(), device=order.device)
         position = position.view(n_tokens, top_k)
+        fused = weighted_sum(grouped_out, position, weights)  # bf16: the same sums in one pass
+        if fused is not None:
+            return fused
         total = grouped_out.index_select(0, position[:, 0]).float() * weights[:, :1]
         for j in range(1, top_k):
             total += grouped_out.index_select(0, position[:, j]).float() * weights[:, j : j + 1]

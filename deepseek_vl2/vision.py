@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
-from .kernels import gelu_tanh_, vision_attention
+from .kernels import biased_linear, gelu_tanh_, vision_attention
 from .steps import Steps, piece_ends, run_steps
 
 LAYER_NORM_EPS = 1e-6
@@ -42,12 +42,19 @@ class PatchEmbed(nn.Module):
         return F.linear(patches, self.proj.weight.view(self.proj.out_channels, -1), self.proj.bias)
 
 
+class BiasedLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and checkpoint names) through ``kernels.biased_linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return biased_linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)  # rows: q | k | v
-        self.proj = nn.Linear(width, width)
+        self.qkv = BiasedLinear(width, 3 * width)  # rows: q | k | v
+        self.proj = BiasedLinear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = x.shape
@@ -63,8 +70,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = BiasedLinear(width, hidden)
+        self.fc2 = BiasedLinear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc1(x)

@@ -1161,7 +1161,7 @@ def test_the_moe_layer_takes_the_one_call_path_where_tiles_are_on(tiles: int) ->
 @pytest.mark.parametrize("batch,tokens,heads,head_dim", [(1, 729, 2, 72), (2, 37, 3, 24), (1, 16, 1, 32), (3, 5, 2, 16), (1, 100, 4, 40)])
 def test_vision_attention_on_tiles_is_as_close_to_exact_as_pytorchs(batch: int, tokens: int, heads: int, head_dim: int,
                                                                     tiles: int) -> None:
-    """``vision_attention_bf16`` (one pass over all keys on AMX tiles) against fp64 attention: no further from it
+    """``vision_attention`` (``attention_bf16``: one pass over all keys on AMX tiles) against fp64 attention: no further from it
     than PyTorch's bf16 attention (twice its error, plus a quarter of a bf16 step of the largest output),
     over odd token counts (a last query block and key tile partly filled) and head sizes that do not fill a
     32-value piece."""
@@ -1177,10 +1177,45 @@ def test_vision_attention_on_tiles_is_as_close_to_exact_as_pytorchs(batch: int, 
         return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, width)
 
     exact, theirs = attention(qkv.double()), attention(qkv).double()
-    ours = extension.vision_attention_bf16(qkv, heads)
+    ours = kernels.vision_attention(qkv, heads)
     assert ours.shape == (batch, tokens, width) and ours.dtype == torch.bfloat16
     allowed = 2 * (theirs - exact).abs().max().item() + 2.0**-10 * exact.abs().max().item()
     assert (ours.double() - exact).abs().max().item() <= allowed
+
+
+@pytest.mark.parametrize("tiles", [ALL_TILES], ids=["tiles"], indirect=True)
+@pytest.mark.parametrize("batch,heads,kv_heads,queries,keys,dk,dv", [
+    (1, 10, 10, 438, 438, 128, 128),  # tiny's prompt in one chunk
+    (1, 4, 4, 37, 101, 64, 64),  # a later chunk: its queries start at key 64
+    (2, 6, 2, 17, 17, 40, 24),  # grouped key heads, dk != dv, odd sizes
+    (1, 3, 1, 1, 9, 192, 128),  # one query (MLA's head sizes)
+])
+def test_causal_attention_on_tiles_is_as_close_to_exact_as_pytorchs(batch: int, heads: int, kv_heads: int, queries: int, keys: int,
+                                                                    dk: int, dv: int, tiles: int) -> None:
+    """The decoder's prompt attention (``attention`` with a causal offset: a chunk whose queries sit at the last
+    positions of the cached keys) against fp64 attention with the causal mask: no further from it than
+    PyTorch's bf16 SDPA (twice its error, plus a quarter of a bf16 step of the largest output), on strided views
+    as the attention layers pass them."""
+    if kernels.avx512_bf16_extension() is None:
+        pytest.skip("no bf16 kernels here (no AVX512-BF16, or no C++ compiler/ninja)")
+    generator = torch.Generator().manual_seed(queries * keys + dk)
+    q = (torch.randn(batch, queries, heads, dk, generator=generator) * 1.5).to(torch.bfloat16).transpose(1, 2)
+    cache = (torch.randn(batch, kv_heads, keys + 5, dk + dv, generator=generator) * 1.5).to(torch.bfloat16)
+    k, v = cache[:, :, :keys, :dk], cache[:, :, :keys, dk:]  # (strided views, as a cache's)
+    offset, scale = keys - queries, dk**-0.5
+    mask = torch.ones(queries, keys, dtype=torch.bool).tril(diagonal=offset)
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                                enable_gqa=heads != kv_heads).transpose(1, 2)
+
+    exact, theirs = sdpa(q.double(), k.double(), v.double()), sdpa(q, k, v).double()
+    ours = kernels.attention(q, k, v, scale, causal_offset=offset)
+    assert ours.shape == (batch, queries, heads, dv) and ours.dtype == torch.bfloat16
+    allowed = 2 * (theirs - exact).abs().max().item() + 2.0**-10 * exact.abs().max().item()
+    assert (ours.double() - exact).abs().max().item() <= allowed
+    with pytest.raises(RuntimeError, match="reach past the keys"):
+        kernels.attention(q, k, v, scale, causal_offset=offset + 1)
 
 
 def test_gelu_in_place_is_the_tanh_gelu_within_a_bf16_step() -> None:
@@ -1207,3 +1242,116 @@ def test_gelu_in_place_is_the_tanh_gelu_within_a_bf16_step() -> None:
     assert (error <= step).all()
     assert (ours == exact).sum() >= (theirs == exact).sum()
     assert ours[0] == 0 and torch.signbit(ours[0]) and ours[1] == 200 and ours[4] == x[4] and torch.isinf(ours[5])
+
+
+# --------------------------------------------------------------------------------------------------
+# A prompt's elementwise steps in one pass each (csrc/prefill_rows.h)
+
+
+@needs_extension
+@pytest.mark.parametrize("shape", [(1, 10, 438, 128), (2, 3, 5, 40), (1, 1, 7, 64)])
+def test_rope_kernel_is_the_eager_rope_bit_for_bit(shape: tuple[int, ...]) -> None:
+    """RoPE on q/k as the attention lays them out (a transposed view of the projection's output) and on a
+    [B, S, d] tensor (MLA's shared key): the same bits as ``apply_rope``, the output laid out like the input."""
+    from deepseek_vl2.language import apply_rope
+
+    batch, heads, seq, d = shape
+    projected = _bf16(batch, seq, heads * d, seed=seq + d, scale=2.0)
+    x = projected.view(batch, seq, heads, d).transpose(1, 2)
+    cos, sin = _bf16(seq, d, seed=1).clamp(-1, 1), _bf16(seq, d, seed=2).clamp(-1, 1)
+    got = kernels.rope(x, cos, sin)
+    assert got is not None and got.shape == x.shape and got.stride() == x.stride()
+    assert torch.equal(got, apply_rope(x, cos, sin))
+    flat = x[:, 0]  # [B, S, d]
+    assert torch.equal(kernels.rope(flat.contiguous(), cos, sin), apply_rope(flat.contiguous(), cos, sin))
+    assert kernels.rope(x.float(), cos.float(), sin.float()) is None  # fp32: the eager ops
+
+
+@needs_extension
+@pytest.mark.parametrize("tokens, top_k, d", [(438, 6, 1280), (5, 1, 40), (17, 8, 33)])
+def test_weighted_sum_kernel_is_the_eager_sum_bit_for_bit(tokens: int, top_k: int, d: int) -> None:
+    """The routed experts' combination per token: the same bits as ``Experts._weighted_sum``'s eager ops
+    (products and partial sums each rounded in fp32, choice by choice), with rows of odd widths."""
+    from deepseek_vl2.language import Experts
+
+    generator = torch.Generator().manual_seed(tokens + d)
+    grouped = _bf16(tokens * top_k, d, seed=tokens, scale=3.0)
+    order = torch.randperm(tokens * top_k, generator=generator)
+    weights = torch.rand(tokens, top_k, generator=generator)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel())
+    position = position.view(tokens, top_k)
+    total = grouped.index_select(0, position[:, 0]).float() * weights[:, :1]
+    for j in range(1, top_k):
+        total += grouped.index_select(0, position[:, j]).float() * weights[:, j : j + 1]
+    want = total.to(torch.bfloat16)
+    assert torch.equal(kernels.weighted_sum(grouped, position, weights), want)
+    assert torch.equal(Experts._weighted_sum(grouped, order, weights), want)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.weighted_sum(grouped, position + tokens * top_k, weights)
+
+
+@needs_extension
+def test_rms_norm_rows_kernel_is_the_module_within_a_bf16_step() -> None:
+    from deepseek_vl2.language import RMSNorm
+
+    norm = RMSNorm(1283, eps=1e-6).to(BF16)
+    norm.weight.data = _bf16(1283, seed=9)
+    x = _bf16(3, 57, 1283, seed=10, scale=3.0)
+    got = kernels.rms_norm_rows(x, norm.weight, 1e-6)
+    want = norm.weight * torch.nn.functional.rms_norm(x, (1283,), eps=1e-6)
+    assert got.shape == want.shape
+    step = 2.0 ** (torch.frexp(want.float().abs().clamp_min(1e-30))[1].double() - 8)
+    assert ((got.double() - want.double()).abs() <= step).all()
+    assert (got == want).double().mean() > 0.99
+    assert torch.equal(norm(x), got)  # the module takes it for a prompt's bf16 rows
+
+
+@needs_extension
+def test_silu_mul_kernel_is_the_eager_swiglu_within_a_bf16_step() -> None:
+    gate, up = _bf16(37, 1795, seed=3, scale=4.0), _bf16(37, 1795, seed=4, scale=2.0)
+    gate[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -90.0])
+    got = kernels.silu_mul(gate, up)
+    want = torch.nn.functional.silu(gate) * up
+    step = 2.0 ** (torch.frexp(want.float().abs().clamp_min(1e-30))[1].double() - 8)
+    assert ((got.double() - want.double()).abs() <= step).all()
+    assert (got == want).double().mean() > 0.99
+    assert kernels.silu_mul(gate.float(), up.float()) is None
+
+
+@pytest.mark.parametrize("tiles", [ALL_TILES], ids=["tiles"], indirect=True)
+@pytest.mark.parametrize("name", ["mha", "mla", "mla-noaux"])
+def test_a_bf16_prompt_through_the_prompt_kernels_is_the_eager_computation(name: str, tiles: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wiring of the prompt kernels into the model (attention of both kinds, in a first chunk and a later one
+    against cached keys; RoPE, RMSNorm, SwiGLU, the experts' sum; the tower's attention and biased products):
+    the same logits and vision features as with every kernel declined, within bf16's rounding."""
+    if kernels.avx512_bf16_extension() is None:
+        pytest.skip("no bf16 kernels here (no AVX512-BF16, or no C++ compiler/ninja)")
+    from conftest import FIXTURES_DIR
+    from deepseek_vl2 import language, vision
+    from deepseek_vl2.generation import prefill
+    from deepseek_vl2.model import load_model
+
+    model = load_model(FIXTURES_DIR / "checkpoints" / name, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(5)
+    embeds = torch.randn(1, 45, model.language.config.hidden_size, generator=generator).to(torch.bfloat16)
+    pixels = torch.randn(2, 3, model.config.vision.image_size, model.config.vision.image_size, generator=generator).to(torch.bfloat16)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        model.language.setup_cache(64, batch=1)
+        with torch.inference_mode():
+            first = prefill(model.language, embeds[:, :30])
+            later = prefill(model.language, embeds[:, 30:], start_pos=30)  # (causal against the 30 cached keys)
+            return first, later, model.vision(pixels)
+
+    fused = run()
+    for module, names in ((language, ("attention", "rope", "rms_norm_rows", "silu_mul", "weighted_sum")),
+                          (vision, ("vision_attention",))):
+        for attribute in names:
+            monkeypatch.setattr(module, attribute, lambda *args, **kwargs: None)
+    monkeypatch.setattr(vision, "biased_linear", torch.nn.functional.linear)
+    eager = run()
+    for got, want in zip(fused, eager):
+        assert got.shape == want.shape
+        scale = want.float().abs().max().item()
+        assert (got.float() - want.float()).abs().max().item() <= 0.03 * scale, name

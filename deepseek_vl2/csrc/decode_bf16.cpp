@@ -582,8 +582,10 @@ torch::Tensor row_claims_trace(int64_t n, int64_t chunk, int64_t slow_us) {
   return owner;
 }
 
-#include "experts_prefill.h"  // (these two after the tile products and exp_ps above, which they use)
+#include "experts_prefill.h"  // (these after the tile products and exp_ps above, which they use)
+#include "prefill_attention.h"
 #include "vision.h"
+#include "prefill_rows.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_claims_trace", &row_claims_trace, "test hook: the thread that processed each row claimed in chunks");
@@ -597,11 +599,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "a prompt's rows through the routed experts of one MoE layer on AMX tiles, in the expert-grouped order",
         pybind11::arg("x"), pybind11::arg("order"), pybind11::arg("counts"), pybind11::arg("top_k"), pybind11::arg("table"),
         pybind11::arg("intermediate"));
-  m.def("vision_attention_bf16", &vision_attention_bf16, ReleaseGil(),
-        "softmax(q k^T / sqrt(d)) v of every head of the vision tower on AMX tiles: qkv [B, N, 3W] -> [B, N, W]",
-        pybind11::arg("qkv"), pybind11::arg("heads"));
+  m.def("attention_bf16", &attention_bf16, ReleaseGil(),
+        "softmax(scale q k^T) v of every head on AMX tiles (causal from causal_offset >= 0): q [B, H, S, dk], k [B, Hk, T, dk], "
+        "v [B, Hk, T, dv] -> [B, S, H, dv]",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("causal_offset"), pybind11::arg("scale"));
   m.def("gelu_tanh_bf16_", &gelu_tanh_bf16_, ReleaseGil(), "GELU (tanh approximation) in place on bf16 values",
         pybind11::arg("x"));
+  m.def("rms_norm_rows_bf16", &rms_norm_rows_bf16, ReleaseGil(), "RMSNorm of many bf16 rows, in parallel");
+  m.def("rope_bf16", &rope_bf16, ReleaseGil(), "RoPE (half-split) of bf16 x [B, H, S, d] with cos, sin [S, d]");
+  m.def("weighted_sum_bf16", &weighted_sum_bf16, ReleaseGil(), "the routed experts' weighted sum per token");
+  m.def("silu_mul_bf16", &silu_mul_bf16, ReleaseGil(), "bf16(bf16(silu(gate)) * up)");
   m.def("set_tiles", &set_tiles, "AMX tiles for steps of at least min_rows rows (where the CPU and OS allow), 0: never; "
         "returns the minimum in force", pybind11::arg("min_rows"));
   m.def("int8_tiles", []() { return int8_tiles_on().load(); }, "whether int8 matrices run on AMX-INT8 tiles in steps "

@@ -1,0 +1,146 @@
+// Attention over a prompt's (or a vision tile's) tokens for bf16 activations on AMX tiles (included by
+// decode_bf16.cpp after the tile products and tile_rows_wide, which it uses): the vision tower's heads, and the
+// decoder's prompt chunks (causal, against the keys cached before them).
+//
+// PyTorch's CPU flash attention ran SigLIP's heads (head size 72, 729 tokens a tile) at ~0.36 TFLOP/s, a
+// tenth of the matmul probe, and a 438-token prompt's causal heads of tiny at ~2 ms a layer. All the keys of
+// one head fit in one pass, so there is no online rescaling: per 16 queries, the scores against every key they
+// may see on tiles, an exact softmax in fp32, the probabilities rounded to bf16 (as PyTorch's bf16 flash
+// attention rounds them for its second product), their product with the values on tiles, divided by the fp32
+// sum at the end.
+#pragma once
+
+namespace decode {
+
+// 2^x for x <= 0 (softmax arguments): 2^n 2^f with n = round(x), |f| <= 1/2, 2^f by its Taylor polynomial of
+// degree 6 (relative error below 1.2e-7, two fp32 roundings); 0 far below -126 (subnormals are flushed).
+// Ten instructions, where exp_ps's range reduction and clamping take sixteen: the softmax of the tower's
+// attention evaluates 17 million of them a layer.
+inline __m512 exp2_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));  // (-inf: 0, not NaN)
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5403530393e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// `count` rows of `cols` values (the values of one head, a row per key) as the tiles that multiply a matrix
+// of key weights from the left: [cols / 16][count / 32][16 key pairs][16 columns], pair p of column c
+// holding (row 2p, row 2p + 1); zeros past the last row and column.
+inline void pack_columns_as_tiles(const uint16_t* first, int64_t stride, int64_t count, int64_t cols, uint32_t* out) {
+  const int64_t chunks = (count + 31) / 32, groups = (cols + 15) / 16;
+  std::memset(out, 0, size_t(groups * chunks * 256) * 4);
+  for (int64_t row = 0; row < count; row += 2) {
+    const uint16_t* a = first + row * stride;
+    const uint16_t* b = row + 1 < count ? a + stride : nullptr;
+    const int64_t pair = row / 2;  // (chunk pair / 16, place pair % 16)
+    for (int64_t c = 0; c < cols; ++c)
+      out[(c / 16) * chunks * 256 + pair * 16 + c % 16] = uint32_t(a[c]) | (b ? uint32_t(b[c]) << 16 : 0u);
+  }
+}
+
+// softmax(scale q k^T) v for every head: q [B, H, S, dk], k [B, Hk, T, dk], v [B, Hk, T, dv] bf16 (any strides
+// with the last dimension dense; query head h reads key/value head h / (H / Hk)). With causal_offset >= 0, query
+// s sees keys 0 .. causal_offset + s only (a prompt chunk whose first token sits at position causal_offset of
+// the T cached keys); below 0, every key. Returns [B, S, H, dv] bf16 (the heads side by side, as the output
+// projection takes them). Every thread takes whole (batch, head) pairs: packs that head's keys and values once,
+// then its queries 16 at a time.
+torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t causal_offset,
+                             double scale) {
+  DECODE_CHECK(tiles_min_rows().load() > 0, "attention_bf16: AMX tiles are off (set_tiles)");
+  for (const auto* t : {&q, &k, &v})
+    DECODE_CHECK(t->scalar_type() == at::kBFloat16 && t->dim() == 4 && t->device().is_cpu() && t->stride(3) == 1,
+                 "attention_bf16: q, k and v must be [B, heads, tokens, d] bf16 with the last dimension dense");
+  const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), dk = q.size(3);
+  const int64_t kv_heads = k.size(1), keys = k.size(2), dv = v.size(3);
+  DECODE_CHECK(k.size(0) == batch && v.size(0) == batch && v.size(1) == kv_heads && v.size(2) == keys && k.size(3) == dk &&
+                   kv_heads > 0 && heads % kv_heads == 0 && keys > 0,
+               "attention_bf16: k [B, Hk, T, dk] and v [B, Hk, T, dv] must match q [B, H, S, dk] (H a multiple of Hk)");
+  DECODE_CHECK(causal_offset < 0 || causal_offset + queries <= keys, "attention_bf16: the causal queries reach past the keys");
+  torch::Tensor out = torch::empty({batch, queries, heads, dv}, q.options());
+  if (queries == 0) return out;
+  const uint16_t *qp = data_of<uint16_t>(q), *kp = data_of<uint16_t>(k), *vp = data_of<uint16_t>(v);
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t dk_chunks = (dk + 31) / 32, key_tiles = (keys + 15) / 16, key_chunks = (keys + 31) / 32;
+  const int64_t dv_groups = (dv + 15) / 16, group = heads / kv_heads;
+  const float log2e_scale = float(1.44269504088896341 * scale);  // (softmax(scale s) = 2^(log2e scale s) / sum)
+  std::atomic<int64_t> next{0};
+  in_parallel([&](int, int) {
+    std::vector<const uint16_t*> key_rows(static_cast<size_t>(keys));
+    std::vector<uint32_t> values(size_t(dv_groups * key_chunks * 256 + 16));
+    std::vector<uint16_t> query_buffer(size_t(16 * 32 * dk_chunks + 32)), probs(size_t(16 * 32 * key_chunks + 32));
+    std::vector<float> scores(size_t(16 * 16 * key_tiles)), sums(size_t(16 * 16 * dv_groups));
+    auto aligned = [](auto* p) { return p + (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64 / sizeof(*p); };
+    uint32_t* value_tiles = aligned(values.data());
+    uint16_t* q_rows = aligned(query_buffer.data());
+    uint16_t* p_rows = aligned(probs.data());
+    int64_t packed_item = -1;  // (the (batch, key head) whose keys and values are packed)
+    const uint16_t* packed_keys = nullptr;
+    for (int64_t item; (item = next.fetch_add(1)) < batch * heads;) {
+      const int64_t b = item / heads, h = item % heads, kh = h / group;
+      if (packed_item != b * kv_heads + kh) {  // (pack_tiles: this thread's buffer; columns past the last key never read)
+        for (int64_t t = 0; t < keys; ++t) key_rows[t] = kp + b * k.stride(0) + kh * k.stride(1) + t * k.stride(2);
+        packed_keys = pack_tiles(key_rows.data(), int(keys), dk);
+        pack_columns_as_tiles(vp + b * v.stride(0) + kh * v.stride(1), v.stride(2), keys, dv, value_tiles);
+        packed_item = b * kv_heads + kh;
+      }
+      for (int64_t q0 = 0; q0 < queries; q0 += 16) {
+        const int64_t count = std::min<int64_t>(16, queries - q0);
+        // the keys these queries see: all, or up to the last query's position
+        const int64_t seen = causal_offset < 0 ? keys : causal_offset + q0 + count;
+        const int64_t seen_tiles = (seen + 15) / 16, padded = 32 * ((seen + 31) / 32), stride = 16 * seen_tiles;
+        std::memset(q_rows, 0, size_t(16 * 32 * dk_chunks) * 2);
+        for (int64_t r = 0; r < count; ++r)
+          std::memcpy(q_rows + r * 32 * dk_chunks, qp + b * q.stride(0) + h * q.stride(1) + (q0 + r) * q.stride(2), size_t(dk) * 2);
+        // (tile_rows_wide: 16 query rows against up to four key tiles per load of the queries)
+        tile_rows_wide(q_rows, 32 * dk_chunks, 32 * dk_chunks, packed_keys, int(stride), 16, 0, scores.data());
+        float total[16];
+        for (int64_t r = 0; r < 16; ++r) {
+          float* s = scores.data() + r * stride;
+          uint16_t* p = p_rows + r * padded;
+          if (r >= count) {  // (rows past the queries: zeros, never stored)
+            std::memset(p, 0, size_t(padded) * 2);
+            continue;
+          }
+          const int64_t visible = causal_offset < 0 ? keys : causal_offset + q0 + r + 1;
+          const int64_t whole = visible / 16, tiles = (visible + 15) / 16;
+          const __mmask16 tail = __mmask16((1u << (visible % 16 ? visible % 16 : 16)) - 1);
+          // (the largest raw score: the scale is positive, so its scaled value is the largest scaled one)
+          __m512 best = _mm512_set1_ps(-INFINITY);
+          for (int64_t t = 0; t < whole; ++t) best = _mm512_max_ps(best, _mm512_loadu_ps(s + 16 * t));
+          if (whole < tiles) best = _mm512_mask_max_ps(best, tail, best, _mm512_loadu_ps(s + 16 * whole));
+          // exp(scale (s - best)) = 2^(s log2e scale - best log2e scale): one fused multiply-subtract a value
+          const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(best) * log2e_scale);
+          __m512 sum = _mm512_setzero_ps();
+          for (int64_t t = 0; t < tiles; ++t) {
+            const __mmask16 valid = t < whole ? __mmask16(0xffff) : tail;
+            const __m512 e = _mm512_maskz_mov_ps(valid, exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * t), _mm512_set1_ps(log2e_scale), shift)));
+            sum = _mm512_add_ps(sum, e);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16 * t), (__m256i)_mm512_cvtneps_pbh(e));
+          }
+          for (int64_t key = 16 * tiles; key < padded; ++key) p[key] = 0;
+          total[r] = _mm512_reduce_add_ps(sum);
+        }
+        // out[q] = (p[q] @ v) / total[q]: p's rows on the left (16 queries x 32 keys a piece), the values'
+        // columns on the right (packed for all the keys: the first padded / 32 pieces of each).
+        tile_rows_wide(p_rows, padded, padded, reinterpret_cast<const uint16_t*>(value_tiles), int(16 * dv_groups), 16, 0,
+                       sums.data(), key_chunks);
+        for (int64_t r = 0; r < count; ++r) {
+          const float inverse = 1.0f / total[r];
+          uint16_t* o = op + ((b * queries + q0 + r) * heads + h) * dv;
+          const float* row = sums.data() + r * 16 * dv_groups;
+          for (int64_t c = 0; c < dv; ++c) o[c] = float_to_bf16(row[c] * inverse);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace decode

@@ -312,27 +312,50 @@ int set_tiles(int min_rows) {
   return tiles_min_rows().load();
 }
 
+// 16 vectors of 16 32-bit values transposed in registers: lane j of r[i] becomes lane i of r[j].
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // (pairs of rows interleaved: per 128-bit lane, elements 0-1 and 2-3)
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // (r[4q + s], lane L: element 4L + s of rows 4q .. 4q + 3)
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  for (int q = 0; q < 2; ++q)  // (128-bit lanes gathered across the four row quads, two steps)
+    for (int s = 0; s < 4; ++s) {
+      t[8 * q + s] = _mm512_shuffle_f32x4(r[8 * q + s], r[8 * q + 4 + s], 0x88);
+      t[8 * q + 4 + s] = _mm512_shuffle_f32x4(r[8 * q + s], r[8 * q + 4 + s], 0xdd);
+    }
+  for (int s = 0; s < 8; ++s) {
+    r[s] = _mm512_shuffle_f32x4(t[s], t[8 + s], 0x88);
+    r[8 + s] = _mm512_shuffle_f32x4(t[s], t[8 + s], 0xdd);
+  }
+}
+
+// A 16 x 16 block of value pairs at a time: 16 inputs' 32 values loaded as rows, transposed so that each
+// vector holds one pair of all 16 inputs (zeros past the last input and value).
 const uint16_t* pack_tiles(const uint16_t* const* xs, int count, int64_t cols) {
   thread_local std::vector<uint32_t> buffer;
   const int64_t chunks = (cols + 31) / 32, tiles = (count + 15) / 16;
   const size_t need = size_t(tiles * chunks * 256 + 16);  // (+16: room to align to 64 bytes)
   if (buffer.size() < need) buffer.assign(need, 0);
   uint32_t* base = buffer.data() + (16 - (reinterpret_cast<uintptr_t>(buffer.data()) / 4) % 16) % 16;
-  const int64_t pairs = cols / 2, padded = chunks * 16;
-  for (int j = 0; j < count; ++j) {
-    uint32_t* column = base + (j / 16) * chunks * 256 + j % 16;  // pair p of input j: column[16 p]
-    const uint16_t* x = xs[j];
-    for (int64_t p = 0; p < pairs; ++p) {
-      uint32_t pair;
-      std::memcpy(&pair, x + 2 * p, sizeof(pair));
-      column[16 * p] = pair;
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t values = std::min<int64_t>(32, cols - 32 * c);
+      const __mmask32 valid = values == 32 ? __mmask32(0xffffffffu) : __mmask32((1u << values) - 1);
+      __m512 r[16];
+      for (int j = 0; j < 16; ++j)
+        r[j] = 16 * t + j < count ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(valid, xs[16 * t + j] + 32 * c))
+                                  : _mm512_setzero_ps();
+      transpose16(r);
+      uint32_t* out = base + (t * chunks + c) * 256;
+      for (int p = 0; p < 16; ++p) _mm512_store_ps(reinterpret_cast<float*>(out + 16 * p), r[p]);
     }
-    int64_t p = pairs;
-    if (cols % 2) column[16 * p++] = x[cols - 1];  // (its partner a zero)
-    for (; p < padded; ++p) column[16 * p] = 0;  // zeros to the end of the last 32 values: sums unchanged
-  }
-  // (The columns no input fills keep what they held: their sums are never read, and a tile's column never
-  // changes another's.)
   return reinterpret_cast<const uint16_t*>(base);
 }
 
@@ -583,9 +606,9 @@ torch::Tensor row_claims_trace(int64_t n, int64_t chunk, int64_t slow_us) {
 }
 
 #include "experts_prefill.h"  // (these after the tile products and exp_ps above, which they use)
+#include "prefill_rows.h"
 #include "prefill_attention.h"
 #include "vision.h"
-#include "prefill_rows.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_claims_trace", &row_claims_trace, "test hook: the thread that processed each row claimed in chunks");

@@ -12,12 +12,11 @@
 
 namespace decode {
 
-// 2^x for x <= 0 (softmax arguments): 2^n 2^f with n = round(x), |f| <= 1/2, 2^f by its Taylor polynomial of
-// degree 6 (relative error below 1.2e-7, two fp32 roundings); 0 far below -126 (subnormals are flushed).
-// Ten instructions, where exp_ps's range reduction and clamping take sixteen: the softmax of the tower's
-// attention evaluates 17 million of them a layer.
+// 2^x for finite x <= 0 (softmax arguments): 2^n 2^f with n = round(x), |f| <= 1/2, 2^f by its Taylor
+// polynomial of degree 6 (relative error below 1.2e-7, two fp32 roundings); 0 far below -126 (scalef
+// underflows, subnormals are flushed). Nine instructions, where exp_ps's range reduction and clamping take
+// fifteen: the softmax of the tower's attention evaluates 17 million of them a layer.
 inline __m512 exp2_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));  // (-inf: 0, not NaN)
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(1.5403530393e-4f);
@@ -32,16 +31,19 @@ inline __m512 exp2_ps(__m512 x) {
 
 // `count` rows of `cols` values (the values of one head, a row per key) as the tiles that multiply a matrix
 // of key weights from the left: [cols / 16][count / 32][16 key pairs][16 columns], pair p of column c
-// holding (row 2p, row 2p + 1); zeros past the last row and column.
+// holding (row 2p, row 2p + 1); zeros past the last row and column. 16 columns of a row pair at a time.
 inline void pack_columns_as_tiles(const uint16_t* first, int64_t stride, int64_t count, int64_t cols, uint32_t* out) {
-  const int64_t chunks = (count + 31) / 32, groups = (cols + 15) / 16;
-  std::memset(out, 0, size_t(groups * chunks * 256) * 4);
-  for (int64_t row = 0; row < count; row += 2) {
-    const uint16_t* a = first + row * stride;
-    const uint16_t* b = row + 1 < count ? a + stride : nullptr;
-    const int64_t pair = row / 2;  // (chunk pair / 16, place pair % 16)
-    for (int64_t c = 0; c < cols; ++c)
-      out[(c / 16) * chunks * 256 + pair * 16 + c % 16] = uint32_t(a[c]) | (b ? uint32_t(b[c]) << 16 : 0u);
+  const int64_t chunks = (count + 31) / 32, groups = (cols + 15) / 16, pairs = (count + 1) / 2;
+  for (int64_t g = 0; g < groups; ++g) {  // (the pairs past the last row: zeros)
+    std::memset(out + g * chunks * 256 + pairs * 16, 0, size_t(chunks * 16 - pairs) * 64);
+    const __mmask16 valid = 16 * (g + 1) <= cols ? __mmask16(0xffff) : __mmask16((1u << (cols - 16 * g)) - 1);
+    for (int64_t pair = 0; pair < pairs; ++pair) {
+      const uint16_t* a = first + 2 * pair * stride + 16 * g;
+      const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, a));
+      const __m512i high = 2 * pair + 1 < count ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, a + stride)), 16)
+                                                : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + g * chunks * 256 + pair * 16, _mm512_or_si512(low, high));
+    }
   }
 }
 
@@ -117,13 +119,24 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
           if (whole < tiles) best = _mm512_mask_max_ps(best, tail, best, _mm512_loadu_ps(s + 16 * whole));
           // exp(scale (s - best)) = 2^(s log2e scale - best log2e scale): one fused multiply-subtract a value
           const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(best) * log2e_scale);
-          __m512 sum = _mm512_setzero_ps();
-          for (int64_t t = 0; t < tiles; ++t) {
+          const __m512 factor = _mm512_set1_ps(log2e_scale);
+          __m512 sum = _mm512_setzero_ps(), sum_odd = _mm512_setzero_ps();  // (two chains of additions)
+          int64_t t = 0;
+          for (; t + 1 < whole; t += 2) {
+            const __m512 e0 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * t), factor, shift));
+            const __m512 e1 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * t + 16), factor, shift));
+            sum = _mm512_add_ps(sum, e0);
+            sum_odd = _mm512_add_ps(sum_odd, e1);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16 * t), (__m256i)_mm512_cvtneps_pbh(e0));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16 * t + 16), (__m256i)_mm512_cvtneps_pbh(e1));
+          }
+          for (; t < tiles; ++t) {  // (the last whole tile if their count is odd, then the partial one, masked)
             const __mmask16 valid = t < whole ? __mmask16(0xffff) : tail;
-            const __m512 e = _mm512_maskz_mov_ps(valid, exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * t), _mm512_set1_ps(log2e_scale), shift)));
+            const __m512 e = _mm512_maskz_mov_ps(valid, exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * t), factor, shift)));
             sum = _mm512_add_ps(sum, e);
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16 * t), (__m256i)_mm512_cvtneps_pbh(e));
           }
+          sum = _mm512_add_ps(sum, sum_odd);
           for (int64_t key = 16 * tiles; key < padded; ++key) p[key] = 0;
           total[r] = _mm512_reduce_add_ps(sum);
         }
@@ -135,7 +148,10 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
           const float inverse = 1.0f / total[r];
           uint16_t* o = op + ((b * queries + q0 + r) * heads + h) * dv;
           const float* row = sums.data() + r * 16 * dv_groups;
-          for (int64_t c = 0; c < dv; ++c) o[c] = float_to_bf16(row[c] * inverse);
+          for (int64_t c = 0; c < dv; c += 16) {
+            const __mmask16 valid = c + 16 <= dv ? __mmask16(0xffff) : __mmask16((1u << (dv - c)) - 1);
+            store_bf16(o + c, _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, row + c), _mm512_set1_ps(inverse)), valid);
+          }
         }
       }
     }

@@ -56,6 +56,20 @@ class ImageInputs(Protocol):
     images_spatial_crop: torch.Tensor  # [n_images, 2] = (width tiles, height tiles)
 
 
+def tile_sources(pixel_values: torch.Tensor, images_spatial_crop: torch.Tensor) -> list[int]:
+    """For each tile, the tile whose tower output it takes: itself, or (an image tiled 1x1, whose local tile
+    equals its global view) the global view. ``len(set(...))`` tiles go through the vision tower."""
+    source = list(range(pixel_values.shape[0]))
+    tile = 0
+    for n_wide, n_high in images_spatial_crop.view(-1, 2).tolist():
+        if n_wide == 0 or n_high == 0:
+            break
+        if n_wide * n_high == 1 and torch.equal(pixel_values[tile], pixel_values[tile + 1]):
+            source[tile + 1] = tile
+        tile += 1 + n_wide * n_high
+    return source
+
+
 class DeepseekVL2(nn.Module):
     def __init__(self, config: DeepseekVL2Config) -> None:
         super().__init__()
@@ -129,14 +143,7 @@ class DeepseekVL2(nn.Module):
         a conversation has more than two) has a local tile identical to its global view: the tower runs
         on one copy, which halves the vision time of such images.
         """
-        source = list(range(pixel_values.shape[0]))
-        tile = 0
-        for n_wide, n_high in images_spatial_crop.tolist():
-            if n_wide == 0 or n_high == 0:
-                break
-            if n_wide * n_high == 1 and torch.equal(pixel_values[tile], pixel_values[tile + 1]):
-                source[tile + 1] = tile
-            tile += 1 + n_wide * n_high
+        source = tile_sources(pixel_values, images_spatial_crop)
         unique = sorted(set(source))
         if len(unique) == len(source):
             return self.projector((yield from self.vision.steps(pixel_values, blocks_per_step)))

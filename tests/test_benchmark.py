@@ -362,6 +362,9 @@ def test_benchmark_smoke_config():
     result = _run_benchmark("--config", str(cfg), "--concurrency", "1,3,poisson:20", "--arrival-requests", "3")
     assert result["random_weights"] is True
     assert result["prompt_tokens"] == 438 and result["n_tiles"] == 2
+    # The 384-px image tiles 1x1: its local tile is its global view, so the tower (and the vision bound) runs one.
+    assert result["tower_tiles"] == 1
+    assert result["prefill_flops"] == bounds.prefill_flops(DeepseekVL2Config.from_json_file(cfg), 438, 1)["total"]
     config = DeepseekVL2Config.from_json_file(cfg).language
     assert list(result["concurrency"]) == ["1", "3", "poisson:20"]
     poisson = result["concurrency"]["poisson:20"]

@@ -424,7 +424,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
     side. With ``causal_offset`` >= 0, query s sees the keys up to position causal_offset + s. None where it does
     not apply (no tiles, not bf16 on the CPU)."""
     extension = _tiles_extension(q)
-    if extension is None or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (k, v)):
+    if extension is None or any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (q, k, v)):
         return None
     return extension.attention_bf16(q, k, v, causal_offset, scale)
 

@@ -1253,6 +1253,8 @@ def test_rope_kernel_is_the_eager_rope_bit_for_bit(shape: tuple[int, ...]) -> No
     assert torch.equal(got, apply_rope(x, cos, sin))
     flat = x[:, 0]  # [B, S, d]
     assert torch.equal(kernels.rope(flat.contiguous(), cos, sin), apply_rope(flat.contiguous(), cos, sin))
+    gapped = torch.cat([x, x], dim=-1)[..., :d]  # (not dense: every row followed by a gap)
+    assert torch.equal(kernels.rope(gapped, cos, sin), apply_rope(gapped, cos, sin))
     assert kernels.rope(x.float(), cos.float(), sin.float()) is None  # fp32: the eager ops
 
 

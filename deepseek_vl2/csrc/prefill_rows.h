@@ -65,7 +65,7 @@ torch::Tensor rms_norm_rows_bf16(const torch::Tensor& x_in, const torch::Tensor&
 
 // x * cos + rotate_half(x) * sin for x [B, H, S, d] bf16 (any strides with the last dimension dense) and cos,
 // sin [S, d] bf16, each product and the sum rounded to bf16 as the eager ops round them; rotate_half(x) is
-// (-x[d/2:], x[:d/2]). Returns a tensor laid out like x.
+// (-x[d/2:], x[:d/2]). Returns a tensor laid out like x (contiguous if x is not dense).
 torch::Tensor rope_bf16(const torch::Tensor& x, const torch::Tensor& cos_in, const torch::Tensor& sin_in) {
   const auto cos = cos_in.contiguous(), sin = sin_in.contiguous();
   DECODE_CHECK(x.scalar_type() == at::kBFloat16 && cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16 &&
@@ -74,16 +74,14 @@ torch::Tensor rope_bf16(const torch::Tensor& x, const torch::Tensor& cos_in, con
   const int64_t batch = x.size(0), heads = x.size(1), seq = x.size(2), d = x.size(3), half = d / 2;
   DECODE_CHECK(d % 2 == 0 && cos.dim() == 2 && cos.size(0) == seq && cos.size(1) == d && sin.sizes() == cos.sizes(),
                "rope_bf16: cos and sin must be [S, d] with d even");
-  torch::Tensor out = torch::empty_like(x);  // (x's layout: dense non-overlapping strides are kept)
-  DECODE_CHECK(out.strides() == x.strides(), "rope_bf16: x must be dense");
+  torch::Tensor out = torch::empty_like(x);  // (x's layout where x is dense; else contiguous)
   const uint16_t *xp = data_of<uint16_t>(x), *cp = data_of<uint16_t>(cos), *sp = data_of<uint16_t>(sin);
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const int64_t sb = x.stride(0), sh = x.stride(1), ss = x.stride(2);
   at::parallel_for(0, batch * heads * seq, 64, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (heads * seq), h = item / seq % heads, s = item % seq;
-      const uint16_t* in = xp + b * sb + h * sh + s * ss;
-      uint16_t* o = op + b * sb + h * sh + s * ss;
+      const uint16_t* in = xp + b * x.stride(0) + h * x.stride(1) + s * x.stride(2);
+      uint16_t* o = op + b * out.stride(0) + h * out.stride(1) + s * out.stride(2);
       const uint16_t *c = cp + s * d, *n = sp + s * d;
       for (int64_t i = 0; i < half; i += 16) {
         const __mmask16 valid = i + 16 <= half ? __mmask16(0xffff) : __mmask16((1u << (half - i)) - 1);

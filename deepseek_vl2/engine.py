@@ -60,9 +60,9 @@ DEFAULT_VISION_UNIT = 8
 # requests run back to back while their predicted durations fit, at least one, then the decoding requests
 # take a step. A step after every unit (0) made a joining 1-image request of tiny wait for 8 of the others'
 # steps. Tiny bf16, 8 requests at once on 2 cores, prompt chunks in pieces of 6 layers, one request's units a
-# turn: at 450 the last first token came after 9.8 s and the p95 pause was 0.48 s; at 350, 10.4 s and 0.40 s
-# (docs/performance.md).
-DEFAULT_PREFILL_BUDGET_MS = 450
+# turn, with the prompt kernels: at 450 the last first token came after 9.7-9.8 s and the p95 pause was 0.51 s;
+# at 400, 10.2 s and 0.38 s; at 425, 9.4 and 10.2 s, 0.47 and 0.43 s (two runs; docs/performance.md).
+DEFAULT_PREFILL_BUDGET_MS = 425
 # Decoder layers per unit of a prompt chunk (DEEPSEEK_VL2_PREFILL_LAYERS): a chunk's layers in pieces, the
 # others decoding between them, so that a pause is a few layers' prefill, not the chunk's (~0.5 s for tiny's
 # 438-token prompt on 2 cores; 6 of its 12 layers: ~0.25 s), while each expert's weights are still read once

@@ -466,8 +466,8 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[torch.Tensor]:
     """``x * cos + rotate_half(x) * sin`` for bf16 x [B, H, S, d] or [B, S, d] (any dense layout) and cos, sin
     [S, d], in one pass with the eager ops' roundings (bit-identical); None where it does not apply."""
-    if x.dim() not in (3, 4) or cos.dim() != 2 or x.stride(-1) != 1:
-        return None
+    if x.dim() not in (3, 4) or cos.dim() != 2 or x.stride(-1) != 1 or x.shape[-1] % 2:
+        return None  # (an odd size: rotate_half's uneven halves stay with the eager ops)
     extension = _rows_extension(x, cos, sin)
     if extension is None:
         return None

@@ -1256,6 +1256,7 @@ def test_rope_kernel_is_the_eager_rope_bit_for_bit(shape: tuple[int, ...]) -> No
     gapped = torch.cat([x, x], dim=-1)[..., :d]  # (not dense: every row followed by a gap)
     assert torch.equal(kernels.rope(gapped, cos, sin), apply_rope(gapped, cos, sin))
     assert kernels.rope(x.float(), cos.float(), sin.float()) is None  # fp32: the eager ops
+    assert kernels.rope(x[..., :-1], cos[:, :-1], sin[:, :-1]) is None  # an odd size: the eager ops
 
 
 @needs_extension

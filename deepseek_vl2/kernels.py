@@ -314,12 +314,16 @@ def linear_many(x: torch.Tensor, layers: list[nn.Linear]) -> Optional[list[torch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
-    """``weight * F.rms_norm(x)`` for one bf16 token on the CPU (PyTorch's fused op costs ~11 us there,
-    more than streaming a small weight); None where the extension does not apply."""
+    """``weight * F.rms_norm(x)`` for bf16 on the CPU: one token (PyTorch's fused op costs ~11 us there, more
+    than streaming a small weight), or a prompt's rows in one parallel pass (``csrc/prefill_rows.h``); within one
+    bf16 step of the eager module. None where the extension does not apply."""
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
         return None  # (checked first: an fp32 token must not build the fp32 extension for nothing)
     extension = _fused_extension(x)
-    return None if extension is None else extension.rms_norm_bf16(x, weight, eps)
+    if extension is not None:
+        return extension.rms_norm_bf16(x, weight, eps)
+    extension = _rows_extension(x, weight)
+    return None if extension is None else extension.rms_norm_rows_bf16(x, weight, eps)
 
 
 Matrix = list[torch.Tensor]  # [weight] in the model's dtype, or [weight_packed, weight_scale] (quantize.py)
@@ -433,9 +437,10 @@ def vision_attention(qkv: torch.Tensor, heads: int) -> Optional[torch.Tensor]:
     """``scaled_dot_product_attention`` of the vision tower's heads from its qkv projection [B, N, 3W] (q | k |
     v, heads side by side) -> [B, N, W] (``attention``); None where that does not apply."""
     batch, tokens, width3 = qkv.shape
-    q, k, v = qkv.view(batch, tokens, 3, heads, width3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
-    out = attention(q, k, v, (width3 // (3 * heads)) ** -0.5)
-    return None if out is None else out.view(batch, tokens, width3 // 3)
+    head_dim = width3 // (3 * heads)
+    q, k, v = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    out = attention(q, k, v, head_dim**-0.5)
+    return None if out is None else out.view(batch, tokens, heads * head_dim)
 
 
 def gelu_tanh_(x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -454,13 +459,6 @@ def _rows_extension(*tensors: torch.Tensor) -> Optional[Any]:
     if any(t.device.type != "cpu" or t.dtype != torch.bfloat16 for t in tensors) or tensors[0].numel() == tensors[0].shape[-1]:
         return None
     return _layer_extension(torch.bfloat16)
-
-
-def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
-    """``weight * F.rms_norm(x)`` for a prompt's bf16 rows in one parallel pass (``csrc/prefill_rows.h``; within
-    one bf16 step of the eager module); None where it does not apply."""
-    extension = _rows_extension(x, weight)
-    return None if extension is None else extension.rms_norm_rows_bf16(x, weight, eps)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[torch.Tensor]:

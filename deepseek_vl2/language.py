@@ -45,7 +45,6 @@ from .kernels import (
     mla_args,
     mla_block,
     rms_norm,
-    rms_norm_rows,
     rope,
     routed_experts_rows,
     silu_mul,
@@ -66,9 +65,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, scale in the activation dtype, like the official code. The fused kernel
         # computes in fp32 for bf16 input and rounds once: bit-identical to upcasting first.
-        fused = rms_norm(x, self.weight, self.eps)  # CPU decode in bf16: one cheap call
-        if fused is None:
-            fused = rms_norm_rows(x, self.weight, self.eps)  # a prompt's bf16 rows on the CPU: one parallel pass
+        fused = rms_norm(x, self.weight, self.eps)  # bf16 on the CPU: one cheap call (a token, or a prompt's rows)
         if fused is not None:
             return fused
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)

@@ -340,7 +340,7 @@ def run_once(model, make_inputs, new_tokens: int, device: torch.device,
     return {
         "prompt_tokens": int(inputs.input_ids.numel()),
         "n_tiles": int(inputs.pixel_values.shape[0]),
-        "tower_tiles": len(set(tile_sources(inputs.pixel_values, inputs.images_spatial_crop))) if inputs.pixel_values.shape[0] else 0,
+        "tower_tiles": len(set(tile_sources(inputs.pixel_values, inputs.images_spatial_crop))),
         "generated": len(stamps),
         "preprocess_s": t1 - t0,
         "vision_s": vision_s,

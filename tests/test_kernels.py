@@ -1286,7 +1286,7 @@ def test_weighted_sum_kernel_is_the_eager_sum_bit_for_bit(tokens: int, top_k: in
 @needs_extension
 @pytest.mark.parametrize("shape", [(1, 1, 1280), (3, 57, 1283)], ids=["one-token", "prompt-rows"])
 def test_rms_norm_kernels_are_the_module_within_a_bf16_step(shape: tuple[int, ...]) -> None:
-    """``rms_norm`` (one decoding token) and ``rms_norm_rows`` (a prompt's rows, odd widths): within one bf16 step
+    """``rms_norm`` for one decoding token and for a prompt's rows (odd widths): within one bf16 step
     of the eager module's value everywhere, nearly all equal, and what the module itself returns."""
     from deepseek_vl2.language import RMSNorm
 
@@ -1294,7 +1294,7 @@ def test_rms_norm_kernels_are_the_module_within_a_bf16_step(shape: tuple[int, ..
     norm = RMSNorm(width, eps=1e-6).to(BF16)
     norm.weight.data = _bf16(width, seed=9)
     x = _bf16(*shape, seed=10, scale=3.0)
-    got = (kernels.rms_norm if x.numel() == width else kernels.rms_norm_rows)(x, norm.weight, 1e-6)
+    got = kernels.rms_norm(x, norm.weight, 1e-6)
     want = norm.weight * torch.nn.functional.rms_norm(x, (width,), eps=1e-6)
     assert got.shape == want.shape
     step = 2.0 ** (torch.frexp(want.float().abs().clamp_min(1e-30))[1].double() - 8)
@@ -1341,7 +1341,7 @@ def test_a_bf16_prompt_through_the_prompt_kernels_is_the_eager_computation(name:
             return first, later, model.vision(pixels)
 
     fused = run()
-    for module, names in ((language, ("attention", "rope", "rms_norm_rows", "silu_mul", "weighted_sum")),
+    for module, names in ((language, ("attention", "rope", "rms_norm", "silu_mul", "weighted_sum")),
                           (vision, ("vision_attention",))):
         for attribute in names:
             monkeypatch.setattr(module, attribute, lambda *args, **kwargs: None)

@@ -92,10 +92,18 @@ void dots(const uint16_t* w, const uint16_t* const* xs, int count, int64_t n, fl
   }
 }
 
-// 16 bf16 values widened to fp32 (a bf16 is the top half of an fp32).
+// 16 bf16 values widened to fp32 (a bf16 is the top half of an fp32); with a mask, the lanes outside it 0.
 inline __m512 load_bf16x16_as_f32(const uint16_t* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m512 load_bf16x16_as_f32(const uint16_t* p, __mmask16 valid) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
+}
+
+// 16 fp32 values stored as bf16 (rounded to nearest even, as PyTorch), the lanes of `valid` only.
+inline void store_f32_as_bf16x16(uint16_t* p, __m512 v, __mmask16 valid = 0xffff) {
+  _mm256_mask_storeu_epi16(p, valid, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
 float dot_f32(const uint16_t* w, const float* x, int64_t n) {

@@ -179,7 +179,7 @@ torch::Tensor experts_prefill_bf16(const torch::Tensor& x_in, const torch::Tenso
                         int(std::min<int64_t>(16, hidden - r0 - 16)), down_sums.data());
         for (int64_t j = 0; j < count; ++j) {  // input j's 16 sums: a column of the sums
           const __m512 column = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, down_rows, down_sums.data() + j, 4);
-          _mm256_mask_storeu_epi16(op + (starts[e] + j) * hidden + r0, valid, (__m256i)_mm512_cvtneps_pbh(column));
+          store_f32_as_bf16x16(op + (starts[e] + j) * hidden + r0, column, valid);
         }
       }
     }

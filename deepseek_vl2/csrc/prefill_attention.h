@@ -127,14 +127,14 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
             const __m512 e1 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * t + 16), factor, shift));
             sum = _mm512_add_ps(sum, e0);
             sum_odd = _mm512_add_ps(sum_odd, e1);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16 * t), (__m256i)_mm512_cvtneps_pbh(e0));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16 * t + 16), (__m256i)_mm512_cvtneps_pbh(e1));
+            store_f32_as_bf16x16(p + 16 * t, e0);
+            store_f32_as_bf16x16(p + 16 * t + 16, e1);
           }
           for (; t < tiles; ++t) {  // (the last whole tile if their count is odd, then the partial one, masked)
             const __mmask16 valid = t < whole ? __mmask16(0xffff) : tail;
             const __m512 e = _mm512_maskz_mov_ps(valid, exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16 * t), factor, shift)));
             sum = _mm512_add_ps(sum, e);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16 * t), (__m256i)_mm512_cvtneps_pbh(e));
+            store_f32_as_bf16x16(p + 16 * t, e);
           }
           sum = _mm512_add_ps(sum, sum_odd);
           for (int64_t key = 16 * tiles; key < padded; ++key) p[key] = 0;
@@ -150,7 +150,7 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
           const float* row = sums.data() + r * 16 * dv_groups;
           for (int64_t c = 0; c < dv; c += 16) {
             const __mmask16 valid = c + 16 <= dv ? __mmask16(0xffff) : __mmask16((1u << (dv - c)) - 1);
-            store_bf16(o + c, _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, row + c), _mm512_set1_ps(inverse)), valid);
+            store_f32_as_bf16x16(o + c, _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, row + c), _mm512_set1_ps(inverse)), valid);
           }
         }
       }

@@ -11,19 +11,21 @@
 
 namespace decode {
 
-// 16 bf16 values widened to fp32.
-inline __m512 widen_bf16(const uint16_t* p, __mmask16 valid = 0xffff) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
-}
-
-inline void store_bf16(uint16_t* p, __m512 v, __mmask16 valid = 0xffff) {
-  _mm256_mask_storeu_epi16(p, valid, (__m256i)_mm512_cvtneps_pbh(v));
-}
-
 // (a * b and a + b each rounded on its own: the *_round_ forms are builtins that the compiler never
 // contracts into a fused multiply-add, as it may the plain ones, so the sums round as PyTorch's ops do)
 inline __m512 mul_exact(__m512 a, __m512 b) { return _mm512_mul_round_ps(a, b, _MM_FROUND_CUR_DIRECTION); }
 inline __m512 add_exact(__m512 a, __m512 b) { return _mm512_add_round_ps(a, b, _MM_FROUND_CUR_DIRECTION); }
+
+// body(i, valid) for the 16-value blocks of n values (the last one partial, `valid` its lanes), in parallel.
+template <typename Body>
+void in_blocks_of_16(int64_t n, Body body) {
+  at::parallel_for(0, (n + 15) / 16, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t i = 16 * block;
+      body(i, i + 16 <= n ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1));
+    }
+  });
+}
 
 // One row's RMSNorm: out = weight * bf16(x * rsqrt(mean(x^2) + eps)), the squares summed 16 lanes at a time.
 inline void rms_norm_row_simd(const uint16_t* x, const uint16_t* weight, int64_t d, float eps, uint16_t* out) {
@@ -31,18 +33,18 @@ inline void rms_norm_row_simd(const uint16_t* x, const uint16_t* weight, int64_t
   const __mmask16 tail = __mmask16((1u << (d % 16)) - 1);
   __m512 squares = _mm512_setzero_ps();
   for (int64_t i = 0; i < whole; ++i) {
-    const __m512 v = widen_bf16(x + 16 * i);
+    const __m512 v = load_bf16x16_as_f32(x + 16 * i);
     squares = _mm512_fmadd_ps(v, v, squares);
   }
   if (tail) {
-    const __m512 v = widen_bf16(x + 16 * whole, tail);
+    const __m512 v = load_bf16x16_as_f32(x + 16 * whole, tail);
     squares = _mm512_fmadd_ps(v, v, squares);
   }
   const __m512 inv_rms = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / float(d) + eps));
   for (int64_t i = 0; 16 * i < d; ++i) {
     const __mmask16 valid = i < whole ? __mmask16(0xffff) : tail;
-    const __m512 normed = round_bf16_ps(_mm512_mul_ps(widen_bf16(x + 16 * i, valid), inv_rms));
-    store_bf16(out + 16 * i, _mm512_mul_ps(widen_bf16(weight + 16 * i, valid), normed), valid);
+    const __m512 normed = round_bf16_ps(_mm512_mul_ps(load_bf16x16_as_f32(x + 16 * i, valid), inv_rms));
+    store_f32_as_bf16x16(out + 16 * i, _mm512_mul_ps(load_bf16x16_as_f32(weight + 16 * i, valid), normed), valid);
   }
 }
 
@@ -85,14 +87,14 @@ torch::Tensor rope_bf16(const torch::Tensor& x, const torch::Tensor& cos_in, con
       const uint16_t *c = cp + s * d, *n = sp + s * d;
       for (int64_t i = 0; i < half; i += 16) {
         const __mmask16 valid = i + 16 <= half ? __mmask16(0xffff) : __mmask16((1u << (half - i)) - 1);
-        const __m512 low = widen_bf16(in + i, valid), high = widen_bf16(in + half + i, valid);
+        const __m512 low = load_bf16x16_as_f32(in + i, valid), high = load_bf16x16_as_f32(in + half + i, valid);
         // (first half: x * cos + (-high) * sin; second half: x * cos + low * sin)
-        const __m512 first = add_exact(round_bf16_ps(mul_exact(low, widen_bf16(c + i, valid))),
-                                       round_bf16_ps(mul_exact(_mm512_sub_ps(_mm512_setzero_ps(), high), widen_bf16(n + i, valid))));
-        const __m512 second = add_exact(round_bf16_ps(mul_exact(high, widen_bf16(c + half + i, valid))),
-                                        round_bf16_ps(mul_exact(low, widen_bf16(n + half + i, valid))));
-        store_bf16(o + i, first, valid);
-        store_bf16(o + half + i, second, valid);
+        const __m512 first = add_exact(round_bf16_ps(mul_exact(low, load_bf16x16_as_f32(c + i, valid))),
+                                       round_bf16_ps(mul_exact(_mm512_sub_ps(_mm512_setzero_ps(), high), load_bf16x16_as_f32(n + i, valid))));
+        const __m512 second = add_exact(round_bf16_ps(mul_exact(high, load_bf16x16_as_f32(c + half + i, valid))),
+                                        round_bf16_ps(mul_exact(low, load_bf16x16_as_f32(n + half + i, valid))));
+        store_f32_as_bf16x16(o + i, first, valid);
+        store_f32_as_bf16x16(o + half + i, second, valid);
       }
     }
   });
@@ -122,10 +124,10 @@ torch::Tensor weighted_sum_bf16(const torch::Tensor& grouped_in, const torch::Te
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t i = 0; i < d; i += 16) {
         const __mmask16 valid = i + 16 <= d ? __mmask16(0xffff) : __mmask16((1u << (d - i)) - 1);
-        __m512 total = mul_exact(widen_bf16(gp + where[n * top_k] * d + i, valid), _mm512_set1_ps(wp[n * top_k]));
+        __m512 total = mul_exact(load_bf16x16_as_f32(gp + where[n * top_k] * d + i, valid), _mm512_set1_ps(wp[n * top_k]));
         for (int64_t j = 1; j < top_k; ++j)
-          total = add_exact(total, mul_exact(widen_bf16(gp + where[n * top_k + j] * d + i, valid), _mm512_set1_ps(wp[n * top_k + j])));
-        store_bf16(op + n * d + i, total, valid);
+          total = add_exact(total, mul_exact(load_bf16x16_as_f32(gp + where[n * top_k + j] * d + i, valid), _mm512_set1_ps(wp[n * top_k + j])));
+        store_f32_as_bf16x16(op + n * d + i, total, valid);
       }
     }
   });
@@ -142,14 +144,9 @@ torch::Tensor silu_mul_bf16(const torch::Tensor& gate_in, const torch::Tensor& u
   torch::Tensor out = torch::empty_like(gate);
   const uint16_t *gp = data_of<uint16_t>(gate), *up_p = data_of<uint16_t>(up);
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const int64_t n = gate.numel();
-  at::parallel_for(0, (n + 15) / 16, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t i = 16 * block;
-      const __mmask16 valid = i + 16 <= n ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
-      const __m512 act = round_bf16_ps(silu_ps(widen_bf16(gp + i, valid)));
-      store_bf16(op + i, _mm512_mul_ps(act, widen_bf16(up_p + i, valid)), valid);
-    }
+  in_blocks_of_16(gate.numel(), [&](int64_t i, __mmask16 valid) {
+    const __m512 act = round_bf16_ps(silu_ps(load_bf16x16_as_f32(gp + i, valid)));
+    store_f32_as_bf16x16(op + i, _mm512_mul_ps(act, load_bf16x16_as_f32(up_p + i, valid)), valid);
   });
   return out;
 }

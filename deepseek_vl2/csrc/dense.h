@@ -105,6 +105,22 @@ inline void axpys_f32(const float* row, const float* a, int64_t count, int64_t n
   for (int64_t j = 0; j < count; ++j) axpy_f32(acc + j * acc_stride, a[j], row, n);
 }
 
-// MLA's rotary part: its dimensions come as interleaved pairs (x0, x1, x2, x3, ...), which the eager code
+// x = silu(x) in place, rounded to the storage type (the SwiGLU's gate, already rounded): with AVX-512 for
+// bf16 (decode_bf16.cpp), the scalar silu for fp32.
+void silu_in_place(uint16_t* x, int64_t n);
+inline void silu_in_place(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = silu(x[i]);
+}
+
+// MLA's absorbed attention for up to 16 heads of one row on AMX tiles, where tiles are on (latent_attention.h,
+// bf16 only; false where it does not apply): context[j] = softmax_t(scale (q_latent[j] . latent_t + q_pe[j] .
+// k_pe_t)) . latent_t for t < length; q_latent [count, rank] fp32, q_pe [count, rope] bf16, context [count, rank].
+bool latent_attention_tiles(const uint16_t* latent, int64_t latent_stride, const uint16_t* k_pe, int64_t k_pe_stride,
+                            int64_t length, int64_t rank, int64_t rope, const float* q_latent, const uint16_t* q_pe,
+                            int64_t count, float scale, float* context);
+inline bool latent_attention_tiles(const float*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, const float*,
+                                   const float*, int64_t, float, float*) {
+  return false;
+}
 
 }  // namespace decode

@@ -19,15 +19,6 @@ inline __m512 round_bf16_ps(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-// silu(g) = g / (1 + exp(-g)). exp_ps clamps its argument at 88; below g = -88 the quotient is set to
-// -0, what fp32's exp overflowing to inf gives.
-inline __m512 silu_ps(__m512 g) {
-  const __m512 e = exp_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(-88.0f)));  // (-inf: NaN)
-  const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-  const __mmask16 far = _mm512_cmp_ps_mask(g, _mm512_set1_ps(-88.0f), _CMP_LT_OQ);
-  return _mm512_mask_mov_ps(s, far, _mm512_set1_ps(-0.0f));
-}
-
 // Two hidden units' values for 16 inputs (fp32) as one row of an input tile: lane j holds input j's pair,
 // bf16(lo[j]) | bf16(hi[j]) << 16.
 inline __m512i pair_bf16(__m512 lo, __m512 hi) {

@@ -300,9 +300,8 @@ void ffn_body(const FfnSpec<T>& s, const T* x, int count, T* out, FfnScratch<T>&
       if (begin >= end) continue;
       T* he = h + e.h_offset;  // [count][inter]
       const Operands<T> in = e.choice[0] < 0 ? normed_in : normed_in.pick(e.row, e.count);  // (routed experts: vectors)
-      gemv_rows_multi(e.weights.gate, in, begin, end, [&](int64_t i, int j, float sum) {
-        he[j * inter + i] = S::store(silu(S::round(sum)));
-      });
+      gemv_rows_multi(e.weights.gate, in, begin, end, [&](int64_t i, int j, float sum) { he[j * inter + i] = S::store(sum); });
+      for (int j = 0; j < e.count; ++j) silu_in_place(he + j * inter + begin, end - begin);
       gemv_rows_multi(e.weights.up, in, begin, end, [&](int64_t i, int j, float sum) {
         he[j * inter + i] = S::store(S::load(he[j * inter + i]) * S::round(sum));
       });

@@ -262,6 +262,15 @@ inline void row_axpy_f32(const Matrix<T>& w, int64_t n, float a, float* acc, flo
   }
 }
 
+// acc[i] += sum_r a[r] * w[first + r, i] for `count` consecutive rows (MLA's query absorption: W_UK's rows of
+// one head). int4 rows whose groups hold whole vectors go through int4_rows_axpy together; others row by row.
+template <typename T>
+inline void rows_axpy_f32(const Matrix<T>& w, int64_t first, int64_t count, const float* a, float* acc, float* scratch) {
+  if (w.format == Format::kInt4 && int4_rows_axpy_fits(w.cols, w.group))
+    return int4_rows_axpy(w.int4_row(first), w.row_stride, w.scale_row(first), w.scale_stride, w.cols, w.group, count, a, acc);
+  for (int64_t r = 0; r < count; ++r) row_axpy_f32(w, first + r, a[r], acc, scratch);
+}
+
 // The same rows and scales seen as a matrix for fp32 inputs (a quantized matrix's products take any
 // storage type's inputs once prepared: MLA's fp32 context against kv_b).
 template <typename T>

@@ -115,8 +115,15 @@ struct MlaScratch {
         attended(rows * s.heads * s.v) {}
 };
 
-// Heads of one row taken together in the attention phase (see attend_latent_heads).
-constexpr int64_t kLatentHeadBlock = 4;
+// Heads of one row taken together in the attention phase (see attend_latent_heads): on vectors 4, on AMX
+// tiles 8 (a tile's product reads each cached row once for up to 16 heads; 8 leaves base's 32 heads four
+// claims, and small's 16 two, for the team to share).
+constexpr int64_t kLatentHeadBlock = 4, kLatentTileHeadBlock = 16;
+template <typename T>
+int64_t latent_head_block() {
+  return std::is_same_v<T, uint16_t> && tiles_min_rows().load(std::memory_order_relaxed) > 0 ? kLatentTileHeadBlock
+                                                                                           : kLatentHeadBlock;
+}
 
 // The claims of an MLA sub-layer's phases: q_in and kv_a rows taken together, q_b rows, (row, block of
 // heads) pairs, o rows.
@@ -126,7 +133,7 @@ struct MlaClaims {
   void reset(const MlaSpec<T>& s, int team, int rows) {
     in.reset(s.q_in_rows() + s.rank + s.rope, team);
     q_b.reset(s.q_rank > 0 ? s.heads * s.q_dim() : 0, team);
-    heads.reset(rows * ((s.heads + kLatentHeadBlock - 1) / kLatentHeadBlock), team);
+    heads.reset(rows * ((s.heads + latent_head_block<T>() - 1) / latent_head_block<T>()), team);
     o.reset(s.hidden, team);
   }
 };
@@ -136,7 +143,9 @@ struct MlaClaims {
 // q_pe [heads, rope] (rotated) -> out [heads, v]. Per head, in fp32:
 //   q_latent = W_UK^T q_nope; score_t = (q_latent . latent_t + q_pe . k_pe_t) * scale;
 //   context = softmax(score) . latent; out = W_UV context (rounded once to the storage type).
-// The heads of a call (up to kLatentHeadBlock) go through the cache together: each cached latent is read
+// Where AMX tiles are on (bf16), the scores, softmax and context go to latent_attention_tiles, which rounds
+// q_latent and the probabilities to bf16 for its tile products (base's int4 step: see docs/performance.md).
+// On vectors the heads of a call (up to kLatentHeadBlock) go through the cache together: each cached latent is read
 // and widened once for all of them; each head's sums are the same whichever heads it goes with. (A small
 // layer's whole sub-layer at 4,000 positions on the 2-core EPYC: 2.01-2.09 ms, head by head 2.16-2.33;
 // 8 heads per claim: 2.46.)
@@ -147,28 +156,34 @@ void attend_latent_heads(const MlaSpec<T>& s, const T* latent, const T* k_pe, co
   const int64_t count = end - begin, rank = s.rank, rope = s.rope;
   std::vector<float> q_latent(count * rank, 0.0f), q_pe_f(count * rope), scores(count * length), context(count * rank, 0.0f);
   std::vector<float> row(s.kv_b.format == Format::kDense ? 0 : rank);  // (a quantized kv_b row, as fp32)
+  std::vector<float> q_nope(s.nope);
   for (int64_t j = 0; j < count; ++j) {
     const int64_t h = begin + j, w_uk = h * (s.nope + s.v);  // (W_UK's rows of head h in kv_b)
-    for (int64_t i = 0; i < s.nope; ++i) row_axpy_f32(s.kv_b, w_uk + i, S::load(q[h * s.q_dim() + i]), &q_latent[j * rank], row.data());
+    for (int64_t i = 0; i < s.nope; ++i) q_nope[i] = S::load(q[h * s.q_dim() + i]);
+    rows_axpy_f32(s.kv_b, w_uk, s.nope, q_nope.data(), &q_latent[j * rank], row.data());
     for (int64_t i = 0; i < rope; ++i) q_pe_f[j * rope + i] = S::load(q_pe[h * rope + i]);
   }
-  float latent_part[kLatentHeadBlock], rope_part[kLatentHeadBlock];
-  for (int64_t t = 0; t < length; ++t) {
-    dots_f32(latent + t * s.latent_stride, q_latent.data(), rank, count, rank, latent_part);
-    dots_f32(k_pe + t * s.k_pe_stride, q_pe_f.data(), rope, count, rope, rope_part);
-    for (int64_t j = 0; j < count; ++j) scores[j * length + t] = (latent_part[j] + rope_part[j]) * s.scale;
-  }
-  for (int64_t j = 0; j < count; ++j) {  // softmax: probabilities in place
-    float* row = &scores[j * length];
-    const float best = *std::max_element(row, row + length);
-    float total = 0.0f;
-    for (int64_t t = 0; t < length; ++t) total += (row[t] = std::exp(row[t] - best));
-    for (int64_t t = 0; t < length; ++t) row[t] /= total;
-  }
-  float weight[kLatentHeadBlock];
-  for (int64_t t = 0; t < length; ++t) {
-    for (int64_t j = 0; j < count; ++j) weight[j] = scores[j * length + t];
-    axpys_f32(latent + t * s.latent_stride, weight, count, rank, context.data(), rank);
+  if (!latent_attention_tiles(latent, s.latent_stride, k_pe, s.k_pe_stride, length, rank, rope, q_latent.data(),
+                              q_pe + begin * rope, count, s.scale, context.data())) {
+    DECODE_CHECK(count <= kLatentHeadBlock, "attend_latent_heads: at most ", kLatentHeadBlock, " heads on vectors");
+    float latent_part[kLatentHeadBlock], rope_part[kLatentHeadBlock];
+    for (int64_t t = 0; t < length; ++t) {
+      dots_f32(latent + t * s.latent_stride, q_latent.data(), rank, count, rank, latent_part);
+      dots_f32(k_pe + t * s.k_pe_stride, q_pe_f.data(), rope, count, rope, rope_part);
+      for (int64_t j = 0; j < count; ++j) scores[j * length + t] = (latent_part[j] + rope_part[j]) * s.scale;
+    }
+    for (int64_t j = 0; j < count; ++j) {  // softmax: probabilities in place
+      float* row = &scores[j * length];
+      const float best = *std::max_element(row, row + length);
+      float total = 0.0f;
+      for (int64_t t = 0; t < length; ++t) total += (row[t] = std::exp(row[t] - best));
+      for (int64_t t = 0; t < length; ++t) row[t] /= total;
+    }
+    float weight[kLatentHeadBlock];
+    for (int64_t t = 0; t < length; ++t) {
+      for (int64_t j = 0; j < count; ++j) weight[j] = scores[j * length + t];
+      axpys_f32(latent + t * s.latent_stride, weight, count, rank, context.data(), rank);
+    }
   }
   for (int64_t j = 0; j < count; ++j) {
     const int64_t h = begin + j;
@@ -239,13 +254,13 @@ void mla_body(const MlaSpec<T>& s, const T* x, const StepRows<T>& rows, T* out, 
                          scratch.q_pe.data() + (b * s.heads + h) * s.rope);
     }
   }  // (implicit barrier)
-  const int64_t blocks = (s.heads + kLatentHeadBlock - 1) / kLatentHeadBlock;
+  const int64_t block = latent_head_block<T>(), blocks = (s.heads + block - 1) / block;
   claims.heads.run(thread, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / blocks, first = (unit % blocks) * kLatentHeadBlock, slot = rows.slot[b];
+      const int64_t b = unit / blocks, first = (unit % blocks) * block, slot = rows.slot[b];
       attend_latent_heads(s, s.latent_cache + slot * s.latent_slot_stride, s.k_pe_cache + slot * s.k_pe_slot_stride,
                           q + b * q_width, scratch.q_pe.data() + b * s.heads * s.rope, rows.position[b] + 1, first,
-                          std::min(first + kLatentHeadBlock, s.heads), scratch.attended.data() + b * s.heads * s.v);
+                          std::min(first + block, s.heads), scratch.attended.data() + b * s.heads * s.v);
     }
   });
 #pragma omp barrier

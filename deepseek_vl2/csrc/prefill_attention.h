@@ -31,13 +31,16 @@ inline __m512 exp2_ps(__m512 x) {
 
 // `count` rows of `cols` values (the values of one head, a row per key) as the tiles that multiply a matrix
 // of key weights from the left: [cols / 16][count / 32][16 key pairs][16 columns], pair p of column c
-// holding (row 2p, row 2p + 1); zeros past the last row and column. 16 columns of a row pair at a time.
+// holding (row 2p, row 2p + 1); zeros past the last row and column. 16 columns of a row pair at a time, the
+// rows read in order (MLA's decode packs its latent cache straight from memory: column by column, each
+// pass touching a piece of every row, it waited on the cache misses).
 inline void pack_columns_as_tiles(const uint16_t* first, int64_t stride, int64_t count, int64_t cols, uint32_t* out) {
   const int64_t chunks = (count + 31) / 32, groups = (cols + 15) / 16, pairs = (count + 1) / 2;
-  for (int64_t g = 0; g < groups; ++g) {  // (the pairs past the last row: zeros)
+  for (int64_t g = 0; g < groups; ++g)  // (the pairs past the last row: zeros)
     std::memset(out + g * chunks * 256 + pairs * 16, 0, size_t(chunks * 16 - pairs) * 64);
-    const __mmask16 valid = 16 * (g + 1) <= cols ? __mmask16(0xffff) : __mmask16((1u << (cols - 16 * g)) - 1);
-    for (int64_t pair = 0; pair < pairs; ++pair) {
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const __mmask16 valid = 16 * (g + 1) <= cols ? __mmask16(0xffff) : __mmask16((1u << (cols - 16 * g)) - 1);
       const uint16_t* a = first + 2 * pair * stride + 16 * g;
       const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, a));
       const __m512i high = 2 * pair + 1 < count ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, a + stride)), 16)

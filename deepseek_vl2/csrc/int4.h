@@ -13,7 +13,7 @@
 // low nibbles (even inputs) and high ones (odd inputs) of lane L cover inputs 8L .. 8L + 7 of the piece: the
 // prepared input keeps each lane's values in that order (even ones, then odd ones), and with a group size
 // that is a multiple of 8 each lane lies in one group. Per lane: the integer sum over its 8 inputs of u * d,
-// less 8 * sum(d) (the offset of u, prepared with the input), exact; then fp32 total += float(sum) * (weight
+// less 8 * sum(d) (the offset of u, prepared negated with the input: the sum starts from it), exact; then fp32 total += float(sum) * (weight
 // scale * input scale); then the lanes added as reduce16 adds them. The vector path and the plain one make
 // the same values in the same order.
 #pragma once
@@ -64,8 +64,8 @@ QuantInput prepare_int4(const T* x, int64_t cols, uint8_t* buffer) {
         const __m128i bytes = _mm_shuffle_epi8(_mm512_cvtepi32_epi8(d), evens_first);
         _mm_storel_epi64(reinterpret_cast<__m128i*>(p + 4 * lane), bytes);
         _mm_storel_epi64(reinterpret_cast<__m128i*>(p + 64 + 4 * lane), _mm_srli_si128(bytes, 8));
-        corr[piece * 16 + lane] = 8 * _mm512_mask_reduce_add_epi32(0x00FF, d);
-        corr[piece * 16 + lane + 1] = 8 * _mm512_mask_reduce_add_epi32(0xFF00, d);
+        corr[piece * 16 + lane] = -8 * _mm512_mask_reduce_add_epi32(0x00FF, d);
+        corr[piece * 16 + lane + 1] = -8 * _mm512_mask_reduce_add_epi32(0xFF00, d);
       }
 #endif
       for (; lane < 8 * half + 8; ++lane) {
@@ -77,7 +77,7 @@ QuantInput prepare_int4(const T* x, int64_t cols, uint8_t* buffer) {
           p[4 * lane + t / 2 + (t % 2 ? 64 : 0)] = int8_t(d);  // even inputs first, then odd
           offset += 8 * d;
         }
-        corr[piece * 16 + lane] = offset;
+        corr[piece * 16 + lane] = -offset;
       }
     }
   }
@@ -103,7 +103,7 @@ inline void int4_dots_plain(const uint8_t* w, const uint16_t* scales, int64_t gr
           sum += u * int32_t(p[4 * lane + t / 2 + (t % 2 ? 64 : 0)]);
         }
         const float both = bf16_to_float(scales[first / group]) * xs[j].scale[piece * 16 + lane];
-        total[lane] = std::fmaf(float(sum - xs[j].corr[piece * 16 + lane]), both, total[lane]);
+        total[lane] = std::fmaf(float(sum + xs[j].corr[piece * 16 + lane]), both, total[lane]);
       }
     }
     out[j] = reduce16(total);
@@ -143,9 +143,8 @@ inline __m512i int4_lane_index(int64_t group) {
 // as fp32 times the lanes' weight and input scales, added to `total`.
 inline __m512 int4_piece(__m512i low, __m512i high, __m512 weight_scale, const QuantInput& x, int64_t piece, __m512 total) {
   const uint8_t* p = x.a + piece * 128;
-  const __m512i even = _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, _mm512_loadu_si512(p));
-  const __m512i sum = _mm512_sub_epi32(_mm512_dpbusd_epi32(even, high, _mm512_loadu_si512(p + 64)),
-                                       _mm512_loadu_si512(x.corr + piece * 16));
+  const __m512i even = _mm512_dpbusd_epi32(_mm512_loadu_si512(x.corr + piece * 16), low, _mm512_loadu_si512(p));
+  const __m512i sum = _mm512_dpbusd_epi32(even, high, _mm512_loadu_si512(p + 64));  // (the offset first: exact either way)
   const __m512 both = _mm512_mul_ps(weight_scale, _mm512_loadu_ps(x.scale + piece * 16));
   return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), both, total);
 }

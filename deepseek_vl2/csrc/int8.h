@@ -30,7 +30,7 @@ struct QuantInput {
   const uint8_t* a = nullptr;     // int8: d1 + 128 per value; int4: the limbs of each 128-value block
   const uint8_t* b = nullptr;     // int8: d2 + 128 per value
   const float* scale = nullptr;   // int8: s per 256-value block; int4: per lane of each block
-  const int32_t* corr = nullptr;  // int4: 8 * (16 d1 + d2) summed per lane of each block
+  const int32_t* corr = nullptr;  // int4: -8 * sum(d) per lane of each block (the weights' offset of 8)
 };
 
 constexpr int64_t kInt8Block = 256;  // values per activation scale

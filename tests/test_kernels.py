@@ -258,19 +258,45 @@ def test_mha_block_is_the_attention_sub_layer(heads: int, kv_heads: int, d: int,
     _close(out, reference, ulps=4)
 
 
+# Settings of the bf16 kernels' AMX tiles: the fewest rows of a step that they carry (0: never).
+VECTORS, ALL_TILES, AUTO_TILES = 0, 1, 3
+
+
+@pytest.fixture
+def tiles(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The bf16 kernels with AMX tiles for steps of at least `param` rows (skipped where the CPU or OS has
+    none) or never (0, whatever DEEPSEEK_VL2_CPU_TILES asked for), as they were afterwards."""
+    extension = kernels.avx512_bf16_extension()
+    if extension is None:
+        yield VECTORS  # (the tests skip without the bf16 kernels)
+        return
+    before = extension.tiles_min_rows()
+    try:
+        if extension.set_tiles(request.param) != request.param:
+            pytest.skip("this CPU has no AMX-BF16 (or Linux refused the tile registers)")
+        yield request.param
+    finally:
+        extension.set_tiles(before)
+
+
 MLA_CASES = {  # overrides of the mla-noaux fixture's language config, decode position
     "plain-first-position": ({}, 0),
     "plain": ({}, 300),
     "q_lora-bias": ({"q_lora_rank": 48, "attention_bias": True}, 41),
+    # On tiles: whole 32-value pieces of latent and rotated key (loaded from the caches in place, where the
+    # fixture's 32 + 8 are copied), 20 heads (two claims of 10), 301 positions (a partial last block of 16).
+    "wide": ({"kv_lora_rank": 64, "qk_rope_head_dim": 32, "num_attention_heads": 20}, 300),
 }
 
 
-@pytest.mark.parametrize("dtype", [BF16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dtype,tiles", [(BF16, VECTORS), (BF16, ALL_TILES), (torch.float32, VECTORS)],
+                         ids=["bf16", "bf16-tiles", "fp32"], indirect=["tiles"])
 @pytest.mark.parametrize("case", sorted(MLA_CASES))
-def test_mla_block_is_the_latent_attention_sub_layer(case: str, dtype: torch.dtype) -> None:
+def test_mla_block_is_the_latent_attention_sub_layer(case: str, dtype: torch.dtype, tiles: int) -> None:
     """x + o(MLA(RMSNorm(x))) in one call, against the official (expanded) formulation in float64: keys and
     values from kv_b applied to every cached latent, RoPE on de-interleaved pairs. The latent and the
-    rotated key are written to the caches at the position and nothing else changes."""
+    rotated key are written to the caches at the position and nothing else changes. With tiles on, the
+    attention runs on them (latent_attention.h: queries and probabilities in bf16) within the same bound."""
     from deepseek_vl2.language import AttentionContext, MultiHeadLatentAttention, RMSNorm, apply_rope, deinterleave
 
     if (kernels.avx512_bf16_extension() if dtype == BF16 else kernels.fp32_extension()) is None:
@@ -499,27 +525,6 @@ def _fill_histories(language, lengths: list[int], seed: int) -> list[torch.Tenso
 def _restore(language, snapshot: list[torch.Tensor]) -> None:
     for t, saved in zip(_caches(language), snapshot):
         t.copy_(saved)
-
-
-# Settings of the bf16 kernels' AMX tiles: the fewest rows of a step that they carry (0: never).
-VECTORS, ALL_TILES, AUTO_TILES = 0, 1, 3
-
-
-@pytest.fixture
-def tiles(request: pytest.FixtureRequest) -> Iterator[int]:
-    """The bf16 kernels with AMX tiles for steps of at least `param` rows (skipped where the CPU or OS has
-    none) or never (0, whatever DEEPSEEK_VL2_CPU_TILES asked for), as they were afterwards."""
-    extension = kernels.avx512_bf16_extension()
-    if extension is None:
-        yield VECTORS  # (the tests skip without the bf16 kernels)
-        return
-    before = extension.tiles_min_rows()
-    try:
-        if extension.set_tiles(request.param) != request.param:
-            pytest.skip("this CPU has no AMX-BF16 (or Linux refused the tile registers)")
-        yield request.param
-    finally:
-        extension.set_tiles(before)
 
 
 @pytest.mark.parametrize("tiles", [VECTORS, ALL_TILES], ids=["vectors", "tiles"], indirect=True)

@@ -431,6 +431,43 @@ def test_the_products_are_the_same_on_every_cpu_kind(tmp_path):
     assert all(torch.equal(results["native"][k], results["avx2"][k]) for k in results["native"])
 
 
+def test_mla_query_absorption_on_int4_groups_of_16_is_the_same_on_every_cpu_kind(tmp_path):
+    """kv_b in int4 groups of 16 (whole vectors of one scale: int4_rows_axpy's vector path, csrc/int4.h; the
+    fixtures' groups of 8 go row by row): an fp32 MLA model decoding token by token gives the same bits from
+    the extension built for this CPU and the one built as for an AVX2-only CPU (the plain loop), and stays
+    near the eager layers on the same weights (the kernels' 8-bit activations: ~5 % of the largest logit on
+    these random weights)."""
+    if os.environ.get("DEEPSEEK_VL2_CPU_KERNEL") == "0":
+        pytest.skip("our CPU kernels are switched off (DEEPSEEK_VL2_CPU_KERNEL=0)")
+    script = (
+        "import json, sys, torch\n"
+        "from deepseek_vl2 import kernels\n"
+        "from deepseek_vl2.config import DeepseekVL2Config\n"
+        "from deepseek_vl2.model import build_model, random_init\n"
+        "assert kernels.fp32_extension() is not None, kernels.unavailable_reason('f32')\n"
+        "values = json.loads(open(sys.argv[2]).read())\n"
+        "values['language_config'].update({'moe_intermediate_size': 32})  # (the fixture's 24: no groups of 16)\n"
+        "config = DeepseekVL2Config.from_dict(values)\n"
+        "language = build_model(config, 'cpu', torch.float32, random_init(std=0.2, seed=1), quantize='int4:16').language\n"
+        "language.setup_cache(16, batch=1)\n"
+        "ids = [5, 9, 17, 3, 11, 7]\n"
+        "with torch.inference_mode():\n"
+        "    steps = torch.stack([language.decode_rows_cpu([t], [p], [0])[0].clone() for p, t in enumerate(ids)])\n"
+        "    eager = language(language.model.embed_tokens(torch.tensor([ids])))[0, -1]\n"
+        "torch.save({'steps': steps, 'eager': eager}, sys.argv[1])\n"
+    )
+    results = {}
+    for kind, extra in (("native", {}), ("avx2", {"DEEPSEEK_VL2_CPU_ISA": "avx2"})):
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR), **extra}
+        run = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{kind}.pt"), str(CHECKPOINTS / "mla" / "config.json")],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        results[kind] = torch.load(tmp_path / f"{kind}.pt")
+    assert torch.equal(results["native"]["steps"], results["avx2"]["steps"])
+    last, eager = results["native"]["steps"][-1], results["native"]["eager"]
+    assert ((last - eager).abs().max() / eager.abs().max()).item() < 0.1
+
+
 @pytest.mark.parametrize("variant", ["mha", "mla", "mla-noaux"])
 @pytest.mark.parametrize("name", ["int8", INT4_FIXTURES])
 def test_quantized_decoding_is_the_same_alone_and_in_company(variant, name):

@@ -115,14 +115,15 @@ struct MlaScratch {
         attended(rows * s.heads * s.v) {}
 };
 
-// Heads of one row taken together in the attention phase (see attend_latent_heads): on vectors 4, on AMX
-// tiles 8 (a tile's product reads each cached row once for up to 16 heads; 8 leaves base's 32 heads four
-// claims, and small's 16 two, for the team to share).
-constexpr int64_t kLatentHeadBlock = 4, kLatentTileHeadBlock = 16;
+// Heads of one row taken together in the attention phase (see attend_latent_heads): on vectors 4; on AMX
+// tiles up to 16 (a tile's product reads each cached row once for up to 16 heads, and each claim packs
+// the row's latents once) but half the heads at most, so that one row's attention is two claims at least:
+// base's 32 heads two claims of 16 (with 8 a claim, a 6-layer int4 step measured 28.0 ms against 26.9), small's 16 two of 8.
+constexpr int64_t kLatentHeadBlock = 4, kLatentTileHeads = 16;
 template <typename T>
-int64_t latent_head_block() {
-  return std::is_same_v<T, uint16_t> && tiles_min_rows().load(std::memory_order_relaxed) > 0 ? kLatentTileHeadBlock
-                                                                                           : kLatentHeadBlock;
+int64_t latent_head_block(int64_t heads) {
+  if (!std::is_same_v<T, uint16_t> || tiles_min_rows().load(std::memory_order_relaxed) == 0) return kLatentHeadBlock;
+  return std::max<int64_t>(1, std::min<int64_t>(kLatentTileHeads, (heads + 1) / 2));
 }
 
 // The claims of an MLA sub-layer's phases: q_in and kv_a rows taken together, q_b rows, (row, block of
@@ -133,7 +134,7 @@ struct MlaClaims {
   void reset(const MlaSpec<T>& s, int team, int rows) {
     in.reset(s.q_in_rows() + s.rank + s.rope, team);
     q_b.reset(s.q_rank > 0 ? s.heads * s.q_dim() : 0, team);
-    heads.reset(rows * ((s.heads + latent_head_block<T>() - 1) / latent_head_block<T>()), team);
+    heads.reset(rows * ((s.heads + latent_head_block<T>(s.heads) - 1) / latent_head_block<T>(s.heads)), team);
     o.reset(s.hidden, team);
   }
 };
@@ -254,7 +255,7 @@ void mla_body(const MlaSpec<T>& s, const T* x, const StepRows<T>& rows, T* out, 
                          scratch.q_pe.data() + (b * s.heads + h) * s.rope);
     }
   }  // (implicit barrier)
-  const int64_t block = latent_head_block<T>(), blocks = (s.heads + block - 1) / block;
+  const int64_t block = latent_head_block<T>(s.heads), blocks = (s.heads + block - 1) / block;
   claims.heads.run(thread, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / blocks, first = (unit % blocks) * block, slot = rows.slot[b];

@@ -419,16 +419,23 @@ def test_the_products_are_the_same_on_every_cpu_kind(tmp_path):
         "    out[name + str(cols)] = f.matrix_rows_f32(x, [p, sc], False)\n"
         "torch.save(out, sys.argv[1])\n"
     )
+    results = _on_every_cpu_kind(script, tmp_path)
+    assert all(torch.equal(results["native"][k], results["avx2"][k]) for k in results["native"])
+
+
+def _on_every_cpu_kind(script: str, tmp_path: Path, *args: str) -> dict:
+    """What ``script`` saves to the path in its argv[1] (then ``args``), run with the fp32 extension built for
+    this CPU ("native") and built as on an AVX2-only CPU ("avx2", DEEPSEEK_VL2_CPU_ISA=avx2)."""
+    if os.environ.get("DEEPSEEK_VL2_CPU_KERNEL") == "0":
+        pytest.skip("our CPU kernels are switched off (DEEPSEEK_VL2_CPU_KERNEL=0)")
     results = {}
     for kind, extra in (("native", {}), ("avx2", {"DEEPSEEK_VL2_CPU_ISA": "avx2"})):
-        if os.environ.get("DEEPSEEK_VL2_CPU_KERNEL") == "0":
-            pytest.skip("our CPU kernels are switched off (DEEPSEEK_VL2_CPU_KERNEL=0)")
         env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR), **extra}
-        run = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{kind}.pt")], env=env, capture_output=True,
-                             text=True, timeout=600)
+        run = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{kind}.pt"), *args], env=env,
+                             capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-2000:]
         results[kind] = torch.load(tmp_path / f"{kind}.pt")
-    assert all(torch.equal(results["native"][k], results["avx2"][k]) for k in results["native"])
+    return results
 
 
 def test_mla_query_absorption_on_int4_groups_of_16_is_the_same_on_every_cpu_kind(tmp_path):
@@ -437,8 +444,6 @@ def test_mla_query_absorption_on_int4_groups_of_16_is_the_same_on_every_cpu_kind
     the extension built for this CPU and the one built as for an AVX2-only CPU (the plain loop), and stays
     near the eager layers on the same weights (the kernels' 8-bit activations: ~5 % of the largest logit on
     these random weights)."""
-    if os.environ.get("DEEPSEEK_VL2_CPU_KERNEL") == "0":
-        pytest.skip("our CPU kernels are switched off (DEEPSEEK_VL2_CPU_KERNEL=0)")
     script = (
         "import json, sys, torch\n"
         "from deepseek_vl2 import kernels\n"
@@ -456,13 +461,7 @@ def test_mla_query_absorption_on_int4_groups_of_16_is_the_same_on_every_cpu_kind
         "    eager = language(language.model.embed_tokens(torch.tensor([ids])))[0, -1]\n"
         "torch.save({'steps': steps, 'eager': eager}, sys.argv[1])\n"
     )
-    results = {}
-    for kind, extra in (("native", {}), ("avx2", {"DEEPSEEK_VL2_CPU_ISA": "avx2"})):
-        env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR), **extra}
-        run = subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{kind}.pt"), str(CHECKPOINTS / "mla" / "config.json")],
-                             env=env, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-2000:]
-        results[kind] = torch.load(tmp_path / f"{kind}.pt")
+    results = _on_every_cpu_kind(script, tmp_path, str(CHECKPOINTS / "mla" / "config.json"))
     assert torch.equal(results["native"]["steps"], results["avx2"]["steps"])
     last, eager = results["native"]["steps"][-1], results["native"]["eager"]
     assert ((last - eager).abs().max() / eager.abs().max()).item() < 0.1

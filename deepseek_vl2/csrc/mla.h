@@ -155,7 +155,7 @@ void attend_latent_heads(const MlaSpec<T>& s, const T* latent, const T* k_pe, co
                          int64_t begin, int64_t end, T* out) {
   using S = Storage<T>;
   const int64_t count = end - begin, rank = s.rank, rope = s.rope;
-  std::vector<float> q_latent(count * rank, 0.0f), q_pe_f(count * rope), scores(count * length), context(count * rank, 0.0f);
+  std::vector<float> q_latent(count * rank, 0.0f), q_pe_f(count * rope), context(count * rank, 0.0f);
   std::vector<float> row(s.kv_b.format == Format::kDense ? 0 : rank);  // (a quantized kv_b row, as fp32)
   std::vector<float> q_nope(s.nope);
   for (int64_t j = 0; j < count; ++j) {
@@ -167,6 +167,7 @@ void attend_latent_heads(const MlaSpec<T>& s, const T* latent, const T* k_pe, co
   if (!latent_attention_tiles(latent, s.latent_stride, k_pe, s.k_pe_stride, length, rank, rope, q_latent.data(),
                               q_pe + begin * rope, count, s.scale, context.data())) {
     DECODE_CHECK(count <= kLatentHeadBlock, "attend_latent_heads: at most ", kLatentHeadBlock, " heads on vectors");
+    std::vector<float> scores(count * length);
     float latent_part[kLatentHeadBlock], rope_part[kLatentHeadBlock];
     for (int64_t t = 0; t < length; ++t) {
       dots_f32(latent + t * s.latent_stride, q_latent.data(), rank, count, rank, latent_part);

@@ -818,9 +818,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     pb = bounds.prefill_bound(config, dtype, prompt_tokens, tower_tiles, flops, bandwidth, scheme=scheme)
     pf = bounds.prefill_flops(config, prompt_tokens, tower_tiles)
 
+    # Whether this run measured our CPU kernels or fell back to PyTorch's ops (a failed build only warns).
+    cpu_kernels = None
+    if device.type == "cpu":
+        from deepseek_vl2 import kernels
+
+        kind = "bf16" if dtype == torch.bfloat16 else "f32"
+        built = (kernels.avx512_bf16_extension() if kind == "bf16" else kernels.fp32_extension()) is not None
+        cpu_kernels = f"{kind}: in use" if built else f"{kind}: unavailable ({kernels.unavailable_reason(kind)}), PyTorch's ops measured"
+
     result: dict[str, Any] = {
         "machine": machine,
         "device": str(device),
+        "cpu_kernels": cpu_kernels,
         "dtype": str(dtype).replace("torch.", ""),
         "quantize": scheme.name if scheme else None,
         "source": str(args.checkpoint or args.config),
@@ -914,6 +924,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                      "of allocated memory; the rest in 4 KiB pages)")
     if cold:
         lines.append(f"(first, cold request: time to first token {cold['ttft_s']:.3f} s)")
+    if cpu_kernels is not None and "in use" not in cpu_kernels:
+        lines.append(f"NOTE: our CPU kernels were not used: {cpu_kernels}")
     if concurrency:
         single = concurrency.get("1", {}).get("decode_tok_s_total")
         lines += ["", f"{'in flight':>13}{'decode tok/s':>14}{'x one':>7}{'ttft p50':>10}{'ttft p95':>10}{'itl p50':>10}"

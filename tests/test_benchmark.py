@@ -361,6 +361,11 @@ def test_benchmark_smoke_config():
     pytest.importorskip("deepseek_vl2.generation")
     result = _run_benchmark("--config", str(cfg), "--concurrency", "1,3,poisson:20", "--arrival-requests", "3")
     assert result["random_weights"] is True
+    # (which path was measured: ours, or PyTorch's where our kernels are switched off or failed to build)
+    from deepseek_vl2 import kernels
+
+    expected = "f32: in use" if kernels.fp32_extension() is not None else "f32: unavailable ("
+    assert result["cpu_kernels"].startswith(expected), result["cpu_kernels"]
     assert result["prompt_tokens"] == 438 and result["n_tiles"] == 2
     # The 384-px image tiles 1x1: its local tile is its global view, so the tower (and the vision bound) runs one.
     assert result["tower_tiles"] == 1

@@ -101,6 +101,15 @@ inline __m512 load_bf16x16_as_f32(const uint16_t* p, __mmask16 valid) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, p)), 16));
 }
 
+// The lanes of a 16-value block that hold values when `left` of them remain (all 16 when at least 16 do).
+inline __mmask16 first_lanes(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
+
+// p moved up to the next 64-byte boundary (a cache line, a tile row), in a buffer with 64 bytes to spare.
+template <typename T>
+inline T* aligned_64(T* p) {
+  return p + (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64 / sizeof(T);
+}
+
 // 16 fp32 values stored as bf16 (rounded to nearest even, as PyTorch), the lanes of `valid` only.
 inline void store_f32_as_bf16x16(uint16_t* p, __m512 v, __mmask16 valid = 0xffff) {
   _mm256_mask_storeu_epi16(p, valid, (__m256i)_mm512_cvtneps_pbh(v));
@@ -199,7 +208,7 @@ inline __m512 silu_ps(__m512 g) {
 // base's int4 decode step.
 void silu_in_place(uint16_t* x, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 valid = i + 16 <= n ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    const __mmask16 valid = first_lanes(n - i);
     store_f32_as_bf16x16(x + i, silu_ps(load_bf16x16_as_f32(x + i, valid)), valid);
   }
 }
@@ -369,7 +378,7 @@ const uint16_t* pack_tiles(const uint16_t* const* xs, int count, int64_t cols) {
   const int64_t chunks = (cols + 31) / 32, tiles = (count + 15) / 16;
   const size_t need = size_t(tiles * chunks * 256 + 16);  // (+16: room to align to 64 bytes)
   if (buffer.size() < need) buffer.assign(need, 0);
-  uint32_t* base = buffer.data() + (16 - (reinterpret_cast<uintptr_t>(buffer.data()) / 4) % 16) % 16;
+  uint32_t* base = aligned_64(buffer.data());
   for (int64_t t = 0; t < tiles; ++t)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t values = std::min<int64_t>(32, cols - 32 * c);

@@ -136,7 +136,7 @@ torch::Tensor experts_prefill_bf16(const torch::Tensor& x_in, const torch::Tenso
       const uint16_t* packed = pack_tiles(inputs.data(), int(count), hidden);
       gate_sums.resize(size_t(16 * width)), up_sums.resize(size_t(16 * width)), down_sums.resize(size_t(16 * width));
       hidden_tiles.resize(size_t(tiles * down_chunks * 256 + 16));
-      uint32_t* h = hidden_tiles.data() + (16 - (reinterpret_cast<uintptr_t>(hidden_tiles.data()) / 4) % 16) % 16;
+      uint32_t* h = aligned_64(hidden_tiles.data());
       if (inter % 32)  // (the last piece's pairs past the activations must be zeros: 0 * garbage can be NaN)
         for (int t = 0; t < tiles; ++t) std::memset(h + (t * down_chunks + down_chunks - 1) * 256, 0, 256 * 4);
       for (int64_t r0 = 0; r0 < inter; r0 += 16) {

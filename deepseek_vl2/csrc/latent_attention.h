@@ -42,7 +42,7 @@ bool latent_attention_tiles(const uint16_t* latent, int64_t latent_stride, const
     for (int64_t byte = 0; byte < rope * 2; byte += 64)
       _mm_prefetch(reinterpret_cast<const char*>(k_pe + t * k_pe_stride) + byte, _MM_HINT_T0);
   values.resize(size_t(groups * (padded / 32) * 256 + 16));
-  uint32_t* value_tiles = values.data() + (16 - (reinterpret_cast<uintptr_t>(values.data()) / 4) % 16) % 16;
+  uint32_t* value_tiles = aligned_64(values.data());
   pack_columns_as_tiles(latent, latent_stride, length, rank, value_tiles);
 
   // scores^T [16 blocks][16 keys][16 heads]: the keys are the tiles' rows (A), the heads their columns (B)

@@ -134,7 +134,8 @@ struct MlaClaims {
   void reset(const MlaSpec<T>& s, int team, int rows) {
     in.reset(s.q_in_rows() + s.rank + s.rope, team);
     q_b.reset(s.q_rank > 0 ? s.heads * s.q_dim() : 0, team);
-    heads.reset(rows * ((s.heads + latent_head_block<T>(s.heads) - 1) / latent_head_block<T>(s.heads)), team);
+    const int64_t block = latent_head_block<T>(s.heads);
+    heads.reset(rows * ((s.heads + block - 1) / block), team);
     o.reset(s.hidden, team);
   }
 };
@@ -155,19 +156,19 @@ void attend_latent_heads(const MlaSpec<T>& s, const T* latent, const T* k_pe, co
                          int64_t begin, int64_t end, T* out) {
   using S = Storage<T>;
   const int64_t count = end - begin, rank = s.rank, rope = s.rope;
-  std::vector<float> q_latent(count * rank, 0.0f), q_pe_f(count * rope), context(count * rank, 0.0f);
+  std::vector<float> q_latent(count * rank, 0.0f), context(count * rank, 0.0f);
   std::vector<float> row(s.kv_b.format == Format::kDense ? 0 : rank);  // (a quantized kv_b row, as fp32)
   std::vector<float> q_nope(s.nope);
   for (int64_t j = 0; j < count; ++j) {
     const int64_t h = begin + j, w_uk = h * (s.nope + s.v);  // (W_UK's rows of head h in kv_b)
     for (int64_t i = 0; i < s.nope; ++i) q_nope[i] = S::load(q[h * s.q_dim() + i]);
     rows_axpy_f32(s.kv_b, w_uk, s.nope, q_nope.data(), &q_latent[j * rank], row.data());
-    for (int64_t i = 0; i < rope; ++i) q_pe_f[j * rope + i] = S::load(q_pe[h * rope + i]);
   }
   if (!latent_attention_tiles(latent, s.latent_stride, k_pe, s.k_pe_stride, length, rank, rope, q_latent.data(),
                               q_pe + begin * rope, count, s.scale, context.data())) {
     DECODE_CHECK(count <= kLatentHeadBlock, "attend_latent_heads: at most ", kLatentHeadBlock, " heads on vectors");
-    std::vector<float> scores(count * length);
+    std::vector<float> q_pe_f(count * rope), scores(count * length);
+    for (int64_t i = 0; i < count * rope; ++i) q_pe_f[i] = S::load(q_pe[begin * rope + i]);
     float latent_part[kLatentHeadBlock], rope_part[kLatentHeadBlock];
     for (int64_t t = 0; t < length; ++t) {
       dots_f32(latent + t * s.latent_stride, q_latent.data(), rank, count, rank, latent_part);

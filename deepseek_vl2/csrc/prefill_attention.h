@@ -40,7 +40,7 @@ inline void pack_columns_as_tiles(const uint16_t* first, int64_t stride, int64_t
     std::memset(out + g * chunks * 256 + pairs * 16, 0, size_t(chunks * 16 - pairs) * 64);
   for (int64_t pair = 0; pair < pairs; ++pair) {
     for (int64_t g = 0; g < groups; ++g) {
-      const __mmask16 valid = 16 * (g + 1) <= cols ? __mmask16(0xffff) : __mmask16((1u << (cols - 16 * g)) - 1);
+      const __mmask16 valid = first_lanes(cols - 16 * g);
       const uint16_t* a = first + 2 * pair * stride + 16 * g;
       const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, a));
       const __m512i high = 2 * pair + 1 < count ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, a + stride)), 16)
@@ -81,10 +81,9 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
     std::vector<uint32_t> values(size_t(dv_groups * key_chunks * 256 + 16));
     std::vector<uint16_t> query_buffer(size_t(16 * 32 * dk_chunks + 32)), probs(size_t(16 * 32 * key_chunks + 32));
     std::vector<float> scores(size_t(16 * 16 * key_tiles)), sums(size_t(16 * 16 * dv_groups));
-    auto aligned = [](auto* p) { return p + (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64 / sizeof(*p); };
-    uint32_t* value_tiles = aligned(values.data());
-    uint16_t* q_rows = aligned(query_buffer.data());
-    uint16_t* p_rows = aligned(probs.data());
+    uint32_t* value_tiles = aligned_64(values.data());
+    uint16_t* q_rows = aligned_64(query_buffer.data());
+    uint16_t* p_rows = aligned_64(probs.data());
     int64_t packed_item = -1;  // (the (batch, key head) whose keys and values are packed)
     const uint16_t* packed_keys = nullptr;
     for (int64_t item; (item = next.fetch_add(1)) < batch * heads;) {
@@ -152,7 +151,7 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
           uint16_t* o = op + ((b * queries + q0 + r) * heads + h) * dv;
           const float* row = sums.data() + r * 16 * dv_groups;
           for (int64_t c = 0; c < dv; c += 16) {
-            const __mmask16 valid = c + 16 <= dv ? __mmask16(0xffff) : __mmask16((1u << (dv - c)) - 1);
+            const __mmask16 valid = first_lanes(dv - c);
             store_f32_as_bf16x16(o + c, _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, row + c), _mm512_set1_ps(inverse)), valid);
           }
         }

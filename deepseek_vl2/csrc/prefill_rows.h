@@ -22,7 +22,7 @@ void in_blocks_of_16(int64_t n, Body body) {
   at::parallel_for(0, (n + 15) / 16, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t i = 16 * block;
-      body(i, i + 16 <= n ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1));
+      body(i, first_lanes(n - i));
     }
   });
 }
@@ -86,7 +86,7 @@ torch::Tensor rope_bf16(const torch::Tensor& x, const torch::Tensor& cos_in, con
       uint16_t* o = op + b * out.stride(0) + h * out.stride(1) + s * out.stride(2);
       const uint16_t *c = cp + s * d, *n = sp + s * d;
       for (int64_t i = 0; i < half; i += 16) {
-        const __mmask16 valid = i + 16 <= half ? __mmask16(0xffff) : __mmask16((1u << (half - i)) - 1);
+        const __mmask16 valid = first_lanes(half - i);
         const __m512 low = load_bf16x16_as_f32(in + i, valid), high = load_bf16x16_as_f32(in + half + i, valid);
         // (first half: x * cos + (-high) * sin; second half: x * cos + low * sin)
         const __m512 first = add_exact(round_bf16_ps(mul_exact(low, load_bf16x16_as_f32(c + i, valid))),
@@ -123,7 +123,7 @@ torch::Tensor weighted_sum_bf16(const torch::Tensor& grouped_in, const torch::Te
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t i = 0; i < d; i += 16) {
-        const __mmask16 valid = i + 16 <= d ? __mmask16(0xffff) : __mmask16((1u << (d - i)) - 1);
+        const __mmask16 valid = first_lanes(d - i);
         __m512 total = mul_exact(load_bf16x16_as_f32(gp + where[n * top_k] * d + i, valid), _mm512_set1_ps(wp[n * top_k]));
         for (int64_t j = 1; j < top_k; ++j)
           total = add_exact(total, mul_exact(load_bf16x16_as_f32(gp + where[n * top_k + j] * d + i, valid), _mm512_set1_ps(wp[n * top_k + j])));

@@ -71,16 +71,18 @@ schema: venv
 # Cog's own HTTP server (coglet), as in the container. Its worker runs `python` from PATH. Cog's server
 # takes the number of predictions it admits at once from COG_MAX_CONCURRENCY: predict.py's SERVER_CONCURRENCY,
 # twice the clients served without a refusal (DEEPSEEK_VL2_MAX_CONCURRENCY, else 16 on a GPU and 8 on a CPU),
-# because Cog frees a slot only after it has sent the answer.
+# because Cog frees a slot only after it has sent the answer. TOKIO_WORKER_THREADS=1: its request handling on
+# one thread, where its slot pool's try-lock cannot collide (two requests at once on two threads can get a
+# 409 with slots free; see predict.cog_server_warnings).
 serve: schema
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PORT=$(PORT) COG_PREDICT_TYPE_STUB=predict.py:Predictor \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PORT=$(PORT) COG_PREDICT_TYPE_STUB=predict.py:Predictor TOKIO_WORKER_THREADS=1 \
 		COG_MAX_CONCURRENCY=$$($(PY) -c 'import predict; print(predict.SERVER_CONCURRENCY)') \
 		$(PY) -m cog.server.http --host $(HOST)
 
 # The streaming predictor (predict.py:StreamingPredictor: the same inputs plus seed, the answer as pieces).
 serve-stream: venv
 	$(PY) scripts/write_openapi_schema.py --predictor predict.py:StreamingPredictor
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PORT=$(PORT) COG_PREDICT_TYPE_STUB=predict.py:StreamingPredictor \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PORT=$(PORT) COG_PREDICT_TYPE_STUB=predict.py:StreamingPredictor TOKIO_WORKER_THREADS=1 \
 		COG_MAX_CONCURRENCY=$$($(PY) -c 'import predict; print(predict.SERVER_CONCURRENCY)') \
 		$(PY) -m cog.server.http --host $(HOST)
 

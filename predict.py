@@ -10,7 +10,9 @@ Concurrency: ``predict`` is async and serves ``MAX_CONCURRENCY`` clients without
 (``DEEPSEEK_VL2_MAX_CONCURRENCY``, default 16 on a GPU and 8 on a CPU); their predictions share decode steps
 in the model's batching engine (``deepseek_vl2/engine.py``). Cog's server admits ``SERVER_CONCURRENCY``, twice
 that (``COG_MAX_CONCURRENCY``: ``make serve`` sets it; ``cog.yaml``'s ``concurrency.max`` for an image); the
-engine queues what is beyond its slots. See ``server_concurrency`` for why.
+engine queues what is beyond its slots. See ``server_concurrency`` for why. Cog's server must also run its
+request handling on one thread (``TOKIO_WORKER_THREADS=1``: ``make serve`` and ``cog.yaml`` set it), see
+``cog_server_warnings``.
 
 Run it without Cog's CLI:  python predict.py --image examples/stages.png --prompt "Describe this image."
 """
@@ -114,6 +116,29 @@ def server_concurrency(clients: int) -> int:
     return 2 * clients
 
 
+def cog_server_warnings(environ: "os._Environ[str] | dict[str, str]") -> list[str]:
+    """What, in the environment Cog's server passed to this worker, would give clients within
+    ``MAX_CONCURRENCY`` an HTTP 409 (printed by ``setup``):
+
+    - Cog's server admitting fewer than ``SERVER_CONCURRENCY`` predictions (``COG_MAX_CONCURRENCY``);
+    - its request handling on more than one thread. Cog 0.23's server takes a free slot with a *try*-lock on
+      its pool and answers 409 when that lock is busy, free slots or not: two requests arriving at the same
+      moment on two threads can collide (8 clients sending instant predictions back to back got 1-4 409s of
+      480 with 16 or 32 slots admitted). ``TOKIO_WORKER_THREADS=1`` puts its request handling on one thread,
+      where nothing can come between the try-lock and its release (0 of 3,840)."""
+    warnings = []
+    admitted = environ.get("COG_MAX_CONCURRENCY", "").strip()
+    if admitted.isdigit() and int(admitted) < SERVER_CONCURRENCY:
+        warnings.append(f"Cog's server admits {admitted} predictions at once (COG_MAX_CONCURRENCY); with "
+                        f"{MAX_CONCURRENCY} clients sending one request after another some will get HTTP 409. "
+                        f"Set COG_MAX_CONCURRENCY={SERVER_CONCURRENCY} (make serve does).")
+    if environ.get("TOKIO_WORKER_THREADS", "").strip() != "1":
+        warnings.append("Cog's server handles requests on several threads, and two requests arriving at the same "
+                        "moment can get HTTP 409 while slots are free (a race in Cog 0.23's slot pool). Start it "
+                        "with TOKIO_WORKER_THREADS=1 (make serve and cog.yaml do).")
+    return warnings
+
+
 MAX_CONCURRENCY = max_concurrency()
 SERVER_CONCURRENCY = server_concurrency(MAX_CONCURRENCY)
 
@@ -142,8 +167,10 @@ class Predictor(BasePredictor):
         engine = self.pipeline.start(MAX_CONCURRENCY if asked else None)
         self.pipeline.warm_up()
         # Under Cog's server: when it is told to stop, stop within a bounded time (deepseek_vl2/shutdown.py).
-        watch_cog_server(lambda: engine.in_flight,
-                         lambda: engine.stop("The server is shutting down: this prediction was stopped before it finished."))
+        under_cog_server = watch_cog_server(
+            lambda: engine.in_flight,
+            lambda: engine.stop("The server is shutting down: this prediction was stopped before it finished."),
+        ) is not None
         print(
             f"DeepSeek-VL2 loaded from {model_dir} on {self.pipeline.device} ({self.pipeline.dtype}"
             f"{f', weights in {self.pipeline.scheme.name}' if self.pipeline.scheme else ''}) "
@@ -151,11 +178,8 @@ class Predictor(BasePredictor):
             f"{self.pipeline.engine.slots} decoding together",
             flush=True,
         )
-        admitted = os.environ.get("COG_MAX_CONCURRENCY", "").strip()
-        if admitted.isdigit() and int(admitted) < SERVER_CONCURRENCY:
-            print(f"Warning: Cog's server admits {admitted} predictions at once (COG_MAX_CONCURRENCY); with "
-                  f"{MAX_CONCURRENCY} clients sending one request after another some will get HTTP 409. "
-                  f"Set COG_MAX_CONCURRENCY={SERVER_CONCURRENCY} (make serve does).", flush=True)
+        for warning in cog_server_warnings(os.environ) if under_cog_server else ():
+            print(f"Warning: {warning}", flush=True)
 
     @concurrent(max=SERVER_CONCURRENCY)
     async def predict(

@@ -77,6 +77,17 @@ def test_the_image_admits_twice_the_clients_the_engine_serves(cog_yaml, project_
     assert out.stdout.split() == [str(clients), str(2 * clients), str(2 * clients)]
 
 
+def test_the_image_runs_cogs_request_handling_on_one_thread(cog_yaml, project_dir):
+    """Cog 0.23's server answers 409 when two requests on two threads collide on its slot pool's try-lock,
+    free slots or not: the image and make serve run its request handling on one thread."""
+    env = dict(item.split("=", 1) for item in cog_yaml["environment"])
+    assert env["TOKIO_WORKER_THREADS"] == "1"
+    makefile = (project_dir / "Makefile").read_text()
+    for target in ("serve", "serve-stream"):
+        recipe = makefile.split(f"\n{target}:", 1)[1].split("\n\n", 1)[0]
+        assert "TOKIO_WORKER_THREADS=1" in recipe and "cog.server.http" in recipe, target
+
+
 def test_the_image_has_a_compiler_for_torch_compile(cog_yaml):
     """torch.compile (Triton) needs a C compiler at run time, and the GPU build of torch comes from Cog's CUDA
     image (gpu: true with torch pinned): neither can be checked without building the image here."""

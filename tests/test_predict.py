@@ -158,6 +158,24 @@ def test_cog_admits_twice_the_clients_served_without_a_refusal(monkeypatch):
     assert predict.StreamingPredictor.predict.__cog_concurrent_max__ == predict.SERVER_CONCURRENCY
 
 
+def test_setup_warns_of_a_cog_server_that_would_refuse_clients_within_the_concurrency():
+    """Under Cog's server, setup names each setting that would give clients within MAX_CONCURRENCY a 409:
+    Cog admitting fewer than SERVER_CONCURRENCY, and its request handling on several threads (its slot pool's
+    try-lock race). make serve's environment gets no warning."""
+    import predict
+
+    right = {"COG_MAX_CONCURRENCY": str(predict.SERVER_CONCURRENCY), "TOKIO_WORKER_THREADS": "1"}
+    assert predict.cog_server_warnings(right) == []
+    assert predict.cog_server_warnings({**right, "COG_MAX_CONCURRENCY": "7"}) == [
+        f"Cog's server admits 7 predictions at once (COG_MAX_CONCURRENCY); with {predict.MAX_CONCURRENCY} clients "
+        f"sending one request after another some will get HTTP 409. Set COG_MAX_CONCURRENCY="
+        f"{predict.SERVER_CONCURRENCY} (make serve does)."]
+    for threads in ({}, {"TOKIO_WORKER_THREADS": "2"}, {"TOKIO_WORKER_THREADS": ""}):
+        env = {"COG_MAX_CONCURRENCY": right["COG_MAX_CONCURRENCY"], **threads}
+        (warning,) = predict.cog_server_warnings(env)
+        assert "TOKIO_WORKER_THREADS=1" in warning and "409" in warning
+
+
 def test_cli_and_make_demo(project_dir, tmp_path):
     """`make demo`'s two steps: a random checkpoint made here, then one prediction via the real Predictor."""
     model = tmp_path / "demo-model"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
-from .kernels import biased_linear, gelu_tanh_, vision_attention
+from .kernels import biased_linear, gelu_tanh_, prepack_linear_weight, vision_attention
 from .steps import Steps, piece_ends, run_steps
 
 LAYER_NORM_EPS = 1e-6
@@ -43,18 +43,30 @@ class PatchEmbed(nn.Module):
 
 
 class BiasedLinear(nn.Linear):
-    """``nn.Linear`` (same parameters and checkpoint names) through ``kernels.biased_linear``."""
+    """``nn.Linear`` (same parameters and checkpoint names) through ``kernels.biased_linear``.
+
+    ``prepack_rows``: at its first call with bf16 CPU inputs that oneDNN can take, the weight is laid out once
+    (``kernels.prepack_linear_weight``, for inputs of that many rows) in place of the plain one, whose memory
+    goes back to the system. The parameter then holds oneDNN's tensor (same shape and dtype)."""
+
+    def __init__(self, in_features: int, out_features: int, prepack_rows: int = 0) -> None:
+        super().__init__(in_features, out_features)
+        self.prepack_rows = prepack_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prepack_rows and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not self.weight.is_mkldnn:
+            packed = prepack_linear_weight(self.weight, self.prepack_rows)
+            if packed is not None:
+                self.weight = nn.Parameter(packed, requires_grad=False)
         return biased_linear(x, self.weight, self.bias)
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, tokens: int = 0) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = BiasedLinear(width, 3 * width)  # rows: q | k | v
-        self.proj = BiasedLinear(width, width)
+        self.qkv = BiasedLinear(width, 3 * width, prepack_rows=tokens)  # rows: q | k | v
+        self.proj = BiasedLinear(width, width)  # (square: slower packed, see kernels.prepack_linear_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = x.shape
@@ -68,10 +80,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int) -> None:
+    def __init__(self, width: int, hidden: int, tokens: int = 0) -> None:
         super().__init__()
-        self.fc1 = BiasedLinear(width, hidden)
-        self.fc2 = BiasedLinear(hidden, width)
+        self.fc1 = BiasedLinear(width, hidden, prepack_rows=tokens)
+        self.fc2 = BiasedLinear(hidden, width, prepack_rows=tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc1(x)
@@ -83,9 +95,10 @@ class Block(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(config.width, eps=LAYER_NORM_EPS)
-        self.attn = Attention(config.width, config.heads)
+        tile_tokens = config.grid_size**2  # (the rows of one tile: the weights are packed for them)
+        self.attn = Attention(config.width, config.heads, tile_tokens)
         self.norm2 = nn.LayerNorm(config.width, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(config.width, config.mlp_hidden)
+        self.mlp = Mlp(config.width, config.mlp_hidden, tile_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path as _FsPath
 
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Mapping, Optional
 
 from cog import AsyncConcatenateIterator, BasePredictor, Input, Path, concurrent, streaming
 
@@ -116,7 +116,7 @@ def server_concurrency(clients: int) -> int:
     return 2 * clients
 
 
-def cog_server_warnings(environ: "os._Environ[str] | dict[str, str]") -> list[str]:
+def cog_server_warnings(environ: Mapping[str, str]) -> list[str]:
     """What, in the environment Cog's server passed to this worker, would give clients within
     ``MAX_CONCURRENCY`` an HTTP 409 (printed by ``setup``):
 

@@ -386,8 +386,9 @@ class BatchEngine:
         """Prefill units of the oldest joining request: one when nobody is decoding (the loop comes back at once,
         admitting and cancelling in between), else as many of its units as fit in ``prefill_budget_s`` by their
         predicted durations, at least one. One request a turn: requests that join together then start (and
-        finish) a step apart, not all in the same step, whose burst of answers left Cog's server short of
-        free slots for a moment (HTTP 409s to clients within the concurrency)."""
+        finish) a step apart, not all in the same step, whose burst of answers brought their clients' next
+        requests to Cog's server at the same moment (where its slot pool's try-lock refused some with HTTP
+        409 when it ran on several threads: ``predict.cog_server_warnings``)."""
         started = time.perf_counter()
         request = self._joining[0]
         self._prefill_unit(request)

@@ -241,6 +241,19 @@ def _layer_extension(dtype: torch.dtype, build: bool = True) -> Optional[Any]:
     return extension()
 
 
+def layer_kernels_unavailable(dtype: torch.dtype) -> Optional[str]:
+    """Why our layer kernels for CPU weights of ``dtype`` are not in use in this process (building them now if
+    they may be), or None where they are."""
+    kind = _SUFFIX.get(dtype)
+    if kind is None:
+        return f"we have no CPU kernels for {str(dtype).replace('torch.', '')}"
+    if kernel_unavailable(kind) is not None:  # (asked first: a cap set since the build still counts)
+        return kernel_unavailable(kind)
+    if _layer_extension(dtype) is None:  # (a process that started with the kernels switched off keeps them off)
+        return unavailable_reason(kind) or "its kernels were not loaded in this process"
+    return None
+
+
 def load_cpu_kernels(dtype: torch.dtype) -> Optional[Any]:
     """The extension with the layer kernels for ``dtype``, else the fp32 one (both carry the sampling kernels),
     loaded (or built) now, so that sampling takes the same path from a process's first token on; None where
@@ -655,14 +668,11 @@ def gemv_path_unavailable(name: str, dtype: torch.dtype) -> Optional[str]:
     if name not in CANDIDATES:
         return f"there is no path {name!r} (the paths: {', '.join(CANDIDATES)})"
     if name in ("avx512bf16", "simdf32"):
-        kind, takes = ("bf16", torch.bfloat16) if name == "avx512bf16" else ("f32", torch.float32)
+        takes = torch.bfloat16 if name == "avx512bf16" else torch.float32
         if dtype != takes:
             return f"{name} takes {str(takes)[6:]} weights only"
-        if kernel_unavailable(kind) is not None:  # (asked first: a cap set since the build still counts)
-            return kernel_unavailable(kind)
-        built = avx512_bf16_extension() if kind == "bf16" else fp32_extension()
-        if built is None:  # (a process that started with the kernels switched off keeps them off)
-            return unavailable_reason(kind) or "its kernels were not loaded in this process"
+        if layer_kernels_unavailable(takes) is not None:
+            return layer_kernels_unavailable(takes)
     if name == "onednn":
         if not torch.backends.mkldnn.is_available():
             return "this PyTorch has no oneDNN"
@@ -805,9 +815,10 @@ def prepack_linear_weight(weight: torch.Tensor, rows: int) -> Optional[torch.Ten
     the width. The gain is for an image of a few tiles: the whole tower of 1-3 tiles ran 5-12 % faster, of 7
     about the same, of 10 (3,645 + rows a call) 2-4 % slower, where oneDNN's plain path blocks better (and
     rounds differently from the packed one: bit-identical at 729 and 1,458 rows, not at 3,645)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() != 2:
+        return None
     reorder = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
-    if (reorder is None or getattr(torch.ops.mkldnn, "_linear_pointwise", None) is None or weight.device.type != "cpu"
-            or weight.dtype != torch.bfloat16 or weight.dim() != 2 or not _onednn_has_bf16()):
+    if reorder is None or getattr(torch.ops.mkldnn, "_linear_pointwise", None) is None or not _onednn_has_bf16():
         return None
     packed = reorder(weight.detach(), rows)
     release_pages(weight)

@@ -45,7 +45,7 @@ class PatchEmbed(nn.Module):
 class BiasedLinear(nn.Linear):
     """``nn.Linear`` (same parameters and checkpoint names) through ``kernels.biased_linear``.
 
-    ``prepack_rows``: at its first call with bf16 CPU inputs that oneDNN can take, the weight is laid out once
+    ``prepack_rows``: at its first call where oneDNN can take the weight (bf16, on the CPU), it is laid out once
     (``kernels.prepack_linear_weight``, for inputs of that many rows) in place of the plain one, whose memory
     goes back to the system. The parameter then holds oneDNN's tensor (same shape and dtype)."""
 
@@ -54,7 +54,7 @@ class BiasedLinear(nn.Linear):
         self.prepack_rows = prepack_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.prepack_rows and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not self.weight.is_mkldnn:
+        if self.prepack_rows and not self.weight.is_mkldnn:
             packed = prepack_linear_weight(self.weight, self.prepack_rows)
             if packed is not None:
                 self.weight = nn.Parameter(packed, requires_grad=False)

@@ -823,9 +823,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device.type == "cpu":
         from deepseek_vl2 import kernels
 
-        kind = "bf16" if dtype == torch.bfloat16 else "f32"
-        built = (kernels.avx512_bf16_extension() if kind == "bf16" else kernels.fp32_extension()) is not None
-        cpu_kernels = f"{kind}: in use" if built else f"{kind}: unavailable ({kernels.unavailable_reason(kind)}), PyTorch's ops measured"
+        kind, why = "bf16" if dtype == torch.bfloat16 else "f32", kernels.layer_kernels_unavailable(dtype)
+        cpu_kernels = f"{kind}: in use" if why is None else f"{kind}: unavailable ({why}), PyTorch's ops measured"
 
     result: dict[str, Any] = {
         "machine": machine,

@@ -20,6 +20,16 @@ IN_PROJECT_FIXTURES = PROJECT_DIR / "tests" / "fixtures"
 FIXTURES_DIR = Path(os.environ.get("DEEPSEEK_VL2_FIXTURES") or IN_PROJECT_FIXTURES).resolve()
 
 
+def process_memory(pid: int) -> dict[str, int]:
+    """VmRSS and its anonymous part RssAnon of process ``pid``, in bytes."""
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon"):
+            found[name] = int(value.split()[0]) * 1024
+    return found
+
+
 @pytest.fixture(scope="session")
 def project_dir() -> Path:
     return PROJECT_DIR

@@ -1360,18 +1360,16 @@ def test_a_bf16_prompt_through_the_prompt_kernels_is_the_eager_computation(name:
         assert (got.float() - want.float()).abs().max().item() <= 0.03 * scale, name
 
 
-def _rss_bytes() -> int:
-    import os
-
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def test_a_prepacked_linear_gives_the_same_bits_and_keeps_no_second_copy() -> None:
     """kernels.prepack_linear_weight: a bf16 weight laid out for oneDNN gives biased_linear the bits of the
     plain one, and the plain one's pages go back to the system (the memory is not held twice), while the bytes
     around it in the same allocation (the parameter arena's neighbours) keep their values."""
     if not kernels._onednn_has_bf16() or getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) is None:
         pytest.skip("oneDNN has no bf16 linear here")
+    import os
+
+    from conftest import process_memory
+
     generator = torch.Generator().manual_seed(3)
     rows, width, hidden = 729, 1024, 8192  # (a 16 MiB matrix: its pages are what the RSS shows)
     arena = torch.empty(hidden * width * 2 + 2 * 4096 + 64, dtype=torch.uint8)
@@ -1382,9 +1380,9 @@ def test_a_prepacked_linear_gives_the_same_bits_and_keeps_no_second_copy() -> No
     x = torch.randn(rows, width, generator=generator).to(torch.bfloat16)
     want = kernels.biased_linear(x, weight, bias)
     head, tail = arena[: 4096 + 64].clone(), arena[4096 + 64 + hidden * width * 2 :].clone()
-    before = _rss_bytes()
+    before = process_memory(os.getpid())["VmRSS"]
     packed = kernels.prepack_linear_weight(weight, rows)
-    grown = _rss_bytes() - before
+    grown = process_memory(os.getpid())["VmRSS"] - before
     assert packed is not None and packed.is_mkldnn and packed.shape == weight.shape
     assert grown < 0.25 * weight.numel() * 2, f"RSS grew by {grown / 2**20:.1f} MiB packing a 16 MiB matrix"
     assert torch.equal(kernels.biased_linear(x, packed, bias), want)

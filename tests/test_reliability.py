@@ -26,6 +26,7 @@ import pytest
 import requests
 
 from cog_server import assert_failed_clearly, assert_ready_soon, data_uri, golden_request, make_serve
+from conftest import process_memory
 from hub_stand_in import HubStandIn, fill_the_disk_on, hub_settings
 
 FULL = os.environ.get("DEEPSEEK_VL2_RELIABILITY_FULL") == "1"
@@ -124,16 +125,6 @@ def _worker_pid(server) -> int:
     pids = [pid for pid, cmd in _session_processes(server.proc.pid).items() if "_run_worker" in cmd]
     assert len(pids) == 1, _session_processes(server.proc.pid)
     return pids[0]
-
-
-def _memory(pid: int) -> dict[str, int]:
-    """VmRSS and its anonymous part RssAnon of ``pid``, in bytes."""
-    found = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "RssAnon"):
-            found[name] = int(value.split()[0]) * 1024
-    return found
 
 
 def _open_files(pid: int) -> int:
@@ -248,7 +239,7 @@ def test_load_sequential_predictions_all_succeed_and_stay_flat(server, golden, s
         if kind == "broken" and status == "failed":
             assert "truncated" in resp.json()["error"].lower()
         if i >= WARM_REQUESTS and i % SAMPLE_EVERY == 0:
-            samples.append((i, _memory(worker), _open_files(worker), _temp_files(server_tmp)))
+            samples.append((i, process_memory(worker), _open_files(worker), _temp_files(server_tmp)))
     elapsed = time.monotonic() - started
 
     base = samples[0]

@@ -6,10 +6,11 @@ it on an event loop). The thread loops over:
 
 1. admission: a waiting request takes a free cache slot (first come, first served);
 2. prefill units of the joining requests, oldest first: a few blocks of its images through the vision
-   tower (+ projector), or the next chunk of ``prefill_chunk`` prompt tokens written to its slot; its first
-   token is sampled when the last chunk is done. Units run back to back while their predicted durations
-   fit in ``prefill_budget_s`` (at least one), so requests already decoding keep decoding in between,
-   each waiting about one budget, never a whole prompt;
+   tower (+ projector), or a few decoder layers of the next chunk of ``prefill_chunk`` prompt tokens
+   written to its slot; its first token is sampled when the last chunk is done. Units run back to back
+   up to the request's share of the turn (its predicted remaining prefill spread evenly over the fewest
+   turns that fit in ``prefill_budget_s``; at least one unit), so requests already decoding keep decoding
+   in between, each waiting at most about one budget, never a whole prompt;
 3. one decode step for every decoding request together (``DeepseekV2ForCausalLM.decode_rows``: each matrix
    runs once on all rows, each chosen expert once on the rows routed to it; on the CPU one call into our
    kernels where they are built, on CUDA a CUDA graph per batch-size bucket), then each row samples its
@@ -30,6 +31,7 @@ import asyncio
 import atexit
 import collections
 import itertools
+import math
 import os
 import queue
 import threading
@@ -53,21 +55,21 @@ from .steps import Steps, advance
 # measured stall); a whole 1-image prompt of tiny (438 tokens) is one chunk.
 DEFAULT_PREFILL_CHUNK = 512
 # Vision blocks times tiles per unit (DEEPSEEK_VL2_VISION_UNIT): a joining request's images go through the
-# tower a few blocks at a time, the others' decode steps between (SigLIP's 27 blocks take ~27 ms a tile each
-# on 2 Sapphire Rapids cores: 8 is a unit of ~0.2 s, where a whole 2-tile image was ~0.7 s).
-DEFAULT_VISION_UNIT = 8
-# Milliseconds of prefill work between two decode steps (DEEPSEEK_VL2_PREFILL_BUDGET_MS): units of the joining
-# requests run back to back while their predicted durations fit, at least one, then the decoding requests
-# take a step. A step after every unit (0) made a joining 1-image request of tiny wait for 8 of the others'
-# steps. Tiny bf16, 8 requests at once on 2 cores, prompt chunks in pieces of 6 layers, one request's units a
-# turn, with the prompt kernels: at 450 the last first token came after 9.7-9.8 s and the p95 pause was 0.51 s;
-# at 400, 10.2 s and 0.38 s; at 425, 9.4 and 10.2 s, 0.47 and 0.43 s (two runs; docs/performance.md).
+# tower a few blocks at a time, the others' decode steps between (SigLIP's 27 blocks take ~19 ms a tile each
+# on 2 Sapphire Rapids cores: a 384-px image's two tiles, encoded once, are ~40 ms a unit).
+DEFAULT_VISION_UNIT = 4
+# Milliseconds of prefill work between two decode steps at most (DEEPSEEK_VL2_PREFILL_BUDGET_MS): a joining
+# request's remaining prefill is spread evenly over the fewest turns that fit (``_turn_seconds``), then the
+# decoding requests take a step. A step after every unit (0) made a joining 1-image request of tiny wait for
+# 8 of the others' steps; the budget sets how many turns a prompt takes (tiny's ~0.95 s: three of ~0.32 s).
 DEFAULT_PREFILL_BUDGET_MS = 425
 # Decoder layers per unit of a prompt chunk (DEEPSEEK_VL2_PREFILL_LAYERS): a chunk's layers in pieces, the
-# others decoding between them, so that a pause is a few layers' prefill, not the chunk's (~0.5 s for tiny's
-# 438-token prompt on 2 cores; 6 of its 12 layers: ~0.25 s), while each expert's weights are still read once
-# for the chunk (smaller chunks read them again). 0: whole chunks.
-DEFAULT_PREFILL_LAYERS = 6
+# others decoding between them, while each expert's weights are still read once for the chunk (smaller
+# chunks read them again). Small pieces (tiny: ~85 ms) let the turns be evened out; 0: whole chunks. Tiny
+# bf16, 8 requests at once on 2 cores, the two schedules in turns: units of 8 blocks and 6 layers filling each
+# turn up to the budget, last first token after 8.9-10.6 s and p95 pause 464-507 ms (9 runs); units of 4
+# blocks and 2 layers in evened turns, 9.4-9.8 s and 462-500 ms (8 runs; docs/performance.md).
+DEFAULT_PREFILL_LAYERS = 2
 
 
 class RequestCancelled(Exception):
@@ -124,6 +126,7 @@ class Request:
         self.embedding: Optional[Steps[torch.Tensor]] = None  # the vision tower's pieces, while it runs
         self.chunk: Optional[Steps[torch.Tensor]] = None  # a prompt chunk's layer pieces, while it runs
         self.prefilled = 0  # prompt tokens written to the cache
+        self.units_left: dict[str, int] = {}  # prefill units still to run, by kind (set by the engine on admission)
         self.generated = 0
         self.last_token = -1  # the token the next decode step feeds
         self.generator: Optional[torch.Generator] = None
@@ -347,6 +350,7 @@ class BatchEngine:
                 request._finish(RequestCancelled())
                 continue
             request.slot = self._free_slots.pop(0)
+            request.units_left = self._prefill_units(request)
             request.stats.queued_s = time.perf_counter() - request.submitted
             self._joining.append(request)
 
@@ -391,11 +395,41 @@ class BatchEngine:
         409 when it ran on several threads: ``predict.cog_server_warnings``)."""
         started = time.perf_counter()
         request = self._joining[0]
+        target = self._turn_seconds(request)
         self._prefill_unit(request)
         while self._decoding and self._joining and self._joining[0] is request:
-            if time.perf_counter() - started + self._predicted(request) > self.prefill_budget_s:
+            elapsed, upcoming = time.perf_counter() - started, self._predicted(request)
+            if elapsed + upcoming > self.prefill_budget_s:
+                return
+            # (past the unit boundary nearest the turn's share, unless the rest of the prefill fits in this turn)
+            if elapsed + upcoming / 2 > target and elapsed + self._remaining_seconds(request) > self.prefill_budget_s:
                 return
             self._prefill_unit(request)
+
+    def _prefill_units(self, request: Request) -> dict[str, int]:
+        """How many units the request's prefill takes, by kind: one per ``vision_unit // tiles`` vision blocks (one
+        when it has no image), and per chunk of the prompt one per ``prefill_layers`` decoder layers."""
+        pixels = request.inputs.pixel_values if request.inputs is not None else None
+        tiles = int(pixels.shape[0]) if pixels is not None else 0
+        vision = math.ceil(self.model.config.vision.layers / max(1, self.vision_unit // tiles)) if tiles else 1
+        layers = self.language.config.num_hidden_layers
+        per_chunk = math.ceil(layers / self.prefill_layers) if self.prefill_layers else 1
+        return {"vision": vision, "prompt": math.ceil(request.prompt_len / self.prefill_chunk) * per_chunk}
+
+    def _remaining_seconds(self, request: Request) -> float:
+        """The request's prefill still to run, predicted from the last unit of each kind (inf before one ran)."""
+        return sum(left * self._unit_seconds.get(kind, float("inf")) for kind, left in request.units_left.items() if left > 0)
+
+    def _turn_seconds(self, request: Request) -> float:
+        """The prefill time this turn should take: the request's predicted remaining prefill spread evenly over
+        the fewest turns that each fit in the budget. Its pauses are then as short as that many decode steps
+        allow: a prompt of 0.95 s under a budget of 0.425 s takes three turns of ~0.32 s, where filling each turn
+        up to the budget had made them 0.39, 0.35 and 0.21 s (the longest pause sets the readers' p95).
+        The budget itself until both kinds of unit have been timed."""
+        remaining = self._remaining_seconds(request)
+        if not math.isfinite(remaining) or self.prefill_budget_s <= 0:
+            return self.prefill_budget_s
+        return remaining / max(1, math.ceil(remaining / self.prefill_budget_s))
 
     @staticmethod
     def _unit_kind(request: Request) -> str:
@@ -409,8 +443,10 @@ class BatchEngine:
 
     def _prefill_unit(self, request: Request) -> None:
         started = time.perf_counter()
+        kind = self._unit_kind(request)
+        request.units_left[kind] = request.units_left.get(kind, 1) - 1
         try:
-            if self._unit_kind(request) == "vision":  # (the images: a few vision blocks a unit)
+            if kind == "vision":  # (the images: a few vision blocks a unit)
                 if request.embedding is None:
                     self._start_embedding(request)
                 finished, embeds = advance(request.embedding)

@@ -59,11 +59,8 @@ def _fixtures_default() -> Path:
 
 def quantized_widths(config: DeepseekVL2Config) -> set[int]:
     """The input widths of every matrix a scheme quantizes (the language model's linears)."""
-    from deepseek_vl2.quantize import quantize_modules  # (a meta-device model: no memory)
-    from deepseek_vl2.model import DeepseekVL2 as Model
-
-    with torch.device("meta"):
-        model = Model(config)
+    with torch.device("meta"):  # (a model without memory: only its shapes)
+        model = DeepseekVL2(config)
     widths: set[int] = set()
     for module in model.language.modules():
         if isinstance(module, torch.nn.Linear):
@@ -71,7 +68,6 @@ def quantized_widths(config: DeepseekVL2Config) -> set[int]:
     lang = config.language
     if lang.n_routed_experts:
         widths |= {lang.hidden_size, lang.moe_intermediate_size}
-    del quantize_modules
     return widths
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import FIXTURES_DIR
-from deepseek_vl2.engine import BatchEngine, RequestCancelled, default_slots
+from deepseek_vl2.engine import BatchEngine, Request, RequestCancelled, default_slots
 from deepseek_vl2.generation import GenerationConfig
 from deepseek_vl2.model import load_model
 from deepseek_vl2.processor import DeepseekVL2Processor
@@ -216,6 +216,7 @@ def test_a_joining_requests_images_go_through_the_tower_in_pieces(monkeypatch: p
     processor, model = _load("mha")
     monkeypatch.setenv("DEEPSEEK_VL2_VISION_UNIT", "4")
     monkeypatch.setenv("DEEPSEEK_VL2_PREFILL_BUDGET_MS", "0")  # (a step after every unit)
+    monkeypatch.setenv("DEEPSEEK_VL2_PREFILL_LAYERS", "0")  # (whole chunks: the units of 0 tokens are the tower's)
     joining = _prompt(processor, size=(900, 600), color=(20, 90, 160))
     tiles, layers = int(joining.pixel_values.shape[0]), model.config.vision.layers
     blocks = max(1, 4 // tiles)
@@ -267,6 +268,35 @@ def test_prefill_units_run_back_to_back_within_the_budget_then_the_others_step(m
     assert all("decode" in kinds[a + 1: b] for a, b in zip(units, units[1:]))
     with pytest.raises(ValueError, match="DEEPSEEK_VL2_PREFILL_BUDGET_MS must be 0 or more"):
         BatchEngine(model, 1, prefill_budget_ms=-1)
+
+
+def test_a_joining_requests_prefill_is_spread_evenly_over_its_turns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine counts a request's prefill units on admission (vision pieces, prompt chunk pieces): exactly
+    those run, none left when it decodes. A turn's share is the predicted remaining prefill over the fewest
+    turns within the budget; the budget while a kind of unit has no timing yet."""
+    processor, model = _load("mha")
+    monkeypatch.setenv("DEEPSEEK_VL2_VISION_UNIT", "4")
+    monkeypatch.setenv("DEEPSEEK_VL2_PREFILL_LAYERS", "1")
+    joining = _prompt(processor, size=(900, 600), color=(40, 160, 90))
+    _, engine = _engine("mha", slots=2, prefill_chunk=128, prefill_budget_ms=0)
+    counted = engine._prefill_units(Request(joining, GenerationConfig(), processor.eos_id, None))
+    tiles, layers = int(joining.pixel_values.shape[0]), model.config.language.num_hidden_layers
+    length = int(joining.input_ids.shape[0])
+    assert counted == {"vision": -(-model.config.vision.layers // max(1, 4 // tiles)),
+                       "prompt": -(-length // 128) * layers}
+    request = engine.submit(joining, GenerationConfig(max_new_tokens=2), processor.eos_id)
+    list(request)
+    assert request.units_left == {"vision": 0, "prompt": 0}
+    assert sum(kind == "prefill" for kind, _, _ in engine.timeline) == sum(counted.values())
+
+    engine.prefill_budget_s = 0.25
+    request.units_left = {"vision": 3, "prompt": 4}
+    engine._unit_seconds = {"vision": 0.05}
+    assert engine._turn_seconds(request) == 0.25  # (prompt units not timed yet)
+    engine._unit_seconds = {"vision": 0.05, "prompt": 0.1}
+    assert engine._turn_seconds(request) == pytest.approx(0.55 / 3)  # (0.55 s left: three turns)
+    request.units_left = {"vision": 0, "prompt": 2}
+    assert engine._turn_seconds(request) == pytest.approx(0.2)  # (fits in one turn)
 
 
 def test_a_prompt_chunks_layers_run_in_pieces_between_the_others_steps(monkeypatch: pytest.MonkeyPatch) -> None:

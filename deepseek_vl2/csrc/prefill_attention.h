@@ -1,10 +1,10 @@
 // Attention over a prompt's (or a vision tile's) tokens for bf16 activations on AMX tiles (included by
-// decode_bf16.cpp after the tile products and tile_rows_wide, which it uses): the vision tower's heads, and the
+// decode_bf16.cpp after the tile products, whose TileConfig it uses): the vision tower's heads, and the
 // decoder's prompt chunks (causal, against the keys cached before them).
 //
 // PyTorch's CPU flash attention ran SigLIP's heads (head size 72, 729 tokens a tile) at ~0.36 TFLOP/s, a
 // tenth of the matmul probe, and a 438-token prompt's causal heads of tiny at ~2 ms a layer. All the keys of
-// one head fit in one pass, so there is no online rescaling: per 16 queries, the scores against every key they
+// one head fit in one pass, so there is no online rescaling: per 32 queries, the scores against every key they
 // may see on tiles, an exact softmax in fp32, the probabilities rounded to bf16 (as PyTorch's bf16 flash
 // attention rounds them for its second product), their product with the values on tiles, divided by the fp32
 // sum at the end.
@@ -50,12 +50,53 @@ inline void pack_columns_as_tiles(const uint16_t* first, int64_t stride, int64_t
   }
 }
 
+// sums[r * width + c] = a[r, :] . input c for the 32 rows r of `a` (two 16-row tiles, rows row_stride values
+// apart, `chunks` pieces of 32 values each) and every packed input c < columns (input tile t's piece k at
+// packed + t * tile_stride + 512 * k; width = 16 * tiles). Two row tiles by two input tiles at a time: each
+// input tile is loaded once for both row tiles, where tile_rows_wide loads it once per 16 rows (the packed keys
+// and values come from L2). Each sum is the same chain of products, in the same order, as tile_rows_wide's.
+inline void tile_row_pairs(const uint16_t* a, int64_t row_stride, int64_t chunks, const uint16_t* packed, int64_t tile_stride,
+                           int columns, float* sums) {
+  const int tiles = (columns + 15) / 16;
+  const int64_t width = 16 * tiles;
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;  // (sums 0-3, rows 4-5, inputs 6-7)
+  _tile_loadconfig(&config);
+  for (int first = 0; first < tiles; first += 2) {
+    const bool two = first + 1 < tiles;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < chunks; ++k) {
+      _tile_loadd(4, a + 32 * k, row_stride * 2);
+      _tile_loadd(5, a + 16 * row_stride + 32 * k, row_stride * 2);
+      _tile_loadd(6, packed + first * tile_stride + 512 * k, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(2, 5, 6);
+      if (two) {
+        _tile_loadd(7, packed + (first + 1) * tile_stride + 512 * k, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    float* out = sums + 16 * first;
+    _tile_stored(0, out, width * 4);
+    _tile_stored(2, out + 16 * width, width * 4);
+    if (two) {
+      _tile_stored(1, out + 16, width * 4);
+      _tile_stored(3, out + 16 * width + 16, width * 4);
+    }
+  }
+}
+
 // softmax(scale q k^T) v for every head: q [B, H, S, dk], k [B, Hk, T, dk], v [B, Hk, T, dv] bf16 (any strides
 // with the last dimension dense; query head h reads key/value head h / (H / Hk)). With causal_offset >= 0, query
 // s sees keys 0 .. causal_offset + s only (a prompt chunk whose first token sits at position causal_offset of
 // the T cached keys); below 0, every key. Returns [B, S, H, dv] bf16 (the heads side by side, as the output
 // projection takes them). Every thread takes whole (batch, head) pairs: packs that head's keys and values once,
-// then its queries 16 at a time.
+// then its queries 32 at a time (two row tiles: each packed key or value tile loaded once for both; SigLIP's heads of
+// a tile took 3.9-4.0 ms a layer 16 at a time, 3.25-3.6 ms so, with the same bits).
 torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t causal_offset,
                              double scale) {
   DECODE_CHECK(tiles_min_rows().load() > 0, "attention_bf16: AMX tiles are off (set_tiles)");
@@ -75,12 +116,13 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
   const int64_t dk_chunks = (dk + 31) / 32, key_tiles = (keys + 15) / 16, key_chunks = (keys + 31) / 32;
   const int64_t dv_groups = (dv + 15) / 16, group = heads / kv_heads;
   const float log2e_scale = float(1.44269504088896341 * scale);  // (softmax(scale s) = 2^(log2e scale s) / sum)
+  constexpr int64_t kBlock = 32;  // queries a block: two row tiles (tile_row_pairs)
   std::atomic<int64_t> next{0};
   in_parallel([&](int, int) {
     std::vector<const uint16_t*> key_rows(static_cast<size_t>(keys));
     std::vector<uint32_t> values(size_t(dv_groups * key_chunks * 256 + 16));
-    std::vector<uint16_t> query_buffer(size_t(16 * 32 * dk_chunks + 32)), probs(size_t(16 * 32 * key_chunks + 32));
-    std::vector<float> scores(size_t(16 * 16 * key_tiles)), sums(size_t(16 * 16 * dv_groups));
+    std::vector<uint16_t> query_buffer(size_t(kBlock * 32 * dk_chunks + 32)), probs(size_t(kBlock * 32 * key_chunks + 32));
+    std::vector<float> scores(size_t(kBlock * 16 * key_tiles)), sums(size_t(kBlock * 16 * dv_groups));
     uint32_t* value_tiles = aligned_64(values.data());
     uint16_t* q_rows = aligned_64(query_buffer.data());
     uint16_t* p_rows = aligned_64(probs.data());
@@ -94,18 +136,17 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
         pack_columns_as_tiles(vp + b * v.stride(0) + kh * v.stride(1), v.stride(2), keys, dv, value_tiles);
         packed_item = b * kv_heads + kh;
       }
-      for (int64_t q0 = 0; q0 < queries; q0 += 16) {
-        const int64_t count = std::min<int64_t>(16, queries - q0);
+      for (int64_t q0 = 0; q0 < queries; q0 += kBlock) {
+        const int64_t count = std::min<int64_t>(kBlock, queries - q0);
         // the keys these queries see: all, or up to the last query's position
         const int64_t seen = causal_offset < 0 ? keys : causal_offset + q0 + count;
         const int64_t seen_tiles = (seen + 15) / 16, padded = 32 * ((seen + 31) / 32), stride = 16 * seen_tiles;
-        std::memset(q_rows, 0, size_t(16 * 32 * dk_chunks) * 2);
+        std::memset(q_rows, 0, size_t(kBlock * 32 * dk_chunks) * 2);
         for (int64_t r = 0; r < count; ++r)
           std::memcpy(q_rows + r * 32 * dk_chunks, qp + b * q.stride(0) + h * q.stride(1) + (q0 + r) * q.stride(2), size_t(dk) * 2);
-        // (tile_rows_wide: 16 query rows against up to four key tiles per load of the queries)
-        tile_rows_wide(q_rows, 32 * dk_chunks, 32 * dk_chunks, packed_keys, int(stride), 16, 0, scores.data());
-        float total[16];
-        for (int64_t r = 0; r < 16; ++r) {
+        tile_row_pairs(q_rows, 32 * dk_chunks, dk_chunks, packed_keys, 512 * dk_chunks, int(stride), scores.data());
+        float total[kBlock];
+        for (int64_t r = 0; r < kBlock; ++r) {
           float* s = scores.data() + r * stride;
           uint16_t* p = p_rows + r * padded;
           if (r >= count) {  // (rows past the queries: zeros, never stored)
@@ -144,8 +185,8 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
         }
         // out[q] = (p[q] @ v) / total[q]: p's rows on the left (16 queries x 32 keys a piece), the values'
         // columns on the right (packed for all the keys: the first padded / 32 pieces of each).
-        tile_rows_wide(p_rows, padded, padded, reinterpret_cast<const uint16_t*>(value_tiles), int(16 * dv_groups), 16, 0,
-                       sums.data(), key_chunks);
+        tile_row_pairs(p_rows, padded, padded / 32, reinterpret_cast<const uint16_t*>(value_tiles), 512 * key_chunks,
+                       int(16 * dv_groups), sums.data());
         for (int64_t r = 0; r < count; ++r) {
           const float inverse = 1.0f / total[r];
           uint16_t* o = op + ((b * queries + q0 + r) * heads + h) * dv;

@@ -1212,6 +1212,28 @@ def test_causal_attention_on_tiles_is_as_close_to_exact_as_pytorchs(batch: int, 
         kernels.attention(q, k, v, scale, causal_offset=offset + 1)
 
 
+@pytest.mark.parametrize("tiles", [ALL_TILES], ids=["tiles"], indirect=True)
+@pytest.mark.parametrize("causal", [False, True], ids=["all keys", "causal"])
+def test_each_querys_attention_is_the_same_whatever_block_it_is_computed_in(causal: bool, tiles: int) -> None:
+    """``attention_bf16`` takes a head's queries 32 at a time (two row tiles against two key or value tiles):
+    every query's output is the same bit for bit computed alone, or in a block as its first, 16th, 17th or 32nd
+    row, or in a last block partly filled; a wrong tile address or stride would give another query's keys."""
+    extension = kernels.avx512_bf16_extension()
+    if extension is None:
+        pytest.skip("no bf16 kernels here (no AVX512-BF16, or no C++ compiler/ninja)")
+    generator = torch.Generator().manual_seed(7)
+    heads, queries, keys, dk, dv = 3, 45, 70, 72, 40
+    q = torch.randn(1, heads, queries, dk, generator=generator).to(torch.bfloat16)
+    k = torch.randn(1, heads, keys, dk, generator=generator).to(torch.bfloat16)
+    v = torch.randn(1, heads, keys, dv, generator=generator).to(torch.bfloat16)
+    offset = keys - queries if causal else -1
+    whole = extension.attention_bf16(q, k, v, offset, dk**-0.5)  # [1, queries, heads, dv]
+    for first, last in [(0, 1), (15, 17), (31, 32), (31, 45), (40, 45), (0, 45)]:
+        part = extension.attention_bf16(q[:, :, first:last], k, v, offset + first if causal else -1, dk**-0.5)
+        assert torch.equal(part, whole[:, first:last]), (first, last)
+    assert not torch.equal(whole[:, 16], whole[:, 0])  # (the rows differ: the check above can fail)
+
+
 def test_gelu_in_place_is_the_tanh_gelu_within_a_bf16_step() -> None:
     """``gelu_tanh_bf16_`` (x * sigmoid(2y), no cancellation) against the fp64 tanh GELU rounded to bf16: within
     one bf16 step everywhere, equal on at least as many values as PyTorch's bf16 gelu, and the extremes

@@ -425,7 +425,7 @@ class BatchEngine:
         the fewest turns that each fit in the budget. Its pauses are then as short as that many decode steps
         allow: a prompt of 0.95 s under a budget of 0.425 s takes three turns of ~0.32 s, where filling each turn
         up to the budget had made them 0.39, 0.35 and 0.21 s (the longest pause sets the readers' p95).
-        The budget itself until both kinds of unit have been timed."""
+        The budget itself while a kind of unit the request still has was never timed."""
         remaining = self._remaining_seconds(request)
         if not math.isfinite(remaining) or self.prefill_budget_s <= 0:
             return self.prefill_budget_s
@@ -444,7 +444,7 @@ class BatchEngine:
     def _prefill_unit(self, request: Request) -> None:
         started = time.perf_counter()
         kind = self._unit_kind(request)
-        request.units_left[kind] = request.units_left.get(kind, 1) - 1
+        request.units_left[kind] -= 1  # (both kinds counted on admission)
         try:
             if kind == "vision":  # (the images: a few vision blocks a unit)
                 if request.embedding is None:

@@ -247,8 +247,8 @@ def layer_kernels_unavailable(dtype: torch.dtype) -> Optional[str]:
     kind = _SUFFIX.get(dtype)
     if kind is None:
         return f"we have no CPU kernels for {str(dtype).replace('torch.', '')}"
-    if kernel_unavailable(kind) is not None:  # (asked first: a cap set since the build still counts)
-        return kernel_unavailable(kind)
+    if (capped := kernel_unavailable(kind)) is not None:  # (asked first: a cap set since the build still counts)
+        return capped
     if _layer_extension(dtype) is None:  # (a process that started with the kernels switched off keeps them off)
         return unavailable_reason(kind) or "its kernels were not loaded in this process"
     return None
@@ -671,8 +671,8 @@ def gemv_path_unavailable(name: str, dtype: torch.dtype) -> Optional[str]:
         takes = torch.bfloat16 if name == "avx512bf16" else torch.float32
         if dtype != takes:
             return f"{name} takes {str(takes)[6:]} weights only"
-        if layer_kernels_unavailable(takes) is not None:
-            return layer_kernels_unavailable(takes)
+        if (why := layer_kernels_unavailable(takes)) is not None:
+            return why
     if name == "onednn":
         if not torch.backends.mkldnn.is_available():
             return "this PyTorch has no oneDNN"

@@ -183,7 +183,7 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
           for (int64_t key = 16 * tiles; key < padded; ++key) p[key] = 0;
           total[r] = _mm512_reduce_add_ps(sum);
         }
-        // out[q] = (p[q] @ v) / total[q]: p's rows on the left (16 queries x 32 keys a piece), the values'
+        // out[q] = (p[q] @ v) / total[q]: p's rows on the left (two tiles of 16 queries x 32 keys a piece), the values'
         // columns on the right (packed for all the keys: the first padded / 32 pieces of each).
         tile_row_pairs(p_rows, padded, padded / 32, reinterpret_cast<const uint16_t*>(value_tiles), 512 * key_chunks,
                        int(16 * dv_groups), sums.data());

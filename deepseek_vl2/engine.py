@@ -407,11 +407,11 @@ class BatchEngine:
             self._prefill_unit(request)
 
     def _prefill_units(self, request: Request) -> dict[str, int]:
-        """How many units the request's prefill takes, by kind: one per ``vision_unit // tiles`` vision blocks (one
+        """How many units the request's prefill takes, by kind: one per ``_vision_blocks_per_unit`` vision blocks (one
         when it has no image), and per chunk of the prompt one per ``prefill_layers`` decoder layers."""
         pixels = request.inputs.pixel_values if request.inputs is not None else None
-        tiles = int(pixels.shape[0]) if pixels is not None else 0
-        vision = math.ceil(self.model.config.vision.layers / max(1, self.vision_unit // tiles)) if tiles else 1
+        has_tiles = pixels is not None and pixels.shape[0] > 0
+        vision = math.ceil(self.model.config.vision.layers / self._vision_blocks_per_unit(request)) if has_tiles else 1
         layers = self.language.config.num_hidden_layers
         per_chunk = math.ceil(layers / self.prefill_layers) if self.prefill_layers else 1
         return {"vision": vision, "prompt": math.ceil(request.prompt_len / self.prefill_chunk) * per_chunk}
@@ -487,9 +487,13 @@ class BatchEngine:
         if request.prompt_len >= context:
             raise ValueError(f"the prompt is {request.prompt_len} tokens; the model's context is {context}")
         request.max_new = max(0, min(config.max_new_tokens, context - request.prompt_len))
+        request.embedding = self.model.prepare_inputs_embeds_steps(request.inputs, self._vision_blocks_per_unit(request))
+
+    def _vision_blocks_per_unit(self, request: Request) -> int:
+        """Vision blocks a unit of the request's images runs: ``vision_unit`` blocks times tiles over its tiles (they go
+        through the tower together), at least one."""
         pixels = request.inputs.pixel_values
-        tiles = int(pixels.shape[0]) if pixels is not None else 0
-        request.embedding = self.model.prepare_inputs_embeds_steps(request.inputs, max(1, self.vision_unit // max(1, tiles)))
+        return max(1, self.vision_unit // max(1, int(pixels.shape[0]) if pixels is not None else 0))
 
     def _embedded(self, request: Request, embeds: torch.Tensor) -> None:
         config = request.config

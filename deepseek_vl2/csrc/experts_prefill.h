@@ -27,16 +27,14 @@ inline __m512i pair_bf16(__m512 lo, __m512 hi) {
   return _mm512_or_si512(low, high);
 }
 
-// tile_rows (decode_bf16.cpp) for many inputs (a prompt's rows; the vision attention's keys and values), which meet
+// tile_rows (decode_bf16.cpp) for many inputs (a prompt's rows; latent attention's values), which meet
 // every weight row with several input tiles:
 // sums[r * 16 * tiles + c] = w[r, :] . input c for weight rows r < rows (at most 16) and inputs c < columns.
 // Each 16 x 32 piece of the weights is loaded once for up to four input tiles (sums tiles 0-3), the weight
 // and input tiles taken by turns so that a load need not wait for the product before it; tile_rows loads
 // the weights again for every input tile. While the first four input tiles go through these 16 rows, the
 // next `rows_ahead` rows are asked for into L2, a cache line per row per piece: the hardware prefetchers
-// barely ramp up on 16 short row streams (as int8_tile_rows found). The packed inputs may hold more pieces
-// per input tile than `cols` needs (`packed_chunks`: a causal attention's first queries use the first keys'
-// values only).
+// barely ramp up on 16 short row streams (as int8_tile_rows found).
 #define PREFILL_PRODUCT(t, weights, inputs)                                        \
   if (t < group) {                                                                \
     _tile_loadd(inputs, packed + (first + t) * stride + 512 * k, 64);             \
@@ -47,7 +45,7 @@ inline __m512i pair_bf16(__m512 lo, __m512 hi) {
   PREFILL_PRODUCT(0, weights, 6) PREFILL_PRODUCT(1, weights, 7) PREFILL_PRODUCT(2, weights, 6) PREFILL_PRODUCT(3, weights, 7)
 
 inline void tile_rows_wide(const uint16_t* w, int64_t row_stride, int64_t cols, const uint16_t* packed, int columns,
-                           int rows, int rows_ahead, float* sums, int64_t packed_chunks = 0) {
+                           int rows, int rows_ahead, float* sums) {
   const int tiles = (columns + 15) / 16;
   const int64_t width = 16 * tiles;
   TileConfig config;
@@ -56,7 +54,7 @@ inline void tile_rows_wide(const uint16_t* w, int64_t row_stride, int64_t cols, 
   for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64;
   _tile_loadconfig(&config);
   const int64_t whole = cols / 32, chunks = (cols + 31) / 32;
-  const int64_t stride = 512 * (packed_chunks > 0 ? packed_chunks : chunks);  // (one input tile's values)
+  const int64_t stride = 512 * chunks;  // (one input tile's values)
   alignas(64) uint16_t last[16 * 32] = {};  // (the last cols % 32 weights of each row, zero-padded)
   if (whole < chunks)
     for (int r = 0; r < rows; ++r) std::memcpy(last + 32 * r, w + r * row_stride + 32 * whole, (cols - 32 * whole) * 2);
